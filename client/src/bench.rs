@@ -1,0 +1,205 @@
+//! `veil bench --local`: prompt and decode throughput and peak memory per backend. Each
+//! backend runs in a child process so that its peak memory is its own.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use veil_model::{BackendKind, LocalModel, TokenModel};
+
+use crate::generate::compute_for;
+use crate::model_spec::ModelSpec;
+
+const TEXT: &str = "Veil runs language models on machines it does not trust. Each node holds \
+an encrypted slice of the layers and never sees a token, an activation or a logit in the clear. \
+The client embeds the prompt, rotates it with a secret key and sends it through the pipeline. ";
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Benchmark the model in this process (no network).
+    #[arg(long)]
+    pub local: bool,
+    /// Model: smollm2, tiny, or a .gguf path.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// Backends to measure (default: every backend that runs here).
+    #[arg(long, value_delimiter = ',')]
+    pub backend: Vec<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Timed runs per backend (the median is reported), after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ChildArgs {
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    backend: String,
+    #[arg(long)]
+    prompt_tokens: usize,
+    #[arg(long)]
+    gen_tokens: usize,
+    #[arg(long)]
+    runs: usize,
+}
+
+/// One backend's figures.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BenchResult {
+    pub backend: String,
+    pub adapter: String,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub load_s: f64,
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if !args.local {
+        bail!("only local benchmarks exist in this build; use --local");
+    }
+    if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.runs == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
+    }
+    // Resolve (and fetch) the model once, before the children start.
+    let spec = ModelSpec::parse(&args.model)?;
+    let model_arg = match spec.path()? {
+        Some(p) => p.display().to_string(),
+        None => "tiny".to_string(),
+    };
+    let backends: Vec<BackendKind> = if args.backend.is_empty() {
+        BackendKind::ALL.to_vec()
+    } else {
+        args.backend
+            .iter()
+            .map(|b| b.parse::<BackendKind>())
+            .collect::<Result<_, _>>()?
+    };
+    let exe = std::env::current_exe().context("cannot find the veil executable")?;
+    let mut results = Vec::new();
+    for backend in backends {
+        tracing::info!("benchmarking the {backend} backend");
+        let out = Command::new(&exe)
+            .arg("bench-child")
+            .args(["--model", &model_arg, "--backend", backend.as_str()])
+            .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
+            .args(["--gen-tokens", &args.gen_tokens.to_string()])
+            .args(["--runs", &args.runs.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("cannot start the benchmark process")?;
+        if !out.status.success() {
+            tracing::warn!("the {backend} backend does not run here; skipped");
+            continue;
+        }
+        let r: BenchResult = serde_json::from_slice(&out.stdout)
+            .context("the benchmark process printed no result")?;
+        results.push(r);
+    }
+    if results.is_empty() {
+        bail!("no backend could run the benchmark");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    println!(
+        "{:<7} {:>13} {:>13} {:>13} {:>8}  adapter",
+        "backend", "prompt tok/s", "decode tok/s", "peak RSS MiB", "load s"
+    );
+    for r in &results {
+        println!(
+            "{:<7} {:>13.1} {:>13.1} {:>13.0} {:>8.2}  {}",
+            r.backend,
+            r.prompt_tokens_per_s,
+            r.decode_tokens_per_s,
+            r.peak_rss_mib,
+            r.load_s,
+            r.adapter
+        );
+    }
+    println!(
+        "({} prompt tokens, {} decoded tokens, median of {} runs after a warm-up)",
+        args.prompt_tokens, args.gen_tokens, args.runs
+    );
+    Ok(())
+}
+
+/// Peak resident memory of this process, from /proc (0 where unavailable).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run_child(args: ChildArgs) -> Result<()> {
+    let compute = compute_for(Some(&args.backend))?;
+    let t = Instant::now();
+    let spec = ModelSpec::parse(&args.model)?;
+    let bundle = spec.load()?;
+    let mut prompt = Vec::new();
+    let unit = bundle.tokenizer.encode(TEXT, false)?;
+    while prompt.len() < args.prompt_tokens {
+        prompt.extend_from_slice(&unit);
+    }
+    prompt.truncate(args.prompt_tokens);
+    let context = Some(args.prompt_tokens + args.gen_tokens + 1);
+    let mut model = LocalModel::new(&bundle.weights, &compute.device, context);
+    if model.context_len() < args.prompt_tokens + args.gen_tokens {
+        bail!("the model's context is shorter than the benchmark's sequence");
+    }
+    drop(bundle);
+    let load_s = t.elapsed().as_secs_f64();
+    let mut prompt_rates = Vec::new();
+    let mut decode_rates = Vec::new();
+    for run in 0..=args.runs {
+        model.reset();
+        let t = Instant::now();
+        let mut logits = model.feed(&prompt)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..args.gen_tokens {
+            let next = veil_model::sampling::argmax(&logits);
+            logits = model.feed(&[next])?;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        if run > 0 {
+            prompt_rates.push(args.prompt_tokens as f64 / prefill);
+            decode_rates.push(args.gen_tokens as f64 / decode);
+        }
+    }
+    let result = BenchResult {
+        backend: compute.kind.to_string(),
+        adapter: compute.adapter.clone(),
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        load_s,
+        prompt_tokens_per_s: median(prompt_rates),
+        decode_tokens_per_s: median(decode_rates),
+        peak_rss_mib: peak_rss_mib(),
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}

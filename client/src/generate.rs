@@ -1,0 +1,156 @@
+//! `veil generate`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use veil_model::{
+    generate, BackendKind, Compute, GenerateParams, LocalModel, SamplingParams, TokenLogit,
+};
+
+use crate::model_spec::ModelSpec;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Run the whole model in this process (no network).
+    #[arg(long)]
+    pub local: bool,
+    /// Model: smollm2, tiny, or a .gguf path.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// The prompt. Rendered with the model's chat template unless --raw.
+    #[arg(long)]
+    pub prompt: String,
+    /// Feed the prompt as-is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for sampling (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Report the K highest logits of every step (with --json).
+    #[arg(long, default_value_t = 0)]
+    pub top_logits: usize,
+    /// Compute backend: wgpu or cpu (default: wgpu if an adapter is found, else cpu).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Timing {
+    prefill_s: f64,
+    decode_tokens_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    prompt_tokens: &'a [u32],
+    tokens: &'a [u32],
+    text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logits: Option<&'a [Vec<TokenLogit>]>,
+    timing: Timing,
+    stop: veil_model::StopReason,
+    backend: String,
+}
+
+/// Parse `--backend` and pick the device, printing a one-line notice on fallback.
+pub fn compute_for(backend: Option<&str>) -> Result<Compute> {
+    let requested = backend.map(str::parse::<BackendKind>).transpose()?;
+    let (compute, notice) = Compute::select(requested)?;
+    if let Some(n) = notice {
+        tracing::warn!("{n}");
+    }
+    tracing::info!("backend {} on {}", compute.kind, compute.adapter);
+    Ok(compute)
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if !args.local {
+        bail!(
+            "network generation needs a deployment, which this build cannot make yet; use --local"
+        );
+    }
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        top_logits: args.top_logits,
+    };
+    params.sampling.validate()?;
+    let spec = ModelSpec::parse(&args.model)?;
+    let compute = compute_for(args.backend.as_deref())?;
+    let bundle = spec.load()?;
+    let prompt = bundle.prompt_tokens(&args.prompt, args.raw)?;
+    let context = bundle.weights.config.max_seq_len;
+    if prompt.len() > context {
+        bail!(
+            "the prompt has {} tokens but the model's context is {context}",
+            prompt.len()
+        );
+    }
+    let mut model = LocalModel::new(&bundle.weights, &compute.device, None);
+    let mut stdout = std::io::stdout().lock();
+    let json = args.json;
+    let mut on_text = |piece: &str| {
+        if !json {
+            // A closed stdout (e.g. `| head`) must not abort the generation with a panic.
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    };
+    let out = generate(
+        &mut model,
+        &bundle.tokenizer,
+        &prompt,
+        &params,
+        &mut on_text,
+    )
+    .context("generation failed")?;
+    drop(on_text);
+    if json {
+        let obj = JsonOut {
+            prompt_tokens: &out.prompt_tokens,
+            tokens: &out.tokens,
+            text: &out.text,
+            top_logits: (args.top_logits > 0).then_some(out.top_logits.as_slice()),
+            timing: Timing {
+                prefill_s: out.prefill_s,
+                decode_tokens_per_s: out.decode_tokens_per_s(),
+            },
+            stop: out.stop,
+            backend: compute.kind.to_string(),
+        };
+        serde_json::to_writer(&mut stdout, &obj)?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(stdout)?;
+    }
+    tracing::info!(
+        "{} prompt tokens in {:.2}s, {} tokens at {:.1} tokens/s",
+        out.prompt_tokens.len(),
+        out.prefill_s,
+        out.tokens.len(),
+        out.decode_tokens_per_s()
+    );
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! `veil`: the Veil client. Fetches models, runs them locally, and (with a network)
+//! deploys encrypted shards and generates through them.
+
+mod bench;
+mod fetch;
+mod generate;
+mod home;
+mod model_spec;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "veil",
+    version,
+    about = "Private LLM inference on untrusted machines",
+    long_about = "Veil splits a model's layers across peer nodes that hold encrypted shards, so \
+                  that no node sees a plaintext input, activation or output.\n\n\
+                  Models: `smollm2` (SmolLM2-135M-Instruct, fetched on first use), `tiny` (a \
+                  small random model for tests) or a path to a .gguf file.\n\
+                  Models are cached under $VEIL_HOME (default ~/.veil)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage model files.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Measure prompt and decode speed and peak memory on each backend.
+    Bench(bench::BenchArgs),
+    #[command(hide = true)]
+    BenchChild(bench::ChildArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Download a model into the cache (checking its sha256) and print its path.
+    Fetch {
+        /// Model to fetch.
+        #[arg(default_value = "smollm2")]
+        name: String,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wgpu=warn,cubecl=warn,naga=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model {
+            command: ModelCommand::Fetch { name },
+        } => {
+            let path = fetch::fetch_named(&name)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchChild(args) => bench::run_child(args),
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Hyper-parameters of a Llama-family decoder, read from GGUF metadata.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gguf::GgufFile;
+use crate::ModelError;
+
+/// Architectures with the Llama block shape that Veil runs.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// Shape and constants of a Llama-family model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Tokens in the vocabulary (rows of the embedding table).
+    pub vocab_size: usize,
+    /// Width of the residual stream, `d`.
+    pub d_model: usize,
+    /// Width of the MLP, `f`.
+    pub d_ff: usize,
+    pub n_layers: usize,
+    /// Query heads, `H`.
+    pub n_heads: usize,
+    /// Key/value heads, `G` (`H / G` query heads share one).
+    pub n_kv_heads: usize,
+    /// Width of one head, `h`.
+    pub head_dim: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Longest sequence (prompt plus generated tokens) the model accepts.
+    pub max_seq_len: usize,
+    /// Whether the output head is the transposed embedding table.
+    pub tied_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Read the configuration from a GGUF file's metadata.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let arch = file.get_str("general.architecture")?;
+        if !SUPPORTED_ARCHITECTURES.contains(&arch) {
+            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let d_model = file.get_usize(&key("embedding_length"))?;
+        let n_heads = file.get_usize(&key("attention.head_count"))?;
+        let n_kv_heads = if file.has_key(&key("attention.head_count_kv")) {
+            file.get_usize(&key("attention.head_count_kv"))?
+        } else {
+            n_heads
+        };
+        let vocab_size = if file.has_key(&key("vocab_size")) {
+            file.get_usize(&key("vocab_size"))?
+        } else {
+            file.get_str_array("tokenizer.ggml.tokens")?.len()
+        };
+        let rope_theta = if file.has_key(&key("rope.freq_base")) {
+            file.get_f32(&key("rope.freq_base"))?
+        } else {
+            10_000.0
+        };
+        let config = LlamaConfig {
+            vocab_size,
+            d_model,
+            d_ff: file.get_usize(&key("feed_forward_length"))?,
+            n_layers: file.get_usize(&key("block_count"))?,
+            n_heads,
+            n_kv_heads,
+            head_dim: if n_heads == 0 { 0 } else { d_model / n_heads },
+            rope_theta,
+            rms_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            max_seq_len: file.get_usize(&key("context_length"))?,
+            tied_embeddings: !file.has_tensor("output.weight"),
+        };
+        if file.has_key(&key("rope.dimension_count")) {
+            let rope_dims = file.get_usize(&key("rope.dimension_count"))?;
+            if rope_dims != config.head_dim {
+                return Err(ModelError::InvalidConfig(format!(
+                    "partial rotary embeddings ({rope_dims} of {} dims) are not supported",
+                    config.head_dim
+                )));
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check the invariants the model code relies on.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |msg: String| Err(ModelError::InvalidConfig(msg));
+        if self.d_model == 0 || self.n_layers == 0 || self.vocab_size == 0 || self.d_ff == 0 {
+            return bad(format!("empty dimension in {self:?}"));
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads cannot share {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim * self.n_heads != self.d_model {
+            return bad(format!(
+                "width {} is not {} heads of {}",
+                self.d_model, self.n_heads, self.head_dim
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head width {} is odd", self.head_dim));
+        }
+        if self.max_seq_len == 0 {
+            return bad("context length is 0".into());
+        }
+        if !(self.rope_theta > 0.0 && self.rms_eps > 0.0) {
+            return bad("RoPE base and RMSNorm epsilon must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Query heads per key/value head.
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Width of the key (and value) projection: `G * h`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// A small configuration for tests and demos: fast on any backend.
+    pub fn tiny(vocab_size: usize) -> Self {
+        LlamaConfig {
+            vocab_size,
+            d_model: 64,
+            d_ff: 160,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            max_seq_len: 512,
+            tied_embeddings: true,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Choosing the compute backend at run time: burn's wgpu backend when an adapter is found,
+//! otherwise its pure-Rust CPU backend (flex).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// The backends Veil can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// burn's wgpu backend (Vulkan, Metal, DX12 or a software Vulkan device).
+    Wgpu,
+    /// burn's flex backend: pure Rust on the CPU.
+    Cpu,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 2] = [BackendKind::Wgpu, BackendKind::Cpu];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
+            "cpu" | "flex" => Ok(BackendKind::Cpu),
+            other => Err(ModelError::Backend(format!(
+                "unknown backend `{other}` (choose wgpu or cpu)"
+            ))),
+        }
+    }
+}
+
+/// A device ready for tensors, with what it is.
+#[derive(Debug, Clone)]
+pub struct Compute {
+    pub device: Device,
+    pub kind: BackendKind,
+    /// Human-readable adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) via Vulkan`.
+    pub adapter: String,
+}
+
+impl Compute {
+    /// The CPU backend; always available.
+    pub fn cpu() -> Self {
+        Compute {
+            device: Device::flex(),
+            kind: BackendKind::Cpu,
+            adapter: format!("flex (pure-Rust CPU, {} threads)", cpu_threads()),
+        }
+    }
+
+    /// The wgpu backend on the default adapter. The adapter is acquired once per process;
+    /// later calls return the same device (or the same error).
+    pub fn wgpu() -> Result<Self, ModelError> {
+        static WGPU: OnceLock<Result<Compute, String>> = OnceLock::new();
+        WGPU.get_or_init(|| {
+            let (device, setup) = Device::wgpu_options()
+                .init_with_setup()
+                .map_err(|e| format!("no wgpu adapter: {e}"))?;
+            let info = setup.adapter.get_info();
+            Ok(Compute {
+                device,
+                kind: BackendKind::Wgpu,
+                adapter: format!("{} via {:?}", info.name, info.backend),
+            })
+        })
+        .clone()
+        .map_err(ModelError::Backend)
+    }
+
+    /// The requested backend, or by default wgpu if an adapter is found and the CPU
+    /// otherwise. The second value is a notice to show the user when falling back.
+    pub fn select(requested: Option<BackendKind>) -> Result<(Self, Option<String>), ModelError> {
+        match requested {
+            Some(BackendKind::Cpu) => Ok((Self::cpu(), None)),
+            Some(BackendKind::Wgpu) => Ok((Self::wgpu()?, None)),
+            None => match Self::wgpu() {
+                Ok(c) => Ok((c, None)),
+                Err(e) => Ok((Self::cpu(), Some(format!("{e}; using the CPU backend")))),
+            },
+        }
+    }
+}
+
+fn cpu_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

@@ -1,0 +1,19 @@
+//! GGUF v3 files: metadata by key, tensor directory, and dequantisation to f32.
+//!
+//! The format is read without memory-mapping: the whole file is loaded once and every
+//! offset is bounds-checked, so a truncated or corrupt file is an error, never a panic.
+
+mod error;
+mod quant;
+mod reader;
+mod value;
+mod writer;
+
+pub use error::GgufError;
+pub use quant::GgmlType;
+pub use reader::{GgufFile, TensorInfo};
+pub use value::MetaValue;
+pub use writer::GgufWriter;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,104 @@
+use super::*;
+
+fn sample() -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("llama.block_count", MetaValue::U32(2))
+        .meta("llama.rope.freq_base", MetaValue::F32(10000.0))
+        .meta(
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(vec![
+                MetaValue::String("a".into()),
+                MetaValue::String("b".into()),
+            ]),
+        )
+        .tensor_raw("q5", &[32], 6, vec![0u8; 22])
+        .tensor_f32("w", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    w.to_bytes()
+}
+
+#[test]
+fn round_trip_metadata_and_tensors() {
+    let f = GgufFile::from_bytes(sample()).expect("parse");
+    assert_eq!(f.version, 3);
+    assert_eq!(f.get_str("general.architecture").expect("arch"), "llama");
+    assert_eq!(f.get_usize("llama.block_count").expect("blocks"), 2);
+    assert_eq!(f.get_f32("llama.rope.freq_base").expect("base"), 10000.0);
+    assert_eq!(
+        f.get_str_array("tokenizer.ggml.tokens").expect("tokens"),
+        ["a", "b"]
+    );
+    let (dims, data) = f.tensor_f32("w").expect("tensor");
+    assert_eq!(dims, [3, 2]);
+    assert_eq!(data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+}
+
+#[test]
+fn missing_key_and_wrong_type_are_named() {
+    let f = GgufFile::from_bytes(sample()).expect("parse");
+    let e = f
+        .get_usize("llama.embedding_length")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("llama.embedding_length"), "{e}");
+    let e = f.get_str("llama.block_count").unwrap_err().to_string();
+    assert!(
+        e.contains("llama.block_count") && e.contains("uint32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_tensor_type_names_tensor_and_type() {
+    let f = GgufFile::from_bytes(sample()).expect("parse");
+    let e = f.tensor_f32("q5").unwrap_err().to_string();
+    assert!(e.contains("`q5`") && e.contains("Q5_0"), "{e}");
+    let e = f.tensor_f32("nope").unwrap_err().to_string();
+    assert!(e.contains("`nope`"), "{e}");
+    let e = f.tensor_f32_shaped("w", &[2, 3]).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+}
+
+#[test]
+fn every_truncation_is_an_error_not_a_panic() {
+    let bytes = sample();
+    let tensor_end = bytes.len();
+    for cut in 0..tensor_end {
+        let result = GgufFile::from_bytes(bytes[..cut].to_vec());
+        assert!(
+            result.is_err(),
+            "file cut at {cut} of {tensor_end} bytes parsed"
+        );
+    }
+}
+
+#[test]
+fn corrupt_bytes_never_panic() {
+    let bytes = sample();
+    // Flip each byte of the header region in turn: parsing may succeed or fail, never panic.
+    for i in 0..bytes.len().min(400) {
+        let mut b = bytes.clone();
+        b[i] ^= 0xA5;
+        if let Ok(f) = GgufFile::from_bytes(b) {
+            for t in f.tensors().to_vec() {
+                let _ = f.tensor_f32(&t.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_magic_and_version() {
+    let mut b = sample();
+    b[0] = b'X';
+    assert!(matches!(
+        GgufFile::from_bytes(b),
+        Err(GgufError::BadMagic { .. })
+    ));
+    let mut b = sample();
+    b[4] = 9;
+    assert!(matches!(
+        GgufFile::from_bytes(b),
+        Err(GgufError::UnsupportedVersion(9))
+    ));
+}

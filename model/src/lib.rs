@@ -1,0 +1,28 @@
+//! Veil's model library: a Llama-family decoder in burn, GGUF loading, tokenizer, chat
+//! templates and sampling. It knows nothing of processes, networks or command lines.
+
+pub mod bundle;
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod device;
+mod error;
+pub mod generate;
+pub mod gguf;
+pub mod matrix;
+pub mod nn;
+pub mod runner;
+pub mod sampling;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+
+pub use bundle::ModelBundle;
+pub use config::LlamaConfig;
+pub use device::{BackendKind, Compute};
+pub use error::ModelError;
+pub use generate::{generate, GenerateParams, Generation, StopReason, TokenModel};
+pub use matrix::Matrix;
+pub use runner::LocalModel;
+pub use sampling::{SamplingParams, TokenLogit};
+pub use weights::{LayerWeights, LlamaWeights};

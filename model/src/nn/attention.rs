@@ -1,0 +1,156 @@
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::tensor_io::param2;
+use crate::cache::{LayerKv, RopeTables};
+use crate::Matrix;
+
+/// Grouped-query attention with rotary embeddings.
+#[derive(Config, Debug)]
+pub struct AttentionConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionConfig {
+    pub fn init(&self, device: &Device) -> Attention {
+        let (q, kv) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
+        Attention {
+            wqkv: LinearConfig::new(self.d_model, q + 2 * kv)
+                .with_bias(false)
+                .init(device),
+            wo: LinearConfig::new(q, self.d_model)
+                .with_bias(false)
+                .init(device),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+/// Query, key and value projections fused into one `[d, (H + 2G) h]` product.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub wqkv: Linear,
+    pub wo: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Where one sequence's rows sit in a batch, and its first position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// First row of the sequence in the batched `[n, d]` input.
+    pub row: usize,
+    /// Rows (new positions) of this sequence.
+    pub len: usize,
+    /// Absolute position of the first new row (= tokens already cached).
+    pub start: usize,
+}
+
+impl Attention {
+    /// Build from `[d, H h]`, `[d, G h]`, `[d, G h]` and `[H h, d]` matrices.
+    pub fn from_matrices(
+        config: &AttentionConfig,
+        wq: &Matrix,
+        wk: &Matrix,
+        wv: &Matrix,
+        wo: &Matrix,
+        device: &Device,
+    ) -> Self {
+        Attention {
+            wqkv: Linear {
+                weight: param2(&Matrix::hcat(&[wq, wk, wv]), device),
+                bias: None,
+            },
+            wo: Linear {
+                weight: param2(wo, device),
+                bias: None,
+            },
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+        }
+    }
+
+    /// `u`: normalised input `[n, d]`, rows of several sequences laid out by `segments`;
+    /// `caches[i]` is this layer's cache of `segments[i]`, extended in place.
+    /// Returns `[n, d]`.
+    pub fn forward(
+        &self,
+        u: Tensor<2>,
+        segments: &[Segment],
+        caches: &mut [&mut LayerKv],
+        rope: &RopeTables,
+    ) -> Tensor<2> {
+        let (heads, groups, h) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (q_w, kv_w) = (heads * h, groups * h);
+        let qkv = self.wqkv.forward(u);
+        let mut outputs = Vec::with_capacity(segments.len());
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            let rows = qkv.clone().slice([seg.row..seg.row + seg.len]);
+            let t = seg.len;
+            let q = rows.clone().slice([0..t, 0..q_w]).reshape([t, heads, h]);
+            let k = rows
+                .clone()
+                .slice([0..t, q_w..q_w + kv_w])
+                .reshape([t, groups, h]);
+            let v = rows
+                .slice([0..t, q_w + kv_w..q_w + 2 * kv_w])
+                .reshape([t, groups, h]);
+            let q = rope.apply(q, seg.start);
+            let k = rope.apply(k, seg.start);
+            let (keys, values) = cache.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
+            outputs.push(self.attend(q, keys, values, seg.start));
+        }
+        let out = if outputs.len() == 1 {
+            outputs.pop().expect("one output")
+        } else {
+            Tensor::cat(outputs, 0)
+        };
+        self.wo.forward(out)
+    }
+
+    /// `q`: `[t, H, h]` at positions `start..start+t`; `keys`, `values`: `[G, s, h]` with
+    /// `s = start + t`. Returns `[t, H h]`.
+    fn attend(&self, q: Tensor<3>, keys: Tensor<3>, values: Tensor<3>, start: usize) -> Tensor<2> {
+        let [t, heads, h] = q.dims();
+        let [groups, s, _] = keys.dims();
+        let r = heads / groups;
+        // Query heads g*r .. g*r+r read kv head g: group them as [G, r t, h].
+        let q = q.swap_dims(0, 1).reshape([groups, r * t, h]);
+        let scale = 1.0 / (h as f64).sqrt();
+        let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale;
+        if t > 1 {
+            let mask = causal_mask(t, s, start, &scores.device());
+            scores = (scores.reshape([groups, r, t, s]) + mask).reshape([groups, r * t, s]);
+        }
+        let probs = softmax(scores, 2);
+        probs
+            .matmul(values)
+            .reshape([heads, t, h])
+            .swap_dims(0, 1)
+            .reshape([t, heads * h])
+    }
+}
+
+/// `[1, 1, t, s]` additive mask: query `i` (position `start + i`) sees keys `0..=start + i`.
+fn causal_mask(t: usize, s: usize, start: usize, device: &Device) -> Tensor<4> {
+    let mut data = vec![0.0f32; t * s];
+    for i in 0..t {
+        for j in (start + i + 1)..s {
+            data[i * s + j] = -1e30;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 1, t, s]), device)
+}

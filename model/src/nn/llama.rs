@@ -1,0 +1,71 @@
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+use super::{
+    BlockConfig, OutputHead, OutputHeadConfig, Stage, TokenEmbedding, TokenEmbeddingConfig,
+};
+use crate::cache::{KvCache, RopeTables};
+use crate::{LlamaConfig, LlamaWeights, ModelError};
+
+/// The whole plaintext model: embedding, every block as one stage, and the head.
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embedding: TokenEmbedding,
+    pub stage: Stage,
+    pub head: OutputHead,
+}
+
+impl LlamaConfig {
+    /// A randomly initialised model of this shape (burn's initialisers).
+    pub fn init(&self, device: &Device) -> Llama {
+        let block = BlockConfig::from_llama(self);
+        Llama {
+            embedding: TokenEmbeddingConfig::new(self.vocab_size, self.d_model).init(device),
+            stage: Stage {
+                first_layer: 0,
+                blocks: (0..self.n_layers).map(|_| block.init(device)).collect(),
+            },
+            head: OutputHeadConfig::new(self.d_model, self.vocab_size)
+                .with_rms_eps(f64::from(self.rms_eps))
+                .init(device),
+        }
+    }
+}
+
+impl Llama {
+    /// Upload host weights to `device`.
+    pub fn from_weights(w: &LlamaWeights, device: &Device) -> Self {
+        let c = &w.config;
+        Llama {
+            embedding: TokenEmbedding::from_matrix(&w.embedding, device),
+            stage: Stage::from_layers(0, &w.layers, c, device),
+            head: OutputHead::from_weights(&w.final_norm, &w.head(), f64::from(c.rms_eps), device),
+        }
+    }
+
+    /// Feed `ids` (new tokens of one sequence) through the model.
+    ///
+    /// Returns logits `[t, vocab]` for every new position if `all_logits`, else `[1, vocab]`
+    /// for the last one (the head is the most expensive single product).
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        rope: &RopeTables,
+        all_logits: bool,
+    ) -> Result<Tensor<2>, ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::Shape("no tokens to run".into()));
+        }
+        let x = self.embedding.forward(ids)?;
+        let mut out = self.stage.forward(vec![x], &mut [cache], rope)?;
+        let x = out.pop().expect("one output per input");
+        let x = if all_logits {
+            x
+        } else {
+            let t = ids.len();
+            x.slice([t - 1..t])
+        };
+        Ok(self.head.forward(x))
+    }
+}

@@ -1,0 +1,24 @@
+//! The Llama-family decoder as burn modules.
+//!
+//! The modules are immutable once built; everything that changes while generating (the
+//! KV cache) and the RoPE tables live in [`crate::cache`].
+
+mod attention;
+mod block;
+mod embedding;
+mod head;
+mod llama;
+mod mlp;
+mod rms_norm;
+mod stage;
+mod tensor_io;
+
+pub use attention::{Attention, AttentionConfig};
+pub use block::{Block, BlockConfig};
+pub use embedding::{TokenEmbedding, TokenEmbeddingConfig};
+pub use head::{OutputHead, OutputHeadConfig};
+pub use llama::Llama;
+pub use mlp::{Mlp, MlpConfig};
+pub use rms_norm::{RmsNorm, RmsNormConfig};
+pub use stage::Stage;
+pub use tensor_io::{matrix_to_tensor, tensor_to_vec, vector_to_tensor};

@@ -1,0 +1,108 @@
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+use super::attention::Segment;
+use super::Block;
+use crate::cache::{KvCache, LayerKv, RopeTables};
+use crate::{LayerWeights, LlamaConfig, ModelError};
+
+/// A contiguous range of decoder blocks: the unit a node serves. The plaintext model is
+/// one stage with every layer.
+#[derive(Module, Debug)]
+pub struct Stage {
+    /// Index of the first block in the whole model.
+    pub first_layer: usize,
+    pub blocks: Vec<Block>,
+}
+
+impl Stage {
+    /// Build from the host weights of layers `first_layer..first_layer + layers.len()`.
+    pub fn from_layers(
+        first_layer: usize,
+        layers: &[LayerWeights],
+        config: &LlamaConfig,
+        device: &Device,
+    ) -> Self {
+        Stage {
+            first_layer,
+            blocks: layers
+                .iter()
+                .map(|l| Block::from_layer(l, config, device))
+                .collect(),
+        }
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// A fresh cache for one sequence of at most `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), capacity)
+    }
+
+    /// Run every block over several sequences at once.
+    ///
+    /// `hidden[i]`: `[t_i, d]` new positions of sequence `i`, whose cache is `caches[i]`.
+    /// The matrix products of all sequences run as one `[sum t_i, d]` batch; attention runs
+    /// per sequence. Returns `[t_i, d]` per sequence; caches grow by `t_i`.
+    pub fn forward(
+        &self,
+        hidden: Vec<Tensor<2>>,
+        caches: &mut [&mut KvCache],
+        rope: &RopeTables,
+    ) -> Result<Vec<Tensor<2>>, ModelError> {
+        if hidden.len() != caches.len() {
+            return Err(ModelError::Shape(format!(
+                "{} inputs for {} caches",
+                hidden.len(),
+                caches.len()
+            )));
+        }
+        let mut segments = Vec::with_capacity(hidden.len());
+        let mut row = 0;
+        for (h, cache) in hidden.iter().zip(caches.iter()) {
+            let [t, _] = h.dims();
+            if cache.layers.len() != self.blocks.len() {
+                return Err(ModelError::Shape(format!(
+                    "cache has {} layers, stage has {}",
+                    cache.layers.len(),
+                    self.blocks.len()
+                )));
+            }
+            cache.check_room(t)?;
+            if cache.len() + t > rope.max_len() {
+                return Err(ModelError::ContextOverflow {
+                    needed: cache.len() + t,
+                    capacity: rope.max_len(),
+                });
+            }
+            segments.push(Segment {
+                row,
+                len: t,
+                start: cache.len(),
+            });
+            row += t;
+        }
+        let mut x = if hidden.len() == 1 {
+            hidden.into_iter().next().expect("one input")
+        } else {
+            Tensor::cat(hidden, 0)
+        };
+        for (l, block) in self.blocks.iter().enumerate() {
+            let mut layer_caches: Vec<&mut LayerKv> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = block.forward(x, &segments, &mut layer_caches, rope);
+        }
+        for (cache, seg) in caches.iter_mut().zip(&segments) {
+            cache.advance(seg.len);
+        }
+        if segments.len() == 1 {
+            return Ok(vec![x]);
+        }
+        Ok(segments
+            .iter()
+            .map(|s| x.clone().slice([s.row..s.row + s.len]))
+            .collect())
+    }
+}

@@ -1,0 +1,49 @@
+//! Helpers shared by the model tests.
+#![allow(dead_code)]
+
+pub mod reference;
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use veil_model::{BackendKind, Compute};
+
+/// The devices to test on: the CPU backend always, and wgpu — which CI provides through
+/// Mesa's software Vulkan device. Set VEIL_TEST_NO_WGPU=1 to skip wgpu on a machine without
+/// any Vulkan driver.
+pub fn devices() -> Vec<(BackendKind, Device)> {
+    let mut out = vec![(BackendKind::Cpu, Compute::cpu().device)];
+    if std::env::var_os("VEIL_TEST_NO_WGPU").is_none() {
+        let wgpu = Compute::wgpu().expect(
+            "no wgpu adapter: install mesa-vulkan-drivers (software Vulkan) or set VEIL_TEST_NO_WGPU=1",
+        );
+        out.push((BackendKind::Wgpu, wgpu.device));
+    }
+    out
+}
+
+/// The SmolLM2 GGUF, as cached by `veil model fetch` (or named by VEIL_TEST_MODEL).
+pub fn smollm2_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VEIL_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("VEIL_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".veil")))
+        .expect("HOME or VEIL_HOME");
+    let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo run --release -p veil-client -- model fetch` first",
+        path.display()
+    );
+    path
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,1 @@
+//! Empty: see Cargo.toml. Never compiled for the targets Veil supports.
