@@ -33,3 +33,8 @@ fi
 
 # Builds are cached outside the clone so that a machine reuses them across checkouts.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/veil/target}"
+# Mesa's Vulkan loader complains on every start when this is unset (headless machines).
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/veil-runtime-$(id -u)"
+  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+fi

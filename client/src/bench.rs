@@ -160,7 +160,7 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     let spec = ModelSpec::parse(&args.model)?;
     let bundle = spec.load()?;
     let mut prompt = Vec::new();
-    let unit = bundle.tokenizer.encode(TEXT, false)?;
+    let unit = bundle.text.tokenizer.encode(TEXT, false)?;
     while prompt.len() < args.prompt_tokens {
         prompt.extend_from_slice(&unit);
     }

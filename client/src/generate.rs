@@ -100,7 +100,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let spec = ModelSpec::parse(&args.model)?;
     let compute = compute_for(args.backend.as_deref())?;
     let bundle = spec.load()?;
-    let prompt = bundle.prompt_tokens(&args.prompt, args.raw)?;
+    let prompt = bundle.text.prompt_tokens(&args.prompt, args.raw)?;
     let context = bundle.weights.config.max_seq_len;
     if prompt.len() > context {
         bail!(
@@ -120,7 +120,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let out = generate(
         &mut model,
-        &bundle.tokenizer,
+        &bundle.text.tokenizer,
         &prompt,
         &params,
         &mut on_text,

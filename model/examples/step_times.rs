@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (compute, _) = Compute::select(Some(kind))?;
     let mut m = LocalModel::new(&bundle.weights, &compute.device, Some(512));
     let prompt = bundle
+        .text
         .tokenizer
         .encode("The quick brown fox jumps over the lazy dog.", false)?;
     for round in 0..2 {

@@ -4,7 +4,6 @@
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::gguf::GgufFile;
 use crate::ModelError;
 
 /// One turn of a conversation.
@@ -56,25 +55,6 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
-    }
-
-    /// The template stored in a GGUF file, if any.
-    pub fn from_gguf(file: &GgufFile) -> Result<Option<Self>, ModelError> {
-        if !file.has_key("tokenizer.chat_template") {
-            return Ok(None);
-        }
-        let source = file.get_str("tokenizer.chat_template")?;
-        let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
-        let text_of = |key: &str| -> Result<String, ModelError> {
-            if !file.has_key(key) {
-                return Ok(String::new());
-            }
-            let id = file.get_usize(key)?;
-            Ok(tokens.get(id).map(|s| s.to_string()).unwrap_or_default())
-        };
-        let bos = text_of("tokenizer.ggml.bos_token_id")?;
-        let eos = text_of("tokenizer.ggml.eos_token_id")?;
-        Self::new(source, &bos, &eos).map(Some)
     }
 
     /// Render a conversation; with `add_generation_prompt` the text ends where the

@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
+use burn::tensor::wgpu::wgpu;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,8 @@ pub struct Compute {
     pub kind: BackendKind,
     /// Human-readable adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) via Vulkan`.
     pub adapter: String,
+    /// Whether the adapter is a software rasteriser running on the CPU (Mesa's llvmpipe).
+    pub software: bool,
 }
 
 impl Compute {
@@ -67,6 +70,7 @@ impl Compute {
             device: Device::flex(),
             kind: BackendKind::Cpu,
             adapter: format!("flex (pure-Rust CPU, {} threads)", cpu_threads()),
+            software: false,
         }
     }
 
@@ -83,19 +87,30 @@ impl Compute {
                 device,
                 kind: BackendKind::Wgpu,
                 adapter: format!("{} via {:?}", info.name, info.backend),
+                software: info.device_type == wgpu::DeviceType::Cpu,
             })
         })
         .clone()
         .map_err(ModelError::Backend)
     }
 
-    /// The requested backend, or by default wgpu if an adapter is found and the CPU
-    /// otherwise. The second value is a notice to show the user when falling back.
+    /// The requested backend, or by default wgpu if a hardware adapter is found and the CPU
+    /// otherwise. A software adapter (Mesa's llvmpipe) runs these models far slower than
+    /// the CPU backend, so the default skips it; `Some(Wgpu)` still uses it. The second
+    /// value is a notice to show the user when falling back.
     pub fn select(requested: Option<BackendKind>) -> Result<(Self, Option<String>), ModelError> {
         match requested {
             Some(BackendKind::Cpu) => Ok((Self::cpu(), None)),
             Some(BackendKind::Wgpu) => Ok((Self::wgpu()?, None)),
             None => match Self::wgpu() {
+                Ok(c) if c.software => Ok((
+                    Self::cpu(),
+                    Some(format!(
+                        "the wgpu adapter is a software renderer ({}); using the CPU \
+                         backend, which is faster here (--backend wgpu forces it)",
+                        c.adapter
+                    )),
+                )),
                 Ok(c) => Ok((c, None)),
                 Err(e) => Ok((Self::cpu(), Some(format!("{e}; using the CPU backend")))),
             },

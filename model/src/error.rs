@@ -21,4 +21,12 @@ pub enum ModelError {
     Backend(String),
     #[error("invalid sampling parameters: {0}")]
     Sampling(String),
+    #[error("key: {0}")]
+    Key(String),
+    #[error("shard: {0}")]
+    Shard(String),
+    #[error("file format: {0}")]
+    Format(String),
+    #[error("{0}")]
+    Io(String),
 }

@@ -16,6 +16,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::AddedToken;
 
+use serde::{Deserialize, Serialize};
+
 use crate::gguf::GgufFile;
 use crate::ModelError;
 
@@ -94,20 +96,89 @@ fn err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(e.to_string())
 }
 
+/// Everything needed to rebuild a tokenizer: the `tokenizer.ggml.*` keys of a GGUF file.
+/// Client bundles carry it so that they work without the original model file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    pub model: String,
+    pub pre: String,
+    pub tokens: Vec<String>,
+    pub token_types: Vec<i64>,
+    pub merges: Vec<String>,
+    pub bos: Option<u32>,
+    pub eos: u32,
+    pub add_bos: bool,
+}
+
+impl TokenizerSpec {
+    /// Read the `tokenizer.ggml.*` keys.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let tokens: Vec<String> = file
+            .get_str_array("tokenizer.ggml.tokens")?
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let token_types = if file.has_key("tokenizer.ggml.token_type") {
+            file.get_i64_array("tokenizer.ggml.token_type")?
+        } else {
+            vec![TOKEN_TYPE_NORMAL; tokens.len()]
+        };
+        let id = |key: &str| -> Result<Option<u32>, ModelError> {
+            if !file.has_key(key) {
+                return Ok(None);
+            }
+            u32::try_from(file.get_usize(key)?)
+                .map(Some)
+                .map_err(|_| err(format!("{key} out of range")))
+        };
+        Ok(TokenizerSpec {
+            model: file.get_str("tokenizer.ggml.model")?.to_string(),
+            pre: if file.has_key("tokenizer.ggml.pre") {
+                file.get_str("tokenizer.ggml.pre")?.to_string()
+            } else {
+                "default".to_string()
+            },
+            merges: file
+                .get_str_array("tokenizer.ggml.merges")?
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?.ok_or_else(|| {
+                ModelError::Gguf(crate::gguf::GgufError::MissingKey(
+                    "tokenizer.ggml.eos_token_id".into(),
+                ))
+            })?,
+            add_bos: file.has_key("tokenizer.ggml.add_bos_token")
+                && file.get_bool("tokenizer.ggml.add_bos_token")?,
+            tokens,
+            token_types,
+        })
+    }
+
+    /// The text of a token id (for template variables such as `bos_token`).
+    pub fn token_text(&self, id: Option<u32>) -> String {
+        id.and_then(|i| self.tokens.get(i as usize))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 impl Tokenizer {
     /// Build the tokenizer described by a GGUF file's `tokenizer.ggml.*` keys.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
-        let model = file.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        Self::from_spec(&TokenizerSpec::from_gguf(file)?)
+    }
+
+    /// Build a tokenizer from its description.
+    pub fn from_spec(spec: &TokenizerSpec) -> Result<Self, ModelError> {
+        if spec.model != "gpt2" {
             return Err(err(format!(
-                "tokenizer model `{model}` is not supported (Veil reads byte-level BPE, `gpt2`)"
+                "tokenizer model `{}` is not supported (Veil reads byte-level BPE, `gpt2`)",
+                spec.model
             )));
         }
-        let pre = if file.has_key("tokenizer.ggml.pre") {
-            file.get_str("tokenizer.ggml.pre")?
-        } else {
-            "default"
-        };
+        let pre = spec.pre.as_str();
         let split_digits = if DIGIT_SPLITTING_PRE.contains(&pre) {
             true
         } else if GPT2_PRE.contains(&pre) {
@@ -115,17 +186,13 @@ impl Tokenizer {
         } else {
             return Err(err(format!("pre-tokenizer `{pre}` is not supported")));
         };
-        let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
-        let types = if file.has_key("tokenizer.ggml.token_type") {
-            file.get_i64_array("tokenizer.ggml.token_type")?
-        } else {
-            vec![TOKEN_TYPE_NORMAL; tokens.len()]
-        };
+        let tokens = &spec.tokens;
+        let types = &spec.token_types;
         if types.len() != tokens.len() {
             return Err(err("token types and tokens differ in length"));
         }
-        let merges = file.get_str_array("tokenizer.ggml.merges")?;
-        let merges = merges
+        let merges = spec
+            .merges
             .iter()
             .map(|m| {
                 m.split_once(' ')
@@ -193,34 +260,26 @@ impl Tokenizer {
                 }
             })
             .collect();
-        let eos = u32::try_from(file.get_usize("tokenizer.ggml.eos_token_id")?)
-            .map_err(|_| err("EOS id out of range"))?;
-        let bos = if file.has_key("tokenizer.ggml.bos_token_id") {
-            Some(file.get_usize("tokenizer.ggml.bos_token_id")? as u32)
-        } else {
-            None
-        };
-        let add_bos = file.has_key("tokenizer.ggml.add_bos_token")
-            && file.get_bool("tokenizer.ggml.add_bos_token")?;
-        let mut end_of_generation: HashSet<u32> = specials
-            .iter()
-            .copied()
-            .filter(|&i| END_OF_GENERATION.contains(&tokens[i as usize]))
-            .collect();
-        end_of_generation.insert(eos);
+        let (eos, bos) = (spec.eos, spec.bos);
         if eos as usize >= tokens.len() || bos.is_some_and(|b| b as usize >= tokens.len()) {
             return Err(err("BOS or EOS id outside the vocabulary"));
         }
+        let mut end_of_generation: HashSet<u32> = specials
+            .iter()
+            .copied()
+            .filter(|&i| END_OF_GENERATION.contains(&tokens[i as usize].as_str()))
+            .collect();
+        end_of_generation.insert(eos);
         Ok(Tokenizer {
             with_special,
             plain,
             token_bytes,
-            token_text: tokens.iter().map(|t| t.to_string()).collect(),
+            token_text: tokens.clone(),
             special,
             end_of_generation,
             bos,
             eos,
-            add_bos,
+            add_bos: spec.add_bos,
         })
     }
 

@@ -72,7 +72,7 @@ fn pairs(v: &Value) -> Vec<(usize, f32)> {
 
 #[test]
 fn tokenizer_matches_llama_cpp() {
-    let tok = &bundle().tokenizer;
+    let tok = &bundle().text.tokenizer;
     let mut n = 0;
     for (text, probe) in shared()["tokenizer_probes"].as_object().expect("probes") {
         let special = probe["special_parsed"].as_bool().expect("flag");
@@ -96,7 +96,7 @@ fn tokenizer_matches_llama_cpp() {
     for case in ours()["cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
         assert_eq!(
-            bundle().encode_prompt(text).expect("encode"),
+            bundle().text.encode_prompt(text).expect("encode"),
             ids(&case["prompt_ids"])
         );
         n += 1;
@@ -111,11 +111,12 @@ fn chat_template_renders_like_transformers() {
         if case["kind"] == "chat" {
             let prompt = case["prompt"].as_str().expect("prompt");
             let text = b
+                .text
                 .chat_text(&[ChatMessage::new("user", prompt)])
                 .expect("render");
             assert_eq!(text, case["text"].as_str().expect("text"));
             assert_eq!(
-                b.prompt_tokens(prompt, false).expect("tokens"),
+                b.text.prompt_tokens(prompt, false).expect("tokens"),
                 ids(&case["prompt_ids"])
             );
         }
@@ -125,14 +126,15 @@ fn chat_template_renders_like_transformers() {
         if let Some(rest) = text.split("<|im_start|>user\n").nth(1) {
             let user = rest.split("<|im_end|>").next().expect("user turn");
             assert_eq!(
-                b.chat_text(&[ChatMessage::new("user", user)])
+                b.text
+                    .chat_text(&[ChatMessage::new("user", user)])
                     .expect("render"),
                 text,
                 "{name}"
             );
         }
         assert_eq!(
-            b.encode_prompt(text).expect("encode"),
+            b.text.encode_prompt(text).expect("encode"),
             ids(&case["prompt_ids"]),
             "{name}"
         );
@@ -228,13 +230,13 @@ fn greedy_generation_reproduces_the_reference_tokens() {
             sampling: SamplingParams::default(),
             top_logits: 0,
         };
-        let out =
-            generate(&mut model, &b.tokenizer, &prompt, &params, &mut |_| {}).expect("generate");
+        let out = generate(&mut model, &b.text.tokenizer, &prompt, &params, &mut |_| {})
+            .expect("generate");
         assert_eq!(
             out.tokens,
             expected,
             "continuation of {}",
-            b.tokenizer.decode(&prompt)
+            b.text.tokenizer.decode(&prompt)
         );
     }
 }

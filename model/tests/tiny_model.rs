@@ -24,7 +24,7 @@ fn tiny_model_loads_through_gguf_with_config_from_metadata() {
         (c.d_model, c.n_heads, c.n_kv_heads, c.head_dim),
         (64, 4, 2, 16)
     );
-    assert_eq!(c.vocab_size, b.tokenizer.vocab_size());
+    assert_eq!(c.vocab_size, b.text.tokenizer.vocab_size());
     assert!(c.tied_embeddings);
     assert_eq!(b.name, "tiny");
 }
@@ -33,6 +33,7 @@ fn tiny_model_loads_through_gguf_with_config_from_metadata() {
 fn prefill_logits_match_the_naive_reference_on_every_backend() {
     let b = tiny();
     let ids = b
+        .text
         .tokenizer
         .encode("the cat sat on the mat, then the dog", false)
         .expect("encode");
@@ -55,6 +56,7 @@ fn prefill_logits_match_the_naive_reference_on_every_backend() {
 fn incremental_decoding_equals_one_prefill() {
     let b = tiny();
     let ids = b
+        .text
         .tokenizer
         .encode("incremental decoding with a kv cache", false)
         .expect("encode");
@@ -84,10 +86,12 @@ fn a_batch_of_sequences_equals_separate_runs() {
         let model = Llama::from_weights(&b.weights, &device);
         let rope = RopeTables::new(c, &device);
         let seqs = [
-            b.tokenizer
+            b.text
+                .tokenizer
                 .encode("first sequence here", false)
                 .expect("encode"),
-            b.tokenizer
+            b.text
+                .tokenizer
                 .encode("a second, longer sequence of text", false)
                 .expect("encode"),
         ];
@@ -150,7 +154,11 @@ fn a_batch_of_sequences_equals_separate_runs() {
 #[test]
 fn backends_agree() {
     let b = tiny();
-    let ids = b.tokenizer.encode("backends agree", false).expect("encode");
+    let ids = b
+        .text
+        .tokenizer
+        .encode("backends agree", false)
+        .expect("encode");
     let outs: Vec<Vec<Vec<f32>>> = devices()
         .into_iter()
         .map(|(_, d)| {
@@ -190,11 +198,11 @@ fn the_context_limit_is_an_error_not_a_panic() {
         sampling: SamplingParams::default(),
         top_logits: 0,
     };
-    let e = generate(&mut m, &b.tokenizer, &long, &params, &mut |_| {}).unwrap_err();
+    let e = generate(&mut m, &b.text.tokenizer, &long, &params, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("9 tokens"), "{e}");
     // A prompt that fills the context exactly yields one token then stops.
     let fits: Vec<u32> = (0..8).map(|i| 10 + i).collect();
-    let out = generate(&mut m, &b.tokenizer, &fits, &params, &mut |_| {}).expect("generate");
+    let out = generate(&mut m, &b.text.tokenizer, &fits, &params, &mut |_| {}).expect("generate");
     assert_eq!(out.tokens.len(), 1);
     assert_eq!(out.stop, StopReason::ContextFull);
 }
@@ -212,7 +220,10 @@ fn out_of_vocabulary_ids_are_rejected() {
 fn greedy_generation_is_deterministic_and_streams_its_text() {
     let b = tiny();
     let device = veil_model::Compute::cpu().device;
-    let prompt = b.prompt_tokens("hello there", false).expect("chat prompt");
+    let prompt = b
+        .text
+        .prompt_tokens("hello there", false)
+        .expect("chat prompt");
     let params = GenerateParams {
         max_tokens: 12,
         sampling: SamplingParams::default(),
@@ -221,12 +232,12 @@ fn greedy_generation_is_deterministic_and_streams_its_text() {
     let run = |params: &GenerateParams| {
         let mut m = LocalModel::new(&b.weights, &device, None);
         let mut streamed = String::new();
-        let out = generate(&mut m, &b.tokenizer, &prompt, params, &mut |s| {
+        let out = generate(&mut m, &b.text.tokenizer, &prompt, params, &mut |s| {
             streamed.push_str(s)
         })
         .expect("generate");
         assert_eq!(streamed, out.text);
-        assert_eq!(out.text, b.tokenizer.decode(&out.tokens));
+        assert_eq!(out.text, b.text.tokenizer.decode(&out.tokens));
         out
     };
     let a = run(&params);
@@ -261,15 +272,23 @@ fn tokenizer_round_trips_text() {
         "12345 + 678",
         "",
     ] {
-        let ids = b.tokenizer.encode(text, false).expect("encode");
-        assert_eq!(b.tokenizer.decode(&ids), text);
+        let ids = b.text.tokenizer.encode(text, false).expect("encode");
+        assert_eq!(b.text.tokenizer.decode(&ids), text);
     }
     // digits are split one by one (the `smollm` pre-tokenizer)
-    let ids = b.tokenizer.encode("2026", false).expect("encode");
+    let ids = b.text.tokenizer.encode("2026", false).expect("encode");
     assert_eq!(ids.len(), 4);
     // control tokens are parsed only when asked
-    let with = b.tokenizer.encode("<|im_start|>hi", true).expect("encode");
-    let without = b.tokenizer.encode("<|im_start|>hi", false).expect("encode");
+    let with = b
+        .text
+        .tokenizer
+        .encode("<|im_start|>hi", true)
+        .expect("encode");
+    let without = b
+        .text
+        .tokenizer
+        .encode("<|im_start|>hi", false)
+        .expect("encode");
     assert_eq!(with[0], 1);
     assert!(without.len() > with.len());
 }

@@ -4,6 +4,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::probe::{tap, Probe, Site};
 use super::tensor_io::param2;
 use crate::cache::{LayerKv, RopeTables};
 use crate::Matrix;
@@ -92,6 +93,8 @@ impl Attention {
         segments: &[Segment],
         caches: &mut [&mut LayerKv],
         rope: &RopeTables,
+        layer: usize,
+        probe: &mut dyn Probe,
     ) -> Tensor<2> {
         let (heads, groups, h) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (q_w, kv_w) = (heads * h, groups * h);
@@ -110,20 +113,34 @@ impl Attention {
                 .reshape([t, groups, h]);
             let q = rope.apply(q, seg.start);
             let k = rope.apply(k, seg.start);
+            if probe.active() {
+                probe.record(layer, Site::Query, q.clone().reshape([t, q_w]));
+                probe.record(layer, Site::Key, k.clone().reshape([t, kv_w]));
+                probe.record(layer, Site::Value, v.clone().reshape([t, kv_w]));
+            }
             let (keys, values) = cache.append(k.swap_dims(0, 1), v.swap_dims(0, 1));
-            outputs.push(self.attend(q, keys, values, seg.start));
+            outputs.push(self.attend(q, keys, values, seg.start, layer, probe));
         }
         let out = if outputs.len() == 1 {
             outputs.pop().expect("one output")
         } else {
             Tensor::cat(outputs, 0)
         };
+        tap(probe, layer, Site::AttnMix, &out);
         self.wo.forward(out)
     }
 
     /// `q`: `[t, H, h]` at positions `start..start+t`; `keys`, `values`: `[G, s, h]` with
     /// `s = start + t`. Returns `[t, H h]`.
-    fn attend(&self, q: Tensor<3>, keys: Tensor<3>, values: Tensor<3>, start: usize) -> Tensor<2> {
+    fn attend(
+        &self,
+        q: Tensor<3>,
+        keys: Tensor<3>,
+        values: Tensor<3>,
+        start: usize,
+        layer: usize,
+        probe: &mut dyn Probe,
+    ) -> Tensor<2> {
         let [t, heads, h] = q.dims();
         let [groups, s, _] = keys.dims();
         let r = heads / groups;
@@ -131,11 +148,17 @@ impl Attention {
         let q = q.swap_dims(0, 1).reshape([groups, r * t, h]);
         let scale = 1.0 / (h as f64).sqrt();
         let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale;
+        if probe.active() {
+            probe.record(layer, Site::Scores, scores.clone().reshape([heads * t, s]));
+        }
         if t > 1 {
             let mask = causal_mask(t, s, start, &scores.device());
             scores = (scores.reshape([groups, r, t, s]) + mask).reshape([groups, r * t, s]);
         }
         let probs = softmax(scores, 2);
+        if probe.active() {
+            probe.record(layer, Site::Probs, probs.clone().reshape([heads * t, s]));
+        }
         probs
             .matmul(values)
             .reshape([heads, t, h])

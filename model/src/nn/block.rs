@@ -3,6 +3,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use super::attention::Segment;
+use super::probe::{tap, Probe, Site};
 use super::{Attention, AttentionConfig, Mlp, MlpConfig, RmsNorm, RmsNormConfig};
 use crate::cache::{LayerKv, RopeTables};
 use crate::{LayerWeights, LlamaConfig};
@@ -87,12 +88,24 @@ impl Block {
         segments: &[Segment],
         caches: &mut [&mut LayerKv],
         rope: &RopeTables,
+        layer: usize,
+        probe: &mut dyn Probe,
     ) -> Tensor<2> {
+        tap(probe, layer, Site::BlockInput, &x);
+        let u = self.attn_norm.forward(x.clone());
+        tap(probe, layer, Site::AttnNorm, &u);
         let a = self
             .attention
-            .forward(self.attn_norm.forward(x.clone()), segments, caches, rope);
+            .forward(u, segments, caches, rope, layer, probe);
+        tap(probe, layer, Site::AttnOut, &a);
         let x = x + a;
-        let m = self.mlp.forward(self.ffn_norm.forward(x.clone()));
-        x + m
+        tap(probe, layer, Site::AfterAttn, &x);
+        let u = self.ffn_norm.forward(x.clone());
+        tap(probe, layer, Site::FfnNorm, &u);
+        let m = self.mlp.forward(u, layer, probe);
+        tap(probe, layer, Site::MlpOut, &m);
+        let x = x + m;
+        tap(probe, layer, Site::BlockOutput, &x);
+        x
     }
 }

@@ -4,6 +4,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
+use super::probe::{tap, Probe, Site};
 use super::tensor_io::param2;
 use crate::Matrix;
 
@@ -53,11 +54,15 @@ impl Mlp {
     }
 
     /// `u`: `[n, d]` → `[n, d]`.
-    pub fn forward(&self, u: Tensor<2>) -> Tensor<2> {
+    pub fn forward(&self, u: Tensor<2>, layer: usize, probe: &mut dyn Probe) -> Tensor<2> {
         let gu = self.w_gate_up.forward(u);
         let [n, _] = gu.dims();
         let gate = gu.clone().slice([0..n, 0..self.d_ff]);
         let up = gu.slice([0..n, self.d_ff..2 * self.d_ff]);
-        self.w_down.forward(silu(gate) * up)
+        tap(probe, layer, Site::Gate, &gate);
+        tap(probe, layer, Site::Up, &up);
+        let hidden = silu(gate) * up;
+        tap(probe, layer, Site::Hidden, &hidden);
+        self.w_down.forward(hidden)
     }
 }

@@ -2,6 +2,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use super::attention::Segment;
+use super::probe::{NoProbe, Probe};
 use super::Block;
 use crate::cache::{KvCache, LayerKv, RopeTables};
 use crate::{LayerWeights, LlamaConfig, ModelError};
@@ -52,6 +53,17 @@ impl Stage {
         caches: &mut [&mut KvCache],
         rope: &RopeTables,
     ) -> Result<Vec<Tensor<2>>, ModelError> {
+        self.forward_probed(hidden, caches, rope, &mut NoProbe)
+    }
+
+    /// [`Stage::forward`], showing every intermediate tensor to `probe`.
+    pub fn forward_probed(
+        &self,
+        hidden: Vec<Tensor<2>>,
+        caches: &mut [&mut KvCache],
+        rope: &RopeTables,
+        probe: &mut dyn Probe,
+    ) -> Result<Vec<Tensor<2>>, ModelError> {
         if hidden.len() != caches.len() {
             return Err(ModelError::Shape(format!(
                 "{} inputs for {} caches",
@@ -92,7 +104,14 @@ impl Stage {
         for (l, block) in self.blocks.iter().enumerate() {
             let mut layer_caches: Vec<&mut LayerKv> =
                 caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = block.forward(x, &segments, &mut layer_caches, rope);
+            x = block.forward(
+                x,
+                &segments,
+                &mut layer_caches,
+                rope,
+                self.first_layer + l,
+                probe,
+            );
         }
         for (cache, seg) in caches.iter_mut().zip(&segments) {
             cache.advance(seg.len);

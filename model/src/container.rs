@@ -1,0 +1,337 @@
+//! Veil's file container for shards, client bundles and keys: a JSON header describing
+//! named little-endian tensors, then their bytes, with a SHA-256 of the data in the header.
+//!
+//! Layout: `b"VEILPACK"`, format version (u32 LE), header length (u64 LE), header (JSON),
+//! zero padding to a multiple of 64, data. Files are written to a temporary name and renamed,
+//! so a crash never leaves a half-written file under the final name.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ModelError;
+
+const MAGIC: &[u8; 8] = b"VEILPACK";
+/// Version of the container layout.
+pub const CONTAINER_VERSION: u32 = 1;
+const ALIGN: usize = 64;
+/// Largest header accepted (the tokenizer of a large vocabulary fits easily).
+const MAX_HEADER: u64 = 256 << 20;
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F64,
+    U32,
+}
+
+impl DType {
+    pub fn size(&self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// Directory entry of one tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Byte offset in the data section.
+    pub offset: usize,
+}
+
+impl TensorEntry {
+    pub fn n_bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    kind: String,
+    meta: serde_json::Value,
+    tensors: BTreeMap<String, TensorEntry>,
+    data_bytes: usize,
+    data_sha256: String,
+}
+
+/// Builds a container in memory.
+#[derive(Debug)]
+pub struct ContainerWriter {
+    kind: String,
+    meta: serde_json::Value,
+    tensors: BTreeMap<String, TensorEntry>,
+    data: Vec<u8>,
+}
+
+impl ContainerWriter {
+    pub fn new(kind: &str, meta: &impl Serialize) -> Result<Self, ModelError> {
+        Ok(ContainerWriter {
+            kind: kind.to_string(),
+            meta: serde_json::to_value(meta).map_err(|e| ModelError::Format(e.to_string()))?,
+            tensors: BTreeMap::new(),
+            data: Vec::new(),
+        })
+    }
+
+    /// Replace the header's metadata.
+    pub fn set_meta(&mut self, meta: &impl Serialize) -> Result<(), ModelError> {
+        self.meta = serde_json::to_value(meta).map_err(|e| ModelError::Format(e.to_string()))?;
+        Ok(())
+    }
+
+    fn push(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: Vec<u8>) {
+        debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size());
+        let offset = self.data.len();
+        self.data.extend(bytes);
+        self.data.resize(self.data.len().div_ceil(ALIGN) * ALIGN, 0);
+        self.tensors.insert(
+            name.to_string(),
+            TensorEntry {
+                dtype,
+                shape: shape.to_vec(),
+                offset,
+            },
+        );
+    }
+
+    pub fn add_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) {
+        self.push(
+            name,
+            DType::F32,
+            shape,
+            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        );
+    }
+
+    pub fn add_f64(&mut self, name: &str, shape: &[usize], data: &[f64]) {
+        self.push(
+            name,
+            DType::F64,
+            shape,
+            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        );
+    }
+
+    pub fn add_u32(&mut self, name: &str, shape: &[usize], data: &[u32]) {
+        self.push(
+            name,
+            DType::U32,
+            shape,
+            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        );
+    }
+
+    /// SHA-256 of the data section (the content hash written into the header).
+    pub fn data_sha256(&self) -> String {
+        hex::encode(Sha256::digest(&self.data))
+    }
+
+    /// The whole file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        let header = Header {
+            kind: self.kind.clone(),
+            meta: self.meta.clone(),
+            tensors: self.tensors.clone(),
+            data_bytes: self.data.len(),
+            data_sha256: self.data_sha256(),
+        };
+        let json = serde_json::to_vec(&header).map_err(|e| ModelError::Format(e.to_string()))?;
+        let mut out = Vec::with_capacity(json.len() + self.data.len() + 2 * ALIGN);
+        out.extend(MAGIC);
+        out.extend(CONTAINER_VERSION.to_le_bytes());
+        out.extend((json.len() as u64).to_le_bytes());
+        out.extend(json);
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        out.extend(&self.data);
+        Ok(out)
+    }
+
+    /// Write atomically; `secret` files get mode 0600 (owner only) on Unix.
+    pub fn write(&self, path: &Path, secret: bool) -> Result<(), ModelError> {
+        write_atomic(path, &self.to_bytes()?, secret)
+    }
+}
+
+/// Write `bytes` to `path` through a temporary file in the same directory.
+pub fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<(), ModelError> {
+    let io = |e: std::io::Error| ModelError::Io(format!("{}: {e}", path.display()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let result = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// A container read into memory, its content hash verified.
+#[derive(Debug)]
+pub struct Container {
+    header: Header,
+    data: Vec<u8>,
+}
+
+fn bad(msg: impl Into<String>) -> ModelError {
+    ModelError::Format(msg.into())
+}
+
+impl Container {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let bytes =
+            std::fs::read(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            ModelError::Format(m) => ModelError::Format(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        if bytes.len() < 20 || &bytes[..8] != MAGIC {
+            return Err(bad("not a Veil file (bad magic bytes)"));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| bad("short"))?);
+        if version != CONTAINER_VERSION {
+            return Err(bad(format!(
+                "file format version {version} is not supported (this build reads {CONTAINER_VERSION})"
+            )));
+        }
+        let len = u64::from_le_bytes(bytes[12..20].try_into().map_err(|_| bad("short"))?);
+        if len > MAX_HEADER || 20 + len as usize > bytes.len() {
+            return Err(bad("truncated header"));
+        }
+        let end = 20 + len as usize;
+        let header: Header = serde_json::from_slice(&bytes[20..end])
+            .map_err(|e| bad(format!("corrupt header: {e}")))?;
+        let start = end.div_ceil(ALIGN) * ALIGN;
+        let data = bytes.get(start..).ok_or_else(|| bad("truncated data"))?;
+        if data.len() != header.data_bytes {
+            return Err(bad(format!(
+                "truncated or padded: {} data bytes, header says {}",
+                data.len(),
+                header.data_bytes
+            )));
+        }
+        let sha = hex::encode(Sha256::digest(data));
+        if sha != header.data_sha256 {
+            return Err(bad(format!(
+                "corrupted: content hash {} does not match the header's {}",
+                &sha[..16],
+                &header.data_sha256[..header.data_sha256.len().min(16)]
+            )));
+        }
+        for (name, t) in &header.tensors {
+            if t.offset
+                .checked_add(t.n_bytes())
+                .is_none_or(|e| e > data.len())
+            {
+                return Err(bad(format!("tensor `{name}` lies outside the data")));
+            }
+        }
+        Ok(Container {
+            header,
+            data: data.to_vec(),
+        })
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.header.kind
+    }
+
+    /// The content hash of the data section.
+    pub fn data_sha256(&self) -> &str {
+        &self.header.data_sha256
+    }
+
+    pub fn meta<T: DeserializeOwned>(&self) -> Result<T, ModelError> {
+        serde_json::from_value(self.header.meta.clone())
+            .map_err(|e| bad(format!("unexpected {} header: {e}", self.header.kind)))
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = (&String, &TensorEntry)> {
+        self.header.tensors.iter()
+    }
+
+    fn raw(&self, name: &str, dtype: DType) -> Result<(&TensorEntry, &[u8]), ModelError> {
+        let t = self
+            .header
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("missing tensor `{name}`")))?;
+        if t.dtype != dtype {
+            return Err(bad(format!(
+                "tensor `{name}` is {:?}, expected {dtype:?}",
+                t.dtype
+            )));
+        }
+        Ok((t, &self.data[t.offset..t.offset + t.n_bytes()]))
+    }
+
+    pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+        let (t, b) = self.raw(name, DType::F32)?;
+        let v = b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((t.shape.clone(), v))
+    }
+
+    pub fn f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>), ModelError> {
+        let (t, b) = self.raw(name, DType::F64)?;
+        let v = b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        Ok((t.shape.clone(), v))
+    }
+
+    pub fn u32(&self, name: &str) -> Result<(Vec<usize>, Vec<u32>), ModelError> {
+        let (t, b) = self.raw(name, DType::U32)?;
+        let v = b
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((t.shape.clone(), v))
+    }
+
+    /// A tensor that must have exactly `shape`.
+    pub fn f32_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let (s, v) = self.f32(name)?;
+        if s != shape {
+            return Err(bad(format!(
+                "tensor `{name}` has shape {s:?}, expected {shape:?}"
+            )));
+        }
+        Ok(v)
+    }
+}

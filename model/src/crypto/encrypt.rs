@@ -1,0 +1,134 @@
+//! Turning a plaintext model and a key into node shards and the owner's client bundle.
+
+use std::path::{Path, PathBuf};
+
+use super::client::{ClientBundle, ClientMeta, StageRecord, CLIENT_VERSION};
+use super::key::ModelKey;
+use super::key_io::KeyMeta;
+use super::shard::{Shard, ShardMeta, SHARD_VERSION};
+use super::transform::{check_coverage, encrypt_layers, plan_stages};
+use crate::container::Container;
+use crate::{ModelBundle, ModelError};
+
+/// The result of encrypting a model.
+#[derive(Debug, Clone)]
+pub struct Encrypted {
+    pub client: ClientBundle,
+    /// One per stage, in layer order.
+    pub shards: Vec<Shard>,
+}
+
+/// Encrypt `model` with `key` into `n_stages` shards of contiguous layers.
+/// `progress(done, total)` is called after each layer.
+pub fn encrypt_model(
+    model: &ModelBundle,
+    key: ModelKey,
+    n_stages: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Encrypted, ModelError> {
+    let w = &model.weights;
+    let config = &w.config;
+    key.check_fits(config)?;
+    let fingerprint = key.fingerprint();
+    let ranges = plan_stages(config.n_layers, n_stages)?;
+    let mut shards = Vec::with_capacity(n_stages);
+    let mut records = Vec::with_capacity(n_stages);
+    let mut done = 0;
+    for (stage, range) in ranges.into_iter().enumerate() {
+        let mut layers = Vec::with_capacity(range.len());
+        for l in range.clone() {
+            layers.extend(encrypt_layers(&w.layers, l..l + 1, &key, config));
+            done += 1;
+            progress(done, config.n_layers);
+        }
+        let shard = Shard {
+            meta: ShardMeta {
+                version: SHARD_VERSION,
+                config: config.clone(),
+                stage,
+                n_stages,
+                layers: (range.start, range.end),
+                key_fingerprint: fingerprint.clone(),
+                dtype: "f32".into(),
+            },
+            layers,
+        };
+        records.push(StageRecord {
+            stage,
+            layers: shard.meta.layers,
+            shard_sha256: shard.to_writer()?.data_sha256(),
+        });
+        shards.push(shard);
+    }
+    let client = ClientBundle {
+        meta: ClientMeta {
+            version: CLIENT_VERSION,
+            model_name: model.name.clone(),
+            config: config.clone(),
+            key: KeyMeta {
+                version: key.version,
+                shape: key.shape,
+                options: key.options,
+                fingerprint,
+            },
+            stages: records,
+            text: model.text.spec.clone(),
+        },
+        key,
+        embedding: w.embedding.clone(),
+        final_norm: w.final_norm.clone(),
+        output: w.output.clone(),
+    };
+    Ok(Encrypted { client, shards })
+}
+
+/// File names inside an output directory.
+pub fn client_path(dir: &Path) -> PathBuf {
+    dir.join("client.veil")
+}
+
+pub fn shard_path(dir: &Path, stage: usize) -> PathBuf {
+    dir.join(format!("shard-{stage}.veil"))
+}
+
+impl Encrypted {
+    /// Write `client.veil` (mode 0600) and `shard-<i>.veil` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::Io(format!("{}: {e}", dir.display())))?;
+        for s in &self.shards {
+            s.write(&shard_path(dir, s.meta.stage))?;
+        }
+        self.client.write(&client_path(dir))
+    }
+
+    /// Read a directory written by [`Encrypted::write`], checking every shard against the
+    /// client bundle: key fingerprint, model, content hash, and coverage of all layers.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let client = ClientBundle::read(&client_path(dir))?;
+        let mut shards = Vec::new();
+        for record in &client.meta.stages {
+            let path = shard_path(dir, record.stage);
+            if !path.exists() {
+                return Err(ModelError::Shard(format!(
+                    "{} is missing (layers {}..{})",
+                    path.display(),
+                    record.layers.0,
+                    record.layers.1
+                )));
+            }
+            let c = Container::open(&path)?;
+            let shard = Shard::from_container(&c)
+                .map_err(|e| ModelError::Shard(format!("{}: {e}", path.display())))?;
+            client
+                .verify_shard(&shard.meta, Some(c.data_sha256()))
+                .map_err(|e| ModelError::Shard(format!("{}: {e}", path.display())))?;
+            shards.push(shard);
+        }
+        check_coverage(
+            shards.iter().map(|s| s.meta.layer_range()).collect(),
+            client.meta.config.n_layers,
+        )?;
+        Ok(Encrypted { client, shards })
+    }
+}

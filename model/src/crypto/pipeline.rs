@@ -1,0 +1,100 @@
+//! Encrypted generation in one process: client encode → every stage → client decode.
+
+use burn::tensor::Device;
+
+use super::client::{ClientBundle, ClientModel};
+use super::shard::Shard;
+use super::transform::check_coverage;
+use crate::cache::KvCache;
+use crate::generate::TokenModel;
+use crate::nn::tensor_to_vec;
+use crate::stage_runner::StageRunner;
+use crate::ModelError;
+
+/// The client and all stage runners of a deployment on one device, with one sequence.
+#[derive(Debug)]
+pub struct EncryptedLocal {
+    client: ClientModel,
+    stages: Vec<StageRunner>,
+    caches: Vec<KvCache>,
+    context: usize,
+}
+
+impl EncryptedLocal {
+    /// Check the shards against the client bundle (key, model, coverage) and upload all.
+    pub fn new(
+        bundle: &ClientBundle,
+        shards: &[Shard],
+        device: &Device,
+        context: Option<usize>,
+    ) -> Result<Self, ModelError> {
+        for s in shards {
+            bundle.verify_shard(&s.meta, None)?;
+        }
+        let config = &bundle.meta.config;
+        check_coverage(
+            shards.iter().map(|s| s.meta.layer_range()).collect(),
+            config.n_layers,
+        )?;
+        let mut ordered: Vec<&Shard> = shards.iter().collect();
+        ordered.sort_by_key(|s| s.meta.layers.0);
+        let context = context.map_or(config.max_seq_len, |c| c.min(config.max_seq_len));
+        let stages: Vec<StageRunner> = ordered
+            .iter()
+            .map(|s| StageRunner::new(s, device))
+            .collect();
+        let caches = stages.iter().map(|s| s.new_cache(context)).collect();
+        Ok(EncryptedLocal {
+            client: ClientModel::new(bundle, device),
+            stages,
+            caches,
+            context,
+        })
+    }
+
+    /// Forget the current sequence.
+    pub fn reset(&mut self) {
+        self.caches = self
+            .stages
+            .iter()
+            .map(|s| s.new_cache(self.context))
+            .collect();
+    }
+
+    fn run(&mut self, ids: &[u32], all: bool) -> Result<burn::tensor::Tensor<2>, ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::Shape("no tokens to run".into()));
+        }
+        let mut x = self.client.encode(ids)?;
+        for (stage, cache) in self.stages.iter().zip(self.caches.iter_mut()) {
+            x = stage
+                .forward(vec![x], &mut [cache])?
+                .pop()
+                .ok_or_else(|| ModelError::Shape("a stage returned nothing".into()))?;
+        }
+        let t = ids.len();
+        let x = if all { x } else { x.slice([t - 1..t]) };
+        Ok(self.client.decode(x))
+    }
+
+    /// Feed `ids` and return the logits of every new position, `[t][vocab]`.
+    pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let vocab = self.client.config.vocab_size;
+        let flat = tensor_to_vec(self.run(ids, true)?)?;
+        Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl TokenModel for EncryptedLocal {
+    fn context_len(&self) -> usize {
+        self.context
+    }
+
+    fn position(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::len)
+    }
+
+    fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        tensor_to_vec(self.run(ids, false)?)
+    }
+}

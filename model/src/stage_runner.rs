@@ -1,0 +1,92 @@
+//! Running one shard: encrypted hidden states in, encrypted hidden states out. The same
+//! code serves the local encrypted pipeline and a node.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::cache::{KvCache, RopeTables};
+use crate::crypto::{Shard, ShardMeta};
+use crate::nn::{tensor_to_vec, Probe, Stage};
+use crate::ModelError;
+
+/// A shard uploaded to a device, ready to serve sequences.
+#[derive(Debug)]
+pub struct StageRunner {
+    meta: ShardMeta,
+    stage: Stage,
+    rope: RopeTables,
+    device: Device,
+}
+
+impl StageRunner {
+    pub fn new(shard: &Shard, device: &Device) -> Self {
+        let config = &shard.meta.config;
+        StageRunner {
+            stage: Stage::from_layers(shard.meta.layers.0, &shard.layers, config, device),
+            rope: RopeTables::new(config, device),
+            meta: shard.meta.clone(),
+            device: device.clone(),
+        }
+    }
+
+    pub fn meta(&self) -> &ShardMeta {
+        &self.meta
+    }
+
+    /// A cache for one sequence of at most `capacity` positions (capped by the model).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        self.stage
+            .new_cache(capacity.min(self.meta.config.max_seq_len))
+    }
+
+    /// `hidden[i]`: `[t_i, d]` new positions of sequence `i` (cache `caches[i]`).
+    pub fn forward(
+        &self,
+        hidden: Vec<Tensor<2>>,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor<2>>, ModelError> {
+        self.stage.forward(hidden, caches, &self.rope)
+    }
+
+    /// [`StageRunner::forward`], showing every tensor the stage computes to `probe`.
+    pub fn forward_probed(
+        &self,
+        hidden: Vec<Tensor<2>>,
+        caches: &mut [&mut KvCache],
+        probe: &mut dyn Probe,
+    ) -> Result<Vec<Tensor<2>>, ModelError> {
+        self.stage.forward_probed(hidden, caches, &self.rope, probe)
+    }
+
+    /// Host-memory version of [`StageRunner::forward`] for callers that hold bytes (a
+    /// node): each input is `t * d` floats, row-major. Rejects ragged or non-finite input.
+    pub fn forward_host(
+        &self,
+        inputs: &[&[f32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let d = self.meta.config.d_model;
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for x in inputs {
+            if x.is_empty() || x.len() % d != 0 {
+                return Err(ModelError::Shape(format!(
+                    "{} values are not whole rows of width {d}",
+                    x.len()
+                )));
+            }
+            if x.iter().any(|v| !v.is_finite()) {
+                return Err(ModelError::Shape(
+                    "hidden states contain NaN or infinity".into(),
+                ));
+            }
+            let t = x.len() / d;
+            tensors.push(Tensor::from_data(
+                TensorData::new(x.to_vec(), [t, d]),
+                &self.device,
+            ));
+        }
+        self.forward(tensors, caches)?
+            .into_iter()
+            .map(tensor_to_vec)
+            .collect()
+    }
+}

@@ -1,0 +1,246 @@
+//! Encrypted inference end to end on the tiny model: same logits as plaintext on both
+//! backends, shard files, and clear errors for shards that do not belong.
+
+mod common;
+
+use common::{devices, max_abs_diff};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use veil_model::crypto::{
+    client_path, encrypt_model, shard_path, ClientBundle, Encrypted, EncryptedLocal, KeyOptions,
+    KeyShape, ModelKey,
+};
+use veil_model::{generate, GenerateParams, LocalModel, Matrix, ModelBundle, SamplingParams};
+
+fn encrypted(seed: u64, stages: usize) -> (ModelBundle, Encrypted) {
+    let b = ModelBundle::tiny().expect("tiny");
+    let key = ModelKey::generate(
+        KeyShape::of(&b.weights.config),
+        KeyOptions::default(),
+        &mut ChaCha20Rng::seed_from_u64(seed),
+    );
+    let e = encrypt_model(&b, key, stages, &mut |_, _| {}).expect("encrypt");
+    (b, e)
+}
+
+#[test]
+fn encrypted_logits_equal_plaintext_logits_on_every_backend() {
+    let (b, e) = encrypted(1, 3);
+    let ids = b
+        .text
+        .prompt_tokens("what is encrypted inference?", false)
+        .expect("prompt");
+    for (kind, device) in devices() {
+        let plain = LocalModel::new(&b.weights, &device, None)
+            .feed_all(&ids)
+            .expect("plain");
+        let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
+        let got = enc.feed_all(&ids).expect("encrypted");
+        let worst = got
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-3, "{kind}: max |Δlogit| {worst}");
+        // and step by step through the KV caches
+        let next = veil_model::sampling::argmax(&got[got.len() - 1]);
+        let step = veil_model::TokenModel::feed(&mut enc, &[next]).expect("step");
+        let mut p = LocalModel::new(&b.weights, &device, None);
+        p.feed_all(&ids).expect("plain");
+        let expected = veil_model::TokenModel::feed(&mut p, &[next]).expect("step");
+        assert!(max_abs_diff(&step, &expected) < 1e-3, "{kind}: decode step");
+    }
+}
+
+#[test]
+fn greedy_generation_is_identical() {
+    let (b, e) = encrypted(2, 2);
+    let device = veil_model::Compute::cpu().device;
+    let params = GenerateParams {
+        max_tokens: 24,
+        sampling: SamplingParams::default(),
+        top_logits: 0,
+    };
+    let prompt = b
+        .text
+        .prompt_tokens("tell me a story", false)
+        .expect("prompt");
+    let mut plain = LocalModel::new(&b.weights, &device, None);
+    let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
+    let tok = &b.text.tokenizer;
+    let a = generate(&mut plain, tok, &prompt, &params, &mut |_| {}).expect("plain");
+    let c = generate(&mut enc, tok, &prompt, &params, &mut |_| {}).expect("encrypted");
+    assert_eq!(a.tokens, c.tokens);
+}
+
+/// True when some column of `a` equals some column of `b` (up to 1e-4 relative).
+fn shares_a_column(a: &Matrix, b: &Matrix) -> bool {
+    let col = |m: &Matrix, j: usize| (0..m.rows).map(|r| m.get(r, j)).collect::<Vec<f32>>();
+    (0..a.cols).any(|i| {
+        let x = col(a, i);
+        let norm = x.iter().map(|v| v.abs()).fold(1e-6, f32::max);
+        (0..b.cols).any(|j| max_abs_diff(&x, &col(b, j)) < 1e-4 * norm)
+    })
+}
+
+#[test]
+fn no_shard_tensor_equals_its_plaintext_counterpart() {
+    let (b, e) = encrypted(3, 2);
+    for shard in &e.shards {
+        for (l, enc) in shard.meta.layer_range().zip(&shard.layers) {
+            let plain = &b.weights.layers[l];
+            assert!(
+                enc.attn_norm.is_empty() && enc.ffn_norm.is_empty(),
+                "norm gains are folded"
+            );
+            let pairs = [
+                ("attn_q", &enc.wq, &plain.wq),
+                ("attn_k", &enc.wk, &plain.wk),
+                ("attn_v", &enc.wv, &plain.wv),
+                ("attn_output", &enc.wo, &plain.wo),
+                ("ffn_gate", &enc.w_gate, &plain.w_gate),
+                ("ffn_up", &enc.w_up, &plain.w_up),
+                ("ffn_down", &enc.w_down, &plain.w_down),
+            ];
+            for (name, a, p) in pairs {
+                assert_eq!(a.shape(), p.shape());
+                let rel = a.max_abs_diff(p) / p.data.iter().map(|v| v.abs()).fold(0.0, f32::max);
+                assert!(rel > 0.1, "blk.{l}.{name} is close to plaintext ({rel})");
+                assert!(
+                    !shares_a_column(a, p),
+                    "blk.{l}.{name} keeps a plaintext column"
+                );
+                let (at, pt) = (a.transpose(), p.transpose());
+                assert!(
+                    !shares_a_column(&at, &pt),
+                    "blk.{l}.{name} keeps a plaintext row"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn files_round_trip_with_private_client_bundle() {
+    let (b, e) = encrypted(4, 3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    e.write(dir.path()).expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(client_path(dir.path()))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "client.veil must be private");
+    }
+    let back = Encrypted::read(dir.path()).expect("read");
+    assert_eq!(back.client.key.fingerprint(), e.client.key.fingerprint());
+    assert_eq!(back.shards.len(), 3);
+    let device = veil_model::Compute::cpu().device;
+    let ids = b.text.prompt_tokens("files", false).expect("prompt");
+    let a = EncryptedLocal::new(&e.client, &e.shards, &device, None)
+        .expect("p")
+        .feed_all(&ids)
+        .expect("f");
+    let c = EncryptedLocal::new(&back.client, &back.shards, &device, None)
+        .expect("p")
+        .feed_all(&ids)
+        .expect("f");
+    assert_eq!(a, c, "the files hold exactly what was encrypted");
+    // no plaintext tensor names in the shard files
+    for s in 0..3 {
+        let bytes = std::fs::read(shard_path(dir.path(), s)).expect("read");
+        let head = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]);
+        for forbidden in ["norm", "\"token_embd\"", "\"output\""] {
+            assert!(!head.contains(forbidden), "shard {s} mentions {forbidden}");
+        }
+    }
+}
+
+#[test]
+fn shards_that_do_not_belong_are_refused() {
+    let (_, e) = encrypted(5, 3);
+    let (_, other) = encrypted(6, 3);
+    let device = veil_model::Compute::cpu().device;
+    // another key
+    let mut mixed = e.shards.clone();
+    mixed[1] = other.shards[1].clone();
+    let err = EncryptedLocal::new(&e.client, &mixed, &device, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("encrypted with key"), "{err}");
+    // missing layers
+    let err = EncryptedLocal::new(&e.client, &e.shards[..2], &device, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not covered"), "{err}");
+    // another model configuration
+    let mut wrong = e.shards.clone();
+    wrong[0].meta.config.rope_theta = 500_000.0;
+    let err = EncryptedLocal::new(&e.client, &wrong, &device, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another model configuration"), "{err}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    e.write(dir.path()).expect("write");
+    // a corrupted shard file
+    let p = shard_path(dir.path(), 2);
+    let mut bytes = std::fs::read(&p).expect("read");
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x40;
+    std::fs::write(&p, &bytes).expect("write");
+    let err = Encrypted::read(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("corrupted") && err.contains("shard-2.veil"),
+        "{err}"
+    );
+    // a shard file from another deployment (same stage, another key)
+    other.shards[2].write(&p).expect("write");
+    let err = Encrypted::read(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("encrypted with key"), "{err}");
+    // a missing shard file
+    std::fs::remove_file(&p).expect("rm");
+    let err = Encrypted::read(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("missing"), "{err}");
+    // a truncated client bundle
+    let cp = client_path(dir.path());
+    let bytes = std::fs::read(&cp).expect("read");
+    std::fs::write(&cp, &bytes[..bytes.len() / 2]).expect("write");
+    assert!(ClientBundle::read(&cp).is_err());
+}
+
+#[test]
+fn keys_are_reproducible_from_a_seed_and_differ_otherwise() {
+    let shape = KeyShape::of(&ModelBundle::tiny().expect("tiny").weights.config);
+    let k = |s| {
+        ModelKey::generate(
+            shape,
+            KeyOptions::default(),
+            &mut ChaCha20Rng::seed_from_u64(s),
+        )
+    };
+    assert_eq!(k(1).fingerprint(), k(1).fingerprint());
+    assert_ne!(k(1).fingerprint(), k(2).fingerprint());
+    let key = k(3);
+    let qtq = key.q.transpose() * &key.q;
+    assert!(
+        (qtq - nalgebra::DMatrix::identity(shape.d_model, shape.d_model))
+            .abs()
+            .max()
+            < 1e-12
+    );
+    assert!(
+        !format!("{key:?}").contains("0."),
+        "Debug must not print key material"
+    );
+    for lk in &key.layers {
+        for hk in &lk.heads {
+            let c = veil_model::crypto::linalg::condition_number(&hk.c());
+            assert!(c <= 4.0 + 1e-9, "C is well conditioned (<= 4): {c}");
+            assert!(hk.rope_scale.iter().all(|s| (0.5..=2.0).contains(s)));
+        }
+        assert!(lk.mlp_scale.iter().any(|s| *s < 0.0) && lk.mlp_scale.iter().any(|s| *s > 0.0));
+    }
+}
