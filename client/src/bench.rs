@@ -7,7 +7,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
+use veil_model::crypto::EncryptedLocal;
 use veil_model::{BackendKind, LocalModel, TokenModel};
+
+use crate::encrypt::encrypt_with_progress;
 
 use crate::generate::compute_for;
 use crate::model_spec::ModelSpec;
@@ -21,6 +24,10 @@ pub struct BenchArgs {
     /// Benchmark the model in this process (no network).
     #[arg(long)]
     pub local: bool,
+    /// Also run the encrypted pipeline (3 stages, fresh key) on the same prompts and backend,
+    /// alternating with the plaintext runs, and report the ratio.
+    #[arg(long)]
+    pub encrypted: bool,
     /// Model: smollm2, tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
@@ -53,6 +60,8 @@ pub struct ChildArgs {
     gen_tokens: usize,
     #[arg(long)]
     runs: usize,
+    #[arg(long)]
+    encrypted: bool,
 }
 
 /// One backend's figures.
@@ -66,6 +75,17 @@ pub struct BenchResult {
     pub prompt_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
     pub peak_rss_mib: f64,
+    /// With --encrypted: the encrypted pipeline's figures and encrypted/plaintext ratios.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<EncryptedFigures>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EncryptedFigures {
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub prompt_ratio: f64,
+    pub decode_ratio: f64,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -99,6 +119,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
             .args(["--gen-tokens", &args.gen_tokens.to_string()])
             .args(["--runs", &args.runs.to_string()])
+            .args(args.encrypted.then_some("--encrypted"))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("cannot start the benchmark process")?;
@@ -132,6 +153,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.adapter
         );
     }
+    for r in &results {
+        if let Some(e) = &r.encrypted {
+            println!(
+                "{:<7} {:>13.1} {:>13.1}  encrypted; ratio to plaintext: prompt {:.3}, decode {:.3}",
+                r.backend, e.prompt_tokens_per_s, e.decode_tokens_per_s, e.prompt_ratio, e.decode_ratio
+            );
+        }
+    }
     println!(
         "({} prompt tokens, {} decoded tokens, median of {} runs after a warm-up)",
         args.prompt_tokens, args.gen_tokens, args.runs
@@ -154,6 +183,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Prefill `prompt`, then decode `gen` tokens greedily; returns (prompt tok/s, decode tok/s).
+fn timed_run(model: &mut dyn TokenModel, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let mut logits = model.feed(prompt)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..gen {
+        let next = veil_model::sampling::argmax(&logits);
+        logits = model.feed(&[next])?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    Ok((prompt.len() as f64 / prefill, gen as f64 / decode))
+}
+
 pub fn run_child(args: ChildArgs) -> Result<()> {
     let compute = compute_for(Some(&args.backend))?;
     let t = Instant::now();
@@ -166,39 +209,59 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     }
     prompt.truncate(args.prompt_tokens);
     let context = Some(args.prompt_tokens + args.gen_tokens + 1);
-    let mut model = LocalModel::new(&bundle.weights, &compute.device, context);
-    if model.context_len() < args.prompt_tokens + args.gen_tokens {
+    let mut plain = LocalModel::new(&bundle.weights, &compute.device, context);
+    if plain.context_len() < args.prompt_tokens + args.gen_tokens {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
+    let mut encrypted = if args.encrypted {
+        let e = encrypt_with_progress(&bundle, 3.min(bundle.weights.config.n_layers), None)?;
+        Some(EncryptedLocal::new(
+            &e.client,
+            &e.shards,
+            &compute.device,
+            context,
+        )?)
+    } else {
+        None
+    };
     drop(bundle);
     let load_s = t.elapsed().as_secs_f64();
-    let mut prompt_rates = Vec::new();
-    let mut decode_rates = Vec::new();
+    let (mut pp, mut pd, mut ep, mut ed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
-        model.reset();
-        let t = Instant::now();
-        let mut logits = model.feed(&prompt)?;
-        let prefill = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for _ in 0..args.gen_tokens {
-            let next = veil_model::sampling::argmax(&logits);
-            logits = model.feed(&[next])?;
+        plain.reset();
+        let (p, d) = timed_run(&mut plain, &prompt, args.gen_tokens)?;
+        if let Some(enc) = encrypted.as_mut() {
+            enc.reset();
+            let (p2, d2) = timed_run(enc, &prompt, args.gen_tokens)?;
+            if run > 0 {
+                ep.push(p2);
+                ed.push(d2);
+            }
         }
-        let decode = t.elapsed().as_secs_f64();
         if run > 0 {
-            prompt_rates.push(args.prompt_tokens as f64 / prefill);
-            decode_rates.push(args.gen_tokens as f64 / decode);
+            pp.push(p);
+            pd.push(d);
         }
     }
+    let (prompt_rate, decode_rate) = (median(pp), median(pd));
     let result = BenchResult {
         backend: compute.kind.to_string(),
         adapter: compute.adapter.clone(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         load_s,
-        prompt_tokens_per_s: median(prompt_rates),
-        decode_tokens_per_s: median(decode_rates),
+        prompt_tokens_per_s: prompt_rate,
+        decode_tokens_per_s: decode_rate,
         peak_rss_mib: peak_rss_mib(),
+        encrypted: encrypted.map(|_| {
+            let (p, d) = (median(ep), median(ed));
+            EncryptedFigures {
+                prompt_tokens_per_s: p,
+                decode_tokens_per_s: d,
+                prompt_ratio: p / prompt_rate,
+                decode_ratio: d / decode_rate,
+            }
+        }),
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())

@@ -5,9 +5,13 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
+use veil_model::crypto::{short_fingerprint, Encrypted, EncryptedLocal};
 use veil_model::{
-    generate, BackendKind, Compute, GenerateParams, LocalModel, SamplingParams, TokenLogit,
+    generate, BackendKind, Compute, GenerateParams, LocalModel, SamplingParams, TextCodec,
+    TokenLogit, TokenModel,
 };
+
+use crate::encrypt::encrypt_with_progress;
 
 use crate::model_spec::ModelSpec;
 
@@ -16,6 +20,16 @@ pub struct GenerateArgs {
     /// Run the whole model in this process (no network).
     #[arg(long)]
     pub local: bool,
+    /// Encrypt the model with a fresh key and run it through its encrypted stages (still in
+    /// this process), or with --shards use the deployment written by `veil encrypt`.
+    #[arg(long)]
+    pub encrypted: bool,
+    /// Directory written by `veil encrypt` (client.veil and shard-<i>.veil).
+    #[arg(long, requires = "encrypted")]
+    pub shards: Option<std::path::PathBuf>,
+    /// Stages to split the model into with --encrypted (without --shards).
+    #[arg(long, default_value_t = 3)]
+    pub stages: usize,
     /// Model: smollm2, tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
@@ -29,13 +43,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Sample only among the K most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Sample only among the most likely tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Random seed for sampling (default: random).
     #[arg(long)]
@@ -80,6 +94,31 @@ pub fn compute_for(backend: Option<&str>) -> Result<Compute> {
     Ok(compute)
 }
 
+/// The text codec and the runner the flags ask for: plaintext, encrypted in memory, or
+/// encrypted from a `veil encrypt` directory.
+fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box<dyn TokenModel>)> {
+    if let Some(dir) = &args.shards {
+        let e = Encrypted::read(dir)
+            .with_context(|| format!("cannot use the deployment in {}", dir.display()))?;
+        tracing::info!(
+            "{} encrypted stages, key {}",
+            e.shards.len(),
+            short_fingerprint(&e.client.meta.key.fingerprint)
+        );
+        let text = TextCodec::new(e.client.meta.text.clone())?;
+        let model = EncryptedLocal::new(&e.client, &e.shards, &compute.device, None)?;
+        return Ok((text, Box::new(model)));
+    }
+    let bundle = ModelSpec::parse(&args.model)?.load()?;
+    if args.encrypted {
+        let e = encrypt_with_progress(&bundle, args.stages, None)?;
+        let model = EncryptedLocal::new(&e.client, &e.shards, &compute.device, None)?;
+        return Ok((bundle.text, Box::new(model)));
+    }
+    let model = LocalModel::new(&bundle.weights, &compute.device, None);
+    Ok((bundle.text, Box::new(model)))
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.local {
         bail!(
@@ -97,18 +136,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_logits: args.top_logits,
     };
     params.sampling.validate()?;
-    let spec = ModelSpec::parse(&args.model)?;
     let compute = compute_for(args.backend.as_deref())?;
-    let bundle = spec.load()?;
-    let prompt = bundle.text.prompt_tokens(&args.prompt, args.raw)?;
-    let context = bundle.weights.config.max_seq_len;
+    let (text, mut model) = load_runner(&args, &compute)?;
+    let prompt = text.prompt_tokens(&args.prompt, args.raw)?;
+    let context = model.context_len();
     if prompt.len() > context {
         bail!(
             "the prompt has {} tokens but the model's context is {context}",
             prompt.len()
         );
     }
-    let mut model = LocalModel::new(&bundle.weights, &compute.device, None);
     let mut stdout = std::io::stdout().lock();
     let json = args.json;
     let mut on_text = |piece: &str| {
@@ -119,8 +156,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     let out = generate(
-        &mut model,
-        &bundle.text.tokenizer,
+        model.as_mut(),
+        &text.tokenizer,
         &prompt,
         &params,
         &mut on_text,

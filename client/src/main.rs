@@ -2,6 +2,7 @@
 //! deploys encrypted shards and generates through them.
 
 mod bench;
+mod encrypt;
 mod fetch;
 mod generate;
 mod home;
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Generate text from a prompt, streaming it to stdout.
     Generate(generate::GenerateArgs),
+    /// Encrypt a model with a fresh key into node shards and a secret client bundle.
+    Encrypt(encrypt::EncryptArgs),
     /// Measure prompt and decode speed and peak memory on each backend.
     Bench(bench::BenchArgs),
     #[command(hide = true)]
@@ -76,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate::run(args),
+        Command::Encrypt(args) => encrypt::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchChild(args) => bench::run_child(args),
     }

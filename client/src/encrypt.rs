@@ -1,0 +1,152 @@
+//! `veil encrypt`: a model and a fresh key → `client.veil` (the owner's secret) and one
+//! `shard-<i>.veil` per stage.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
+use veil_model::crypto::{
+    client_path, encrypt_model, shard_path, short_fingerprint, Encrypted, KeyOptions, KeyShape,
+    ModelKey,
+};
+use veil_model::ModelBundle;
+
+use crate::model_spec::ModelSpec;
+
+#[derive(Args, Debug)]
+pub struct EncryptArgs {
+    /// Model: smollm2, tiny, or a .gguf path.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// Number of stages (contiguous layer ranges, one shard each).
+    #[arg(long, default_value_t = 3)]
+    pub stages: usize,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Derive the key from this seed instead of the OS's random source. Reproducible, and
+    /// only 64 bits of secret: for tests, never for real deployments.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Overwrite an existing client.veil in the output directory (its key is lost).
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Draw a key (seeded for tests) and encrypt `bundle`, showing progress on stderr.
+pub fn encrypt_with_progress(
+    bundle: &ModelBundle,
+    stages: usize,
+    seed: Option<u64>,
+) -> Result<Encrypted> {
+    let shape = KeyShape::of(&bundle.weights.config);
+    let mut rng = match seed {
+        Some(s) => {
+            tracing::warn!(
+                "the key is derived from --seed {s}: reproducible and weak, for tests only"
+            );
+            ChaCha20Rng::seed_from_u64(s)
+        }
+        None => ChaCha20Rng::from_entropy(),
+    };
+    let key = ModelKey::generate(shape, KeyOptions::default(), &mut rng);
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(bundle.weights.config.n_layers as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("encrypting");
+    let e = encrypt_model(bundle, key, stages, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok(e)
+}
+
+#[derive(Serialize)]
+struct StageSummary {
+    stage: usize,
+    layers: (usize, usize),
+    file: String,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    model: String,
+    key_fingerprint: String,
+    client: String,
+    client_bytes: u64,
+    stages: Vec<StageSummary>,
+}
+
+pub fn run(args: EncryptArgs) -> Result<()> {
+    let client_file = client_path(&args.out);
+    if client_file.exists() && !args.force {
+        bail!(
+            "{} already exists; its key is the only way to use the shards made with it \
+             (pass --force to overwrite it)",
+            client_file.display()
+        );
+    }
+    let bundle = ModelSpec::parse(&args.model)?.load()?;
+    let e = encrypt_with_progress(&bundle, args.stages, args.seed)?;
+    e.write(&args.out)
+        .with_context(|| format!("cannot write into {}", args.out.display()))?;
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let summary = Summary {
+        model: bundle.name.clone(),
+        key_fingerprint: e.client.meta.key.fingerprint.clone(),
+        client: client_file.display().to_string(),
+        client_bytes: size(&client_file),
+        stages: e
+            .shards
+            .iter()
+            .map(|s| {
+                let p = shard_path(&args.out, s.meta.stage);
+                StageSummary {
+                    stage: s.meta.stage,
+                    layers: s.meta.layers,
+                    bytes: size(&p),
+                    file: p.display().to_string(),
+                }
+            })
+            .collect(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("model           {}", summary.model);
+    println!(
+        "key fingerprint {}",
+        short_fingerprint(&summary.key_fingerprint)
+    );
+    println!("{:<6} {:<10} {:>9}  file", "stage", "layers", "MiB");
+    for s in &summary.stages {
+        println!(
+            "{:<6} {:<10} {:>9.1}  {}",
+            s.stage,
+            format!("{}..{}", s.layers.0, s.layers.1),
+            mib(s.bytes),
+            s.file
+        );
+    }
+    println!(
+        "client {:<10} {:>9.1}  {}  (secret: keep it private)",
+        "-",
+        mib(summary.client_bytes),
+        summary.client
+    );
+    Ok(())
+}
