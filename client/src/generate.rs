@@ -163,7 +163,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &mut on_text,
     )
     .context("generation failed")?;
-    drop(on_text);
     if json {
         let obj = JsonOut {
             prompt_tokens: &out.prompt_tokens,

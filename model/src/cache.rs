@@ -59,16 +59,8 @@ impl RopeTables {
     pub fn apply(&self, x: Tensor<3>, start: usize) -> Tensor<3> {
         let [t, heads, h] = x.dims();
         debug_assert_eq!(h, self.head_dim);
-        let cos = self
-            .cos
-            .clone()
-            .slice([start..start + t])
-            .reshape([t, 1, h]);
-        let sin = self
-            .sin
-            .clone()
-            .slice([start..start + t])
-            .reshape([t, 1, h]);
+        let cos = self.cos.clone().narrow(0, start, t).reshape([t, 1, h]);
+        let sin = self.sin.clone().narrow(0, start, t).reshape([t, 1, h]);
         let turned = x
             .clone()
             .reshape([t * heads, h])

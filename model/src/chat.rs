@@ -125,7 +125,7 @@ mod tests {
         );
         let e = t
             .render(&[ChatMessage::new("bad", "x")], false)
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
         assert!(e.contains("no bad roles"), "{e}");
     }

@@ -66,7 +66,7 @@ impl LlamaConfig {
             n_layers: file.get_usize(&key("block_count"))?,
             n_heads,
             n_kv_heads,
-            head_dim: if n_heads == 0 { 0 } else { d_model / n_heads },
+            head_dim: d_model.checked_div(n_heads).unwrap_or(0),
             rope_theta,
             rms_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             max_seq_len: file.get_usize(&key("context_length"))?,

@@ -51,7 +51,7 @@ fn unsupported_architecture_is_named() {
         },
         None,
     );
-    let e = load(bytes).unwrap_err().to_string();
+    let e = load(bytes).expect_err("must fail").to_string();
     assert!(e.contains("unsupported architecture `mamba`"), "{e}");
 }
 
@@ -61,14 +61,14 @@ fn missing_metadata_key_is_named() {
         |k, v| (k != "llama.feed_forward_length").then(|| v.clone()),
         None,
     );
-    let e = load(bytes).unwrap_err().to_string();
+    let e = load(bytes).expect_err("must fail").to_string();
     assert!(e.contains("llama.feed_forward_length"), "{e}");
 }
 
 #[test]
 fn unsupported_tensor_type_is_named() {
     let bytes = tiny_with(|_, v| Some(v.clone()), Some("blk.2.ffn_up.weight"));
-    let e = load(bytes).unwrap_err().to_string();
+    let e = load(bytes).expect_err("must fail").to_string();
     assert!(
         e.contains("blk.2.ffn_up.weight") && e.contains("Q4_K"),
         "{e}"
@@ -87,7 +87,7 @@ fn unsupported_tokenizer_is_named() {
         },
         None,
     );
-    let e = load(bytes).unwrap_err().to_string();
+    let e = load(bytes).expect_err("must fail").to_string();
     assert!(e.contains("tokenizer model `llama`"), "{e}");
 }
 
@@ -103,6 +103,6 @@ fn inconsistent_heads_are_rejected() {
         },
         None,
     );
-    let e = load(bytes).unwrap_err().to_string();
+    let e = load(bytes).expect_err("must fail").to_string();
     assert!(e.contains("4 query heads cannot share 3"), "{e}");
 }

@@ -167,19 +167,19 @@ fn shards_that_do_not_belong_are_refused() {
     let mut mixed = e.shards.clone();
     mixed[1] = other.shards[1].clone();
     let err = EncryptedLocal::new(&e.client, &mixed, &device, None)
-        .unwrap_err()
+        .expect_err("must fail")
         .to_string();
     assert!(err.contains("encrypted with key"), "{err}");
     // missing layers
     let err = EncryptedLocal::new(&e.client, &e.shards[..2], &device, None)
-        .unwrap_err()
+        .expect_err("must fail")
         .to_string();
     assert!(err.contains("not covered"), "{err}");
     // another model configuration
     let mut wrong = e.shards.clone();
     wrong[0].meta.config.rope_theta = 500_000.0;
     let err = EncryptedLocal::new(&e.client, &wrong, &device, None)
-        .unwrap_err()
+        .expect_err("must fail")
         .to_string();
     assert!(err.contains("another model configuration"), "{err}");
 
@@ -191,18 +191,24 @@ fn shards_that_do_not_belong_are_refused() {
     let n = bytes.len();
     bytes[n - 100] ^= 0x40;
     std::fs::write(&p, &bytes).expect("write");
-    let err = Encrypted::read(dir.path()).unwrap_err().to_string();
+    let err = Encrypted::read(dir.path())
+        .expect_err("must fail")
+        .to_string();
     assert!(
         err.contains("corrupted") && err.contains("shard-2.veil"),
         "{err}"
     );
     // a shard file from another deployment (same stage, another key)
     other.shards[2].write(&p).expect("write");
-    let err = Encrypted::read(dir.path()).unwrap_err().to_string();
+    let err = Encrypted::read(dir.path())
+        .expect_err("must fail")
+        .to_string();
     assert!(err.contains("encrypted with key"), "{err}");
     // a missing shard file
     std::fs::remove_file(&p).expect("rm");
-    let err = Encrypted::read(dir.path()).unwrap_err().to_string();
+    let err = Encrypted::read(dir.path())
+        .expect_err("must fail")
+        .to_string();
     assert!(err.contains("missing"), "{err}");
     // a truncated client bundle
     let cp = client_path(dir.path());

@@ -180,7 +180,7 @@ fn the_context_limit_is_an_error_not_a_panic() {
     let device = veil_model::Compute::cpu().device;
     let mut m = LocalModel::new(&b.weights, &device, Some(8));
     let long: Vec<u32> = (0..9).map(|i| 10 + i).collect();
-    let e = m.feed(&long).unwrap_err();
+    let e = m.feed(&long).expect_err("must fail");
     assert!(
         matches!(
             e,
@@ -198,7 +198,8 @@ fn the_context_limit_is_an_error_not_a_panic() {
         sampling: SamplingParams::default(),
         top_logits: 0,
     };
-    let e = generate(&mut m, &b.text.tokenizer, &long, &params, &mut |_| {}).unwrap_err();
+    let e =
+        generate(&mut m, &b.text.tokenizer, &long, &params, &mut |_| {}).expect_err("must fail");
     assert!(e.to_string().contains("9 tokens"), "{e}");
     // A prompt that fills the context exactly yields one token then stops.
     let fits: Vec<u32> = (0..8).map(|i| 10 + i).collect();
@@ -212,7 +213,9 @@ fn out_of_vocabulary_ids_are_rejected() {
     let b = tiny();
     let device = veil_model::Compute::cpu().device;
     let mut m = LocalModel::new(&b.weights, &device, None);
-    let e = m.feed(&[b.weights.config.vocab_size as u32]).unwrap_err();
+    let e = m
+        .feed(&[b.weights.config.vocab_size as u32])
+        .expect_err("must fail");
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }
 

@@ -73,7 +73,7 @@ impl EncryptedLocal {
                 .ok_or_else(|| ModelError::Shape("a stage returned nothing".into()))?;
         }
         let t = ids.len();
-        let x = if all { x } else { x.slice([t - 1..t]) };
+        let x = if all { x } else { x.narrow(0, t - 1, 1) };
         Ok(self.client.decode(x))
     }
 

@@ -38,10 +38,13 @@ fn missing_key_and_wrong_type_are_named() {
     let f = GgufFile::from_bytes(sample()).expect("parse");
     let e = f
         .get_usize("llama.embedding_length")
-        .unwrap_err()
+        .expect_err("must fail")
         .to_string();
     assert!(e.contains("llama.embedding_length"), "{e}");
-    let e = f.get_str("llama.block_count").unwrap_err().to_string();
+    let e = f
+        .get_str("llama.block_count")
+        .expect_err("must fail")
+        .to_string();
     assert!(
         e.contains("llama.block_count") && e.contains("uint32"),
         "{e}"
@@ -51,11 +54,14 @@ fn missing_key_and_wrong_type_are_named() {
 #[test]
 fn unsupported_tensor_type_names_tensor_and_type() {
     let f = GgufFile::from_bytes(sample()).expect("parse");
-    let e = f.tensor_f32("q5").unwrap_err().to_string();
+    let e = f.tensor_f32("q5").expect_err("must fail").to_string();
     assert!(e.contains("`q5`") && e.contains("Q5_0"), "{e}");
-    let e = f.tensor_f32("nope").unwrap_err().to_string();
+    let e = f.tensor_f32("nope").expect_err("must fail").to_string();
     assert!(e.contains("`nope`"), "{e}");
-    let e = f.tensor_f32_shaped("w", &[2, 3]).unwrap_err().to_string();
+    let e = f
+        .tensor_f32_shaped("w", &[2, 3])
+        .expect_err("must fail")
+        .to_string();
     assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
 }
 

@@ -101,7 +101,7 @@ impl Attention {
         let qkv = self.wqkv.forward(u);
         let mut outputs = Vec::with_capacity(segments.len());
         for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
-            let rows = qkv.clone().slice([seg.row..seg.row + seg.len]);
+            let rows = qkv.clone().narrow(0, seg.row, seg.len);
             let t = seg.len;
             let q = rows.clone().slice([0..t, 0..q_w]).reshape([t, heads, h]);
             let k = rows

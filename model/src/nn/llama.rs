@@ -64,7 +64,7 @@ impl Llama {
             x
         } else {
             let t = ids.len();
-            x.slice([t - 1..t])
+            x.narrow(0, t - 1, 1)
         };
         Ok(self.head.forward(x))
     }

@@ -121,7 +121,7 @@ impl Stage {
         }
         Ok(segments
             .iter()
-            .map(|s| x.clone().slice([s.row..s.row + s.len]))
+            .map(|s| x.clone().narrow(0, s.row, s.len))
             .collect())
     }
 }
