@@ -1,6 +1,7 @@
 //! Fidelity of SmolLM2-135M-Instruct in burn against two references computed outside the
 //! project: an exact (float64) numpy forward pass and llama.cpp. The data files are
-//! `../shared/reference/smollm2-reference.json` and `tests/data/smollm2-fidelity.json`
+//! `tests/data/smollm2-reference.json` (the project's shared reference) and
+//! `tests/data/smollm2-fidelity.json`
 //! (made by `tools/reference/make_fidelity_data.py`).
 //!
 //! Needs the model: `veil model fetch` (CI's `.ci/run` does it).
@@ -37,7 +38,7 @@ fn json(path: &str) -> Value {
 fn shared() -> Value {
     json(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/reference/smollm2-reference.json"
+        "/tests/data/smollm2-reference.json"
     ))
 }
 
