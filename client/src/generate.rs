@@ -5,13 +5,16 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use veil_model::crypto::{short_fingerprint, Encrypted, EncryptedLocal};
+use veil_model::crypto::{short_fingerprint, ClientBundle, Encrypted, EncryptedLocal};
 use veil_model::{
-    generate, BackendKind, Compute, GenerateParams, LocalModel, SamplingParams, TextCodec,
-    TokenLogit, TokenModel,
+    generate, BackendKind, Compute, GenerateParams, Generation, LocalModel, SamplingParams,
+    TextCodec, TokenLogit, TokenModel,
 };
 
+use crate::deployment::Deployment;
 use crate::encrypt::encrypt_with_progress;
+use crate::net::{Client, NetArgs};
+use crate::remote::RemotePipeline;
 
 use crate::model_spec::ModelSpec;
 
@@ -30,6 +33,11 @@ pub struct GenerateArgs {
     /// Stages to split the model into with --encrypted (without --shards).
     #[arg(long, default_value_t = 3)]
     pub stages: usize,
+    /// Generate through the nodes of this deployment (see `veil deploy`).
+    #[arg(long, conflicts_with_all = ["local", "encrypted"])]
+    pub deployment: Option<String>,
+    #[command(flatten)]
+    pub net: NetArgs,
     /// Model: smollm2, tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
@@ -81,6 +89,18 @@ struct JsonOut<'a> {
     timing: Timing,
     stop: veil_model::StopReason,
     backend: String,
+    /// Peer ids serving each stage (network generation only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network: Option<NetworkFigures>,
+}
+
+#[derive(Serialize)]
+struct NetworkFigures {
+    bytes_sent: u64,
+    bytes_received: u64,
+    failovers: u32,
 }
 
 /// Parse `--backend` and pick the device, printing a one-line notice on fallback.
@@ -119,11 +139,22 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     Ok((bundle.text, Box::new(model)))
 }
 
+/// Load a deployment's secret bundle and connect to its nodes.
+pub fn connect_deployment(id: &str, net: &NetArgs) -> Result<(Client, ClientBundle, Deployment)> {
+    let deployment = Deployment::load(id)?;
+    let bundle = ClientBundle::read(&Deployment::dir(id)?.join("client.veil"))
+        .with_context(|| format!("cannot read the secret bundle of deployment {id}"))?;
+    let mut net = net.clone();
+    if net.bootstrap.is_empty() {
+        net.bootstrap = deployment.bootstrap.clone();
+    }
+    let client = Client::connect(&net)?;
+    Ok((client, bundle, deployment))
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if !args.local {
-        bail!(
-            "network generation needs a deployment, which this build cannot make yet; use --local"
-        );
+    if !args.local && args.deployment.is_none() {
+        bail!("say where to run: --local, or --deployment D (see `veil deploy`)");
     }
     let params = GenerateParams {
         max_tokens: args.max_tokens,
@@ -136,8 +167,59 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_logits: args.top_logits,
     };
     params.sampling.validate()?;
+    if let Some(id) = &args.deployment {
+        let (client, bundle, deployment) = connect_deployment(id, &args.net)?;
+        let text = TextCodec::new(bundle.meta.text.clone())?;
+        let mut pipeline = RemotePipeline::new(
+            client.runtime.handle().clone(),
+            client.network.clone(),
+            &bundle,
+            &deployment,
+            bundle.meta.config.max_seq_len,
+        )?;
+        let out = run_generation(&args, &params, &text, &mut pipeline)?;
+        let route = pipeline.route();
+        let stats = pipeline.stats;
+        pipeline.close();
+        let extra = Extra {
+            backend: "network".into(),
+            route: Some(route),
+            network: Some(NetworkFigures {
+                bytes_sent: stats.bytes_sent,
+                bytes_received: stats.bytes_received,
+                failovers: stats.failovers,
+            }),
+        };
+        drop(pipeline);
+        return finish(&args, &out, extra);
+    }
     let compute = compute_for(args.backend.as_deref())?;
     let (text, mut model) = load_runner(&args, &compute)?;
+    let out = run_generation(&args, &params, &text, model.as_mut())?;
+    finish(
+        &args,
+        &out,
+        Extra {
+            backend: compute.kind.to_string(),
+            route: None,
+            network: None,
+        },
+    )
+}
+
+struct Extra {
+    backend: String,
+    route: Option<Vec<String>>,
+    network: Option<NetworkFigures>,
+}
+
+/// Generate, streaming text to stdout unless `--json`.
+fn run_generation(
+    args: &GenerateArgs,
+    params: &GenerateParams,
+    text: &TextCodec,
+    model: &mut dyn TokenModel,
+) -> Result<Generation> {
     let prompt = text.prompt_tokens(&args.prompt, args.raw)?;
     let context = model.context_len();
     if prompt.len() > context {
@@ -155,15 +237,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let _ = stdout.flush();
         }
     };
-    let out = generate(
-        model.as_mut(),
-        &text.tokenizer,
-        &prompt,
-        &params,
-        &mut on_text,
-    )
-    .context("generation failed")?;
-    if json {
+    generate(model, &text.tokenizer, &prompt, params, &mut on_text).context("generation failed")
+}
+
+fn finish(args: &GenerateArgs, out: &Generation, extra: Extra) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
         let obj = JsonOut {
             prompt_tokens: &out.prompt_tokens,
             tokens: &out.tokens,
@@ -174,13 +253,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 decode_tokens_per_s: out.decode_tokens_per_s(),
             },
             stop: out.stop,
-            backend: compute.kind.to_string(),
+            backend: extra.backend,
+            route: extra.route,
+            network: extra.network,
         };
         serde_json::to_writer(&mut stdout, &obj)?;
-        writeln!(stdout)?;
-    } else {
-        writeln!(stdout)?;
     }
+    writeln!(stdout)?;
     tracing::info!(
         "{} prompt tokens in {:.2}s, {} tokens at {:.1} tokens/s",
         out.prompt_tokens.len(),

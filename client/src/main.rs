@@ -2,11 +2,17 @@
 //! deploys encrypted shards and generates through them.
 
 mod bench;
+mod chat;
+mod deploy;
+mod deployment;
 mod encrypt;
 mod fetch;
 mod generate;
 mod home;
 mod model_spec;
+mod net;
+mod peers;
+mod remote;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -40,6 +46,12 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Encrypt a model with a fresh key into node shards and a secret client bundle.
     Encrypt(encrypt::EncryptArgs),
+    /// List the nodes of a network (verified capacity ads).
+    Peers(peers::PeersArgs),
+    /// Encrypt a model and place its shards on the network's nodes.
+    Deploy(deploy::DeployArgs),
+    /// Talk to a deployment interactively.
+    Chat(chat::ChatArgs),
     /// Measure prompt and decode speed and peak memory on each backend.
     Bench(bench::BenchArgs),
     #[command(hide = true)]
@@ -58,7 +70,9 @@ enum ModelCommand {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,wgpu=warn,cubecl=warn,naga=warn")
+        tracing_subscriber::EnvFilter::new(
+            "info,wgpu=warn,cubecl=warn,naga=warn,libp2p=warn,libp2p_swarm=warn",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -80,6 +94,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate::run(args),
         Command::Encrypt(args) => encrypt::run(args),
+        Command::Peers(args) => peers::run(args),
+        Command::Deploy(args) => deploy::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchChild(args) => bench::run_child(args),
     }

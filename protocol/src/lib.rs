@@ -1,7 +1,19 @@
-//! Veil's wire protocol: message types, libp2p behaviour and signed records.
-//!
-//! This crate is the home of everything that crosses the network. It knows nothing of
-//! processes or command lines.
+//! Veil's wire protocol: message types and their codec, the libp2p behaviour and network
+//! event loop, identities and signed capacity ads. It knows nothing of processes, files of
+//! models or command lines.
+
+pub mod ad;
+pub mod behaviour;
+pub mod codec;
+mod error;
+pub mod identity;
+pub mod network;
+pub mod wire;
+
+pub use ad::{AdBook, CapacityAd, SignedAd};
+pub use error::ProtocolError;
+pub use identity::Identity;
+pub use network::{Event, NetConfig, Network};
 
 /// Version of the Veil protocol family; part of every libp2p protocol name.
 pub const PROTOCOL_VERSION: &str = "0.1.0";
@@ -10,6 +22,8 @@ pub const PROTOCOL_VERSION: &str = "0.1.0";
 pub fn protocol_name(sub: &str) -> String {
     format!("/veil/{PROTOCOL_VERSION}/{sub}")
 }
+
+pub use libp2p::{Multiaddr, PeerId};
 
 #[cfg(test)]
 mod tests {

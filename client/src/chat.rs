@@ -1,0 +1,114 @@
+//! `veil chat`: an interactive conversation through a deployment, streaming each answer.
+//! The nodes keep the conversation's KV cache, so each turn only sends its new tokens.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use veil_model::chat::ChatMessage;
+use veil_model::{generate, GenerateParams, SamplingParams, TextCodec, TokenModel};
+
+use crate::generate::connect_deployment;
+use crate::net::NetArgs;
+use crate::remote::RemotePipeline;
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// The deployment to talk to (see `veil deploy`).
+    #[arg(long)]
+    pub deployment: String,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        top_logits: 0,
+    };
+    params.sampling.validate()?;
+    let (client, bundle, deployment) = connect_deployment(&args.deployment, &args.net)?;
+    let text = TextCodec::new(bundle.meta.text.clone())?;
+    let context = bundle.meta.config.max_seq_len;
+    let make = || {
+        RemotePipeline::new(
+            client.runtime.handle().clone(),
+            client.network.clone(),
+            &bundle,
+            &deployment,
+            context,
+        )
+    };
+    let mut pipeline = make()?;
+    let mut messages: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
+    let mut fed: Vec<u32> = Vec::new();
+    eprintln!(
+        "chatting with deployment {} (ctrl-d to quit, /reset to start over)",
+        deployment.id
+    );
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let Some(line) = lines.next() else { break };
+        let line = line.context("cannot read stdin")?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/reset" {
+            messages.retain(|m| m.role == "system");
+            fed.clear();
+            drop(pipeline);
+            pipeline = make()?;
+            continue;
+        }
+        messages.push(ChatMessage::new("user", line));
+        let tokens = text.encode_prompt(&text.chat_text(&messages)?)?;
+        let common = fed.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        if common < fed.len() {
+            // The template re-rendered earlier turns differently: start the sessions over.
+            drop(pipeline);
+            pipeline = make()?;
+            fed.clear();
+        }
+        let new = &tokens[fed.len()..];
+        let mut out = std::io::stdout();
+        let answer = generate(&mut pipeline, &text.tokenizer, new, &params, &mut |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!();
+        fed.extend_from_slice(new);
+        fed.extend_from_slice(&answer.tokens[..answer.tokens.len().saturating_sub(1)]);
+        debug_assert_eq!(fed.len(), pipeline.position());
+        messages.push(ChatMessage::new("assistant", answer.text.trim()));
+    }
+    Ok(())
+}

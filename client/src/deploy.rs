@@ -1,0 +1,392 @@
+//! `veil deploy`: encrypt locally, place each stage on R nodes chosen from the capacity ads,
+//! upload the shards (resumable, verified by the nodes), and record the deployment.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use veil_model::crypto::{shard_path, Encrypted};
+use veil_protocol::ad::now_ms;
+use veil_protocol::behaviour::UPLOAD_CHUNK;
+use veil_protocol::wire::{UploadRequest, UploadResponse};
+use veil_protocol::{CapacityAd, Multiaddr, Network, PeerId};
+
+use crate::deployment::{Deployment, Replica, StagePlacement};
+use crate::encrypt::encrypt_with_progress;
+use crate::model_spec::ModelSpec;
+use crate::net::{Client, NetArgs};
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Model: smollm2, tiny, or a .gguf path.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// Stages (contiguous layer ranges) [default: one per available node].
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// Nodes per stage; fewer are used (with a warning) if the network is too small.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// Longest sequence sessions will use (reserved on the nodes as KV cache).
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    /// Re-place the stages of deployment D that have no live replica.
+    #[arg(long, value_name = "D")]
+    pub repair: Option<String>,
+    /// Seconds to wait for capacity ads.
+    #[arg(long, default_value_t = 5)]
+    pub wait: u64,
+}
+
+/// One node as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub peer: PeerId,
+    pub ad: CapacityAd,
+}
+
+/// Choose `replicas` distinct nodes for each stage: enough free memory for the shard and
+/// its KV reserve, least loaded first, then fastest. `need[i]` is stage i's bytes.
+pub fn plan(candidates: &[Candidate], need: &[u64], replicas: usize) -> Result<Vec<Vec<usize>>> {
+    if candidates.is_empty() {
+        bail!("no node has published a capacity ad yet");
+    }
+    let mut free: Vec<u64> = candidates.iter().map(|c| c.ad.free_memory_bytes).collect();
+    let mut load = vec![0usize; candidates.len()];
+    let mut out = Vec::with_capacity(need.len());
+    for (stage, &bytes) in need.iter().enumerate() {
+        let mut order: Vec<usize> = (0..candidates.len())
+            .filter(|&i| free[i] >= bytes)
+            .collect();
+        order.sort_by(|&a, &b| {
+            load[a].cmp(&load[b]).then(
+                candidates[b]
+                    .ad
+                    .throughput_gflops
+                    .total_cmp(&candidates[a].ad.throughput_gflops),
+            )
+        });
+        order.truncate(replicas);
+        if order.is_empty() {
+            bail!(
+                "no node has {} MiB free for stage {stage} (largest free: {} MiB)",
+                bytes >> 20,
+                free.iter().max().copied().unwrap_or(0) >> 20
+            );
+        }
+        if order.len() < replicas {
+            tracing::warn!(
+                "stage {stage}: only {} of {replicas} replicas can be placed",
+                order.len()
+            );
+        }
+        for &i in &order {
+            free[i] -= bytes;
+            load[i] += 1;
+        }
+        out.push(order);
+    }
+    Ok(out)
+}
+
+/// Upload a shard file to a node, resuming where it left off; `progress(bytes)` is called
+/// after each chunk.
+pub async fn upload(
+    network: &Network,
+    peer: PeerId,
+    shard: [u8; 32],
+    bytes: &[u8],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let total = bytes.len() as u64;
+    let mut offset = match network
+        .upload(peer, UploadRequest::Query { shard, total })
+        .await?
+    {
+        UploadResponse::Progress { complete: true, .. } => {
+            progress(total);
+            return Ok(());
+        }
+        UploadResponse::Progress { received, .. } => received.min(total),
+        UploadResponse::Error { message, .. } => bail!("{peer} refused the shard: {message}"),
+    };
+    progress(offset);
+    loop {
+        let end = (offset as usize + UPLOAD_CHUNK).min(bytes.len());
+        let data = bytes[offset as usize..end].to_vec();
+        let sent = data.len() as u64;
+        match network
+            .upload(
+                peer,
+                UploadRequest::Chunk {
+                    shard,
+                    total,
+                    offset,
+                    data,
+                },
+            )
+            .await?
+        {
+            UploadResponse::Progress { complete: true, .. } => {
+                progress(total);
+                return Ok(());
+            }
+            UploadResponse::Progress { received, .. } => {
+                if received != offset + sent {
+                    tracing::debug!("{peer} resumes at {received}");
+                }
+                progress(received.saturating_sub(offset));
+                offset = received;
+            }
+            UploadResponse::Error { message, .. } => bail!("{peer} refused the shard: {message}"),
+        }
+    }
+}
+
+fn candidates(client: &mut Client, wait: u64) -> Vec<Candidate> {
+    let book = client.discover(Duration::from_secs(wait), usize::MAX);
+    book.ads(now_ms())
+        .into_iter()
+        .map(|(peer, ad)| Candidate { peer, ad })
+        .collect()
+}
+
+fn register_addrs(client: &Client, c: &Candidate) {
+    for a in &c.ad.addrs {
+        if let Ok(addr) = a.parse::<Multiaddr>() {
+            let _ = client
+                .runtime
+                .block_on(client.network.add_address(c.peer, addr));
+        }
+    }
+}
+
+/// Upload every (stage, node) pair concurrently with one progress bar.
+fn upload_all(
+    client: &Client,
+    dir: &std::path::Path,
+    jobs: Vec<(usize, [u8; 32], Candidate)>,
+) -> Result<()> {
+    let total: u64 = jobs
+        .iter()
+        .map(|(s, ..)| std::fs::metadata(shard_path(dir, *s)).map_or(0, |m| m.len()))
+        .sum();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let bar = Arc::new(bar);
+    let mut files: HashMap<usize, Arc<Vec<u8>>> = HashMap::new();
+    for (s, ..) in &jobs {
+        if !files.contains_key(s) {
+            let p = shard_path(dir, *s);
+            files.insert(
+                *s,
+                Arc::new(
+                    std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+                ),
+            );
+        }
+    }
+    let results: Vec<Result<()>> = client.runtime.block_on(async {
+        let tasks: Vec<_> = jobs
+            .into_iter()
+            .map(|(stage, shard, c)| {
+                let network = client.network.clone();
+                let bytes = files[&stage].clone();
+                let bar = bar.clone();
+                tokio::spawn(async move {
+                    let inc = |n: u64| bar.inc(n);
+                    upload(&network, c.peer, shard, &bytes, &inc)
+                        .await
+                        .with_context(|| format!("uploading stage {stage} to {}", c.peer))
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(
+                t.await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("upload task failed: {e}"))),
+            );
+        }
+        out
+    });
+    bar.finish_and_clear();
+    results.into_iter().collect()
+}
+
+fn shard_id(hex_id: &str) -> Result<[u8; 32]> {
+    hex::decode(hex_id)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("bad shard id `{hex_id}`"))
+}
+
+pub fn run(args: DeployArgs) -> Result<()> {
+    if let Some(id) = &args.repair {
+        return repair(&args, id);
+    }
+    let mut client = Client::connect(&args.net)?;
+    let found = candidates(&mut client, args.wait);
+    if found.is_empty() {
+        bail!("no node has published a capacity ad; are nodes running and bootstrapped?");
+    }
+    let bundle = ModelSpec::parse(&args.model)?.load()?;
+    let n_layers = bundle.weights.config.n_layers;
+    let stages = args.stages.unwrap_or(found.len()).clamp(1, n_layers);
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let e = encrypt_with_progress(&bundle, stages, None)?;
+    let id = format!("d-{}", &e.client.meta.key.fingerprint[..12]);
+    let dir = Deployment::dir(&id)?;
+    e.write(&dir)
+        .with_context(|| format!("cannot write {}", dir.display()))?;
+    place_and_upload(
+        &mut client,
+        &args,
+        &e,
+        &dir,
+        &id,
+        bundle.name.clone(),
+        found,
+        None,
+    )?;
+    println!("{id}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn place_and_upload(
+    client: &mut Client,
+    args: &DeployArgs,
+    e: &Encrypted,
+    dir: &std::path::Path,
+    id: &str,
+    model: String,
+    found: Vec<Candidate>,
+    previous: Option<Deployment>,
+) -> Result<Deployment> {
+    let cfg = &e.client.meta.config;
+    let kv = |layers: (usize, usize)| {
+        2 * (layers.1 - layers.0) as u64 * cfg.kv_dim() as u64 * args.max_len as u64 * 4
+    };
+    let records = &e.client.meta.stages;
+    // Stages to (re)place: all, or those without a live replica.
+    let live = |s: &StagePlacement| -> Vec<Replica> {
+        s.replicas
+            .iter()
+            .filter(|r| {
+                found
+                    .iter()
+                    .any(|c| c.peer.to_string() == r.peer && c.ad.shards.contains(&s.shard))
+            })
+            .cloned()
+            .collect()
+    };
+    let todo: Vec<usize> = match &previous {
+        None => (0..records.len()).collect(),
+        Some(p) => p
+            .stages
+            .iter()
+            .filter(|s| live(s).is_empty())
+            .map(|s| s.stage)
+            .collect(),
+    };
+    let need: Vec<u64> = todo
+        .iter()
+        .map(|&s| {
+            std::fs::metadata(shard_path(dir, s)).map_or(0, |m| m.len()) + kv(records[s].layers)
+        })
+        .collect();
+    let placement = plan(&found, &need, args.replicas)?;
+    let mut jobs = Vec::new();
+    for (&stage, nodes) in todo.iter().zip(&placement) {
+        for &i in nodes {
+            register_addrs(client, &found[i]);
+            jobs.push((
+                stage,
+                shard_id(&records[stage].shard_sha256)?,
+                found[i].clone(),
+            ));
+        }
+    }
+    for (stage, _, c) in &jobs {
+        tracing::info!("stage {stage} -> {}", c.peer);
+    }
+    upload_all(client, dir, jobs.clone())?;
+    let stages = records
+        .iter()
+        .map(|r| {
+            let placed: Vec<Replica> = jobs
+                .iter()
+                .filter(|(s, ..)| *s == r.stage)
+                .map(|(_, _, c)| Replica {
+                    peer: c.peer.to_string(),
+                    addrs: c.ad.addrs.clone(),
+                })
+                .collect();
+            let kept = previous
+                .as_ref()
+                .and_then(|p| p.stages.iter().find(|s| s.stage == r.stage))
+                .map(&live)
+                .unwrap_or_default();
+            StagePlacement {
+                stage: r.stage,
+                layers: r.layers,
+                shard: r.shard_sha256.clone(),
+                bytes: std::fs::metadata(shard_path(dir, r.stage)).map_or(0, |m| m.len()),
+                replicas: kept.into_iter().chain(placed).collect(),
+            }
+        })
+        .collect();
+    let d = Deployment {
+        id: id.to_string(),
+        model,
+        key_fingerprint: e.client.meta.key.fingerprint.clone(),
+        created_ms: previous.as_ref().map_or_else(now_ms, |p| p.created_ms),
+        bootstrap: args.net.bootstrap.clone(),
+        stages,
+    };
+    d.save()?;
+    Ok(d)
+}
+
+fn repair(args: &DeployArgs, id: &str) -> Result<()> {
+    let previous = Deployment::load(id)?;
+    let dir = Deployment::dir(id)?;
+    let e = Encrypted::read(&dir).with_context(|| format!("deployment {id} is damaged"))?;
+    let mut net = args.net.clone();
+    if net.bootstrap.is_empty() {
+        net.bootstrap = previous.bootstrap.clone();
+    }
+    let mut client = Client::connect(&net)?;
+    let found = candidates(&mut client, args.wait);
+    let model = previous.model.clone();
+    let d = place_and_upload(
+        &mut client,
+        args,
+        &e,
+        &dir,
+        id,
+        model,
+        found,
+        Some(previous),
+    )?;
+    for s in &d.stages {
+        tracing::info!("stage {}: {} replica(s)", s.stage, s.replicas.len());
+    }
+    println!("{id}");
+    Ok(())
+}

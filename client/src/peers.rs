@@ -1,0 +1,85 @@
+//! `veil peers`: the verified capacity ads of the network.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+use veil_protocol::ad::now_ms;
+
+use crate::net::{Client, NetArgs};
+
+#[derive(Args, Debug)]
+pub struct PeersArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Seconds to listen for ads beyond what the bootstrap peers already know.
+    #[arg(long, default_value_t = 3)]
+    pub wait: u64,
+    /// Print a JSON list (one object per peer) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct PeerRow {
+    peer_id: String,
+    addrs: Vec<String>,
+    backend: String,
+    adapter: String,
+    free_memory_mib: u64,
+    throughput_gflops: f64,
+    shards: Vec<String>,
+    active_sessions: u32,
+    max_sessions: u32,
+    version: String,
+    age_s: f64,
+}
+
+pub fn run(args: PeersArgs) -> Result<()> {
+    let mut client = Client::connect(&args.net)?;
+    let book = client.discover(Duration::from_secs(args.wait), usize::MAX);
+    let now = now_ms();
+    let rows: Vec<PeerRow> = book
+        .ads(now)
+        .into_iter()
+        .map(|(_, ad)| PeerRow {
+            peer_id: ad.peer_id,
+            addrs: ad.addrs,
+            backend: ad.backend,
+            adapter: ad.adapter,
+            free_memory_mib: ad.free_memory_bytes >> 20,
+            throughput_gflops: ad.throughput_gflops,
+            shards: ad.shards,
+            active_sessions: ad.active_sessions,
+            max_sessions: ad.max_sessions,
+            version: ad.version,
+            age_s: now.saturating_sub(ad.timestamp_ms) as f64 / 1000.0,
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<54} {:<5} {:>9} {:>8} {:>6} {:>9}  adapter",
+        "peer", "back", "free MiB", "GFLOP/s", "shards", "sessions"
+    );
+    for r in &rows {
+        println!(
+            "{:<54} {:<5} {:>9} {:>8.1} {:>6} {:>4}/{:<4}  {}",
+            r.peer_id,
+            r.backend,
+            r.free_memory_mib,
+            r.throughput_gflops,
+            r.shards.len(),
+            r.active_sessions,
+            r.max_sessions,
+            r.adapter
+        );
+    }
+    if rows.is_empty() {
+        tracing::warn!("no verified capacity ads yet (nodes publish every few seconds)");
+    }
+    Ok(())
+}

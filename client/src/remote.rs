@@ -1,0 +1,302 @@
+//! Generation through a deployment's nodes: the client encodes, each stage's node runs its
+//! shard, the client decodes. Every stage keeps the encrypted inputs it was sent, so that
+//! when a node fails or times out the stage moves to a replica, which rebuilds its KV cache
+//! by replaying them, and generation goes on with the same result.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::{Tensor, TensorData};
+use rand::RngCore;
+use tokio::runtime::Handle;
+use veil_model::crypto::{ClientBundle, ClientModel};
+use veil_model::nn::tensor_to_vec;
+use veil_model::{ModelError, TokenModel};
+use veil_protocol::wire::{ErrorCode, InferRequest, InferResponse, SessionId, TensorFrame};
+use veil_protocol::{Multiaddr, Network, PeerId};
+
+use crate::deployment::Deployment;
+
+struct RemoteStage {
+    stage: usize,
+    layers: (usize, usize),
+    shard: [u8; 32],
+    replicas: Vec<PeerId>,
+    /// Replicas that failed during this generation.
+    dead: Vec<bool>,
+    current: Option<(usize, SessionId)>,
+    /// Every input row sent so far, `[n, d]` flattened.
+    history: Vec<f32>,
+}
+
+/// Traffic and failover counters of a remote generation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RemoteStats {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub failovers: u32,
+}
+
+/// A deployment used as a [`TokenModel`].
+pub struct RemotePipeline {
+    handle: Handle,
+    network: Network,
+    client: ClientModel,
+    stages: Vec<RemoteStage>,
+    d_model: usize,
+    context: usize,
+    position: usize,
+    pub stats: RemoteStats,
+}
+
+fn to_model_error(e: anyhow::Error) -> ModelError {
+    ModelError::Backend(format!("{e:#}"))
+}
+
+impl RemotePipeline {
+    /// Prepare sessions on `deployment` (opened lazily on first use).
+    pub fn new(
+        handle: Handle,
+        network: Network,
+        bundle: &ClientBundle,
+        deployment: &Deployment,
+        context: usize,
+    ) -> Result<Self> {
+        let device = veil_model::Compute::cpu().device;
+        let mut stages = Vec::new();
+        for s in &deployment.stages {
+            let mut replicas = Vec::new();
+            for r in &s.replicas {
+                let peer: PeerId = r
+                    .peer
+                    .parse()
+                    .with_context(|| format!("bad peer id `{}`", r.peer))?;
+                for a in &r.addrs {
+                    if let Ok(addr) = a.parse::<Multiaddr>() {
+                        let _ = handle.block_on(network.add_address(peer, addr));
+                    }
+                }
+                replicas.push(peer);
+            }
+            if replicas.is_empty() {
+                bail!(
+                    "stage {} has no replica; run `veil deploy --repair {}`",
+                    s.stage,
+                    deployment.id
+                );
+            }
+            let shard = hex::decode(&s.shard)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .with_context(|| format!("bad shard id in stage {}", s.stage))?;
+            stages.push(RemoteStage {
+                stage: s.stage,
+                layers: s.layers,
+                shard,
+                dead: vec![false; replicas.len()],
+                replicas,
+                current: None,
+                history: Vec::new(),
+            });
+        }
+        let config = &bundle.meta.config;
+        Ok(RemotePipeline {
+            handle,
+            network,
+            client: ClientModel::new(bundle, &device),
+            stages,
+            d_model: config.d_model,
+            context: context.min(config.max_seq_len),
+            position: 0,
+            stats: RemoteStats::default(),
+        })
+    }
+
+    /// The peer serving each stage now.
+    pub fn route(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .map(|s| {
+                s.current
+                    .map_or_else(|| "-".into(), |(i, _)| s.replicas[i].to_string())
+            })
+            .collect()
+    }
+
+    fn request(&mut self, peer: PeerId, req: InferRequest) -> Result<InferResponse> {
+        let sent = veil_protocol::codec::encode(&req).map_or(0, |b| b.len() as u64);
+        self.stats.bytes_sent += sent;
+        let resp = self.handle.block_on(self.network.infer(peer, req))?;
+        self.stats.bytes_received +=
+            veil_protocol::codec::encode(&resp).map_or(0, |b| b.len() as u64);
+        Ok(resp)
+    }
+
+    /// Open a session for stage `i` on its next live replica and replay its history.
+    fn connect(&mut self, i: usize) -> Result<()> {
+        let s = &self.stages[i];
+        let Some(r) = (0..s.replicas.len())
+            .map(|k| (s.current.map_or(0, |(c, _)| c) + k) % s.replicas.len())
+            .find(|&k| !s.dead[k])
+        else {
+            bail!(
+                "stage {} (layers {}..{}) has no live replica left; run `veil deploy --repair` for this deployment",
+                s.stage, s.layers.0, s.layers.1
+            );
+        };
+        let peer = s.replicas[r];
+        let mut session = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut session);
+        let open = InferRequest::Open {
+            session,
+            shard: s.shard,
+            max_len: self.context as u32,
+        };
+        match self.request(peer, open)? {
+            InferResponse::Opened { .. } => {}
+            InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+            other => bail!("{peer}: unexpected answer {other:?}"),
+        }
+        self.stages[i].current = Some((r, session));
+        let history = std::mem::take(&mut self.stages[i].history);
+        if !history.is_empty() {
+            let t = history.len() / self.d_model;
+            tracing::info!(
+                "stage {}: replaying {t} positions on {peer}",
+                self.stages[i].stage
+            );
+            let frame = TensorFrame::from_f32(&[t, self.d_model], &history);
+            let r = self.request(
+                peer,
+                InferRequest::Step {
+                    session,
+                    hidden: frame,
+                },
+            );
+            self.stages[i].history = history;
+            match r? {
+                InferResponse::Hidden { .. } => {}
+                InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+                other => bail!("{peer}: unexpected answer {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed.
+    fn stage_step(&mut self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
+        let t = x.len() / self.d_model;
+        loop {
+            let attempt = (|| -> Result<Vec<f32>> {
+                if self.stages[i].current.is_none() {
+                    self.connect(i)?;
+                }
+                let (r, session) = self.stages[i]
+                    .current
+                    .ok_or_else(|| anyhow!("no session"))?;
+                let peer = self.stages[i].replicas[r];
+                let frame = TensorFrame::from_f32(&[t, self.d_model], x);
+                match self.request(
+                    peer,
+                    InferRequest::Step {
+                        session,
+                        hidden: frame,
+                    },
+                )? {
+                    InferResponse::Hidden { hidden } => {
+                        let (shape, values) = hidden.to_f32()?;
+                        if shape != [t, self.d_model] {
+                            bail!("{peer} answered with shape {shape:?}");
+                        }
+                        Ok(values)
+                    }
+                    InferResponse::Error {
+                        code: ErrorCode::ContextFull,
+                        message,
+                    } => Err(anyhow!(ModelError::ContextOverflow {
+                        needed: self.position + t,
+                        capacity: self.context
+                    }))
+                    .context(message),
+                    InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+                    other => bail!("{peer}: unexpected answer {other:?}"),
+                }
+            })();
+            match attempt {
+                Ok(y) => {
+                    self.stages[i].history.extend_from_slice(x);
+                    return Ok(y);
+                }
+                Err(e) if e.downcast_ref::<ModelError>().is_some() => return Err(e),
+                Err(e) => {
+                    let s = &mut self.stages[i];
+                    let Some((r, _)) = s.current.take() else {
+                        return Err(e);
+                    };
+                    s.dead[r] = true;
+                    self.stats.failovers += 1;
+                    tracing::warn!(
+                        "stage {}: {} failed ({e:#}); trying another replica",
+                        s.stage,
+                        s.replicas[r]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Close every open session (best effort).
+    pub fn close(&mut self) {
+        for i in 0..self.stages.len() {
+            if let Some((r, session)) = self.stages[i].current.take() {
+                let peer = self.stages[i].replicas[r];
+                let fut = self.network.infer(peer, InferRequest::Close { session });
+                let _ = self
+                    .handle
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(2), fut).await });
+            }
+        }
+    }
+
+    fn run(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        if self.position + ids.len() > self.context {
+            return Err(anyhow!(ModelError::ContextOverflow {
+                needed: self.position + ids.len(),
+                capacity: self.context
+            }));
+        }
+        let mut x = tensor_to_vec(self.client.encode(ids)?)?;
+        for i in 0..self.stages.len() {
+            x = self.stage_step(i, &x)?;
+        }
+        self.position += ids.len();
+        let t = ids.len();
+        let device = veil_model::Compute::cpu().device;
+        let last = x[(t - 1) * self.d_model..].to_vec();
+        let hidden = Tensor::<2>::from_data(TensorData::new(last, [1, self.d_model]), &device);
+        Ok(tensor_to_vec(self.client.decode(hidden))?)
+    }
+}
+
+impl TokenModel for RemotePipeline {
+    fn context_len(&self) -> usize {
+        self.context
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.run(ids).map_err(|e| match e.downcast::<ModelError>() {
+            Ok(m) => m,
+            Err(e) => to_model_error(e),
+        })
+    }
+}
+
+impl Drop for RemotePipeline {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

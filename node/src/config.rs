@@ -1,0 +1,169 @@
+//! The node's TOML configuration: every key optional, defaults documented in
+//! [`DEFAULT_CONFIG`] (what `veil-node init` writes).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The commented configuration `veil-node init` writes; parsing it gives the defaults.
+pub const DEFAULT_CONFIG: &str = r#"# Veil node configuration. Every key is optional; the values shown are the defaults.
+
+# Where the identity key, shards and partial uploads live. A relative path is relative to
+# this file's directory.
+data_dir = "."
+
+# Addresses to listen on: TCP and QUIC. Port 0 picks a free port.
+listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+
+# Peers to join the network through, e.g. "/ip4/192.0.2.7/tcp/4001". The "/p2p/<peer id>"
+# suffix may be omitted.
+bootstrap = []
+
+# Compute backend: "auto" (wgpu on a hardware adapter, else the CPU), "wgpu" or "cpu".
+backend = "auto"
+
+# Memory, in MiB, the node may give to loaded shards and KV caches. Sessions that would
+# exceed it are refused with a clear error.
+memory_limit_mib = 4096
+
+# Most inference sessions open at once.
+max_sessions = 64
+
+# Sessions without a step for this many seconds are closed and their memory freed.
+session_idle_timeout_s = 300
+
+# Largest shard accepted for upload, in MiB.
+max_shard_mib = 4096
+
+# The capacity ad is re-published every ad_interval_s seconds and valid for ad_ttl_s.
+ad_interval_s = 15
+ad_ttl_s = 60
+
+# Requests to other peers fail after this many seconds.
+request_timeout_s = 60
+
+# Append every request this node receives to this file (audits and tests).
+# record_traffic = "traffic.bin"
+
+# Artificial delay added to every inference step, in milliseconds: simulates a slower
+# machine (tests, latency experiments). Leave at 0 in production.
+step_delay_ms = 0
+"#;
+
+/// A node's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub listen: Vec<String>,
+    pub bootstrap: Vec<String>,
+    pub backend: String,
+    pub memory_limit_mib: u64,
+    pub max_sessions: u32,
+    pub session_idle_timeout_s: u64,
+    pub max_shard_mib: u64,
+    pub ad_interval_s: u64,
+    pub ad_ttl_s: u32,
+    pub request_timeout_s: u64,
+    pub record_traffic: Option<PathBuf>,
+    pub step_delay_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        parse_config(DEFAULT_CONFIG, None).expect("the default configuration parses")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Partial {
+    data_dir: Option<PathBuf>,
+    listen: Option<Vec<String>>,
+    bootstrap: Option<Vec<String>>,
+    backend: Option<String>,
+    memory_limit_mib: Option<u64>,
+    max_sessions: Option<u32>,
+    session_idle_timeout_s: Option<u64>,
+    max_shard_mib: Option<u64>,
+    ad_interval_s: Option<u64>,
+    ad_ttl_s: Option<u32>,
+    request_timeout_s: Option<u64>,
+    record_traffic: Option<PathBuf>,
+    step_delay_ms: Option<u64>,
+}
+
+/// Parse a configuration; missing keys take the documented defaults, relative paths are
+/// resolved against `base` (the config file's directory).
+pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, String> {
+    let p: Partial = toml::from_str(text).map_err(|e| e.to_string())?;
+    let resolve = |path: PathBuf| match base {
+        Some(b) if path.is_relative() => b.join(path),
+        _ => path,
+    };
+    let c = NodeConfig {
+        data_dir: resolve(p.data_dir.unwrap_or_else(|| PathBuf::from("."))),
+        listen: p.listen.unwrap_or_else(|| {
+            vec![
+                "/ip4/0.0.0.0/tcp/4001".into(),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+            ]
+        }),
+        bootstrap: p.bootstrap.unwrap_or_default(),
+        backend: p.backend.unwrap_or_else(|| "auto".into()),
+        memory_limit_mib: p.memory_limit_mib.unwrap_or(4096),
+        max_sessions: p.max_sessions.unwrap_or(64),
+        session_idle_timeout_s: p.session_idle_timeout_s.unwrap_or(300),
+        max_shard_mib: p.max_shard_mib.unwrap_or(4096),
+        ad_interval_s: p.ad_interval_s.unwrap_or(15),
+        ad_ttl_s: p.ad_ttl_s.unwrap_or(60),
+        request_timeout_s: p.request_timeout_s.unwrap_or(60),
+        record_traffic: p.record_traffic.map(resolve),
+        step_delay_ms: p.step_delay_ms.unwrap_or(0),
+    };
+    if !matches!(c.backend.as_str(), "auto" | "wgpu" | "cpu") {
+        return Err(format!(
+            "backend must be auto, wgpu or cpu, not `{}`",
+            c.backend
+        ));
+    }
+    if c.ad_interval_s == 0 || u64::from(c.ad_ttl_s) <= c.ad_interval_s {
+        return Err("ad_ttl_s must be longer than ad_interval_s (> 0)".into());
+    }
+    if c.max_sessions == 0 || c.memory_limit_mib == 0 {
+        return Err("max_sessions and memory_limit_mib must be positive".into());
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_default_is_the_default() {
+        let c = parse_config(DEFAULT_CONFIG, None).expect("parse");
+        assert_eq!(c, parse_config("", None).expect("empty"));
+        assert_eq!(c.max_sessions, 64);
+        assert_eq!(c.backend, "auto");
+        assert!(c.record_traffic.is_none());
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file_and_bad_values_are_named() {
+        let c = parse_config(
+            "data_dir = \"d\"\nrecord_traffic = \"t.bin\"",
+            Some(Path::new("/etc/veil")),
+        )
+        .expect("parse");
+        assert_eq!(c.data_dir, PathBuf::from("/etc/veil/d"));
+        assert_eq!(c.record_traffic, Some(PathBuf::from("/etc/veil/t.bin")));
+        assert!(parse_config("backend = \"tpu\"", None)
+            .expect_err("bad")
+            .contains("tpu"));
+        assert!(parse_config("max_sesions = 3", None)
+            .expect_err("typo")
+            .contains("max_sesions"));
+        assert!(parse_config("ad_ttl_s = 5\nad_interval_s = 10", None).is_err());
+    }
+}

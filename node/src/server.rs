@@ -1,0 +1,376 @@
+//! The node's main loop: network events in, engine and store work out, capacity ads on a
+//! timer, graceful shutdown on ctrl-c or SIGTERM.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use veil_model::Compute;
+use veil_protocol::ad::now_ms;
+use veil_protocol::wire::{ErrorCode, InferRequest, InferResponse, UploadRequest, UploadResponse};
+use veil_protocol::{
+    network, AdBook, CapacityAd, Event, Identity, Multiaddr, NetConfig, Network, SignedAd,
+};
+
+use crate::config::NodeConfig;
+use crate::engine::{self, Job, Limits};
+use crate::store::{ShardStore, StoreError};
+
+/// Appends what peers send to a file, for audits: a tag byte (1 inference, 2 upload), the
+/// length (u32 LE) and the encoded request.
+struct TrafficRecorder {
+    file: std::fs::File,
+}
+
+impl TrafficRecorder {
+    fn record(&mut self, tag: u8, bytes: &[u8]) {
+        let r = self
+            .file
+            .write_all(&[tag])
+            .and_then(|_| self.file.write_all(&(bytes.len() as u32).to_le_bytes()))
+            .and_then(|_| self.file.write_all(bytes));
+        if let Err(e) = r {
+            tracing::warn!("cannot record traffic: {e}");
+        }
+    }
+}
+
+struct Node {
+    config: NodeConfig,
+    identity: Identity,
+    network: Network,
+    engine: mpsc::Sender<Job>,
+    store: Arc<ShardStore>,
+    uploads: Arc<Mutex<()>>,
+    ads: AdBook,
+    compute: Compute,
+    throughput_gflops: f64,
+    recorder: Option<TrafficRecorder>,
+}
+
+/// Run a node until ctrl-c or SIGTERM.
+pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
+    let requested = match config.backend.as_str() {
+        "auto" => None,
+        other => Some(other.parse().context("backend")?),
+    };
+    let (compute, notice) = Compute::select(requested)?;
+    if let Some(n) = notice {
+        tracing::warn!("{n}");
+    }
+    tracing::info!("backend {} on {}", compute.kind, compute.adapter);
+    let store = Arc::new(
+        ShardStore::open(&config.data_dir, config.max_shard_mib << 20).with_context(|| {
+            format!(
+                "cannot use the data directory {}",
+                config.data_dir.display()
+            )
+        })?,
+    );
+    let throughput_gflops = engine::self_benchmark(&compute.device, Duration::from_millis(300));
+    tracing::info!(
+        "self-benchmark: {throughput_gflops:.1} GFLOP/s; holding {} shard(s)",
+        store.list().len()
+    );
+    let engine = engine::spawn(
+        compute.device.clone(),
+        store.clone(),
+        Limits {
+            memory_bytes: config.memory_limit_mib << 20,
+            max_sessions: config.max_sessions,
+            idle_timeout: Duration::from_secs(config.session_idle_timeout_s),
+            step_delay: Duration::from_millis(config.step_delay_ms),
+        },
+    );
+    let net_config = NetConfig {
+        serve: true,
+        request_timeout: Duration::from_secs(config.request_timeout_s),
+        ..NetConfig::default()
+    };
+    let (network, mut events, event_loop) = network::new(&identity, &net_config)?;
+    tokio::spawn(event_loop.run());
+    for addr in &config.listen {
+        let addr: Multiaddr = addr
+            .parse()
+            .with_context(|| format!("bad listen address `{addr}`"))?;
+        network.listen(addr).await?;
+    }
+    let recorder = match &config.record_traffic {
+        Some(path) => Some(TrafficRecorder {
+            file: std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?,
+        }),
+        None => None,
+    };
+    tracing::info!("peer id {}", identity.peer_id());
+    let mut node = Node {
+        config,
+        identity,
+        network,
+        engine,
+        store,
+        uploads: Arc::new(Mutex::new(())),
+        ads: AdBook::default(),
+        compute,
+        throughput_gflops,
+        recorder,
+    };
+    node.bootstrap().await;
+    node.serve(&mut events).await
+}
+
+fn parse_bootstrap(addr: &str) -> Result<Multiaddr> {
+    addr.parse()
+        .with_context(|| format!("bad bootstrap address `{addr}`"))
+}
+
+impl Node {
+    async fn bootstrap(&self) {
+        for addr in &self.config.bootstrap {
+            match parse_bootstrap(addr) {
+                Ok(a) => match self.network.dial(a).await {
+                    Ok(peer) => tracing::info!("joined the network through {peer} at {addr}"),
+                    Err(e) => tracing::warn!("bootstrap {addr}: {e}"),
+                },
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+
+    async fn serve(&mut self, events: &mut mpsc::Receiver<Event>) -> Result<()> {
+        let mut ad_timer = tokio::time::interval(Duration::from_secs(self.config.ad_interval_s));
+        let mut reconnect = tokio::time::interval(Duration::from_secs(10));
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    return Ok(());
+                }
+                _ = ad_timer.tick() => self.advertise().await,
+                _ = reconnect.tick() => {
+                    if !self.config.bootstrap.is_empty()
+                        && self.network.connected_peers().await.map(|p| p.is_empty()).unwrap_or(false)
+                    {
+                        self.bootstrap().await;
+                    }
+                }
+                event = events.recv() => match event {
+                    Some(e) => self.on_event(e).await,
+                    None => anyhow::bail!("the network stopped"),
+                },
+            }
+        }
+    }
+
+    async fn advertise(&mut self) {
+        let (tx, rx) = oneshot::channel();
+        let status = match self.engine.send(Job::Status(tx)).await {
+            Ok(()) => rx.await.unwrap_or_default(),
+            Err(_) => Default::default(),
+        };
+        tracing::debug!(
+            "{} session(s), {} shard(s) loaded, {} MiB reserved",
+            status.active_sessions,
+            status.loaded_shards,
+            status.reserved_bytes >> 20
+        );
+        let addrs = self.network.listen_addrs().await.unwrap_or_default();
+        let limit = self.config.memory_limit_mib << 20;
+        let ad = CapacityAd {
+            peer_id: self.identity.peer_id().to_string(),
+            addrs: addrs.iter().map(ToString::to_string).collect(),
+            backend: self.compute.kind.to_string(),
+            adapter: self.compute.adapter.clone(),
+            free_memory_bytes: limit.saturating_sub(status.reserved_bytes),
+            throughput_gflops: self.throughput_gflops,
+            shards: self.store.list().iter().map(hex::encode).collect(),
+            active_sessions: status.active_sessions,
+            max_sessions: self.config.max_sessions,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            timestamp_ms: now_ms(),
+            ttl_s: self.config.ad_ttl_s,
+        };
+        match SignedAd::sign(&ad, &self.identity) {
+            Ok(signed) => {
+                let _ = self.ads.insert(signed.clone(), now_ms());
+                if let Err(e) = self.network.publish_ad(&signed).await {
+                    tracing::debug!("{e}");
+                }
+            }
+            Err(e) => tracing::warn!("cannot sign the capacity ad: {e}"),
+        }
+        self.ads.prune(now_ms());
+    }
+
+    fn record<T: bincode::Encode>(&mut self, tag: u8, message: &T) {
+        if let Some(r) = self.recorder.as_mut() {
+            match veil_protocol::codec::encode(message) {
+                Ok(bytes) => r.record(tag, &bytes),
+                Err(e) => tracing::warn!("cannot record: {e}"),
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::InboundInfer {
+                peer,
+                request,
+                channel,
+            } => {
+                self.record(1, &request);
+                let engine = self.engine.clone();
+                let network = self.network.clone();
+                tokio::spawn(async move {
+                    let (tx, rx) = oneshot::channel();
+                    let job = match request {
+                        InferRequest::Open {
+                            session,
+                            shard,
+                            max_len,
+                        } => Job::Open {
+                            peer,
+                            session,
+                            shard,
+                            max_len,
+                            reply: tx,
+                        },
+                        InferRequest::Step { session, hidden } => Job::Step {
+                            peer,
+                            session,
+                            hidden,
+                            reply: tx,
+                        },
+                        InferRequest::Close { session } => Job::Close {
+                            peer,
+                            session,
+                            reply: tx,
+                        },
+                    };
+                    let response = match engine.send(job).await {
+                        Ok(()) => rx.await.unwrap_or(InferResponse::Error {
+                            code: ErrorCode::Internal,
+                            message: "the engine stopped".into(),
+                        }),
+                        Err(_) => InferResponse::Error {
+                            code: ErrorCode::Internal,
+                            message: "the engine stopped".into(),
+                        },
+                    };
+                    let _ = network.respond_infer(channel, response).await;
+                });
+            }
+            Event::InboundUpload {
+                peer,
+                request,
+                channel,
+            } => {
+                self.record(2, &request);
+                let store = self.store.clone();
+                let lock = self.uploads.clone();
+                let network = self.network.clone();
+                tokio::spawn(async move {
+                    let _guard = lock.lock().await;
+                    let response =
+                        tokio::task::spawn_blocking(move || upload(&store, request, peer))
+                            .await
+                            .unwrap_or_else(|e| UploadResponse::Error {
+                                code: ErrorCode::Internal,
+                                message: e.to_string(),
+                            });
+                    let _ = network.respond_upload(channel, response).await;
+                });
+            }
+            Event::InboundDirectory { channel, .. } => {
+                let ads = self.ads.signed();
+                let _ = self.network.respond_directory(channel, ads).await;
+            }
+            Event::Ad { ad } => {
+                if let Err(e) = self.ads.insert(ad, now_ms()) {
+                    tracing::debug!("{e}");
+                }
+            }
+            Event::PeerConnected(_) | Event::PeerDisconnected(_) => {}
+        }
+    }
+}
+
+fn upload(
+    store: &ShardStore,
+    request: UploadRequest,
+    peer: veil_protocol::PeerId,
+) -> UploadResponse {
+    let result = match request {
+        UploadRequest::Query { shard, .. } => Ok(store.progress(&shard)),
+        UploadRequest::Chunk {
+            shard,
+            total,
+            offset,
+            data,
+        } => {
+            let r = store.write_chunk(&shard, total, offset, &data);
+            if let Ok(p) = &r {
+                if p.complete && offset + data.len() as u64 == total {
+                    tracing::info!(
+                        "stored shard {} ({total} bytes) from {peer}",
+                        &hex::encode(shard)[..12]
+                    );
+                }
+            }
+            r
+        }
+    };
+    match result {
+        Ok(p) => UploadResponse::Progress {
+            received: p.received,
+            complete: p.complete,
+        },
+        Err(e) => {
+            tracing::warn!("upload from {peer} refused: {e}");
+            let code = match e {
+                StoreError::TooLarge { .. } => ErrorCode::Busy,
+                StoreError::Io(_) => ErrorCode::Internal,
+                _ => ErrorCode::BadRequest,
+            };
+            UploadResponse::Error {
+                code,
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The identity key's path in a data directory.
+pub fn identity_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("identity.key")
+}

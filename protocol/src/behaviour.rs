@@ -1,0 +1,109 @@
+//! The libp2p behaviour of a Veil peer: identify, Kademlia (server mode on nodes),
+//! gossipsub for capacity ads, request-response for inference, shard upload and the ad
+//! directory, and ping.
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, identity::Keypair, kad, ping, request_response, StreamProtocol};
+
+use crate::codec::BincodeCodec;
+use crate::wire::{
+    DirectoryRequest, DirectoryResponse, InferRequest, InferResponse, UploadRequest, UploadResponse,
+};
+use crate::{protocol_name, PROTOCOL_VERSION};
+
+/// Gossipsub topic of capacity ads.
+pub const ADS_TOPIC: &str = "veil/ads/1";
+
+/// Size limits of each protocol, per direction.
+pub mod limits {
+    /// Inference: a prefill of up to 8192 positions of width 1024, f32.
+    pub const INFER: usize = 36 << 20;
+    /// Upload chunks carry at most [`UPLOAD_CHUNK`] bytes.
+    pub const UPLOAD_REQUEST: usize = super::UPLOAD_CHUNK + (64 << 10);
+    pub const UPLOAD_RESPONSE: usize = 64 << 10;
+    pub const DIRECTORY_REQUEST: usize = 1 << 10;
+    pub const DIRECTORY_RESPONSE: usize = 8 << 20;
+}
+
+/// Bytes per shard-upload chunk.
+pub const UPLOAD_CHUNK: usize = 4 << 20;
+
+pub type InferCodec = BincodeCodec<InferRequest, InferResponse>;
+pub type UploadCodec = BincodeCodec<UploadRequest, UploadResponse>;
+pub type DirectoryCodec = BincodeCodec<DirectoryRequest, DirectoryResponse>;
+
+#[derive(NetworkBehaviour)]
+pub struct VeilBehaviour {
+    pub identify: identify::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub infer: request_response::Behaviour<InferCodec>,
+    pub upload: request_response::Behaviour<UploadCodec>,
+    pub directory: request_response::Behaviour<DirectoryCodec>,
+    pub ping: ping::Behaviour,
+}
+
+impl VeilBehaviour {
+    /// `request_timeout` bounds every request (a stalled peer cannot hold one forever).
+    pub fn new(key: &Keypair, request_timeout: Duration) -> Result<Self, String> {
+        let peer_id = key.public().to_peer_id();
+        let rr = |name: &str| {
+            (
+                [(
+                    StreamProtocol::try_from_owned(protocol_name(name))
+                        .expect("valid protocol name"),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default().with_request_timeout(request_timeout),
+            )
+        };
+        let (p, c) = rr("infer");
+        let infer = request_response::Behaviour::with_codec(
+            InferCodec::new(limits::INFER, limits::INFER),
+            p,
+            c,
+        );
+        let (p, c) = rr("shard");
+        let upload = request_response::Behaviour::with_codec(
+            UploadCodec::new(limits::UPLOAD_REQUEST, limits::UPLOAD_RESPONSE),
+            p,
+            c,
+        );
+        let (p, c) = rr("directory");
+        let directory = request_response::Behaviour::with_codec(
+            DirectoryCodec::new(limits::DIRECTORY_REQUEST, limits::DIRECTORY_RESPONSE),
+            p,
+            c,
+        );
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_secs(1))
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .max_transmit_size(crate::ad::MAX_AD_BYTES * 2)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )?;
+        let mut kad_config = kad::Config::new(
+            StreamProtocol::try_from_owned(protocol_name("kad")).expect("valid protocol name"),
+        );
+        kad_config.set_query_timeout(Duration::from_secs(30));
+        let kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        Ok(VeilBehaviour {
+            identify: identify::Behaviour::new(identify::Config::new(
+                format!("/veil/{PROTOCOL_VERSION}"),
+                key.public(),
+            )),
+            kad,
+            gossipsub,
+            infer,
+            upload,
+            directory,
+            ping: ping::Behaviour::default(),
+        })
+    }
+}

@@ -1,0 +1,559 @@
+//! The network layer, after rust-libp2p's file-sharing example: a cloneable [`Network`]
+//! handle sends commands over a bounded channel to an [`EventLoop`] that owns the swarm;
+//! replies come back on oneshot channels, and what peers ask of us arrives as [`Event`]s on
+//! another bounded channel.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{gossipsub, identify, kad, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ad::SignedAd;
+use crate::behaviour::{VeilBehaviour, VeilBehaviourEvent, ADS_TOPIC};
+use crate::identity::Identity;
+use crate::wire::{
+    DirectoryRequest, DirectoryResponse, InferRequest, InferResponse, UploadRequest, UploadResponse,
+};
+use crate::ProtocolError;
+
+/// How a peer takes part in the network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Nodes serve the DHT (Kademlia server mode); clients only query it.
+    pub serve: bool,
+    /// Every request fails after this long without a response.
+    pub request_timeout: Duration,
+    /// Connections without traffic close after this long (sessions idle between tokens).
+    pub idle_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            serve: false,
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What the network asks of the application.
+#[derive(Debug)]
+pub enum Event {
+    InboundInfer {
+        peer: PeerId,
+        request: InferRequest,
+        channel: ResponseChannel<InferResponse>,
+    },
+    InboundUpload {
+        peer: PeerId,
+        request: UploadRequest,
+        channel: ResponseChannel<UploadResponse>,
+    },
+    InboundDirectory {
+        peer: PeerId,
+        channel: ResponseChannel<DirectoryResponse>,
+    },
+    /// A capacity ad arrived by gossip (not yet verified).
+    Ad {
+        ad: SignedAd,
+    },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ProtocolError>>;
+
+enum Command {
+    Listen(Multiaddr, Reply<()>),
+    Dial(Multiaddr, Reply<PeerId>),
+    AddAddress(PeerId, Multiaddr),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    PublishAd(Vec<u8>, Reply<()>),
+    Infer(PeerId, InferRequest, Reply<InferResponse>),
+    Upload(PeerId, UploadRequest, Reply<UploadResponse>),
+    Directory(PeerId, Reply<DirectoryResponse>),
+    RespondInfer(ResponseChannel<InferResponse>, InferResponse),
+    RespondUpload(ResponseChannel<UploadResponse>, UploadResponse),
+    RespondDirectory(ResponseChannel<DirectoryResponse>, DirectoryResponse),
+    Disconnect(PeerId),
+}
+
+/// A cloneable handle on the network.
+#[derive(Clone)]
+pub struct Network {
+    commands: mpsc::Sender<Command>,
+    pub local_peer_id: PeerId,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Network({})", self.local_peer_id)
+    }
+}
+
+fn closed() -> ProtocolError {
+    ProtocolError::Network("the network event loop has stopped".into())
+}
+
+impl Network {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ProtocolError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), ProtocolError> {
+        self.commands.send(command).await.map_err(|_| closed())
+    }
+
+    pub async fn listen(&self, addr: Multiaddr) -> Result<(), ProtocolError> {
+        self.call(|r| Command::Listen(addr, r)).await
+    }
+
+    /// Dial an address (with or without `/p2p/<id>`) and wait for the connection; returns
+    /// the peer's id.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, ProtocolError> {
+        self.call(|r| Command::Dial(addr, r)).await
+    }
+
+    /// Remember an address of a peer, for requests that dial it.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), ProtocolError> {
+        self.send(Command::AddAddress(peer, addr)).await
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, ProtocolError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ListenAddrs(tx)).await?;
+        rx.await.map_err(|_| closed())
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, ProtocolError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers(tx)).await?;
+        rx.await.map_err(|_| closed())
+    }
+
+    /// Gossip a signed capacity ad.
+    pub async fn publish_ad(&self, ad: &SignedAd) -> Result<(), ProtocolError> {
+        let bytes = ad.to_bytes()?;
+        self.call(|r| Command::PublishAd(bytes, r)).await
+    }
+
+    pub async fn infer(
+        &self,
+        peer: PeerId,
+        request: InferRequest,
+    ) -> Result<InferResponse, ProtocolError> {
+        self.call(|r| Command::Infer(peer, request, r)).await
+    }
+
+    pub async fn upload(
+        &self,
+        peer: PeerId,
+        request: UploadRequest,
+    ) -> Result<UploadResponse, ProtocolError> {
+        self.call(|r| Command::Upload(peer, request, r)).await
+    }
+
+    /// The capacity ads a peer knows (each still to be verified).
+    pub async fn directory(&self, peer: PeerId) -> Result<Vec<SignedAd>, ProtocolError> {
+        let DirectoryResponse::Ads(ads) = self.call(|r| Command::Directory(peer, r)).await?;
+        Ok(ads)
+    }
+
+    pub async fn respond_infer(
+        &self,
+        channel: ResponseChannel<InferResponse>,
+        response: InferResponse,
+    ) -> Result<(), ProtocolError> {
+        self.send(Command::RespondInfer(channel, response)).await
+    }
+
+    pub async fn respond_upload(
+        &self,
+        channel: ResponseChannel<UploadResponse>,
+        response: UploadResponse,
+    ) -> Result<(), ProtocolError> {
+        self.send(Command::RespondUpload(channel, response)).await
+    }
+
+    pub async fn respond_directory(
+        &self,
+        channel: ResponseChannel<DirectoryResponse>,
+        ads: Vec<SignedAd>,
+    ) -> Result<(), ProtocolError> {
+        self.send(Command::RespondDirectory(
+            channel,
+            DirectoryResponse::Ads(ads),
+        ))
+        .await
+    }
+
+    /// Close every connection to a peer (a misbehaving one).
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), ProtocolError> {
+        self.send(Command::Disconnect(peer)).await
+    }
+}
+
+/// Owns the swarm; run it with [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<VeilBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    pending_dial: HashMap<ConnectionId, Reply<PeerId>>,
+    pending_infer: HashMap<OutboundRequestId, Reply<InferResponse>>,
+    pending_upload: HashMap<OutboundRequestId, Reply<UploadResponse>>,
+    pending_directory: HashMap<OutboundRequestId, Reply<DirectoryResponse>>,
+    serve: bool,
+}
+
+/// Build the swarm (TCP with noise and yamux, and QUIC) and the handle.
+pub fn new(
+    identity: &Identity,
+    config: &NetConfig,
+) -> Result<(Network, mpsc::Receiver<Event>, EventLoop), ProtocolError> {
+    let net = |e: String| ProtocolError::Network(e);
+    let request_timeout = config.request_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| net(e.to_string()))?
+        .with_quic()
+        .with_behaviour(|key| {
+            VeilBehaviour::new(key, request_timeout)
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        })
+        .map_err(|e| net(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        .build();
+    swarm.behaviour_mut().kad.set_mode(Some(if config.serve {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&gossipsub::IdentTopic::new(ADS_TOPIC))
+        .map_err(|e| net(e.to_string()))?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (ev_tx, ev_rx) = mpsc::channel(256);
+    let handle = Network {
+        commands: cmd_tx,
+        local_peer_id: *swarm.local_peer_id(),
+    };
+    let event_loop = EventLoop {
+        swarm,
+        commands: cmd_rx,
+        events: ev_tx,
+        pending_dial: HashMap::new(),
+        pending_infer: HashMap::new(),
+        pending_upload: HashMap::new(),
+        pending_directory: HashMap::new(),
+        serve: config.serve,
+    };
+    Ok((handle, ev_rx, event_loop))
+}
+
+fn request_error(peer: &PeerId, e: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::Request {
+        peer: peer.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl EventLoop {
+    /// Run until every [`Network`] handle is dropped.
+    pub async fn run(mut self) {
+        let mut bootstrap = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+                _ = bootstrap.tick() => {
+                    if self.serve {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let swarm = &mut self.swarm;
+        match command {
+            Command::Listen(addr, reply) => {
+                let r = swarm
+                    .listen_on(addr.clone())
+                    .map(|_| ())
+                    .map_err(|e| ProtocolError::Network(format!("cannot listen on {addr}: {e}")));
+                let _ = reply.send(r);
+            }
+            Command::Dial(addr, reply) => {
+                let opts = match addr.iter().last() {
+                    Some(Protocol::P2p(peer)) => DialOpts::peer_id(peer)
+                        .addresses(vec![addr.clone()])
+                        .build(),
+                    _ => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                };
+                let id = opts.connection_id();
+                match swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dial.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ProtocolError::Network(format!(
+                            "cannot dial {addr}: {e}"
+                        ))));
+                    }
+                }
+            }
+            Command::AddAddress(peer, addr) => {
+                swarm.add_peer_address(peer, addr.clone());
+                if self.serve {
+                    swarm.behaviour_mut().kad.add_address(&peer, addr);
+                }
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(swarm.connected_peers().copied().collect());
+            }
+            Command::PublishAd(bytes, reply) => {
+                let topic = gossipsub::IdentTopic::new(ADS_TOPIC);
+                let r = match swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                    Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                    Err(e) => Err(ProtocolError::Network(format!(
+                        "cannot publish the ad: {e}"
+                    ))),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Infer(peer, req, reply) => {
+                let id = swarm.behaviour_mut().infer.send_request(&peer, req);
+                self.pending_infer.insert(id, reply);
+            }
+            Command::Upload(peer, req, reply) => {
+                let id = swarm.behaviour_mut().upload.send_request(&peer, req);
+                self.pending_upload.insert(id, reply);
+            }
+            Command::Directory(peer, reply) => {
+                let id = swarm
+                    .behaviour_mut()
+                    .directory
+                    .send_request(&peer, DirectoryRequest::Ads);
+                self.pending_directory.insert(id, reply);
+            }
+            Command::RespondInfer(ch, resp) => {
+                let _ = swarm.behaviour_mut().infer.send_response(ch, resp);
+            }
+            Command::RespondUpload(ch, resp) => {
+                let _ = swarm.behaviour_mut().upload.send_response(ch, resp);
+            }
+            Command::RespondDirectory(ch, resp) => {
+                let _ = swarm.behaviour_mut().directory.send_response(ch, resp);
+            }
+            Command::Disconnect(peer) => {
+                let _ = swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    async fn emit(&mut self, event: Event) {
+        // The application went away: nothing left to deliver to.
+        let _ = self.events.send(event).await;
+    }
+
+    async fn on_swarm_event(&mut self, event: SwarmEvent<VeilBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {address}/p2p/{}", self.swarm.local_peer_id());
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some(reply) = self.pending_dial.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.swarm.add_peer_address(peer_id, address.clone());
+                }
+                tracing::debug!("connected to {peer_id}");
+                self.emit(Event::PeerConnected(peer_id)).await;
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if let Some(reply) = self.pending_dial.remove(&connection_id) {
+                    let _ =
+                        reply.send(Err(ProtocolError::Network(format!("dial failed: {error}"))));
+                }
+                tracing::debug!("dial to {peer_id:?} failed: {error}");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::debug!("disconnected from {peer_id}");
+                self.emit(Event::PeerDisconnected(peer_id)).await;
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_behaviour_event(&mut self, event: VeilBehaviourEvent) {
+        match event {
+            VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in info.listen_addrs {
+                    if is_dialable(&addr) {
+                        self.swarm.add_peer_address(peer_id, addr.clone());
+                        if self.serve {
+                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        }
+                    }
+                }
+            }
+            VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+                match SignedAd::from_bytes(&message.data) {
+                    Ok(ad) => self.emit(Event::Ad { ad }).await,
+                    Err(e) => tracing::debug!("undecodable ad from {:?}: {e}", message.source),
+                }
+            }
+            VeilBehaviourEvent::Infer(e) => match e {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.emit(Event::InboundInfer {
+                            peer,
+                            request,
+                            channel,
+                        })
+                        .await;
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(r) = self.pending_infer.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
+                    if let Some(r) = self.pending_infer.remove(&request_id) {
+                        let _ = r.send(Err(request_error(&peer, error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    tracing::warn!("bad inference request from {peer}: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            VeilBehaviourEvent::Upload(e) => match e {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.emit(Event::InboundUpload {
+                            peer,
+                            request,
+                            channel,
+                        })
+                        .await;
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(r) = self.pending_upload.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
+                    if let Some(r) = self.pending_upload.remove(&request_id) {
+                        let _ = r.send(Err(request_error(&peer, error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    tracing::warn!("bad upload request from {peer}: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            VeilBehaviourEvent::Directory(e) => match e {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { channel, .. } => {
+                        self.emit(Event::InboundDirectory { peer, channel }).await;
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(r) = self.pending_directory.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
+                    if let Some(r) = self.pending_directory.remove(&request_id) {
+                        let _ = r.send(Err(request_error(&peer, error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    tracing::debug!("bad directory request from {peer}: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+/// Whether an address is worth dialing (not an unspecified listen address).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}

@@ -1,0 +1,160 @@
+//! Messages of Veil's request-response protocols. Every message is bincode 2 with a size
+//! limit; tensors travel as raw little-endian bytes behind a dtype and shape header.
+
+use bincode::{Decode, Encode};
+
+use crate::ad::SignedAd;
+use crate::ProtocolError;
+
+/// A client-chosen random id of an inference session.
+pub type SessionId = [u8; 16];
+/// A shard's content hash (SHA-256 of its data section).
+pub type ShardId = [u8; 32];
+
+/// Element type of a [`TensorFrame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum WireDType {
+    F32,
+}
+
+/// A tensor on the wire: dtype, shape, then the elements as little-endian bytes.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct TensorFrame {
+    pub dtype: WireDType,
+    pub shape: Vec<u32>,
+    pub data: Vec<u8>,
+}
+
+/// Largest number of dimensions a frame may have.
+const MAX_RANK: usize = 4;
+
+impl TensorFrame {
+    pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
+        TensorFrame {
+            dtype: WireDType::F32,
+            shape: shape.iter().map(|&d| d as u32).collect(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The shape and values, checked: rank, byte length, finite values.
+    pub fn to_f32(&self) -> Result<(Vec<usize>, Vec<f32>), ProtocolError> {
+        let bad = |m: String| ProtocolError::Malformed(m);
+        if self.shape.is_empty() || self.shape.len() > MAX_RANK {
+            return Err(bad(format!("tensor of rank {}", self.shape.len())));
+        }
+        let n = self
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+            .ok_or_else(|| bad("tensor shape overflows".into()))?;
+        if n.checked_mul(4) != Some(self.data.len()) {
+            return Err(bad(format!(
+                "shape {:?} needs {} bytes, got {}",
+                self.shape,
+                n.saturating_mul(4),
+                self.data.len()
+            )));
+        }
+        let values: Vec<f32> = self
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(bad("tensor holds NaN or infinity".into()));
+        }
+        Ok((self.shape.iter().map(|&d| d as usize).collect(), values))
+    }
+}
+
+/// Requests of the inference protocol.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum InferRequest {
+    /// Open a session on a shard the node holds, for sequences of at most `max_len`.
+    Open {
+        session: SessionId,
+        shard: ShardId,
+        max_len: u32,
+    },
+    /// Encrypted hidden states `[t, d]` of the next `t` positions.
+    Step {
+        session: SessionId,
+        hidden: TensorFrame,
+    },
+    Close {
+        session: SessionId,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum ErrorCode {
+    UnknownSession,
+    UnknownShard,
+    BadRequest,
+    /// The node has no room for another session (memory or session limit).
+    Busy,
+    /// The session's sequence would exceed its maximum length.
+    ContextFull,
+    Internal,
+}
+
+/// Responses of the inference protocol.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum InferResponse {
+    Opened {
+        session: SessionId,
+        /// First layer and one past the last.
+        layers: (u32, u32),
+    },
+    /// Hidden states `[t, d]` after the shard's last layer.
+    Hidden {
+        hidden: TensorFrame,
+    },
+    Closed,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Requests of the shard-upload protocol: chunks in order; the node answers how much it has.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum UploadRequest {
+    /// How much of this shard do you hold?
+    Query { shard: ShardId, total: u64 },
+    Chunk {
+        shard: ShardId,
+        total: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+}
+
+/// Responses of the shard-upload protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum UploadResponse {
+    /// Bytes received so far; `complete` once the whole shard is stored and verified.
+    Progress {
+        received: u64,
+        complete: bool,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Requests of the directory protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum DirectoryRequest {
+    /// Every fresh capacity ad you know, yours included.
+    Ads,
+}
+
+/// Responses of the directory protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum DirectoryResponse {
+    Ads(Vec<SignedAd>),
+}

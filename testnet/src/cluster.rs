@@ -1,0 +1,251 @@
+//! Local node processes: create their data directories, start them on loopback, find their
+//! listen addresses in their logs, stop, kill and restart them. Every process is killed
+//! when its handle is dropped, so nothing is left running.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Settings written into a node's `node.toml`.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub backend: String,
+    pub memory_limit_mib: u64,
+    pub ad_interval_s: u64,
+    pub ad_ttl_s: u32,
+    pub step_delay_ms: u64,
+    pub record_traffic: bool,
+    pub request_timeout_s: u64,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            backend: "cpu".into(),
+            memory_limit_mib: 4096,
+            ad_interval_s: 1,
+            ad_ttl_s: 10,
+            step_delay_ms: 0,
+            record_traffic: false,
+            request_timeout_s: 30,
+        }
+    }
+}
+
+/// A `veil-node` process on 127.0.0.1.
+#[derive(Debug)]
+pub struct NodeProcess {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub peer_id: String,
+    /// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer id>` once started.
+    pub addr: Option<String>,
+    bin: PathBuf,
+    child: Option<Child>,
+    port: u16,
+}
+
+/// The path of a workspace binary next to the running executable (tests live in
+/// `target/<profile>/deps`, binaries in `target/<profile>`).
+pub fn find_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("current executable")?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "cannot find the `{name}` binary next to {} (build the workspace first)",
+        exe.display()
+    )
+}
+
+impl NodeProcess {
+    /// `veil-node init` in `data_dir` and write its configuration.
+    pub fn init(bin: &Path, name: &str, data_dir: &Path, settings: &NodeSettings) -> Result<Self> {
+        let out = Command::new(bin)
+            .args(["init", "--data-dir"])
+            .arg(data_dir)
+            .env("VEIL_LOG", "warn")
+            .output()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{name}: init failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let peer_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let record = if settings.record_traffic {
+            "record_traffic = \"traffic.bin\"\n"
+        } else {
+            ""
+        };
+        let config = format!(
+            "backend = \"{}\"\nmemory_limit_mib = {}\nad_interval_s = {}\nad_ttl_s = {}\n\
+             step_delay_ms = {}\nrequest_timeout_s = {}\n{record}",
+            settings.backend,
+            settings.memory_limit_mib,
+            settings.ad_interval_s,
+            settings.ad_ttl_s,
+            settings.step_delay_ms,
+            settings.request_timeout_s,
+        );
+        std::fs::write(data_dir.join("node.toml"), config)?;
+        Ok(NodeProcess {
+            name: name.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            peer_id,
+            addr: None,
+            bin: bin.to_path_buf(),
+            child: None,
+            port: 0,
+        })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.join("node.log")
+    }
+
+    /// Start (or restart, on the same port) and wait until it listens.
+    pub fn start(&mut self, bootstrap: &[String]) -> Result<()> {
+        if self.child.is_some() {
+            bail!("{} is already running", self.name);
+        }
+        let log = File::create(self.log_path())?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.port)])
+            .env("VEIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for b in bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("cannot start {}", self.name))?,
+        );
+        let addr = self.wait_for_listen(Duration::from_secs(60))?;
+        self.port = addr
+            .split('/')
+            .nth(4)
+            .and_then(|p| p.parse().ok())
+            .context("listen address without a port")?;
+        self.addr = Some(addr);
+        Ok(())
+    }
+
+    fn wait_for_listen(&mut self, limit: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    bail!(
+                        "{} exited ({status}) before listening:\n{}",
+                        self.name,
+                        self.log_tail(20)
+                    );
+                }
+            }
+            if let Ok(f) = File::open(self.log_path()) {
+                for line in BufReader::new(f).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.split("listening on ").nth(1) {
+                        if addr.contains("/tcp/") {
+                            return Ok(addr.trim().to_string());
+                        }
+                    }
+                }
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "{} did not start listening within {limit:?}:\n{}",
+                    self.name,
+                    self.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last `n` lines of the node's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful shutdown. Returns whether it exited within `limit`.
+    pub fn stop(&mut self, limit: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// Bytes this node recorded (with `record_traffic`).
+    pub fn traffic(&self) -> Vec<u8> {
+        std::fs::read(self.data_dir.join("traffic.bin")).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Start `n` nodes under `root`, the first one bootstrapping the others.
+pub fn start_nodes(root: &Path, n: usize, settings: &NodeSettings) -> Result<Vec<NodeProcess>> {
+    let bin = find_bin("veil-node")?;
+    let mut nodes: Vec<NodeProcess> = Vec::with_capacity(n);
+    for i in 0..n {
+        let dir = root.join(format!("node-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut node = NodeProcess::init(&bin, &format!("node-{i}"), &dir, settings)?;
+        let bootstrap: Vec<String> = nodes
+            .first()
+            .and_then(|b| b.addr.clone())
+            .into_iter()
+            .collect();
+        node.start(&bootstrap)?;
+        nodes.push(node);
+    }
+    Ok(nodes)
+}

@@ -1,0 +1,510 @@
+//! A real network on loopback: node processes, the `veil` CLI deploying to them and
+//! generating through them, nodes dying and restarting, and what a node receives.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use veil_testnet::cluster::{find_bin, start_nodes, NodeProcess, NodeSettings};
+
+struct Veil {
+    home: tempfile::TempDir,
+}
+
+impl Veil {
+    fn new() -> Self {
+        Veil {
+            home: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let bin = find_bin("veil").expect("veil binary");
+        Command::new(bin)
+            .args(args)
+            .env("VEIL_HOME", self.home.path())
+            .env("VEIL_LOG", "info")
+            .output()
+            .expect("run veil")
+    }
+
+    /// Run, require success, return stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "veil {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let stdout = self.ok(args);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+    }
+}
+
+fn addr(n: &NodeProcess) -> String {
+    n.addr.clone().expect("started")
+}
+
+fn deployment(veil: &Veil, id: &str) -> Value {
+    let path = veil
+        .home
+        .path()
+        .join("deployments")
+        .join(id)
+        .join("deployment.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("record")).expect("JSON")
+}
+
+fn local_tokens(veil: &Veil, prompt: &str, n: usize) -> Value {
+    veil.json(&[
+        "generate",
+        "--local",
+        "--model",
+        "tiny",
+        "--backend",
+        "cpu",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &n.to_string(),
+        "--json",
+    ])["tokens"]
+        .clone()
+}
+
+fn deploy(veil: &Veil, bootstrap: &str, stages: usize) -> String {
+    let out = veil.ok(&[
+        "deploy",
+        "--model",
+        "tiny",
+        "--stages",
+        &stages.to_string(),
+        "--replicas",
+        "2",
+        "--bootstrap",
+        bootstrap,
+        "--wait",
+        "3",
+    ]);
+    out.lines()
+        .last()
+        .expect("deployment id")
+        .trim()
+        .to_string()
+}
+
+fn wait_for_ads(veil: &Veil, bootstrap: &str, n: usize) -> Value {
+    for _ in 0..30 {
+        let v = veil.json(&["peers", "--bootstrap", bootstrap, "--json", "--wait", "1"]);
+        if v.as_array().map_or(0, Vec::len) >= n {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("fewer than {n} capacity ads");
+}
+
+#[test]
+fn deploy_generate_and_survive_a_node_dying() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = NodeSettings {
+        step_delay_ms: 40,
+        ..NodeSettings::default()
+    };
+    let mut nodes = start_nodes(root.path(), 3, &settings).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    let peers = wait_for_ads(&veil, &boot, 3);
+    for p in peers.as_array().expect("list") {
+        assert_eq!(p["backend"], "cpu");
+        assert!(p["throughput_gflops"].as_f64().expect("gflops") > 0.0);
+    }
+
+    let id = deploy(&veil, &boot, 3);
+    let record = deployment(&veil, &id);
+    let stages = record["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 3);
+    for s in stages {
+        assert_eq!(s["replicas"].as_array().expect("replicas").len(), 2);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let client = veil
+            .home
+            .path()
+            .join("deployments")
+            .join(&id)
+            .join("client.veil");
+        let mode = std::fs::metadata(client)
+            .expect("client.veil")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // Same text as the local plaintext model.
+    let prompt = "tell me about encrypted inference";
+    let expected = local_tokens(&veil, prompt, 24);
+    let out = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "24",
+        "--json",
+        "--bootstrap",
+        &boot,
+    ]);
+    assert_eq!(out["tokens"], expected);
+    let route = out["route"].as_array().expect("route");
+    assert_eq!(route.len(), 3);
+    assert_eq!(out["network"]["failovers"], 0);
+
+    // Kill the node serving stage 1 while a generation is under way.
+    let victim = stages[1]["replicas"][0]["peer"]
+        .as_str()
+        .expect("peer")
+        .to_string();
+    let expected = local_tokens(&veil, prompt, 60);
+    let bin = find_bin("veil").expect("veil");
+    let child = Command::new(bin)
+        .args([
+            "generate",
+            "--deployment",
+            &id,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "60",
+            "--json",
+            "--bootstrap",
+            &boot,
+        ])
+        .env("VEIL_HOME", veil.home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(2500));
+    let node = nodes
+        .iter_mut()
+        .find(|n| n.peer_id == victim)
+        .expect("victim");
+    node.kill();
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        v["tokens"], expected,
+        "the text must equal an uninterrupted run"
+    );
+    assert!(
+        v["network"]["failovers"].as_u64().expect("failovers") >= 1,
+        "the kill happened mid-generation"
+    );
+    assert!(!v["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .any(|p| p == &Value::from(victim.clone())));
+}
+
+#[test]
+fn a_restarted_node_still_serves_its_shards() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_nodes(root.path(), 3, &NodeSettings::default()).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 3);
+    let id = deploy(&veil, &boot, 3);
+    let record = deployment(&veil, &id);
+
+    // Graceful restart of node 2 (SIGTERM, same data dir and port).
+    assert!(nodes[2].stop(Duration::from_secs(10)), "graceful shutdown");
+    nodes[2].start(&[boot.clone()]).expect("restart");
+    let restarted = nodes[2].peer_id.clone();
+    assert!(
+        nodes[2].log().contains("holding 2 shard(s)"),
+        "{}",
+        nodes[2].log_tail(10)
+    );
+    // Kill the other replica of every stage the restarted node holds, so it must serve.
+    let mut killed = Vec::new();
+    for s in record["stages"].as_array().expect("stages") {
+        let peers: Vec<String> = s["replicas"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .map(|r| r["peer"].as_str().expect("peer").to_string())
+            .collect();
+        if peers.contains(&restarted) {
+            for p in peers.iter().filter(|p| **p != restarted) {
+                if p != &nodes[0].peer_id && !killed.contains(p) {
+                    killed.push(p.clone());
+                }
+            }
+        }
+    }
+    for n in nodes.iter_mut().filter(|n| killed.contains(&n.peer_id)) {
+        n.kill();
+    }
+    let prompt = "restart";
+    let expected = local_tokens(&veil, prompt, 12);
+    let out = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "12",
+        "--json",
+        "--bootstrap",
+        &boot,
+    ]);
+    assert_eq!(out["tokens"], expected);
+    assert!(out["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .any(|p| p == &Value::from(restarted.clone())));
+}
+
+/// Windows of `k` consecutive values of `seq`, as little-endian bytes of width `w`.
+fn windows(seq: &[u32], k: usize, w: usize) -> Vec<Vec<u8>> {
+    seq.windows(k)
+        .map(|win| {
+            win.iter()
+                .flat_map(|v| v.to_le_bytes()[..w].to_vec())
+                .collect()
+        })
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn nodes_never_receive_plaintext() {
+    use veil_model::crypto::{ClientBundle, ClientModel};
+    use veil_model::nn::{tensor_to_vec, Probe, Site, Stage, TokenEmbedding};
+    use veil_model::ModelBundle;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = NodeSettings {
+        record_traffic: true,
+        ..NodeSettings::default()
+    };
+    let nodes = start_nodes(root.path(), 3, &settings).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 3);
+    let id = deploy(&veil, &boot, 3);
+    let prompt = "the secret meeting is at noon";
+    let out = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "16",
+        "--json",
+        "--bootstrap",
+        &boot,
+    ]);
+    let ids: Vec<u32> = out["prompt_tokens"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .chain(out["tokens"].as_array().expect("ids"))
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    let traffic: Vec<u8> = nodes.iter().flat_map(|n| n.traffic()).collect();
+    assert!(
+        traffic.len() > 10_000,
+        "the nodes recorded what they received"
+    );
+
+    // No token id sequence, as u32 or u16.
+    for w in [4, 2] {
+        for needle in windows(&ids, 3, w) {
+            assert!(
+                !contains(&traffic, &needle),
+                "a plaintext token sequence reached a node"
+            );
+        }
+    }
+    // No plaintext activation: the embeddings and the residual stream after every layer.
+    let b = ModelBundle::tiny().expect("tiny");
+    let device = veil_model::Compute::cpu().device;
+    #[derive(Default)]
+    struct Rows(Vec<Vec<f32>>);
+    impl Probe for Rows {
+        fn record(&mut self, _: usize, site: Site, t: burn::tensor::Tensor<2>) {
+            if matches!(
+                site,
+                Site::BlockInput | Site::BlockOutput | Site::AttnOut | Site::MlpOut
+            ) {
+                let [_, cols] = t.dims();
+                let v = tensor_to_vec(t).expect("read");
+                self.0.extend(v.chunks(cols).map(<[f32]>::to_vec));
+            }
+        }
+    }
+    let stage = Stage::from_layers(0, &b.weights.layers, &b.weights.config, &device);
+    let rope = veil_model::cache::RopeTables::new(&b.weights.config, &device);
+    let mut cache = stage.new_cache(256);
+    let mut rows = Rows::default();
+    let x = TokenEmbedding::from_matrix(&b.weights.embedding, &device)
+        .forward(&ids)
+        .expect("embed");
+    stage
+        .forward_probed(vec![x], &mut [&mut cache], &rope, &mut rows)
+        .expect("forward");
+    assert!(rows.0.len() > 100);
+    for row in &rows.0 {
+        for chunk in row.chunks_exact(4).step_by(4) {
+            let needle: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(
+                !contains(&traffic, &needle),
+                "a plaintext activation reached a node"
+            );
+        }
+    }
+    // The recording does hold the encrypted inputs (so the search above could succeed).
+    let bundle = ClientBundle::read(
+        &veil
+            .home
+            .path()
+            .join("deployments")
+            .join(&id)
+            .join("client.veil"),
+    )
+    .expect("bundle");
+    let enc = tensor_to_vec(
+        ClientModel::new(&bundle, &device)
+            .encode(&ids[..3])
+            .expect("encode"),
+    )
+    .expect("read");
+    let needle: Vec<u8> = enc[..4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert!(
+        contains(&traffic, &needle),
+        "the encrypted embedding of the prompt is in the recording"
+    );
+}
+
+#[test]
+fn bad_bootstrap_and_missing_deployments_are_clear_errors() {
+    let veil = Veil::new();
+    let out = veil.run(&["peers", "--bootstrap", "/ip4/127.0.0.1/tcp/9"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach any bootstrap peer"),
+        "{stderr}"
+    );
+    let out = veil.run(&[
+        "generate",
+        "--deployment",
+        "d-nothere",
+        "--prompt",
+        "x",
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/9",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no deployment `d-nothere`"));
+    let out = veil.run(&["peers"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap"));
+}
+
+#[test]
+fn a_lost_stage_is_a_clear_error_until_repaired() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_nodes(root.path(), 3, &NodeSettings::default()).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 3);
+    let out = veil.ok(&[
+        "deploy",
+        "--model",
+        "tiny",
+        "--stages",
+        "3",
+        "--replicas",
+        "1",
+        "--bootstrap",
+        &boot,
+        "--wait",
+        "3",
+    ]);
+    let id = out.lines().last().expect("id").trim().to_string();
+    let record = deployment(&veil, &id);
+    // with one replica per stage, every node holds one stage; a non-bootstrap node dies
+    let victim = 1;
+    let stage_of_victim = record["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .position(|s| s["replicas"][0]["peer"] == Value::from(nodes[victim].peer_id.clone()))
+        .expect("the victim holds a stage");
+    nodes[victim].kill();
+    let out = veil.run(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "4",
+        "--bootstrap",
+        &boot,
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("stage {stage_of_victim}")) && stderr.contains("deploy --repair"),
+        "{stderr}"
+    );
+    // wait until the dead node's ad has expired, then repair
+    std::thread::sleep(Duration::from_secs(11));
+    let out = veil.ok(&[
+        "deploy",
+        "--repair",
+        &id,
+        "--bootstrap",
+        &boot,
+        "--replicas",
+        "1",
+        "--wait",
+        "2",
+    ]);
+    assert_eq!(out.lines().last().expect("id").trim(), id);
+    let expected = local_tokens(&veil, "hi", 8);
+    let out = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--bootstrap",
+        &boot,
+    ]);
+    assert_eq!(out["tokens"], expected);
+}
