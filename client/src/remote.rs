@@ -132,18 +132,39 @@ impl RemotePipeline {
         Ok(resp)
     }
 
-    /// Open a session for stage `i` on its next live replica and replay its history.
+    /// Open a session for stage `i` on its next live replica and replay its history;
+    /// replicas that fail are marked dead and the next one is tried.
     fn connect(&mut self, i: usize) -> Result<()> {
+        loop {
+            let s = &self.stages[i];
+            let n = s.replicas.len();
+            let Some(r) = (0..n).find(|&k| !s.dead[k]) else {
+                bail!(
+                    "stage {} (layers {}..{}) has no live replica left; run `veil deploy --repair` for this deployment",
+                    s.stage,
+                    s.layers.0,
+                    s.layers.1
+                );
+            };
+            match self.open_on(i, r) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let s = &mut self.stages[i];
+                    s.dead[r] = true;
+                    s.current = None;
+                    self.stats.failovers += 1;
+                    tracing::warn!(
+                        "stage {}: {} is unavailable ({e:#})",
+                        s.stage,
+                        s.replicas[r]
+                    );
+                }
+            }
+        }
+    }
+
+    fn open_on(&mut self, i: usize, r: usize) -> Result<()> {
         let s = &self.stages[i];
-        let Some(r) = (0..s.replicas.len())
-            .map(|k| (s.current.map_or(0, |(c, _)| c) + k) % s.replicas.len())
-            .find(|&k| !s.dead[k])
-        else {
-            bail!(
-                "stage {} (layers {}..{}) has no live replica left; run `veil deploy --repair` for this deployment",
-                s.stage, s.layers.0, s.layers.1
-            );
-        };
         let peer = s.replicas[r];
         let mut session = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut session);
@@ -159,28 +180,28 @@ impl RemotePipeline {
         }
         self.stages[i].current = Some((r, session));
         let history = std::mem::take(&mut self.stages[i].history);
-        if !history.is_empty() {
-            let t = history.len() / self.d_model;
-            tracing::info!(
-                "stage {}: replaying {t} positions on {peer}",
-                self.stages[i].stage
-            );
-            let frame = TensorFrame::from_f32(&[t, self.d_model], &history);
-            let r = self.request(
-                peer,
-                InferRequest::Step {
-                    session,
-                    hidden: frame,
-                },
-            );
-            self.stages[i].history = history;
-            match r? {
-                InferResponse::Hidden { .. } => {}
-                InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
-                other => bail!("{peer}: unexpected answer {other:?}"),
-            }
+        if history.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let t = history.len() / self.d_model;
+        tracing::info!(
+            "stage {}: replaying {t} positions on {peer}",
+            self.stages[i].stage
+        );
+        let frame = TensorFrame::from_f32(&[t, self.d_model], &history);
+        let r = self.request(
+            peer,
+            InferRequest::Step {
+                session,
+                hidden: frame,
+            },
+        );
+        self.stages[i].history = history;
+        match r? {
+            InferResponse::Hidden { .. } => Ok(()),
+            InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+            other => bail!("{peer}: unexpected answer {other:?}"),
+        }
     }
 
     /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed.

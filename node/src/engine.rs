@@ -45,6 +45,8 @@ pub struct Status {
     pub active_sessions: u32,
     pub reserved_bytes: u64,
     pub loaded_shards: u32,
+    /// Largest number of sessions' steps run in one forward pass so far.
+    pub largest_batch: u32,
 }
 
 /// Limits the engine enforces.
@@ -77,7 +79,11 @@ struct Engine {
     limits: Limits,
     runners: HashMap<ShardId, Loaded>,
     sessions: HashMap<SessionId, Session>,
+    largest_batch: u32,
 }
+
+/// A step that passed validation: session, input rows, row count, where to answer.
+type ValidStep = (SessionId, Vec<f32>, usize, oneshot::Sender<InferResponse>);
 
 fn error(code: ErrorCode, message: impl Into<String>) -> InferResponse {
     InferResponse::Error {
@@ -95,6 +101,7 @@ pub fn spawn(device: Device, store: Arc<ShardStore>, limits: Limits) -> mpsc::Se
         limits,
         runners: HashMap::new(),
         sessions: HashMap::new(),
+        largest_batch: 0,
     };
     std::thread::Builder::new()
         .name("veil-engine".into())
@@ -171,7 +178,7 @@ impl Engine {
                 }
                 self.steps(steps);
             }
-            if last_sweep.elapsed() > Duration::from_secs(5) {
+            if last_sweep.elapsed() > self.limits.idle_timeout.min(Duration::from_secs(5)) {
                 self.expire();
                 last_sweep = Instant::now();
             }
@@ -183,6 +190,7 @@ impl Engine {
             active_sessions: self.sessions.len() as u32,
             reserved_bytes: self.reserved(),
             loaded_shards: self.runners.len() as u32,
+            largest_batch: self.largest_batch,
         }
     }
 
@@ -319,10 +327,7 @@ impl Engine {
         )>,
     ) {
         // Validate each step and group the valid ones by shard.
-        let mut groups: HashMap<
-            ShardId,
-            Vec<(SessionId, Vec<f32>, usize, oneshot::Sender<InferResponse>)>,
-        > = HashMap::new();
+        let mut groups: HashMap<ShardId, Vec<ValidStep>> = HashMap::new();
         for (peer, session, frame, reply) in steps {
             let Some(s) = self.sessions.get(&session).filter(|s| s.peer == peer) else {
                 let _ = reply.send(error(
@@ -374,6 +379,7 @@ impl Engine {
             let mut caches: Vec<&mut KvCache> =
                 taken.iter_mut().map(|(_, s)| &mut s.cache).collect();
             let result = loaded.runner.forward_host(&inputs, &mut caches);
+            self.largest_batch = self.largest_batch.max(inputs.len() as u32);
             let d = loaded.runner.meta().config.d_model;
             match result {
                 Ok(outputs) => {
@@ -392,6 +398,313 @@ impl Engine {
                 s.last_used = Instant::now();
                 self.sessions.insert(id, s);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use veil_model::crypto::{encrypt_model, KeyOptions, KeyShape, ModelKey, Shard};
+    use veil_model::{Compute, ModelBundle};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        jobs: mpsc::Sender<Job>,
+        shard_id: ShardId,
+        shard: Shard,
+        d: usize,
+    }
+
+    fn fixture(limits: Limits) -> Fixture {
+        let b = ModelBundle::tiny().expect("tiny");
+        let key = ModelKey::generate(
+            KeyShape::of(&b.weights.config),
+            KeyOptions::default(),
+            &mut rand_chacha::ChaCha20Rng::seed_from_u64(3),
+        );
+        let e = encrypt_model(&b, key, 1, &mut |_, _| {}).expect("encrypt");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ShardStore::open(dir.path(), 1 << 30).expect("store");
+        let writer = e.shards[0].to_writer().expect("writer");
+        let shard_id: ShardId = hex::decode(writer.data_sha256())
+            .expect("hex")
+            .try_into()
+            .expect("32");
+        writer.write(&store.path(&shard_id), false).expect("write");
+        let jobs = spawn(Compute::cpu().device, Arc::new(store), limits);
+        Fixture {
+            _dir: dir,
+            jobs,
+            shard_id,
+            shard: e.shards[0].clone(),
+            d: b.weights.config.d_model,
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            memory_bytes: 1 << 30,
+            max_sessions: 8,
+            idle_timeout: Duration::from_secs(60),
+            step_delay: Duration::ZERO,
+        }
+    }
+
+    fn peer() -> PeerId {
+        veil_protocol::Identity::from_secret([1; 32]).peer_id()
+    }
+
+    fn call(
+        f: &Fixture,
+        make: impl FnOnce(oneshot::Sender<InferResponse>) -> Job,
+    ) -> InferResponse {
+        let (tx, rx) = oneshot::channel();
+        f.jobs.blocking_send(make(tx)).expect("send");
+        rx.blocking_recv().expect("reply")
+    }
+
+    fn open(f: &Fixture, session: SessionId) -> InferResponse {
+        call(f, |reply| Job::Open {
+            peer: peer(),
+            session,
+            shard: f.shard_id,
+            max_len: 64,
+            reply,
+        })
+    }
+
+    fn step(f: &Fixture, session: SessionId, rows: &[f32]) -> oneshot::Receiver<InferResponse> {
+        let (tx, rx) = oneshot::channel();
+        let t = rows.len() / f.d;
+        let hidden = TensorFrame::from_f32(&[t, f.d], rows);
+        f.jobs
+            .blocking_send(Job::Step {
+                peer: peer(),
+                session,
+                hidden,
+                reply: tx,
+            })
+            .expect("send");
+        rx
+    }
+
+    fn hidden(r: InferResponse) -> Vec<f32> {
+        match r {
+            InferResponse::Hidden { hidden } => hidden.to_f32().expect("tensor").1,
+            other => panic!("expected hidden states, got {other:?}"),
+        }
+    }
+
+    fn rows(seed: u32, t: usize, d: usize) -> Vec<f32> {
+        (0..t * d)
+            .map(|i| ((i as u32 * 7 + seed * 13) % 17) as f32 / 17.0 - 0.5)
+            .collect()
+    }
+
+    #[test]
+    fn concurrent_sessions_are_batched_and_correct() {
+        let f = fixture(Limits {
+            step_delay: Duration::from_millis(100),
+            ..limits()
+        });
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        assert!(matches!(open(&f, a), InferResponse::Opened { .. }));
+        assert!(matches!(open(&f, b), InferResponse::Opened { .. }));
+        // the engine sleeps 100 ms per batch: the second and third steps queue up together
+        let xa = rows(1, 3, f.d);
+        let xb = rows(2, 5, f.d);
+        let xc = rows(3, 1, f.d);
+        let first = step(&f, a, &xa);
+        std::thread::sleep(Duration::from_millis(20));
+        let second = step(&f, b, &xb);
+        let third = step(&f, a, &xc);
+        let (ya, yb, yc) = (
+            hidden(first.blocking_recv().expect("a")),
+            hidden(second.blocking_recv().expect("b")),
+            hidden(third.blocking_recv().expect("c")),
+        );
+        let (tx, rx) = oneshot::channel();
+        f.jobs.blocking_send(Job::Status(tx)).expect("send");
+        assert!(
+            rx.blocking_recv().expect("status").largest_batch >= 2,
+            "steps were batched"
+        );
+        // the same computations one at a time
+        let device = Compute::cpu().device;
+        let runner = StageRunner::new(&f.shard, &device);
+        let (mut ca, mut cb) = (runner.new_cache(64), runner.new_cache(64));
+        let alone = |x: &[f32], c: &mut KvCache| {
+            runner.forward_host(&[x], &mut [c]).expect("fwd").remove(0)
+        };
+        let ea = alone(&xa, &mut ca);
+        let eb = alone(&xb, &mut cb);
+        let ec = alone(&xc, &mut ca);
+        for (got, want) in [(ya, ea), (yb, eb), (yc, ec)] {
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-4, "batched result differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_errors_and_the_engine_keeps_serving() {
+        let f = fixture(limits());
+        let s = [9u8; 16];
+        let err = |r: InferResponse| match r {
+            InferResponse::Error { code, message } => (code, message),
+            other => panic!("expected an error, got {other:?}"),
+        };
+        // unknown shard, unknown session, zero length
+        let (code, _) = err(call(&f, |reply| Job::Open {
+            peer: peer(),
+            session: s,
+            shard: [0; 32],
+            max_len: 8,
+            reply,
+        }));
+        assert_eq!(code, ErrorCode::UnknownShard);
+        let (code, _) = err(step(&f, s, &rows(0, 1, f.d))
+            .blocking_recv()
+            .expect("reply"));
+        assert_eq!(code, ErrorCode::UnknownSession);
+        assert!(matches!(open(&f, s), InferResponse::Opened { .. }));
+        let (code, _) = err(open(&f, s));
+        assert_eq!(
+            code,
+            ErrorCode::BadRequest,
+            "a session id cannot be opened twice"
+        );
+        // wrong width, NaN, wrong dtype size
+        let (tx, rx) = oneshot::channel();
+        let hidden = TensorFrame::from_f32(&[1, f.d + 1], &vec![0.0; f.d + 1]);
+        f.jobs
+            .blocking_send(Job::Step {
+                peer: peer(),
+                session: s,
+                hidden,
+                reply: tx,
+            })
+            .expect("send");
+        let (code, msg) = err(rx.blocking_recv().expect("reply"));
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(msg.contains(&format!("[t, {}]", f.d)), "{msg}");
+        let mut nan = rows(0, 1, f.d);
+        nan[3] = f32::NAN;
+        assert_eq!(
+            err(step(&f, s, &nan).blocking_recv().expect("reply")).0,
+            ErrorCode::BadRequest
+        );
+        // another peer cannot use this session
+        let (tx, rx) = oneshot::channel();
+        let other = veil_protocol::Identity::from_secret([2; 32]).peer_id();
+        let hidden = TensorFrame::from_f32(&[1, f.d], &rows(0, 1, f.d));
+        f.jobs
+            .blocking_send(Job::Step {
+                peer: other,
+                session: s,
+                hidden,
+                reply: tx,
+            })
+            .expect("send");
+        assert_eq!(
+            err(rx.blocking_recv().expect("reply")).0,
+            ErrorCode::UnknownSession
+        );
+        // past the session's length
+        let (code, _) = err(step(&f, s, &rows(0, 65, f.d))
+            .blocking_recv()
+            .expect("reply"));
+        assert_eq!(code, ErrorCode::ContextFull);
+        // still serving
+        assert_eq!(hidden_len(step(&f, s, &rows(0, 2, f.d))), 2 * f.d);
+    }
+
+    fn hidden_len(rx: oneshot::Receiver<InferResponse>) -> usize {
+        hidden(rx.blocking_recv().expect("reply")).len()
+    }
+
+    #[test]
+    fn memory_and_session_limits_refuse_clearly() {
+        // room for the shard and one 64-position cache (64 KiB for the tiny model)
+        let shard_bytes = {
+            let f = fixture(limits());
+            std::fs::metadata(
+                f._dir
+                    .path()
+                    .join("shards")
+                    .join(format!("{}.veil", hex::encode(f.shard_id))),
+            )
+            .expect("shard")
+            .len()
+        };
+        let f = fixture(Limits {
+            memory_bytes: shard_bytes + 100_000,
+            max_sessions: 8,
+            ..limits()
+        });
+        assert!(matches!(open(&f, [1; 16]), InferResponse::Opened { .. }));
+        match open(&f, [2; 16]) {
+            InferResponse::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => assert!(message.contains("KV cache"), "{message}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let f = fixture(Limits {
+            max_sessions: 1,
+            ..limits()
+        });
+        assert!(matches!(open(&f, [1; 16]), InferResponse::Opened { .. }));
+        match open(&f, [2; 16]) {
+            InferResponse::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => assert!(message.contains("maximum of 1"), "{message}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // closing frees the slot
+        assert_eq!(
+            call(&f, |reply| Job::Close {
+                peer: peer(),
+                session: [1; 16],
+                reply
+            }),
+            InferResponse::Closed
+        );
+        assert!(matches!(open(&f, [2; 16]), InferResponse::Opened { .. }));
+    }
+
+    #[test]
+    fn idle_sessions_expire() {
+        let f = fixture(Limits {
+            idle_timeout: Duration::from_millis(200),
+            ..limits()
+        });
+        let s = [5u8; 16];
+        assert!(matches!(open(&f, s), InferResponse::Opened { .. }));
+        std::thread::sleep(Duration::from_millis(400));
+        // this job wakes the engine, which sweeps; the step after it finds the session gone
+        let _ = call(&f, |reply| Job::Open {
+            peer: peer(),
+            session: [6; 16],
+            shard: f.shard_id,
+            max_len: 8,
+            reply,
+        });
+        match step(&f, s, &rows(0, 1, f.d))
+            .blocking_recv()
+            .expect("reply")
+        {
+            InferResponse::Error {
+                code: ErrorCode::UnknownSession,
+                ..
+            } => {}
+            other => panic!("expected the session to have expired, got {other:?}"),
         }
     }
 }

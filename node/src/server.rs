@@ -177,10 +177,11 @@ impl Node {
             Err(_) => Default::default(),
         };
         tracing::debug!(
-            "{} session(s), {} shard(s) loaded, {} MiB reserved",
+            "{} session(s), {} shard(s) loaded, {} MiB reserved, largest batch {}",
             status.active_sessions,
             status.loaded_shards,
-            status.reserved_bytes >> 20
+            status.reserved_bytes >> 20,
+            status.largest_batch
         );
         let addrs = self.network.listen_addrs().await.unwrap_or_default();
         let limit = self.config.memory_limit_mib << 20;

@@ -20,6 +20,8 @@ pub struct NodeSettings {
     pub step_delay_ms: u64,
     pub record_traffic: bool,
     pub request_timeout_s: u64,
+    /// Also listen on QUIC.
+    pub quic: bool,
 }
 
 impl Default for NodeSettings {
@@ -32,6 +34,7 @@ impl Default for NodeSettings {
             step_delay_ms: 0,
             record_traffic: false,
             request_timeout_s: 30,
+            quic: false,
         }
     }
 }
@@ -44,6 +47,9 @@ pub struct NodeProcess {
     pub peer_id: String,
     /// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer id>` once started.
     pub addr: Option<String>,
+    /// `/ip4/127.0.0.1/udp/<port>/quic-v1/p2p/<peer id>` with `quic`.
+    pub quic_addr: Option<String>,
+    quic: bool,
     bin: PathBuf,
     child: Option<Child>,
     port: u16,
@@ -102,6 +108,8 @@ impl NodeProcess {
             data_dir: data_dir.to_path_buf(),
             peer_id,
             addr: None,
+            quic_addr: None,
+            quic: settings.quic,
             bin: bin.to_path_buf(),
             child: None,
             port: 0,
@@ -122,6 +130,11 @@ impl NodeProcess {
         cmd.args(["run", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.port)])
+            .args(if self.quic {
+                vec!["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]
+            } else {
+                vec![]
+            })
             .env("VEIL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -133,7 +146,10 @@ impl NodeProcess {
             cmd.spawn()
                 .with_context(|| format!("cannot start {}", self.name))?,
         );
-        let addr = self.wait_for_listen(Duration::from_secs(60))?;
+        let addr = self.wait_for_listen("/tcp/", Duration::from_secs(60))?;
+        if self.quic {
+            self.quic_addr = Some(self.wait_for_listen("/quic-v1", Duration::from_secs(60))?);
+        }
         self.port = addr
             .split('/')
             .nth(4)
@@ -143,7 +159,7 @@ impl NodeProcess {
         Ok(())
     }
 
-    fn wait_for_listen(&mut self, limit: Duration) -> Result<String> {
+    fn wait_for_listen(&mut self, transport: &str, limit: Duration) -> Result<String> {
         let start = Instant::now();
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -159,7 +175,7 @@ impl NodeProcess {
             if let Ok(f) = File::open(self.log_path()) {
                 for line in BufReader::new(f).lines().map_while(Result::ok) {
                     if let Some(addr) = line.split("listening on ").nth(1) {
-                        if addr.contains("/tcp/") {
+                        if addr.contains(transport) {
                             return Ok(addr.trim().to_string());
                         }
                     }

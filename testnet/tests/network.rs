@@ -232,7 +232,9 @@ fn a_restarted_node_still_serves_its_shards() {
 
     // Graceful restart of node 2 (SIGTERM, same data dir and port).
     assert!(nodes[2].stop(Duration::from_secs(10)), "graceful shutdown");
-    nodes[2].start(&[boot.clone()]).expect("restart");
+    nodes[2]
+        .start(std::slice::from_ref(&boot))
+        .expect("restart");
     let restarted = nodes[2].peer_id.clone();
     assert!(
         nodes[2].log().contains("holding 2 shard(s)"),
@@ -459,7 +461,7 @@ fn a_lost_stage_is_a_clear_error_until_repaired() {
         .as_array()
         .expect("stages")
         .iter()
-        .position(|s| s["replicas"][0]["peer"] == Value::from(nodes[victim].peer_id.clone()))
+        .position(|s| s["replicas"][0]["peer"].as_str() == Some(nodes[victim].peer_id.as_str()))
         .expect("the victim holds a stage");
     nodes[victim].kill();
     let out = veil.run(&[
@@ -507,4 +509,154 @@ fn a_lost_stage_is_a_clear_error_until_repaired() {
         &boot,
     ]);
     assert_eq!(out["tokens"], expected);
+}
+
+#[test]
+fn quic_transport_and_interactive_chat() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = NodeSettings {
+        quic: true,
+        ..NodeSettings::default()
+    };
+    let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+    let quic = nodes[0].quic_addr.clone().expect("quic address");
+    assert!(quic.contains("/udp/") && quic.contains("/quic-v1"));
+    let veil = Veil::new();
+    // everything through QUIC
+    wait_for_ads(&veil, &quic, 2);
+    let id = deploy(&veil, &quic, 2);
+
+    let bin = find_bin("veil").expect("veil");
+    let mut child = Command::new(bin)
+        .args([
+            "chat",
+            "--deployment",
+            &id,
+            "--max-tokens",
+            "6",
+            "--bootstrap",
+            &quic,
+        ])
+        .env("VEIL_HOME", veil.home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn chat");
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "hello there").expect("write");
+        writeln!(stdin, "and again").expect("write");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("chat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2, "one answer per turn: {stdout:?}");
+    // the first answer is what a one-turn generation gives
+    let first = veil.json(&[
+        "generate",
+        "--local",
+        "--model",
+        "tiny",
+        "--backend",
+        "cpu",
+        "--prompt",
+        "hello there",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    assert_eq!(
+        stdout.lines().next().expect("answer"),
+        first["text"].as_str().expect("text").trim_end_matches('\n')
+    );
+}
+
+/// The SmolLM2 GGUF cached by `veil model fetch` (or VEIL_TEST_MODEL).
+fn smollm2() -> String {
+    if let Ok(p) = std::env::var("VEIL_TEST_MODEL") {
+        return p;
+    }
+    let home = std::env::var("VEIL_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").expect("HOME")).join(".veil")
+        });
+    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `veil model fetch` first",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+#[test]
+fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
+    let model = smollm2();
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(root.path(), 3, &NodeSettings::default()).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 3);
+    let out = veil.ok(&[
+        "deploy",
+        "--model",
+        &model,
+        "--stages",
+        "3",
+        "--replicas",
+        "1",
+        "--bootstrap",
+        &boot,
+        "--wait",
+        "3",
+    ]);
+    let id = out.lines().last().expect("id").trim().to_string();
+    let prompt = "Name three planets of the solar system.";
+    let local = veil.json(&[
+        "generate",
+        "--local",
+        "--model",
+        &model,
+        "--backend",
+        "cpu",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
+    let remote = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "24",
+        "--json",
+        "--bootstrap",
+        &boot,
+    ]);
+    assert_eq!(remote["tokens"], local["tokens"]);
+    assert_eq!(remote["text"], local["text"]);
+    assert!(remote["text"].as_str().expect("text").contains("Mars"));
+    let peers: std::collections::HashSet<&str> = remote["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        peers.len(),
+        3,
+        "three different nodes served the three stages"
+    );
 }
