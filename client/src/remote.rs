@@ -25,9 +25,23 @@ struct RemoteStage {
     /// Replicas that failed during this generation.
     dead: Vec<bool>,
     current: Option<(usize, SessionId)>,
+    /// The replica of the latest session.
+    last: usize,
     /// Every input row sent so far, `[n, d]` flattened.
     history: Vec<f32>,
 }
+
+/// A node answered that it does not know the session (it expired).
+#[derive(Debug)]
+struct SessionLost;
+
+impl std::fmt::Display for SessionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the node no longer holds the session")
+    }
+}
+
+impl std::error::Error for SessionLost {}
 
 /// Traffic and failover counters of a remote generation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -96,6 +110,7 @@ impl RemotePipeline {
                 dead: vec![false; replicas.len()],
                 replicas,
                 current: None,
+                last: 0,
                 history: Vec::new(),
             });
         }
@@ -163,6 +178,12 @@ impl RemotePipeline {
         }
     }
 
+    /// Open a new session on the replica stage `i` last used (after it forgot the old one).
+    fn reopen(&mut self, i: usize) -> Result<()> {
+        let last = self.stages[i].last;
+        self.open_on(i, last)
+    }
+
     fn open_on(&mut self, i: usize, r: usize) -> Result<()> {
         let s = &self.stages[i];
         let peer = s.replicas[r];
@@ -179,6 +200,7 @@ impl RemotePipeline {
             other => bail!("{peer}: unexpected answer {other:?}"),
         }
         self.stages[i].current = Some((r, session));
+        self.stages[i].last = r;
         let history = std::mem::take(&mut self.stages[i].history);
         if history.is_empty() {
             return Ok(());
@@ -207,6 +229,7 @@ impl RemotePipeline {
     /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed.
     fn stage_step(&mut self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
         let t = x.len() / self.d_model;
+        let mut reopened = false;
         loop {
             let attempt = (|| -> Result<Vec<f32>> {
                 if self.stages[i].current.is_none() {
@@ -239,6 +262,10 @@ impl RemotePipeline {
                         capacity: self.context
                     }))
                     .context(message),
+                    InferResponse::Error {
+                        code: ErrorCode::UnknownSession,
+                        message,
+                    } => Err(anyhow!(SessionLost)).context(format!("{peer}: {message}")),
                     InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
                     other => bail!("{peer}: unexpected answer {other:?}"),
                 }
@@ -249,6 +276,17 @@ impl RemotePipeline {
                     return Ok(y);
                 }
                 Err(e) if e.downcast_ref::<ModelError>().is_some() => return Err(e),
+                Err(e) if e.downcast_ref::<SessionLost>().is_some() && !reopened => {
+                    // The node forgot the session (it expired while idle): open a new one on
+                    // the same node and replay, once per step.
+                    reopened = true;
+                    let s = &mut self.stages[i];
+                    s.current = None;
+                    tracing::info!("stage {}: {e:#}; reopening the session", s.stage);
+                    if let Err(e) = self.reopen(i) {
+                        tracing::warn!("stage {i}: cannot reopen ({e:#})");
+                    }
+                }
                 Err(e) => {
                     let s = &mut self.stages[i];
                     let Some((r, _)) = s.current.take() else {

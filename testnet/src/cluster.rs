@@ -22,6 +22,7 @@ pub struct NodeSettings {
     pub request_timeout_s: u64,
     /// Also listen on QUIC.
     pub quic: bool,
+    pub session_idle_timeout_s: u64,
 }
 
 impl Default for NodeSettings {
@@ -35,6 +36,7 @@ impl Default for NodeSettings {
             record_traffic: false,
             request_timeout_s: 30,
             quic: false,
+            session_idle_timeout_s: 300,
         }
     }
 }
@@ -94,13 +96,14 @@ impl NodeProcess {
         };
         let config = format!(
             "backend = \"{}\"\nmemory_limit_mib = {}\nad_interval_s = {}\nad_ttl_s = {}\n\
-             step_delay_ms = {}\nrequest_timeout_s = {}\n{record}",
+             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}",
             settings.backend,
             settings.memory_limit_mib,
             settings.ad_interval_s,
             settings.ad_ttl_s,
             settings.step_delay_ms,
             settings.request_timeout_s,
+            settings.session_idle_timeout_s,
         );
         std::fs::write(data_dir.join("node.toml"), config)?;
         Ok(NodeProcess {

@@ -601,7 +601,12 @@ fn smollm2() -> String {
 fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
     let model = smollm2();
     let root = tempfile::tempdir().expect("tempdir");
-    let nodes = start_nodes(root.path(), 3, &NodeSettings::default()).expect("nodes");
+    // sessions idle for a second expire: the chat below pauses longer than that
+    let settings = NodeSettings {
+        session_idle_timeout_s: 1,
+        ..NodeSettings::default()
+    };
+    let nodes = start_nodes(root.path(), 3, &settings).expect("nodes");
     let boot = addr(&nodes[0]);
     let veil = Veil::new();
     wait_for_ads(&veil, &boot, 3);
@@ -659,4 +664,56 @@ fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
         3,
         "three different nodes served the three stages"
     );
+
+    // A chat whose sessions expire between turns reopens them, replays, and says the same.
+    let turns = ["What is the capital of France?", "And of Italy?"];
+    let (quick, _) = chat(&veil, &id, &boot, &turns, Duration::ZERO);
+    let (slow, log) = chat(&veil, &id, &boot, &turns, Duration::from_secs(3));
+    assert!(log.contains("reopening the session"), "{log}");
+    assert_eq!(
+        slow, quick,
+        "the conversation goes on as if nothing expired"
+    );
+    assert!(quick.contains("Paris"), "{quick}");
+}
+
+/// Run `veil chat` with `turns`, sleeping `pause` before each turn after the first.
+fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (String, String) {
+    use std::io::Write;
+    let bin = find_bin("veil").expect("veil");
+    let mut child = Command::new(bin)
+        .args([
+            "chat",
+            "--deployment",
+            id,
+            "--max-tokens",
+            "8",
+            "--bootstrap",
+            boot,
+        ])
+        .env("VEIL_HOME", veil.home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn chat");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for (i, t) in turns.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        writeln!(stdin, "{t}").expect("write");
+        stdin.flush().expect("flush");
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("chat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
