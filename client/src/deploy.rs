@@ -234,9 +234,17 @@ fn shard_id(hex_id: &str) -> Result<[u8; 32]> {
 }
 
 pub fn run(args: DeployArgs) -> Result<()> {
-    if let Some(id) = &args.repair {
-        return repair(&args, id);
-    }
+    let d = if let Some(id) = &args.repair {
+        repair(&args, id)?
+    } else {
+        deploy(&args)?
+    };
+    println!("{}", d.id);
+    Ok(())
+}
+
+/// Encrypt the model, place its shards on the network and save the deployment record.
+pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     let mut client = Client::connect(&args.net)?;
     let found = candidates(&mut client, args.wait);
     if found.is_empty() {
@@ -255,16 +263,14 @@ pub fn run(args: DeployArgs) -> Result<()> {
         .with_context(|| format!("cannot write {}", dir.display()))?;
     place_and_upload(
         &mut client,
-        &args,
+        args,
         &e,
         &dir,
         &id,
         bundle.name.clone(),
         found,
         None,
-    )?;
-    println!("{id}");
-    Ok(())
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -363,7 +369,8 @@ fn place_and_upload(
     Ok(d)
 }
 
-fn repair(args: &DeployArgs, id: &str) -> Result<()> {
+/// Re-place the stages of deployment `id` that have no live replica.
+pub fn repair(args: &DeployArgs, id: &str) -> Result<Deployment> {
     let previous = Deployment::load(id)?;
     let dir = Deployment::dir(id)?;
     let e = Encrypted::read(&dir).with_context(|| format!("deployment {id} is damaged"))?;
@@ -387,6 +394,5 @@ fn repair(args: &DeployArgs, id: &str) -> Result<()> {
     for s in &d.stages {
         tracing::info!("stage {}: {} replica(s)", s.stage, s.replicas.len());
     }
-    println!("{id}");
-    Ok(())
+    Ok(d)
 }

@@ -1,18 +1,7 @@
 //! `veil`: the Veil client. Fetches models, runs them locally, and (with a network)
 //! deploys encrypted shards and generates through them.
 
-mod bench;
-mod chat;
-mod deploy;
-mod deployment;
-mod encrypt;
-mod fetch;
-mod generate;
-mod home;
-mod model_spec;
-mod net;
-mod peers;
-mod remote;
+use veil_client::{bench, chat, deploy, encrypt, fetch, generate, peers};
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -85,6 +85,18 @@ impl Client {
         })
     }
 
+    /// A node's work counters.
+    pub fn stats(&self, peer: PeerId) -> Result<veil_protocol::wire::NodeStats> {
+        use veil_protocol::wire::{InferRequest, InferResponse};
+        match self
+            .runtime
+            .block_on(self.network.infer(peer, InferRequest::Stats))?
+        {
+            InferResponse::Stats(s) => Ok(s),
+            other => bail!("{peer}: unexpected answer to a stats request: {other:?}"),
+        }
+    }
+
     /// Verified capacity ads: the directories of the bootstrap peers, then gossip for up to
     /// `wait`, stopping early once `want` peers are known.
     pub fn discover(&mut self, wait: Duration, want: usize) -> AdBook {

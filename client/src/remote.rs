@@ -27,6 +27,9 @@ struct RemoteStage {
     current: Option<(usize, SessionId)>,
     /// The replica of the latest session.
     last: usize,
+    /// Where the search for a live replica starts: chosen at random per pipeline, so that
+    /// sessions spread over the replicas.
+    first: usize,
     /// Every input row sent so far, `[n, d]` flattened.
     history: Vec<f32>,
 }
@@ -77,6 +80,19 @@ impl RemotePipeline {
         context: usize,
     ) -> Result<Self> {
         let device = veil_model::Compute::cpu().device;
+        let client = ClientModel::new(bundle, &device);
+        Self::with_client(handle, network, client, deployment, context)
+    }
+
+    /// Like [`RemotePipeline::new`] with the client's tables already built (they can be
+    /// cloned cheaply and shared by many pipelines).
+    pub fn with_client(
+        handle: Handle,
+        network: Network,
+        client: ClientModel,
+        deployment: &Deployment,
+        context: usize,
+    ) -> Result<Self> {
         let mut stages = Vec::new();
         for s in &deployment.stages {
             let mut replicas = Vec::new();
@@ -99,6 +115,7 @@ impl RemotePipeline {
                     deployment.id
                 );
             }
+            let n_replicas = replicas.len();
             let shard = hex::decode(&s.shard)
                 .ok()
                 .and_then(|b| b.try_into().ok())
@@ -111,17 +128,18 @@ impl RemotePipeline {
                 replicas,
                 current: None,
                 last: 0,
+                first: rand::random::<usize>() % n_replicas,
                 history: Vec::new(),
             });
         }
-        let config = &bundle.meta.config;
+        let (d_model, max_seq_len) = (client.config.d_model, client.config.max_seq_len);
         Ok(RemotePipeline {
             handle,
             network,
-            client: ClientModel::new(bundle, &device),
+            client,
             stages,
-            d_model: config.d_model,
-            context: context.min(config.max_seq_len),
+            d_model,
+            context: context.min(max_seq_len),
             position: 0,
             stats: RemoteStats::default(),
         })
@@ -153,7 +171,7 @@ impl RemotePipeline {
         loop {
             let s = &self.stages[i];
             let n = s.replicas.len();
-            let Some(r) = (0..n).find(|&k| !s.dead[k]) else {
+            let Some(r) = (0..n).map(|k| (s.first + k) % n).find(|&k| !s.dead[k]) else {
                 bail!(
                     "stage {} (layers {}..{}) has no live replica left; run `veil deploy --repair` for this deployment",
                     s.stage,

@@ -54,6 +54,9 @@ pub struct Generation {
     pub decode_s: f64,
     /// Generated tokens fed back (decode steps).
     pub decode_steps: usize,
+    /// Seconds from the start of generation until each token was sampled: the first is the
+    /// time to first token, the differences are per-token latencies.
+    pub token_times_s: Vec<f64>,
 }
 
 impl Generation {
@@ -107,6 +110,7 @@ pub fn generate(
         prefill_s,
         decode_s: 0.0,
         decode_steps: 0,
+        token_times_s: Vec::new(),
     };
     for step in 0..params.max_tokens {
         if params.top_logits > 0 {
@@ -114,6 +118,7 @@ pub fn generate(
         }
         let token = sampler.sample(&logits);
         out.tokens.push(token);
+        out.token_times_s.push(start.elapsed().as_secs_f64());
         let piece = stream.push(tokenizer, token);
         if !piece.is_empty() {
             on_text(&piece);

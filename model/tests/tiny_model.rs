@@ -247,6 +247,10 @@ fn greedy_generation_is_deterministic_and_streams_its_text() {
     let again = run(&params);
     assert_eq!(a.tokens, again.tokens);
     assert_eq!(a.top_logits.len(), a.tokens.len());
+    // one timestamp per token, in order, the first after the prompt was processed
+    assert_eq!(a.token_times_s.len(), a.tokens.len());
+    assert!(a.token_times_s[0] >= a.prefill_s);
+    assert!(a.token_times_s.windows(2).all(|w| w[0] <= w[1]));
     for (step, top) in a.top_logits.iter().enumerate() {
         assert_eq!(top.len(), 3);
         assert!(top[0].logit >= top[1].logit && top[1].logit >= top[2].logit);

@@ -47,6 +47,11 @@ pub struct Status {
     pub loaded_shards: u32,
     /// Largest number of sessions' steps run in one forward pass so far.
     pub largest_batch: u32,
+    /// Time spent serving jobs since the engine started.
+    pub busy: Duration,
+    /// Steps answered with hidden states, and the forward passes that computed them.
+    pub steps: u64,
+    pub batches: u64,
 }
 
 /// Limits the engine enforces.
@@ -80,6 +85,9 @@ struct Engine {
     runners: HashMap<ShardId, Loaded>,
     sessions: HashMap<SessionId, Session>,
     largest_batch: u32,
+    busy: Duration,
+    steps: u64,
+    batches: u64,
 }
 
 /// A step that passed validation: session, input rows, row count, where to answer.
@@ -102,6 +110,9 @@ pub fn spawn(device: Device, store: Arc<ShardStore>, limits: Limits) -> mpsc::Se
         runners: HashMap::new(),
         sessions: HashMap::new(),
         largest_batch: 0,
+        busy: Duration::ZERO,
+        steps: 0,
+        batches: 0,
     };
     std::thread::Builder::new()
         .name("veil-engine".into())
@@ -136,6 +147,7 @@ impl Engine {
                 self.expire();
                 last_sweep = Instant::now();
             }
+            let started = Instant::now();
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
@@ -184,6 +196,7 @@ impl Engine {
                 }
                 self.steps(steps);
             }
+            self.busy += started.elapsed();
         }
     }
 
@@ -193,6 +206,9 @@ impl Engine {
             reserved_bytes: self.reserved(),
             loaded_shards: self.runners.len() as u32,
             largest_batch: self.largest_batch,
+            busy: self.busy,
+            steps: self.steps,
+            batches: self.batches,
         }
     }
 
@@ -385,6 +401,8 @@ impl Engine {
             let d = loaded.runner.meta().config.d_model;
             match result {
                 Ok(outputs) => {
+                    self.batches += 1;
+                    self.steps += outputs.len() as u64;
                     for ((_, _, t, reply), out) in group.into_iter().zip(outputs) {
                         let hidden = TensorFrame::from_f32(&[t, d], &out);
                         let _ = reply.send(InferResponse::Hidden { hidden });
@@ -529,9 +547,13 @@ mod tests {
         );
         let (tx, rx) = oneshot::channel();
         f.jobs.blocking_send(Job::Status(tx)).expect("send");
+        let status = rx.blocking_recv().expect("status");
+        assert!(status.largest_batch >= 2, "steps were batched");
+        assert_eq!(status.steps, 3, "three steps answered");
+        assert!(status.batches < 3, "in fewer forward passes");
         assert!(
-            rx.blocking_recv().expect("status").largest_batch >= 2,
-            "steps were batched"
+            status.busy >= Duration::from_millis(200),
+            "busy time counts the work"
         );
         // the same computations one at a time
         let device = Compute::cpu().device;

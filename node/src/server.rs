@@ -3,14 +3,17 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use veil_model::Compute;
 use veil_protocol::ad::now_ms;
-use veil_protocol::wire::{ErrorCode, InferRequest, InferResponse, UploadRequest, UploadResponse};
+use veil_protocol::wire::{
+    ErrorCode, InferRequest, InferResponse, NodeStats, UploadRequest, UploadResponse,
+};
 use veil_protocol::{
     network, AdBook, CapacityAd, Event, Identity, Multiaddr, NetConfig, Network, SignedAd,
 };
@@ -38,8 +41,21 @@ impl TrafficRecorder {
     }
 }
 
+/// Inference traffic counters, shared with the tasks that answer requests.
+#[derive(Default)]
+struct Traffic {
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+fn encoded_len<T: bincode::Encode>(message: &T) -> u64 {
+    veil_protocol::codec::encode(message).map_or(0, |b| b.len() as u64)
+}
+
 struct Node {
     config: NodeConfig,
+    started: Instant,
+    traffic: Arc<Traffic>,
     identity: Identity,
     network: Network,
     engine: mpsc::Sender<Job>,
@@ -111,6 +127,8 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
     tracing::info!("peer id {}", identity.peer_id());
     let mut node = Node {
         config,
+        started: Instant::now(),
+        traffic: Arc::default(),
         identity,
         network,
         engine,
@@ -230,9 +248,34 @@ impl Node {
                 self.record(1, &request);
                 let engine = self.engine.clone();
                 let network = self.network.clone();
+                let traffic = self.traffic.clone();
+                let started = self.started;
+                traffic
+                    .received
+                    .fetch_add(encoded_len(&request), Ordering::Relaxed);
                 tokio::spawn(async move {
                     let (tx, rx) = oneshot::channel();
                     let job = match request {
+                        InferRequest::Stats => {
+                            let (stx, srx) = oneshot::channel();
+                            let status = match engine.send(Job::Status(stx)).await {
+                                Ok(()) => srx.await.unwrap_or_default(),
+                                Err(_) => Default::default(),
+                            };
+                            let stats = NodeStats {
+                                busy_ms: status.busy.as_millis() as u64,
+                                steps: status.steps,
+                                batches: status.batches,
+                                active_sessions: status.active_sessions,
+                                bytes_received: traffic.received.load(Ordering::Relaxed),
+                                bytes_sent: traffic.sent.load(Ordering::Relaxed),
+                                uptime_ms: started.elapsed().as_millis() as u64,
+                            };
+                            let _ = network
+                                .respond_infer(channel, InferResponse::Stats(stats))
+                                .await;
+                            return;
+                        }
                         InferRequest::Open {
                             session,
                             shard,
@@ -266,6 +309,9 @@ impl Node {
                             message: "the engine stopped".into(),
                         },
                     };
+                    traffic
+                        .sent
+                        .fetch_add(encoded_len(&response), Ordering::Relaxed);
                     let _ = network.respond_infer(channel, response).await;
                 });
             }

@@ -299,10 +299,9 @@ impl EventLoop {
         let swarm = &mut self.swarm;
         match command {
             Command::Listen(addr, reply) => {
-                let r = swarm
-                    .listen_on(addr.clone())
-                    .map(|_| ())
-                    .map_err(|e| ProtocolError::Network(format!("cannot listen on {addr}: {e}")));
+                let r = swarm.listen_on(addr.clone()).map(|_| ()).map_err(|e| {
+                    ProtocolError::Network(format!("cannot listen on {addr}: {}", chain(&e)))
+                });
                 let _ = reply.send(r);
             }
             Command::Dial(addr, reply) => {
@@ -556,4 +555,16 @@ fn is_dialable(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
+}
+
+/// An error and its sources, joined (libp2p's transport errors keep the cause in `source`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(": ")
 }

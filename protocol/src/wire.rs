@@ -85,6 +85,24 @@ pub enum InferRequest {
     Close {
         session: SessionId,
     },
+    /// The node's work counters since it started (for operators and the testnet).
+    Stats,
+}
+
+/// Work counters of a node since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Encode, Decode)]
+pub struct NodeStats {
+    /// Milliseconds the engine spent computing (opens, steps, replays).
+    pub busy_ms: u64,
+    /// Step requests served successfully.
+    pub steps: u64,
+    /// Forward passes run for them (several sessions' steps may share one).
+    pub batches: u64,
+    pub active_sessions: u32,
+    /// Bytes of inference requests received and responses sent (encoded messages).
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub uptime_ms: u64,
 }
 
 /// Why a request failed.
@@ -113,6 +131,7 @@ pub enum InferResponse {
         hidden: TensorFrame,
     },
     Closed,
+    Stats(NodeStats),
     Error {
         code: ErrorCode,
         message: String,

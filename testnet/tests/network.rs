@@ -168,10 +168,12 @@ fn deploy_generate_and_survive_a_node_dying() {
     assert_eq!(out["network"]["failovers"], 0);
 
     // Kill the node serving stage 1 while a generation is under way.
-    let victim = stages[1]["replicas"][0]["peer"]
-        .as_str()
-        .expect("peer")
-        .to_string();
+    let replicas: Vec<String> = stages[1]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["peer"].as_str().expect("peer").to_string())
+        .collect();
     let expected = local_tokens(&veil, prompt, 60);
     let bin = find_bin("veil").expect("veil");
     let child = Command::new(bin)
@@ -192,7 +194,24 @@ fn deploy_generate_and_survive_a_node_dying() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(2000));
+    // the client picks a replica at random: find the one with the session (ads every second)
+    let victim = (0..20)
+        .find_map(|_| {
+            let peers = veil.json(&["peers", "--json", "--bootstrap", &boot, "--wait", "1"]);
+            let busy = peers.as_array().expect("list").iter().find(|p| {
+                p["active_sessions"].as_u64().unwrap_or(0) > 0
+                    && replicas.iter().any(|r| p["peer_id"] == r.as_str())
+            });
+            match busy {
+                Some(p) => Some(p["peer_id"].as_str().expect("peer").to_string()),
+                None => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    None
+                }
+            }
+        })
+        .expect("a replica of stage 1 serves the session");
     let node = nodes
         .iter_mut()
         .find(|n| n.peer_id == victim)

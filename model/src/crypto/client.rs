@@ -169,7 +169,7 @@ impl ClientBundle {
 /// The client's computations on a device. Products with the key are folded once into the
 /// tables: `E' = E Q` and `W' = Q^T diag(gf) Wout`, so encoding is a row lookup and
 /// decoding costs what the plaintext head costs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ClientModel {
     embedding: TokenEmbedding,
     norm: RmsNorm,
