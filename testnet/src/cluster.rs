@@ -23,6 +23,8 @@ pub struct NodeSettings {
     /// Also listen on QUIC.
     pub quic: bool,
     pub session_idle_timeout_s: u64,
+    /// TCP port of the first node; node `i` listens on `base_port + i` (0: any free port).
+    pub base_port: u16,
 }
 
 impl Default for NodeSettings {
@@ -37,6 +39,7 @@ impl Default for NodeSettings {
             request_timeout_s: 30,
             quic: false,
             session_idle_timeout_s: 300,
+            base_port: 0,
         }
     }
 }
@@ -145,10 +148,11 @@ impl NodeProcess {
         for b in bootstrap {
             cmd.args(["--bootstrap", b]);
         }
-        self.child = Some(
-            cmd.spawn()
-                .with_context(|| format!("cannot start {}", self.name))?,
-        );
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.name))?;
+        crate::cleanup::add_process(child.id());
+        self.child = Some(child);
         let addr = self.wait_for_listen("/tcp/", Duration::from_secs(60))?;
         if self.quic {
             self.quic_addr = Some(self.wait_for_listen("/quic-v1", Duration::from_secs(60))?);
@@ -167,6 +171,7 @@ impl NodeProcess {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
+                    crate::cleanup::remove_process(child.id());
                     self.child = None;
                     bail!(
                         "{} exited ({status}) before listening:\n{}",
@@ -215,6 +220,7 @@ impl NodeProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            crate::cleanup::remove_process(c.id());
         }
     }
 
@@ -223,6 +229,7 @@ impl NodeProcess {
         let Some(mut c) = self.child.take() else {
             return true;
         };
+        crate::cleanup::remove_process(c.id());
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
@@ -258,6 +265,12 @@ pub fn start_nodes(root: &Path, n: usize, settings: &NodeSettings) -> Result<Vec
         let dir = root.join(format!("node-{i}"));
         std::fs::create_dir_all(&dir)?;
         let mut node = NodeProcess::init(&bin, &format!("node-{i}"), &dir, settings)?;
+        if settings.base_port != 0 {
+            node.port = settings
+                .base_port
+                .checked_add(i as u16)
+                .context("--base-port is too high for that many nodes")?;
+        }
         let bootstrap: Vec<String> = nodes
             .first()
             .and_then(|b| b.addr.clone())

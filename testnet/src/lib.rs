@@ -1,3 +1,13 @@
-//! The Veil test network: local node processes and the measurements made on them.
+//! The Veil test network: local node processes, load and fault injection on them, the
+//! measurements made there, and a simulation that projects them to larger networks.
 
+pub mod bench;
+pub mod chaos;
+pub mod cleanup;
 pub mod cluster;
+pub mod load;
+pub mod network;
+pub mod report;
+pub mod sim;
+pub mod stats;
+pub mod up;

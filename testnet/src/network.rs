@@ -1,0 +1,223 @@
+//! A whole local network: node processes, a client joined to them, and a deployment of the
+//! model across them. Starting checks the request first and stops everything it started if
+//! any step fails; dropping the network kills every node and removes its files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use veil_client::deploy::{deploy, DeployArgs};
+use veil_client::deployment::Deployment;
+use veil_client::model_spec::ModelSpec;
+use veil_client::net::{Client, NetArgs};
+use veil_model::crypto::ClientBundle;
+use veil_model::TextCodec;
+
+use crate::cluster::{start_nodes, NodeProcess, NodeSettings};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct NetworkOptions {
+    pub nodes: usize,
+    /// `smollm2`, `tiny` or a `.gguf` path.
+    pub model: String,
+    /// Stages to split the model into (default: up to 3, at most one per node).
+    pub stages: Option<usize>,
+    /// Nodes per stage; fewer when there are not enough nodes.
+    pub replicas: usize,
+    pub node: NodeSettings,
+    /// Keep the data directories (node logs, deployment) instead of removing them.
+    pub keep: bool,
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        NetworkOptions {
+            nodes: 3,
+            model: "smollm2".into(),
+            stages: None,
+            replicas: 2,
+            node: NodeSettings::default(),
+            keep: false,
+        }
+    }
+}
+
+impl NetworkOptions {
+    /// The number of stages, checked against the nodes.
+    pub fn stage_count(&self) -> Result<usize> {
+        if self.nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        let stages = self.stages.unwrap_or(self.nodes.min(3));
+        if stages == 0 {
+            bail!("--stages must be at least 1");
+        }
+        if stages > self.nodes {
+            bail!(
+                "{stages} stages need at least {stages} nodes, but --nodes is {}",
+                self.nodes
+            );
+        }
+        if self.replicas == 0 {
+            bail!("--replicas must be at least 1");
+        }
+        Ok(stages)
+    }
+}
+
+/// A running local network with the model deployed on it.
+pub struct LocalNetwork {
+    /// Dropped last: the nodes must stop before their directories go.
+    pub nodes: Vec<NodeProcess>,
+    pub bootstrap: String,
+    pub deployment: Deployment,
+    /// The deployment's secret client bundle.
+    pub bundle: ClientBundle,
+    pub text: TextCodec,
+    /// The GGUF the model came from (`None` for `tiny`).
+    pub model_path: Option<PathBuf>,
+    pub stages: usize,
+    pub deploy_s: f64,
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+}
+
+impl std::fmt::Debug for LocalNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNetwork")
+            .field("nodes", &self.nodes.len())
+            .field("deployment", &self.deployment.id)
+            .finish()
+    }
+}
+
+/// Progress messages while the network comes up.
+pub type Say<'a> = &'a dyn Fn(&str);
+
+impl LocalNetwork {
+    /// Check the options, resolve (fetch) the model, start the nodes, wait for their ads
+    /// and deploy the model. On any error every started node is stopped.
+    pub fn start(opts: &NetworkOptions, say: Say<'_>) -> Result<Self> {
+        let stages = opts.stage_count()?;
+        let spec = ModelSpec::parse(&opts.model)?;
+        say("resolving the model");
+        let model_path = spec
+            .path()
+            .with_context(|| format!("cannot get model `{}`", opts.model))?;
+        let root = tempfile::Builder::new()
+            .prefix("veil-testnet-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
+        let root_path = root.path().to_path_buf();
+        crate::cleanup::add_dir(root_path.clone());
+        // The deployment record and its secret bundle live with the testnet, not in the
+        // user's VEIL_HOME (models stay there: they were resolved above).
+        std::env::set_var("VEIL_HOME", root_path.join("client"));
+        say(&format!("starting {} nodes", opts.nodes));
+        let nodes = start_nodes(&root_path, opts.nodes, &opts.node)?;
+        let bootstrap = nodes[0]
+            .addr
+            .clone()
+            .context("the first node has no address")?;
+        say("waiting for every node's capacity ad");
+        wait_for_ads(&bootstrap, opts.nodes, Duration::from_secs(60))?;
+        say("encrypting and deploying the model");
+        let started = Instant::now();
+        let model = match &model_path {
+            Some(p) => p.display().to_string(),
+            None => "tiny".to_string(),
+        };
+        let deployment = deploy(&DeployArgs {
+            net: net_args(&bootstrap),
+            model,
+            stages: Some(stages),
+            replicas: opts.replicas.min(opts.nodes),
+            max_len: 1024,
+            repair: None,
+            // every node's ad is already known
+            wait: 1,
+        })
+        .context("deployment failed")?;
+        let deploy_s = started.elapsed().as_secs_f64();
+        let bundle = ClientBundle::read(&Deployment::dir(&deployment.id)?.join("client.veil"))?;
+        let text = TextCodec::new(bundle.meta.text.clone())?;
+        let root = if opts.keep {
+            let _ = root.keep();
+            crate::cleanup::remove_dir(&root_path);
+            None
+        } else {
+            Some(root)
+        };
+        Ok(LocalNetwork {
+            nodes,
+            bootstrap,
+            deployment,
+            bundle,
+            text,
+            model_path,
+            stages,
+            deploy_s,
+            root,
+            root_path,
+        })
+    }
+
+    /// Network options for a client of this network.
+    pub fn net_args(&self) -> NetArgs {
+        net_args(&self.bootstrap)
+    }
+
+    /// Where the nodes' data directories and the deployment live.
+    pub fn root(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// The directory of the deployment (its secret bundle and shards).
+    pub fn deployment_dir(&self) -> Result<PathBuf> {
+        Deployment::dir(&self.deployment.id)
+    }
+
+    /// Stop every node gracefully (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        for n in &mut self.nodes {
+            n.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for LocalNetwork {
+    fn drop(&mut self) {
+        self.stop();
+        crate::cleanup::remove_dir(&self.root_path);
+        if self.root.is_none() {
+            tracing::info!("kept the testnet files in {}", self.root_path.display());
+        }
+    }
+}
+
+pub fn net_args(bootstrap: &str) -> NetArgs {
+    NetArgs {
+        bootstrap: vec![bootstrap.to_string()],
+        request_timeout: 30,
+    }
+}
+
+/// Wait until a client sees `n` verified capacity ads.
+pub fn wait_for_ads(bootstrap: &str, n: usize, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut client = Client::connect(&net_args(bootstrap))?;
+    loop {
+        let seen = client
+            .discover(Duration::from_secs(2), n)
+            .ads(veil_protocol::ad::now_ms())
+            .len();
+        if seen >= n {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!("only {seen} of {n} nodes published a capacity ad within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -1,0 +1,512 @@
+//! A discrete-event model of Veil's pipeline at scales one machine cannot run: M nodes,
+//! each holding one stage (a contiguous range of layers), with heterogeneous speed; clients
+//! that relay each token's hidden state through the stages one after the other (as the
+//! `veil` client does), over links with latency and bandwidth; nodes that batch the queued
+//! steps of concurrent sessions into one forward pass.
+//!
+//! Time is in microseconds. Every random draw comes from the seed, so runs repeat exactly.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::Latency;
+
+/// How a client picks a stage's replica for a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Routing {
+    /// Uniformly at random (what the `veil` client does today).
+    Random,
+    /// The replica with the least queued work per unit of speed, counting the sessions
+    /// already routed to it.
+    LeastLoaded,
+}
+
+/// How a token's hidden state travels between stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Relay {
+    /// Each stage answers the client, which sends to the next stage (what Veil does today:
+    /// two trips per stage).
+    Client,
+    /// Each stage forwards to the next one; the last answers the client (one trip per stage,
+    /// plus one).
+    Chain,
+}
+
+/// The model's parameters. Costs are per layer so that stage sizes can change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimParams {
+    pub nodes: usize,
+    pub layers: usize,
+    pub layers_per_node: usize,
+    /// Concurrent client sessions; each generates again as soon as it finishes.
+    pub sessions: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    /// Cost of one forward pass per layer, whatever the batch (reading the weights), ms.
+    pub pass_ms_per_layer: f64,
+    /// Extra cost per row (token position) in the pass, per layer, ms.
+    pub row_ms_per_layer: f64,
+    /// Fixed cost per request on a node (decode, framing, encryption of the channel), ms.
+    pub hop_overhead_ms: f64,
+    /// Client work per token (embedding, head, sampling), ms.
+    pub client_ms: f64,
+    /// Node speeds are `exp(N(0, sigma))` times the base speed.
+    pub speed_sigma: f64,
+    /// One-way client-node latency, drawn uniformly per pair, ms.
+    pub latency_ms: (f64, f64),
+    pub bandwidth_mbit: f64,
+    /// Bytes of hidden state per row (4 × d_model).
+    pub row_bytes: usize,
+    pub max_batch_rows: usize,
+    pub routing: Routing,
+    pub relay: Relay,
+    /// Simulated seconds, of which the first `warmup_s` are not measured.
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub seed: u64,
+}
+
+impl Default for SimParams {
+    /// SmolLM2 figures measured on this project's 2-core test machine (CPU backend).
+    fn default() -> Self {
+        SimParams {
+            nodes: 9,
+            layers: 30,
+            layers_per_node: 10,
+            sessions: 9,
+            prompt_tokens: 32,
+            gen_tokens: 64,
+            pass_ms_per_layer: 0.85,
+            row_ms_per_layer: 0.09,
+            hop_overhead_ms: 1.6,
+            client_ms: 1.5,
+            speed_sigma: 0.5,
+            latency_ms: (5.0, 40.0),
+            bandwidth_mbit: 100.0,
+            row_bytes: 4 * 576,
+            max_batch_rows: 512,
+            routing: Routing::Random,
+            relay: Relay::Client,
+            duration_s: 120.0,
+            warmup_s: 20.0,
+            seed: 1,
+        }
+    }
+}
+
+/// What one simulation projects.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimResult {
+    pub nodes: usize,
+    pub stages: usize,
+    pub replicas: usize,
+    pub sessions: usize,
+    pub tokens: u64,
+    /// Generated tokens per second over the measured window.
+    pub tokens_per_s: f64,
+    pub per_session_tokens_per_s: f64,
+    pub per_token: Latency,
+    pub time_to_first_token: Latency,
+    /// Mean fraction of time the nodes compute.
+    pub mean_utilisation: f64,
+    pub max_utilisation: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// A session's rows reach a node.
+    Arrive { node: usize, session: usize },
+    /// A node finished its current batch.
+    Done { node: usize },
+    /// A stage's output is back at the client.
+    Back { session: usize },
+    /// A session starts a new generation.
+    Start { session: usize },
+}
+
+struct Node {
+    id: usize,
+    stage: usize,
+    speed: f64,
+    queue: VecDeque<usize>,
+    batch: Vec<usize>,
+    busy_us: f64,
+    /// Sessions currently routed here.
+    sessions: usize,
+}
+
+struct Session {
+    route: Vec<usize>,
+    stage: usize,
+    /// Rows of the step in flight (the prompt, then 1).
+    rows: usize,
+    generated: usize,
+    started_us: u64,
+    last_token_us: u64,
+}
+
+/// Deterministic one-way latency of a client-node pair, in µs.
+fn pair_latency_us(p: &SimParams, session: usize, node: usize) -> f64 {
+    // splitmix64 of the pair
+    let mut z = (session as u64) << 32 ^ node as u64 ^ p.seed.rotate_left(17);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+    (p.latency_ms.0 + u * (p.latency_ms.1 - p.latency_ms.0)) * 1e3
+}
+
+/// Run one simulation.
+pub fn simulate(p: &SimParams) -> SimResult {
+    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+    let lpn = p.layers_per_node.clamp(1, p.layers.max(1));
+    let stages = p.layers.div_ceil(lpn);
+    let n_nodes = p.nodes.max(stages);
+    let normal = rand_distr::Normal::new(0.0, p.speed_sigma.max(0.0)).ok();
+    let mut nodes: Vec<Node> = (0..n_nodes)
+        .map(|i| Node {
+            id: i,
+            stage: i % stages,
+            speed: normal.map_or(1.0, |n| rng.sample::<f64, _>(n).exp()),
+            queue: VecDeque::new(),
+            batch: Vec::new(),
+            busy_us: 0.0,
+            sessions: 0,
+        })
+        .collect();
+    let by_stage: Vec<Vec<usize>> = (0..stages)
+        .map(|s| (0..n_nodes).filter(|&i| nodes[i].stage == s).collect())
+        .collect();
+    let layers_of = |stage: usize| lpn.min(p.layers - stage * lpn);
+    let transfer_us = |rows: usize| (rows * p.row_bytes * 8) as f64 / (p.bandwidth_mbit.max(1e-6));
+    let mut sessions: Vec<Session> = (0..p.sessions)
+        .map(|_| Session {
+            route: Vec::new(),
+            stage: 0,
+            rows: 0,
+            generated: 0,
+            started_us: 0,
+            last_token_us: 0,
+        })
+        .collect();
+    let mut heap: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |heap: &mut BinaryHeap<_>, t: f64, e: Event| {
+        seq += 1;
+        heap.push(Reverse((t.max(0.0) as u64, seq, e)));
+    };
+    // Sessions start spread over the first second.
+    for s in 0..p.sessions {
+        let t = rng.gen_range(0.0..1e6);
+        push(&mut heap, t, Event::Start { session: s });
+    }
+    let end_us = (p.duration_s * 1e6) as u64;
+    let warm_us = (p.warmup_s.min(p.duration_s * 0.9) * 1e6) as u64;
+    let (mut tokens, mut gaps, mut ttft) = (0u64, Vec::new(), Vec::new());
+    while let Some(Reverse((now, _, event))) = heap.pop() {
+        if now > end_us {
+            break;
+        }
+        let t = now as f64;
+        match event {
+            Event::Start { session } => {
+                let s = &mut sessions[session];
+                for &n in &s.route {
+                    nodes[n].sessions -= 1;
+                }
+                s.route = by_stage
+                    .iter()
+                    .map(|replicas| match p.routing {
+                        Routing::Random => replicas[rng.gen_range(0..replicas.len())],
+                        Routing::LeastLoaded => *replicas
+                            .iter()
+                            .min_by(|&&a, &&b| {
+                                let load =
+                                    |i: usize| (nodes[i].sessions + 1) as f64 / nodes[i].speed;
+                                load(a).total_cmp(&load(b))
+                            })
+                            .unwrap_or(&replicas[0]),
+                    })
+                    .collect();
+                for &n in &s.route {
+                    nodes[n].sessions += 1;
+                }
+                s.stage = 0;
+                s.rows = p.prompt_tokens.max(1);
+                s.generated = 0;
+                s.started_us = now;
+                let first = s.route[0];
+                let at = t
+                    + p.client_ms * 1e3
+                    + pair_latency_us(p, session, first)
+                    + transfer_us(s.rows);
+                push(
+                    &mut heap,
+                    at,
+                    Event::Arrive {
+                        node: first,
+                        session,
+                    },
+                );
+            }
+            Event::Arrive { node, session } => {
+                nodes[node].queue.push_back(session);
+                if nodes[node].batch.is_empty() {
+                    start_batch(p, &mut nodes[node], &sessions, layers_of, t, &mut |t, e| {
+                        push(&mut heap, t, e)
+                    });
+                }
+            }
+            Event::Done { node } => {
+                let batch = std::mem::take(&mut nodes[node].batch);
+                for session in batch {
+                    let s = &mut sessions[session];
+                    let rows = s.rows;
+                    if p.relay == Relay::Chain && s.stage + 1 < stages {
+                        // straight to the next stage's node (node-to-node latency drawn
+                        // like a client's, keyed by the pair)
+                        s.stage += 1;
+                        let next = s.route[s.stage];
+                        let at =
+                            t + pair_latency_us(p, usize::MAX - node, next) + transfer_us(rows);
+                        push(
+                            &mut heap,
+                            at,
+                            Event::Arrive {
+                                node: next,
+                                session,
+                            },
+                        );
+                        continue;
+                    }
+                    let at = t + pair_latency_us(p, session, node) + transfer_us(rows);
+                    push(&mut heap, at, Event::Back { session });
+                }
+                start_batch(p, &mut nodes[node], &sessions, layers_of, t, &mut |t, e| {
+                    push(&mut heap, t, e)
+                });
+            }
+            Event::Back { session } => {
+                let s = &mut sessions[session];
+                s.stage += 1;
+                if s.stage < stages && p.relay == Relay::Client {
+                    let next = s.route[s.stage];
+                    let at = t + pair_latency_us(p, session, next) + transfer_us(s.rows);
+                    push(
+                        &mut heap,
+                        at,
+                        Event::Arrive {
+                            node: next,
+                            session,
+                        },
+                    );
+                    continue;
+                }
+                // The client decodes the token.
+                let token_at = t + p.client_ms * 1e3;
+                let token_us = token_at as u64;
+                if token_us >= warm_us && token_us <= end_us {
+                    tokens += 1;
+                    if s.generated == 0 {
+                        ttft.push((token_us - s.started_us) as f64 / 1e6);
+                    } else {
+                        gaps.push((token_us - s.last_token_us) as f64 / 1e6);
+                    }
+                }
+                s.generated += 1;
+                s.last_token_us = token_us;
+                if s.generated >= p.gen_tokens.max(1) {
+                    push(&mut heap, token_at, Event::Start { session });
+                    continue;
+                }
+                s.stage = 0;
+                s.rows = 1;
+                let first = s.route[0];
+                let at = token_at + pair_latency_us(p, session, first) + transfer_us(1);
+                push(
+                    &mut heap,
+                    at,
+                    Event::Arrive {
+                        node: first,
+                        session,
+                    },
+                );
+            }
+        }
+    }
+    let window_s = (end_us - warm_us) as f64 / 1e6;
+    let utilisation: Vec<f64> = nodes.iter().map(|n| n.busy_us / end_us as f64).collect();
+    SimResult {
+        nodes: n_nodes,
+        stages,
+        replicas: n_nodes / stages,
+        sessions: p.sessions,
+        tokens,
+        tokens_per_s: tokens as f64 / window_s,
+        per_session_tokens_per_s: tokens as f64 / window_s / p.sessions.max(1) as f64,
+        per_token: Latency::of_seconds(&gaps),
+        time_to_first_token: Latency::of_seconds(&ttft),
+        mean_utilisation: utilisation.iter().sum::<f64>() / utilisation.len().max(1) as f64,
+        max_utilisation: utilisation.iter().copied().fold(0.0, f64::max),
+    }
+}
+
+/// Start a forward pass on `node` over its queue (up to the row limit), if it has any.
+fn start_batch(
+    p: &SimParams,
+    node: &mut Node,
+    sessions: &[Session],
+    layers_of: impl Fn(usize) -> usize,
+    t: f64,
+    push: &mut dyn FnMut(f64, Event),
+) {
+    let mut rows = 0;
+    while let Some(&s) = node.queue.front() {
+        let r = sessions[s].rows;
+        if !node.batch.is_empty() && rows + r > p.max_batch_rows {
+            break;
+        }
+        rows += r;
+        node.batch.push(s);
+        node.queue.pop_front();
+    }
+    if node.batch.is_empty() {
+        return;
+    }
+    let layers = layers_of(node.stage) as f64;
+    let compute_ms = layers * (p.pass_ms_per_layer + p.row_ms_per_layer * rows as f64) / node.speed
+        + p.hop_overhead_ms * node.batch.len() as f64;
+    node.busy_us += compute_ms * 1e3;
+    push(t + compute_ms * 1e3, Event::Done { node: node.id });
+}
+
+/// Project `base` to each node count, scaling sessions with the nodes.
+pub fn sweep(base: &SimParams, node_counts: &[usize], sessions_per_node: f64) -> Vec<SimResult> {
+    node_counts
+        .iter()
+        .map(|&m| {
+            simulate(&SimParams {
+                nodes: m,
+                sessions: ((m as f64 * sessions_per_node).round() as usize).max(1),
+                ..base.clone()
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet() -> SimParams {
+        SimParams {
+            speed_sigma: 0.0,
+            latency_ms: (0.0, 0.0),
+            bandwidth_mbit: 1e12,
+            duration_s: 30.0,
+            warmup_s: 5.0,
+            ..SimParams::default()
+        }
+    }
+
+    #[test]
+    fn one_session_on_idle_uniform_nodes_takes_the_sum_of_its_stages() {
+        let p = SimParams {
+            nodes: 3,
+            sessions: 1,
+            ..quiet()
+        };
+        let r = simulate(&p);
+        // three stages of 10 layers, one row each, plus the hop overheads and the client
+        let want = 3.0 * (10.0 * (0.85 + 0.09) + 1.6) + 1.5;
+        assert!(
+            (r.per_token.p50_ms - want).abs() < 0.01,
+            "{} vs {want}",
+            r.per_token.p50_ms
+        );
+        assert_eq!(r.stages, 3);
+        assert_eq!(r.replicas, 1);
+    }
+
+    #[test]
+    fn link_latency_adds_two_trips_per_stage() {
+        let fast = simulate(&SimParams {
+            nodes: 3,
+            sessions: 1,
+            ..quiet()
+        });
+        let slow = simulate(&SimParams {
+            nodes: 3,
+            sessions: 1,
+            latency_ms: (10.0, 10.0),
+            ..quiet()
+        });
+        let added = slow.per_token.p50_ms - fast.per_token.p50_ms;
+        assert!((added - 60.0).abs() < 0.01, "added {added} ms");
+    }
+
+    #[test]
+    fn chaining_stages_saves_a_trip_per_stage_boundary() {
+        let relay = |relay| {
+            simulate(&SimParams {
+                nodes: 3,
+                sessions: 1,
+                latency_ms: (10.0, 10.0),
+                relay,
+                ..quiet()
+            })
+        };
+        let saved = relay(Relay::Client).per_token.p50_ms - relay(Relay::Chain).per_token.p50_ms;
+        // client relay: 6 one-way trips; chain: 4
+        assert!((saved - 20.0).abs() < 0.01, "saved {saved} ms");
+    }
+
+    #[test]
+    fn batching_serves_many_sessions_for_little_more_than_one() {
+        let one = simulate(&SimParams {
+            nodes: 3,
+            sessions: 1,
+            ..quiet()
+        });
+        let eight = simulate(&SimParams {
+            nodes: 3,
+            sessions: 8,
+            ..quiet()
+        });
+        assert!(eight.tokens_per_s > 3.0 * one.tokens_per_s);
+        assert!(eight.per_token.p50_ms < 8.0 * one.per_token.p50_ms);
+    }
+
+    #[test]
+    fn throughput_grows_with_the_network_and_runs_repeat() {
+        let base = SimParams::default();
+        let r = sweep(&base, &[9, 90], 2.0);
+        assert!(r[1].tokens_per_s > 5.0 * r[0].tokens_per_s, "{r:?}");
+        let again = sweep(&base, &[9], 2.0);
+        assert_eq!(again[0].tokens, r[0].tokens, "the seed fixes the run");
+    }
+
+    #[test]
+    fn least_loaded_routing_beats_random_on_uneven_nodes() {
+        let p = SimParams {
+            nodes: 60,
+            sessions: 120,
+            speed_sigma: 0.8,
+            ..SimParams::default()
+        };
+        let random = simulate(&p);
+        let least = simulate(&SimParams {
+            routing: Routing::LeastLoaded,
+            ..p
+        });
+        assert!(
+            least.per_token.p95_ms < random.per_token.p95_ms,
+            "{least:?} vs {random:?}"
+        );
+    }
+}

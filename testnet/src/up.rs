@@ -1,0 +1,111 @@
+//! `veil-testnet up`: a local network with the model deployed, one prompt through it, and
+//! the network kept up for other clients until ctrl-c.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use veil_client::net::Client;
+use veil_client::remote::RemotePipeline;
+use veil_model::{generate, GenerateParams, SamplingParams};
+
+use crate::network::LocalNetwork;
+
+/// The outcome of the demo prompt.
+#[derive(Debug, Serialize)]
+pub struct UpReport {
+    pub text: String,
+    pub tokens: usize,
+    /// Generated tokens over the whole generation, and after the first token.
+    pub tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub time_to_first_token_s: f64,
+    /// One entry per stage: `node-i (peer id)`.
+    pub route: Vec<String>,
+    pub bytes_per_token: f64,
+    pub bootstrap: String,
+    pub deployment: String,
+    pub key_fingerprint: String,
+}
+
+/// Run `prompt` (chat-templated) through the network, streaming the answer to `out`.
+pub fn ask(
+    network: &LocalNetwork,
+    prompt: &str,
+    max_tokens: usize,
+    out: &mut dyn Write,
+) -> Result<UpReport> {
+    let client = Client::connect(&network.net_args())?;
+    let mut pipeline = RemotePipeline::new(
+        client.runtime.handle().clone(),
+        client.network.clone(),
+        &network.bundle,
+        &network.deployment,
+        network.bundle.meta.config.max_seq_len,
+    )?;
+    let ids = network.text.prompt_tokens(prompt, false)?;
+    let params = GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        top_logits: 0,
+    };
+    let start = Instant::now();
+    let g = generate(
+        &mut pipeline,
+        &network.text.tokenizer,
+        &ids,
+        &params,
+        &mut |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        },
+    )
+    .context("generation through the testnet failed")?;
+    let wall = start.elapsed().as_secs_f64();
+    let _ = writeln!(out);
+    let route = pipeline
+        .route()
+        .into_iter()
+        .map(|peer| {
+            let name = network
+                .nodes
+                .iter()
+                .find(|n| n.peer_id == peer)
+                .map_or("?", |n| n.name.as_str());
+            format!("{name} ({peer})")
+        })
+        .collect();
+    let bytes = pipeline.stats.bytes_sent + pipeline.stats.bytes_received;
+    pipeline.close();
+    Ok(UpReport {
+        text: g.text.clone(),
+        tokens: g.tokens.len(),
+        tokens_per_s: g.tokens.len() as f64 / wall.max(1e-9),
+        decode_tokens_per_s: match (g.token_times_s.first(), g.token_times_s.last()) {
+            (Some(a), Some(b)) if b > a => (g.token_times_s.len() - 1) as f64 / (b - a),
+            _ => 0.0,
+        },
+        time_to_first_token_s: g.token_times_s.first().copied().unwrap_or(0.0),
+        route,
+        bytes_per_token: bytes as f64 / g.tokens.len().max(1) as f64,
+        bootstrap: network.bootstrap.clone(),
+        deployment: network.deployment.id.clone(),
+        key_fingerprint: network.deployment.key_fingerprint.clone(),
+    })
+}
+
+/// How to use the running network from another terminal.
+pub fn usage_hint(network: &LocalNetwork) -> String {
+    let home = network.root().join("client");
+    format!(
+        "the testnet is up ({} nodes); from another terminal:\n  \
+         VEIL_HOME={} veil chat --deployment {} --bootstrap {}\n  \
+         veil peers --bootstrap {}\npress ctrl-c to stop it",
+        network.nodes.len(),
+        home.display(),
+        network.deployment.id,
+        network.bootstrap,
+        network.bootstrap
+    )
+}

@@ -1,0 +1,297 @@
+//! `veil-testnet` as a user runs it: up, bench, chaos and simulate on the tiny model, its
+//! errors, and nothing left behind (no process, no directory) whatever happens.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use veil_testnet::cluster::find_bin;
+
+/// Run `veil-testnet` with its temporary files under `tmp` and the model cache in `home`.
+fn testnet(tmp: &Path, args: &[&str]) -> Output {
+    let bin = find_bin("veil-testnet").expect("veil-testnet");
+    let home = tmp.join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    Command::new(bin)
+        .args(args)
+        .env("TMPDIR", tmp)
+        .env("VEIL_HOME", &home)
+        .env("VEIL_LOG", "info")
+        .output()
+        .expect("run veil-testnet")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// No testnet directory under `tmp` and no process mentioning `tmp` is left.
+fn assert_clean(tmp: &Path) {
+    let left: Vec<String> = std::fs::read_dir(tmp)
+        .expect("tmp")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("veil-testnet-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let needle = tmp.display().to_string();
+    let running: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert!(running.is_empty(), "processes left running: {running:?}");
+}
+
+#[test]
+fn up_answers_through_three_nodes_and_cleans_up() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "up",
+            "--model",
+            "tiny",
+            "--exit",
+            "--json",
+            "--max-tokens",
+            "12",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["tokens"], 12);
+    let route = v["route"].as_array().expect("route");
+    assert_eq!(route.len(), 3, "three stages");
+    assert!(route
+        .iter()
+        .all(|r| r.as_str().expect("str").starts_with("node-")));
+    assert!(v["decode_tokens_per_s"].as_f64().expect("rate") > 0.0);
+    assert!(stderr(&out).contains("waiting for every node's capacity ad"));
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn bad_requests_fail_before_starting_anything() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "up", "--model", "tiny", "--nodes", "2", "--stages", "3", "--exit",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("3 stages need at least 3 nodes"),
+        "{}",
+        stderr(&out)
+    );
+    let out = testnet(tmp.path(), &["up", "--model", "no-such-model", "--exit"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown model"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"));
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error_and_stops_the_started_nodes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // find two free consecutive ports, and hold the second
+    let (base, _held) = (20000u16..40000)
+        .step_by(7)
+        .find_map(|p| {
+            let first = std::net::TcpListener::bind(("127.0.0.1", p)).ok()?;
+            let second = std::net::TcpListener::bind(("127.0.0.1", p + 1)).ok()?;
+            drop(first);
+            Some((p, second))
+        })
+        .expect("free ports");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "up",
+            "--model",
+            "tiny",
+            "--exit",
+            "--base-port",
+            &base.to_string(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("node-1"), "{err}");
+    assert!(err.to_lowercase().contains("in use"), "{err}");
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn bench_reports_throughput_latency_and_baselines_and_feeds_the_simulator() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let report = tmp.path().join("report");
+    let json = tmp.path().join("bench.json");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "bench",
+            "--model",
+            "tiny",
+            "--sessions",
+            "3",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "10",
+            "--report",
+            &report.display().to_string(),
+            "--json",
+            &json.display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("JSON");
+    let levels = v["levels"].as_array().expect("levels");
+    let sessions: Vec<u64> = levels
+        .iter()
+        .map(|l| l["sessions"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(sessions, vec![1, 2, 3]);
+    for l in levels {
+        assert_eq!(l["failed"], 0);
+        assert_eq!(
+            l["tokens"].as_u64(),
+            Some(10 * l["sessions"].as_u64().expect("n"))
+        );
+        assert!(l["tokens_per_s"].as_f64().expect("rate") > 0.0);
+        let p = &l["per_token"];
+        assert!(p["p50_ms"].as_f64() <= p["p95_ms"].as_f64());
+        assert!(p["p95_ms"].as_f64() <= p["p99_ms"].as_f64());
+        let nodes = l["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 3);
+        let steps: u64 = nodes
+            .iter()
+            .map(|n| n["steps"].as_u64().expect("steps"))
+            .sum();
+        // every token of every session crossed the three stages (the prompt once more)
+        assert_eq!(steps, 3 * l["tokens"].as_u64().expect("tokens"));
+        assert!(nodes.iter().any(|n| n["busy_ms"].as_u64() > Some(0)));
+    }
+    let names: Vec<&str> = v["baselines"]
+        .as_array()
+        .expect("baselines")
+        .iter()
+        .map(|b| b["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["plaintext, 1 process", "encrypted, 1 process"]);
+    let md = std::fs::read_to_string(report.join("bench.md")).expect("md");
+    assert!(md.contains("| sessions |") && md.contains("vs plaintext"));
+    for svg in ["tokens-per-second.svg", "per-token-latency.svg"] {
+        let text = std::fs::read_to_string(report.join(svg)).expect("svg");
+        assert!(
+            text.starts_with("<svg") && text.contains("polyline"),
+            "{svg}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("# Veil testnet bench"));
+    assert_clean(tmp.path());
+
+    // the simulator takes its costs from the bench
+    let sim = testnet(
+        tmp.path(),
+        &[
+            "simulate",
+            "--from",
+            &json.display().to_string(),
+            "--nodes",
+            "6,60",
+            "--duration",
+            "20",
+            "--json",
+        ],
+    );
+    assert!(sim.status.success(), "{}", stderr(&sim));
+    let s: Value = serde_json::from_slice(&sim.stdout).expect("JSON");
+    let r = s["results"].as_array().expect("results");
+    assert_eq!(r.len(), 2);
+    assert!(r[1]["tokens_per_s"].as_f64() > r[0]["tokens_per_s"].as_f64());
+    assert_eq!(s["params"]["layers"], v["layers"]);
+}
+
+#[test]
+fn chaos_kills_nodes_and_every_completed_output_is_unchanged() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let json = tmp.path().join("chaos.json");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "chaos",
+            "--model",
+            "tiny",
+            "--step-delay-ms",
+            "15",
+            "--sessions",
+            "2",
+            "--rounds",
+            "3",
+            "--gen-tokens",
+            "40",
+            "--kill-every",
+            "1.5",
+            "--down",
+            "0.5",
+            "--json",
+            &json.display().to_string(),
+        ],
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("JSON");
+    assert!(out.status.success(), "{}\n{v:#}", stderr(&out));
+    assert!(!v["kills"].as_array().expect("kills").is_empty());
+    assert_eq!(v["generations"], 6);
+    assert_eq!(v["identical"], v["completed"]);
+    assert!(v["completed"].as_u64() > Some(0));
+    assert!(v["failovers"].as_u64() > Some(0), "kills hit live sessions");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identical to the fault-free run"));
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn ctrl_c_stops_a_running_testnet_and_removes_everything() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bin = find_bin("veil-testnet").expect("veil-testnet");
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let mut child = Command::new(bin)
+        .args(["up", "--model", "tiny", "--max-tokens", "4"])
+        .env("TMPDIR", tmp.path())
+        .env("VEIL_HOME", &home)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("press ctrl-c") {
+            break;
+        }
+    }
+    // keep reading what it says while it stops
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    assert!(seen.contains("veil chat --deployment"), "{seen}");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    assert_eq!(exit.code(), Some(130));
+    let rest = rest.join().expect("stderr").join("\n");
+    assert!(rest.contains("stopping the testnet"), "{rest}");
+    assert_clean(tmp.path());
+}
