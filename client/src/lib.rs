@@ -1,6 +1,7 @@
 //! The Veil client as a library: what the `veil` command does, for other tools (the
 //! testnet harness) to drive in process.
 
+pub mod attack;
 pub mod bench;
 pub mod chat;
 pub mod deploy;

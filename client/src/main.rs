@@ -1,7 +1,7 @@
 //! `veil`: the Veil client. Fetches models, runs them locally, and (with a network)
 //! deploys encrypted shards and generates through them.
 
-use veil_client::{bench, chat, deploy, encrypt, fetch, generate, peers};
+use veil_client::{attack, bench, chat, deploy, encrypt, fetch, generate, peers};
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -43,6 +43,12 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Measure prompt and decode speed and peak memory on each backend.
     Bench(bench::BenchArgs),
+    /// Attack what a node sees (recorded from real encrypted generations) and report how
+    /// much of the text each attack recovers.
+    Attack {
+        #[command(subcommand)]
+        command: attack::AttackCommand,
+    },
     #[command(hide = true)]
     BenchChild(bench::ChildArgs),
 }
@@ -87,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy(args) => deploy::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Attack { command } => attack::run(command),
         Command::BenchChild(args) => bench::run_child(args),
     }
 }

@@ -373,3 +373,60 @@ fn bench_reports_figures_and_the_encrypted_ratio() {
     assert!(e["decode_tokens_per_s"].as_f64().expect("rate") > 0.0);
     assert!(e["decode_ratio"].as_f64().expect("ratio") > 0.0);
 }
+
+#[test]
+fn attack_table_on_the_tiny_model() {
+    let (ok, out, err) = run(&[
+        "attack",
+        "table",
+        "--model",
+        "tiny",
+        "--prompts",
+        "6",
+        "--gen-tokens",
+        "6",
+        "--table-noise",
+        "0.3",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let rows = v.as_array().expect("list");
+    assert_eq!(rows.len(), 16, "4 attacks x 2 keys x public/private");
+    let rate = |attack: &str, key: &str, private: bool| -> f64 {
+        rows.iter()
+            .find(|r| {
+                r["attack"].as_str().is_some_and(|a| a.starts_with(attack))
+                    && r["key"] == key
+                    && (r["private_noise"].as_f64().unwrap_or(0.0) > 0.0) == private
+            })
+            .and_then(|r| r["rate"]["rate"].as_f64())
+            .expect("row")
+    };
+    assert_eq!(rate("key recovery", "Dense", false), 1.0);
+    assert_eq!(rate("first token", "Dense", false), 1.0);
+    assert_eq!(rate("all tokens by sorted", "Permutation", false), 1.0);
+    assert!(rate("all tokens by sorted", "Dense", false) < 0.2);
+    assert!(rate("key recovery", "Dense", true) < 0.5);
+    for r in rows {
+        assert!(r["rate"]["trials"].as_u64() > Some(0));
+        assert!(r["rate"]["ci_low"].as_f64() <= r["rate"]["rate"].as_f64());
+    }
+}
+
+#[test]
+fn attack_rejects_bad_input() {
+    let (ok, _, err) = run(&[
+        "attack",
+        "first-token",
+        "--model",
+        "tiny",
+        "--private-noise",
+        "-1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("noise"), "{err}");
+    let (ok, _, err) = run(&["attack", "key-recovery", "--model", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("unknown model"), "{err}");
+}

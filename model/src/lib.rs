@@ -1,6 +1,7 @@
 //! Veil's model library: a Llama-family decoder in burn, GGUF loading, tokenizer, chat
 //! templates and sampling. It knows nothing of processes, networks or command lines.
 
+pub mod attack;
 pub mod bundle;
 pub mod cache;
 pub mod chat;

@@ -42,14 +42,30 @@ impl KeyShape {
 pub struct KeyOptions {
     /// Permute the key/value heads (and their query heads) in every layer.
     pub permute_heads: bool,
+    /// A weaker key for comparison (the attack suite): `Q` a permutation of the hidden
+    /// units instead of a dense rotation, no attention blocks (`A = C = I`) and no MLP
+    /// scaling (`D = I`); only permutations remain, as in earlier permutation schemes.
+    #[serde(default)]
+    pub permutation_only: bool,
 }
 
 impl Default for KeyOptions {
     fn default() -> Self {
         KeyOptions {
             permute_heads: true,
+            permutation_only: false,
         }
     }
+}
+
+/// The `n x n` matrix of a random permutation.
+fn permutation_matrix(n: usize, rng: &mut impl Rng) -> DMatrix<f64> {
+    let p = permutation(n, rng);
+    let mut m = DMatrix::zeros(n, n);
+    for (i, &j) in p.iter().enumerate() {
+        m[(i, j as usize)] = 1.0;
+    }
+    m
 }
 
 /// The secrets of one key/value head in one layer.
@@ -139,6 +155,9 @@ impl ModelKey {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Self {
         let h = shape.head_dim;
+        if options.permutation_only {
+            return Self::permutation_only(shape, options, rng);
+        }
         let q = haar_orthogonal(shape.d_model, rng);
         let layers = (0..shape.n_layers)
             .map(|_| {
@@ -180,6 +199,40 @@ impl ModelKey {
         }
     }
 
+    /// The permutation-only key of [`KeyOptions::permutation_only`].
+    fn permutation_only(shape: KeyShape, options: KeyOptions, rng: &mut impl Rng) -> Self {
+        let h = shape.head_dim;
+        let identity = DMatrix::<f64>::identity(h, h);
+        let q = permutation_matrix(shape.d_model, rng);
+        let layers = (0..shape.n_layers)
+            .map(|_| LayerKey {
+                heads: (0..shape.n_kv_heads)
+                    .map(|_| HeadKey {
+                        rope_scale: vec![1.0; h / 2],
+                        rope_angle: vec![0.0; h / 2],
+                        c_u: identity.clone(),
+                        c_sigma: vec![1.0; h],
+                        c_v: identity.clone(),
+                    })
+                    .collect(),
+                mlp_perm: permutation(shape.d_ff, rng),
+                mlp_scale: vec![1.0; shape.d_ff],
+                head_perm: if options.permute_heads {
+                    permutation(shape.n_kv_heads, rng)
+                } else {
+                    (0..shape.n_kv_heads as u32).collect()
+                },
+            })
+            .collect();
+        ModelKey {
+            version: KEY_VERSION,
+            shape,
+            options,
+            q,
+            layers,
+        }
+    }
+
     /// Check that the key fits a model configuration.
     pub fn check_fits(&self, config: &LlamaConfig) -> Result<(), ModelError> {
         if self.shape != KeyShape::of(config) {
@@ -207,7 +260,9 @@ impl ModelKey {
         ] {
             out.extend((x as u64).to_le_bytes());
         }
-        out.push(u8::from(self.options.permute_heads));
+        out.push(
+            u8::from(self.options.permute_heads) | (u8::from(self.options.permutation_only) << 1),
+        );
         let mut put = |v: &mut dyn Iterator<Item = f64>| {
             for x in v {
                 out.extend(x.to_le_bytes());

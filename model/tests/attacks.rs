@@ -1,0 +1,138 @@
+//! The attack suite on the tiny model. With the public weights the attacks must succeed
+//! (if one stops working, the test fails: a broken attack would make the security table
+//! look better than it is); against a private model and a dense key they must not.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use veil_model::attack::invariants::{self, InvariantOptions};
+use veil_model::attack::key_recovery::{decrypt_and_match, recover_q, relative_error};
+use veil_model::attack::{norms, perturbed, record_views, sorted_coords, NodeView, Rate};
+use veil_model::crypto::{KeyOptions, KeyShape, ModelKey};
+use veil_model::{Compute, ModelBundle};
+
+fn prompts(b: &ModelBundle) -> Vec<Vec<u32>> {
+    [
+        "the quick brown fox",
+        "hello there, node",
+        "what does the node see?",
+        "attacks on encrypted inference",
+        "a b c d e f",
+        "zebra crossing at noon",
+    ]
+    .iter()
+    .map(|p| b.text.prompt_tokens(p, true).expect("tokens"))
+    .collect()
+}
+
+fn key(b: &ModelBundle, permutation_only: bool, seed: u64) -> ModelKey {
+    ModelKey::generate(
+        KeyShape::of(&b.weights.config),
+        KeyOptions {
+            permutation_only,
+            ..KeyOptions::default()
+        },
+        &mut ChaCha20Rng::seed_from_u64(seed),
+    )
+}
+
+fn view(owner: &ModelBundle, k: ModelKey) -> NodeView {
+    let device = Compute::cpu().device;
+    let p = prompts(owner);
+    record_views(owner, k, 2, &p, 8, &device).expect("record")
+}
+
+fn score(view: &NodeView, guesses: &[Vec<u32>]) -> Rate {
+    Rate::sum(
+        &view
+            .sessions
+            .iter()
+            .zip(guesses)
+            .map(|(s, g)| Rate::score(g, &s.truth))
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[test]
+fn with_public_weights_the_key_and_every_token_are_recovered() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let k = key(&public, false, 5);
+    let q = k.q.clone();
+    let v = view(&public, k);
+    let est = recover_q(&v.shard.layers[0], &public.weights.layers[0]).expect("recover");
+    assert!(est.explained > 0.99, "explained {}", est.explained);
+    let err = relative_error(&est.q, &q);
+    assert!(err < 1e-3, "Q recovered to {err}");
+    let device = Compute::cpu().device;
+    let guesses = decrypt_and_match(&v, &est.q, &public.weights.embedding, &device).expect("match");
+    let rate = score(&v, &guesses);
+    assert_eq!(rate.hits, rate.trials, "{rate}");
+    assert!(rate.trials >= 6 * 8);
+}
+
+#[test]
+fn norms_and_gram_matrices_reveal_tokens_of_a_public_model() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let v = view(&public, key(&public, false, 6));
+    let first: Vec<(u32, u32)> = norms::guess(&v, &public.weights.embedding)
+        .iter()
+        .zip(&v.sessions)
+        .map(|(g, s)| (g[0], s.truth[0]))
+        .collect();
+    let first_hits = first.iter().filter(|(g, t)| g == t).count();
+    assert_eq!(first_hits, first.len(), "first tokens by norm: {first:?}");
+    let by_norm = score(&v, &norms::guess(&v, &public.weights.embedding));
+    let by_gram = score(
+        &v,
+        &invariants::guess(&v, &public.weights.embedding, InvariantOptions::default()),
+    );
+    assert!(by_norm.rate > 0.9, "norms: {by_norm}");
+    assert!(
+        by_gram.rate >= by_norm.rate,
+        "gram {by_gram} < norms {by_norm}"
+    );
+}
+
+#[test]
+fn a_private_model_defeats_the_attacks_that_a_public_one_does_not() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let private = perturbed(&public, 0.3, 9).expect("private");
+    let v = view(&private, key(&private, false, 7));
+    let est = recover_q(&v.shard.layers[0], &public.weights.layers[0]).expect("recover");
+    assert!(est.explained < 0.5, "explained {}", est.explained);
+    let device = Compute::cpu().device;
+    let decrypted = score(
+        &v,
+        &decrypt_and_match(&v, &est.q, &public.weights.embedding, &device).expect("match"),
+    );
+    let by_norm = score(&v, &norms::guess(&v, &public.weights.embedding));
+    assert!(
+        decrypted.rate < 0.5,
+        "key recovery on a private model: {decrypted}"
+    );
+    assert!(by_norm.rate < 0.5, "norms on a private model: {by_norm}");
+}
+
+#[test]
+fn sorted_coordinates_break_a_permutation_key_but_not_a_rotation() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let perm = view(&public, key(&public, true, 8));
+    let dense = view(&public, key(&public, false, 8));
+    let on_perm = score(
+        &perm,
+        &sorted_coords::guess(&perm, &public.weights.embedding),
+    );
+    let on_dense = score(
+        &dense,
+        &sorted_coords::guess(&dense, &public.weights.embedding),
+    );
+    assert_eq!(on_perm.hits, on_perm.trials, "{on_perm}");
+    assert!(on_dense.rate < 0.2, "{on_dense}");
+    // a lightly perturbed private model still leaks through a permutation key
+    let private = perturbed(&public, 0.05, 9).expect("private");
+    let leaky = view(&private, key(&private, true, 8));
+    let on_private = score(
+        &leaky,
+        &sorted_coords::guess(&leaky, &public.weights.embedding),
+    );
+    assert!(on_private.rate > 0.5, "{on_private}");
+}
