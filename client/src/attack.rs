@@ -10,9 +10,11 @@ use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use veil_model::attack::invariants::{self, InvariantOptions};
 use veil_model::attack::key_recovery::{decrypt_and_match, recover_q, relative_error};
-use veil_model::attack::{norms, perturbed, record_views, sorted_coords, NodeView, Rate};
+use veil_model::attack::{
+    norms, perturbed, position0_table, record_views, sorted_coords, Deployment, NodeView, Rate,
+};
 use veil_model::crypto::{KeyOptions, KeyShape, ModelKey};
-use veil_model::{Compute, ModelBundle};
+use veil_model::{Compute, Matrix, ModelBundle};
 
 use crate::model_spec::ModelSpec;
 
@@ -91,6 +93,14 @@ pub struct AttackArgs {
     /// Stages of the deployment (the attacked node holds the first).
     #[arg(long, default_value_t = 3)]
     pub stages: usize,
+    /// The mitigation: the client runs this many layers itself, so the first node receives
+    /// their output instead of embeddings (the attacker then matches against the public
+    /// model's position-0 outputs of those layers).
+    #[arg(long, default_value_t = 0)]
+    pub client_layers: usize,
+    /// Client layers of the mitigation rows in `table`.
+    #[arg(long, default_value_t = 1)]
+    pub table_client_layers: usize,
     /// Seed of the key and of the private noise.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -105,6 +115,7 @@ pub struct Outcome {
     pub attack: &'static str,
     pub key: KeyKind,
     pub private_noise: f64,
+    pub client_layers: usize,
     pub rate: Rate,
     /// The rate of guessing at random.
     pub chance: f64,
@@ -116,6 +127,10 @@ pub struct Outcome {
 
 struct Scenario<'a> {
     public: &'a ModelBundle,
+    client_layers: usize,
+    /// What received vectors are matched against: the public embeddings, or with client
+    /// layers the public model's position-0 outputs of those layers.
+    table: Matrix,
     view: NodeView,
     key_q: nalgebra::DMatrix<f64>,
     key: KeyKind,
@@ -127,7 +142,14 @@ fn scenario<'a>(
     args: &AttackArgs,
     key: KeyKind,
     noise: f64,
+    client_layers: usize,
 ) -> Result<Scenario<'a>> {
+    if client_layers >= public.weights.config.n_layers {
+        bail!(
+            "--client-layers must be below the model's {} layers",
+            public.weights.config.n_layers
+        );
+    }
     let n = args.prompts.clamp(1, PROMPTS.len());
     let owner = perturbed(public, noise, args.seed ^ 0x5eed)?;
     let model_key = ModelKey::generate(
@@ -144,22 +166,33 @@ fn scenario<'a>(
         .map(|p| owner.text.prompt_tokens(p, true))
         .collect::<std::result::Result<_, _>>()?;
     let started = Instant::now();
+    let deployment = Deployment {
+        stages: args.stages.max(1),
+        client_layers,
+    };
     let view = record_views(
         &owner,
         model_key,
-        args.stages.max(1),
+        deployment,
         &prompts,
         args.gen_tokens,
         &Compute::cpu().device,
     )?;
     tracing::info!(
-        "recorded {} sessions ({} received vectors) on the first node in {:.1} s ({key:?} key, noise {noise})",
+        "recorded {} sessions ({} received vectors) on the first node in {:.1} s ({key:?} key, noise {noise}, {client_layers} client layers)",
         view.sessions.len(),
         view.sessions.iter().map(|s| s.truth.len()).sum::<usize>(),
         started.elapsed().as_secs_f64()
     );
+    let table = if client_layers == 0 {
+        public.weights.embedding.clone()
+    } else {
+        position0_table(&public.weights, client_layers, &Compute::cpu().device)?
+    };
     Ok(Scenario {
         public,
+        client_layers,
+        table,
         view,
         key_q,
         key,
@@ -198,6 +231,7 @@ fn outcome(s: &Scenario<'_>, attack: &'static str, rate: Rate, detail: Option<St
         attack,
         key: s.key,
         private_noise: s.noise,
+        client_layers: s.client_layers,
         rate,
         chance: 1.0 / s.public.weights.config.vocab_size as f64,
         detail,
@@ -205,14 +239,12 @@ fn outcome(s: &Scenario<'_>, attack: &'static str, rate: Rate, detail: Option<St
 }
 
 fn key_recovery(s: &Scenario<'_>) -> Result<Outcome> {
-    let est = recover_q(&s.view.shard.layers[0], &s.public.weights.layers[0])?;
-    let err = relative_error(&est.q, &s.key_q);
-    let guesses = decrypt_and_match(
-        &s.view,
-        &est.q,
-        &s.public.weights.embedding,
-        &Compute::cpu().device,
+    let est = recover_q(
+        &s.view.shard.layers[0],
+        &s.public.weights.layers[s.client_layers],
     )?;
+    let err = relative_error(&est.q, &s.key_q);
+    let guesses = decrypt_and_match(&s.view, &est.q, &s.table, &Compute::cpu().device)?;
     Ok(outcome(
         s,
         "key recovery (Procrustes), all tokens",
@@ -225,7 +257,7 @@ fn key_recovery(s: &Scenario<'_>) -> Result<Outcome> {
 }
 
 fn first_token(s: &Scenario<'_>) -> Outcome {
-    let guesses = norms::guess(&s.view, &s.public.weights.embedding);
+    let guesses = norms::guess(&s.view, &s.table);
     let hits = s
         .view
         .sessions
@@ -242,11 +274,7 @@ fn first_token(s: &Scenario<'_>) -> Outcome {
 }
 
 fn vocab_match(s: &Scenario<'_>) -> Outcome {
-    let guesses = invariants::guess(
-        &s.view,
-        &s.public.weights.embedding,
-        InvariantOptions::default(),
-    );
+    let guesses = invariants::guess(&s.view, &s.table, InvariantOptions::default());
     outcome(
         s,
         "all tokens by norms + Gram matrix",
@@ -256,7 +284,7 @@ fn vocab_match(s: &Scenario<'_>) -> Outcome {
 }
 
 fn sorted(s: &Scenario<'_>) -> Outcome {
-    let guesses = sorted_coords::guess(&s.view, &s.public.weights.embedding);
+    let guesses = sorted_coords::guess(&s.view, &s.table);
     outcome(
         s,
         "all tokens by sorted coordinates",
@@ -275,11 +303,14 @@ fn print(outcomes: &[Outcome], json: bool) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     for o in outcomes {
-        let model = if o.private_noise > 0.0 {
+        let mut model = if o.private_noise > 0.0 {
             format!("private (+{} noise)", o.private_noise)
         } else {
             "public".to_string()
         };
+        if o.client_layers > 0 {
+            model.push_str(&format!(", {} client layer(s)", o.client_layers));
+        }
         println!(
             "| {} | {:?} | {model} | {} | {:.4}% | {:.1}% |",
             o.attack,
@@ -310,19 +341,32 @@ pub fn run(command: AttackCommand) -> Result<()> {
     let outcomes = match command {
         AttackCommand::Table(_) => {
             let mut all = Vec::new();
+            let mut scenarios = vec![];
             for key in [KeyKind::Dense, KeyKind::Permutation] {
                 for noise in [0.0, args.table_noise] {
-                    let s = scenario(&public, &args, key, noise)?;
-                    all.push(first_token(&s));
-                    all.push(vocab_match(&s));
-                    all.push(key_recovery(&s)?);
-                    all.push(sorted(&s));
+                    scenarios.push((key, noise, 0));
                 }
+            }
+            if args.table_client_layers > 0 {
+                scenarios.push((KeyKind::Dense, 0.0, args.table_client_layers));
+            }
+            for (key, noise, layers) in scenarios {
+                let s = scenario(&public, &args, key, noise, layers)?;
+                all.push(first_token(&s));
+                all.push(vocab_match(&s));
+                all.push(key_recovery(&s)?);
+                all.push(sorted(&s));
             }
             all
         }
         other => {
-            let s = scenario(&public, &args, args.key, args.private_noise)?;
+            let s = scenario(
+                &public,
+                &args,
+                args.key,
+                args.private_noise,
+                args.client_layers,
+            )?;
             vec![match other {
                 AttackCommand::KeyRecovery(_) => key_recovery(&s)?,
                 AttackCommand::FirstToken(_) => first_token(&s),

@@ -214,7 +214,7 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
     let mut encrypted = if args.encrypted {
-        let e = encrypt_with_progress(&bundle, 3.min(bundle.weights.config.n_layers), None)?;
+        let e = encrypt_with_progress(&bundle, 3.min(bundle.weights.config.n_layers), 0, None)?;
         Some(EncryptedLocal::new(
             &e.client,
             &e.shards,

@@ -34,6 +34,10 @@ pub struct DeployArgs {
     /// Longest sequence sessions will use (reserved on the nodes as KV cache).
     #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
+    /// Layers the client runs itself in plaintext before the first node (a mitigation:
+    /// the first node then never receives embedding rows; see SECURITY.md). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub client_layers: usize,
     /// Re-place the stages of deployment D that have no live replica.
     #[arg(long, value_name = "D")]
     pub repair: Option<String>,
@@ -252,11 +256,19 @@ pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     }
     let bundle = ModelSpec::parse(&args.model)?.load()?;
     let n_layers = bundle.weights.config.n_layers;
-    let stages = args.stages.unwrap_or(found.len()).clamp(1, n_layers);
+    if args.client_layers >= n_layers {
+        bail!(
+            "--client-layers must leave at least one of the model's {n_layers} layers to the nodes"
+        );
+    }
+    let stages = args
+        .stages
+        .unwrap_or(found.len())
+        .clamp(1, n_layers - args.client_layers);
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
-    let e = encrypt_with_progress(&bundle, stages, None)?;
+    let e = encrypt_with_progress(&bundle, stages, args.client_layers, None)?;
     let id = format!("d-{}", &e.client.meta.key.fingerprint[..12]);
     let dir = Deployment::dir(&id)?;
     e.write(&dir)

@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use veil_model::crypto::{
-    client_path, encrypt_model, shard_path, short_fingerprint, Encrypted, KeyOptions, KeyShape,
-    ModelKey,
+    client_path, encrypt_model_split, shard_path, short_fingerprint, Encrypted, KeyOptions,
+    KeyShape, ModelKey,
 };
 use veil_model::ModelBundle;
 
@@ -24,6 +24,10 @@ pub struct EncryptArgs {
     /// Number of stages (contiguous layer ranges, one shard each).
     #[arg(long, default_value_t = 3)]
     pub stages: usize,
+    /// Layers the client runs itself in plaintext before the first node (a mitigation:
+    /// the first node then never receives embedding rows; see SECURITY.md). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub client_layers: usize,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -43,6 +47,7 @@ pub struct EncryptArgs {
 pub fn encrypt_with_progress(
     bundle: &ModelBundle,
     stages: usize,
+    client_layers: usize,
     seed: Option<u64>,
 ) -> Result<Encrypted> {
     let shape = KeyShape::of(&bundle.weights.config);
@@ -65,7 +70,8 @@ pub fn encrypt_with_progress(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("encrypting");
-    let e = encrypt_model(bundle, key, stages, &mut |done, _| {
+    bar.set_length((bundle.weights.config.n_layers.saturating_sub(client_layers)) as u64);
+    let e = encrypt_model_split(bundle, key, stages, client_layers, &mut |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -99,7 +105,7 @@ pub fn run(args: EncryptArgs) -> Result<()> {
         );
     }
     let bundle = ModelSpec::parse(&args.model)?.load()?;
-    let e = encrypt_with_progress(&bundle, args.stages, args.seed)?;
+    let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, args.seed)?;
     e.write(&args.out)
         .with_context(|| format!("cannot write into {}", args.out.display()))?;
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);

@@ -33,6 +33,10 @@ pub struct GenerateArgs {
     /// Stages to split the model into with --encrypted (without --shards).
     #[arg(long, default_value_t = 3)]
     pub stages: usize,
+    /// With --encrypted (without --shards): layers the client runs itself in plaintext
+    /// before the first stage (a deployment's bundle records its own).
+    #[arg(long, default_value_t = 0)]
+    pub client_layers: usize,
     /// Generate through the nodes of this deployment (see `veil deploy`).
     #[arg(long, conflicts_with_all = ["local", "encrypted"])]
     pub deployment: Option<String>,
@@ -131,7 +135,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     }
     let bundle = ModelSpec::parse(&args.model)?.load()?;
     if args.encrypted {
-        let e = encrypt_with_progress(&bundle, args.stages, None)?;
+        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None)?;
         let model = EncryptedLocal::new(&e.client, &e.shards, &compute.device, None)?;
         return Ok((bundle.text, Box::new(model)));
     }

@@ -59,6 +59,8 @@ pub struct RemotePipeline {
     handle: Handle,
     network: Network,
     client: ClientModel,
+    /// The KV cache of the layers the client runs itself (empty without client layers).
+    client_cache: veil_model::cache::KvCache,
     stages: Vec<RemoteStage>,
     d_model: usize,
     context: usize,
@@ -136,6 +138,7 @@ impl RemotePipeline {
         Ok(RemotePipeline {
             handle,
             network,
+            client_cache: client.new_cache(context),
             client,
             stages,
             d_model,
@@ -342,7 +345,7 @@ impl RemotePipeline {
                 capacity: self.context
             }));
         }
-        let mut x = tensor_to_vec(self.client.encode(ids)?)?;
+        let mut x = tensor_to_vec(self.client.encode(ids, &mut self.client_cache)?)?;
         for i in 0..self.stages.len() {
             x = self.stage_step(i, &x)?;
         }

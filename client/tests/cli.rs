@@ -392,13 +392,18 @@ fn attack_table_on_the_tiny_model() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let rows = v.as_array().expect("list");
-    assert_eq!(rows.len(), 16, "4 attacks x 2 keys x public/private");
+    assert_eq!(
+        rows.len(),
+        20,
+        "4 attacks x (2 keys x public/private + the client-layers mitigation)"
+    );
     let rate = |attack: &str, key: &str, private: bool| -> f64 {
         rows.iter()
             .find(|r| {
                 r["attack"].as_str().is_some_and(|a| a.starts_with(attack))
                     && r["key"] == key
                     && (r["private_noise"].as_f64().unwrap_or(0.0) > 0.0) == private
+                    && r["client_layers"] == 0
             })
             .and_then(|r| r["rate"]["rate"].as_f64())
             .expect("row")
@@ -408,6 +413,17 @@ fn attack_table_on_the_tiny_model() {
     assert_eq!(rate("all tokens by sorted", "Permutation", false), 1.0);
     assert!(rate("all tokens by sorted", "Dense", false) < 0.2);
     assert!(rate("key recovery", "Dense", true) < 0.5);
+    // with one client layer: the first token still falls to the position-0 table
+    let mitigated = |attack: &str| -> f64 {
+        rows.iter()
+            .find(|r| {
+                r["attack"].as_str().is_some_and(|a| a.starts_with(attack))
+                    && r["client_layers"] == 1
+            })
+            .and_then(|r| r["rate"]["rate"].as_f64())
+            .expect("mitigation row")
+    };
+    assert_eq!(mitigated("first token"), 1.0);
     for r in rows {
         assert!(r["rate"]["trials"].as_u64() > Some(0));
         assert!(r["rate"]["ci_low"].as_f64() <= r["rate"]["rate"].as_f64());
@@ -429,4 +445,35 @@ fn attack_rejects_bad_input() {
     let (ok, _, err) = run(&["attack", "key-recovery", "--model", "nope"]);
     assert!(!ok);
     assert!(err.contains("unknown model"), "{err}");
+}
+
+#[test]
+fn client_layers_give_the_plaintext_tokens() {
+    let base = [
+        "generate",
+        "--local",
+        "--model",
+        "tiny",
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "12",
+        "--json",
+        "--backend",
+        "cpu",
+    ];
+    let (ok, plain, err) = run(&base);
+    assert!(ok, "{err}");
+    let mut enc = base.to_vec();
+    enc.extend(["--encrypted", "--stages", "2", "--client-layers", "2"]);
+    let (ok, encrypted, err) = run(&enc);
+    assert!(ok, "{err}");
+    let (p, e): (Value, Value) = (
+        serde_json::from_str(&plain).expect("JSON"),
+        serde_json::from_str(&encrypted).expect("JSON"),
+    );
+    assert_eq!(p["tokens"], e["tokens"]);
+    let mut bad = base.to_vec();
+    bad.extend(["--encrypted", "--client-layers", "4"]);
+    assert_clean_error(&bad, "at least one");
 }

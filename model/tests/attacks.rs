@@ -5,8 +5,12 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use veil_model::attack::invariants::{self, InvariantOptions};
-use veil_model::attack::key_recovery::{decrypt_and_match, recover_q, relative_error};
-use veil_model::attack::{norms, perturbed, record_views, sorted_coords, NodeView, Rate};
+use veil_model::attack::key_recovery::{
+    decrypt_and_match, decrypt_rows, recover_q, relative_error,
+};
+use veil_model::attack::{
+    norms, perturbed, position0_table, record_views, sorted_coords, Deployment, NodeView, Rate,
+};
 use veil_model::crypto::{KeyOptions, KeyShape, ModelKey};
 use veil_model::{Compute, ModelBundle};
 
@@ -36,9 +40,17 @@ fn key(b: &ModelBundle, permutation_only: bool, seed: u64) -> ModelKey {
 }
 
 fn view(owner: &ModelBundle, k: ModelKey) -> NodeView {
+    view_with(owner, k, 0)
+}
+
+fn view_with(owner: &ModelBundle, k: ModelKey, client_layers: usize) -> NodeView {
     let device = Compute::cpu().device;
     let p = prompts(owner);
-    record_views(owner, k, 2, &p, 8, &device).expect("record")
+    let deployment = Deployment {
+        stages: 2,
+        client_layers,
+    };
+    record_views(owner, k, deployment, &p, 8, &device).expect("record")
 }
 
 fn score(view: &NodeView, guesses: &[Vec<u32>]) -> Rate {
@@ -135,4 +147,48 @@ fn sorted_coordinates_break_a_permutation_key_but_not_a_rotation() {
         &sorted_coords::guess(&leaky, &public.weights.embedding),
     );
     assert!(on_private.rate > 0.5, "{on_private}");
+}
+
+#[test]
+fn client_layers_send_no_embedding_yet_the_key_and_first_token_still_fall() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let device = Compute::cpu().device;
+    let k = key(&public, false, 10);
+    let q = k.q.clone();
+    let v = view_with(&public, k, 1);
+    assert_eq!(v.shard.meta.layers.0, 1, "the first node starts at layer 1");
+    // the key still falls to the public weights of layer 1
+    let est = recover_q(&v.shard.layers[0], &public.weights.layers[1]).expect("recover");
+    assert!(relative_error(&est.q, &q) < 1e-3, "the key still falls");
+    // what the node decrypts is no embedding row
+    let rows = decrypt_rows(&v, &est.q);
+    let s = &v.sessions[0];
+    let e = public.weights.embedding.row(s.truth[0] as usize);
+    let diff: f32 = rows[0][..v.d_model]
+        .iter()
+        .zip(e)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff > 1e-3, "the first node received an embedding row");
+    // position 0 depends on its token alone: the attacker's table finds it
+    let table = position0_table(&public.weights, 1, &device).expect("table");
+    let first = norms::guess(&v, &table);
+    let hits = v
+        .sessions
+        .iter()
+        .zip(&first)
+        .filter(|(s, g)| g[0] == s.truth[0])
+        .count();
+    assert_eq!(
+        hits,
+        v.sessions.len(),
+        "first tokens via the position-0 table"
+    );
+    // and the decrypted first vector is exactly the table's row
+    let exact = decrypt_and_match(&v, &est.q, &table, &device).expect("match");
+    assert!(v
+        .sessions
+        .iter()
+        .zip(&exact)
+        .all(|(s, g)| g[0] == s.truth[0]));
 }

@@ -250,3 +250,66 @@ fn keys_are_reproducible_from_a_seed_and_differ_otherwise() {
         assert!(lk.mlp_scale.iter().any(|s| *s < 0.0) && lk.mlp_scale.iter().any(|s| *s > 0.0));
     }
 }
+
+#[test]
+fn client_layers_run_on_the_client_and_change_nothing_in_the_output() {
+    let b = ModelBundle::tiny().expect("tiny");
+    let key = ModelKey::generate(
+        KeyShape::of(&b.weights.config),
+        KeyOptions::default(),
+        &mut ChaCha20Rng::seed_from_u64(4),
+    );
+    let e =
+        veil_model::crypto::encrypt_model_split(&b, key, 2, 1, &mut |_, _| {}).expect("encrypt");
+    assert_eq!(e.client.meta.client_layers, 1);
+    assert_eq!(e.client.local_layers.len(), 1);
+    let ranges: Vec<(usize, usize)> = e.shards.iter().map(|s| s.meta.layers).collect();
+    assert_eq!(
+        ranges,
+        vec![(1, 3), (3, 4)],
+        "the shards cover the other layers"
+    );
+    // the bundle round-trips through its file, local layers included
+    let dir = tempfile::tempdir().expect("tempdir");
+    e.write(dir.path()).expect("write");
+    let back = Encrypted::read(dir.path()).expect("read");
+    assert_eq!(back.client.local_layers.len(), 1);
+    assert_eq!(back.client.local_layers[0].wq, b.weights.layers[0].wq);
+    let ids = b
+        .text
+        .prompt_tokens("client layers", false)
+        .expect("prompt");
+    for (kind, device) in devices() {
+        let plain = LocalModel::new(&b.weights, &device, None)
+            .feed_all(&ids)
+            .expect("plain");
+        let mut enc =
+            EncryptedLocal::new(&back.client, &back.shards, &device, None).expect("pipeline");
+        let got = enc.feed_all(&ids).expect("encrypted");
+        let worst = got
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-3, "{kind}: max |Δlogit| {worst}");
+        let next = veil_model::sampling::argmax(&got[got.len() - 1]);
+        let step = veil_model::TokenModel::feed(&mut enc, &[next]).expect("step");
+        let mut p = LocalModel::new(&b.weights, &device, None);
+        p.feed_all(&ids).expect("plain");
+        let expected = veil_model::TokenModel::feed(&mut p, &[next]).expect("step");
+        assert!(max_abs_diff(&step, &expected) < 1e-3, "{kind}: decode step");
+    }
+    // a bundle with local layers refuses shards that cover them
+    let (_, full) = encrypted(4, 2);
+    let device = veil_model::Compute::cpu().device;
+    assert!(EncryptedLocal::new(&back.client, &full.shards, &device, None).is_err());
+    // and the client cannot keep every layer
+    let key = ModelKey::generate(
+        KeyShape::of(&b.weights.config),
+        KeyOptions::default(),
+        &mut ChaCha20Rng::seed_from_u64(4),
+    );
+    let err = veil_model::crypto::encrypt_model_split(&b, key, 1, 4, &mut |_, _| {})
+        .expect_err("must fail");
+    assert!(err.to_string().contains("at least one"), "{err}");
+}

@@ -117,8 +117,9 @@ fn a_node_observes_exactly_the_listed_quantities() {
     let runner = StageRunner::new(&e.shards[0], &device);
     let mut cache = runner.new_cache(64);
     let mut node = Recorder::default();
+    let mut client_cache = client.new_cache(64);
     for chunk in [&ids[..], &next[..1], &next[1..]] {
-        let x = client.encode(chunk).expect("encode");
+        let x = client.encode(chunk, &mut client_cache).expect("encode");
         runner
             .forward_probed(vec![x], &mut [&mut cache], &mut node)
             .expect("stage");

@@ -62,6 +62,9 @@ struct NetOpts {
     /// Keep the nodes' data directories and logs after exit (the path is printed).
     #[arg(long)]
     keep: bool,
+    /// Layers the client runs itself in plaintext before the first node (see SECURITY.md).
+    #[arg(long, default_value_t = 0)]
+    client_layers: usize,
     /// Make every node wait this long per forward pass, to mimic slower machines.
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
@@ -80,6 +83,7 @@ impl NetOpts {
                 ..NodeSettings::default()
             },
             keep: self.keep,
+            client_layers: self.client_layers,
         }
     }
 

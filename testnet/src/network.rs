@@ -28,6 +28,8 @@ pub struct NetworkOptions {
     pub node: NodeSettings,
     /// Keep the data directories (node logs, deployment) instead of removing them.
     pub keep: bool,
+    /// Layers the client runs itself before the first node.
+    pub client_layers: usize,
 }
 
 impl Default for NetworkOptions {
@@ -39,6 +41,7 @@ impl Default for NetworkOptions {
             replicas: 2,
             node: NodeSettings::default(),
             keep: false,
+            client_layers: 0,
         }
     }
 }
@@ -134,6 +137,7 @@ impl LocalNetwork {
             stages: Some(stages),
             replicas: opts.replicas.min(opts.nodes),
             max_len: 1024,
+            client_layers: opts.client_layers,
             repair: None,
             // every node's ad is already known
             wait: 1,

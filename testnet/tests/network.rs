@@ -415,9 +415,10 @@ fn nodes_never_receive_plaintext() {
             .join("client.veil"),
     )
     .expect("bundle");
+    let client = ClientModel::new(&bundle, &device);
     let enc = tensor_to_vec(
-        ClientModel::new(&bundle, &device)
-            .encode(&ids[..3])
+        client
+            .encode(&ids[..3], &mut client.new_cache(8))
             .expect("encode"),
     )
     .expect("read");

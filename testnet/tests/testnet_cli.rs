@@ -71,6 +71,26 @@ fn up_answers_through_three_nodes_and_cleans_up() {
     assert!(v["decode_tokens_per_s"].as_f64().expect("rate") > 0.0);
     assert!(stderr(&out).contains("waiting for every node's capacity ad"));
     assert_clean(tmp.path());
+
+    // with the client running its first layer, the network gives the same answer
+    let mitigated = testnet(
+        tmp.path(),
+        &[
+            "up",
+            "--model",
+            "tiny",
+            "--exit",
+            "--json",
+            "--max-tokens",
+            "12",
+            "--client-layers",
+            "1",
+        ],
+    );
+    assert!(mitigated.status.success(), "{}", stderr(&mitigated));
+    let m: Value = serde_json::from_slice(&mitigated.stdout).expect("JSON");
+    assert_eq!(m["text"], v["text"]);
+    assert_clean(tmp.path());
 }
 
 #[test]

@@ -10,16 +10,22 @@
 //!   matrices across positions.
 //! - [`sorted_coords`]: match the multiset of a vector's coordinates, which a
 //!   permutation-only key keeps and a dense rotation destroys.
+//!
+//! Against the client-layers mitigation the attacker matches against
+//! [`position0_table`] (the residual after the client's layers at position 0) instead of the
+//! embedding table.
 
 pub mod invariants;
 pub mod key_recovery;
 pub mod norms;
+pub mod position0;
 pub mod rate;
 pub mod sorted_coords;
 pub mod view;
 
+pub use position0::position0_table;
 pub use rate::Rate;
-pub use view::{perturbed, record_views, NodeView};
+pub use view::{perturbed, record_views, Deployment, NodeView};
 
 /// Row `i` of a `[rows, cols]` row-major slice.
 pub(crate) fn row(data: &[f32], cols: usize, i: usize) -> &[f32] {

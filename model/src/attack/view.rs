@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::crypto::{encrypt_model, ClientModel, EncryptedLocal, ModelKey, Shard};
+use crate::crypto::{encrypt_model_split, ClientModel, EncryptedLocal, ModelKey, Shard};
 use crate::nn::tensor_to_vec;
 use crate::{
     generate, GenerateParams, LlamaWeights, Matrix, ModelBundle, ModelError, SamplingParams,
@@ -42,17 +42,31 @@ impl NodeView {
     }
 }
 
-/// Encrypt `owner` with `key` into `n_stages`, generate greedily from every prompt through
-/// the encrypted pipeline, and return what the first stage's node received.
+/// How the owner deploys.
+#[derive(Debug, Clone, Copy)]
+pub struct Deployment {
+    pub stages: usize,
+    /// Layers the client runs itself (the mitigation); the first node serves the next ones.
+    pub client_layers: usize,
+}
+
+/// Encrypt `owner` with `key` as `deployment` says, generate greedily from every prompt
+/// through the encrypted pipeline, and return what the first stage's node received.
 pub fn record_views(
     owner: &ModelBundle,
     key: ModelKey,
-    n_stages: usize,
+    deployment: Deployment,
     prompts: &[Vec<u32>],
     gen_tokens: usize,
     device: &Device,
 ) -> Result<NodeView, ModelError> {
-    let e = encrypt_model(owner, key, n_stages, &mut |_, _| {})?;
+    let e = encrypt_model_split(
+        owner,
+        key,
+        deployment.stages,
+        deployment.client_layers,
+        &mut |_, _| {},
+    )?;
     let mut pipeline = EncryptedLocal::new(&e.client, &e.shards, device, None)?;
     let client = ClientModel::new(&e.client, device);
     let params = GenerateParams {
@@ -73,7 +87,8 @@ pub fn record_views(
         // the node receives the prompt, then every sampled token but the last
         let mut fed = prompt.clone();
         fed.extend_from_slice(&g.tokens[..g.tokens.len().saturating_sub(1)]);
-        let received = tensor_to_vec(client.encode(&fed)?)?;
+        let mut cache = client.new_cache(fed.len());
+        let received = tensor_to_vec(client.encode(&fed, &mut cache)?)?;
         sessions.push(SessionView {
             received,
             truth: fed,

@@ -11,10 +11,12 @@ use super::key::{short_fingerprint, ModelKey};
 use super::key_io::{read_key, write_key, KeyMeta};
 use super::linalg::to_f32;
 use super::shard::ShardMeta;
+use crate::cache::{KvCache, RopeTables};
 use crate::container::{Container, ContainerWriter};
+use crate::nn::Stage;
 use crate::nn::{matrix_to_tensor, vector_to_tensor, RmsNorm, TokenEmbedding};
 use crate::text::TextSpec;
-use crate::{Compute, LlamaConfig, Matrix, ModelError};
+use crate::{Compute, LayerWeights, LlamaConfig, Matrix, ModelError};
 
 pub const CLIENT_KIND: &str = "veil-client";
 /// Version of the client bundle layout.
@@ -38,6 +40,10 @@ pub struct ClientMeta {
     pub key: KeyMeta,
     pub stages: Vec<StageRecord>,
     pub text: TextSpec,
+    /// Layers `0..client_layers` run in plaintext on the client (a mitigation: the first
+    /// node then never sees embedding rows); the shards cover the rest.
+    #[serde(default)]
+    pub client_layers: usize,
 }
 
 /// The owner's secret: everything needed to generate with a deployment's shards.
@@ -51,6 +57,50 @@ pub struct ClientBundle {
     pub final_norm: Vec<f32>,
     /// Output head `[d, vocab]`; `None` when tied to the embedding.
     pub output: Option<Matrix>,
+    /// The plaintext layers `0..client_layers` the client runs itself.
+    pub local_layers: Vec<LayerWeights>,
+}
+
+/// Container names of a local (plaintext) layer's tensors: `(name, shape)`.
+fn local_tensors(l: usize, c: &LlamaConfig) -> [(String, Vec<usize>); 9] {
+    let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+    let n = |s: &str| format!("local.blk.{l}.{s}");
+    [
+        (n("attn_norm"), vec![d]),
+        (n("attn_q"), vec![d, q]),
+        (n("attn_k"), vec![d, kv]),
+        (n("attn_v"), vec![d, kv]),
+        (n("attn_output"), vec![q, d]),
+        (n("ffn_norm"), vec![d]),
+        (n("ffn_gate"), vec![d, f]),
+        (n("ffn_up"), vec![d, f]),
+        (n("ffn_down"), vec![f, d]),
+    ]
+}
+
+fn read_local_layer(
+    c: &Container,
+    l: usize,
+    cfg: &LlamaConfig,
+) -> Result<LayerWeights, ModelError> {
+    let [an, q, k, v, o, fnorm, g, u, d] = local_tensors(l, cfg).map(|(name, shape)| {
+        c.f32_shaped(&name, &shape)
+            .map(|data| match shape.as_slice() {
+                [rows, cols] => Matrix::new(*rows, *cols, data),
+                _ => Matrix::new(1, data.len(), data),
+            })
+    });
+    Ok(LayerWeights {
+        attn_norm: an?.data,
+        wq: q?,
+        wk: k?,
+        wv: v?,
+        wo: o?,
+        ffn_norm: fnorm?.data,
+        w_gate: g?,
+        w_up: u?,
+        w_down: d?,
+    })
 }
 
 impl ClientBundle {
@@ -67,6 +117,22 @@ impl ClientBundle {
         w.add_f32("output_norm", &[c.d_model], &self.final_norm);
         if let Some(o) = &self.output {
             w.add_f32("output", &[o.rows, o.cols], &o.data);
+        }
+        for (l, layer) in self.local_layers.iter().enumerate() {
+            let values: [&[f32]; 9] = [
+                &layer.attn_norm,
+                &layer.wq.data,
+                &layer.wk.data,
+                &layer.wv.data,
+                &layer.wo.data,
+                &layer.ffn_norm,
+                &layer.w_gate.data,
+                &layer.w_up.data,
+                &layer.w_down.data,
+            ];
+            for ((name, shape), v) in local_tensors(l, c).iter().zip(values) {
+                w.add_f32(name, shape, v);
+            }
         }
         w.set_meta(&ClientMeta {
             key: key_meta,
@@ -110,12 +176,22 @@ impl ClientBundle {
                 c.f32_shaped("output", &[cfg.d_model, cfg.vocab_size])?,
             ))
         };
+        if meta.client_layers >= cfg.n_layers {
+            return Err(ModelError::Format(format!(
+                "the client bundle runs {} of {} layers itself",
+                meta.client_layers, cfg.n_layers
+            )));
+        }
+        let local_layers = (0..meta.client_layers)
+            .map(|l| read_local_layer(&c, l, cfg))
+            .collect::<Result<_, _>>()?;
         Ok(ClientBundle {
             meta,
             key,
             embedding,
             final_norm,
             output,
+            local_layers,
         })
     }
 
@@ -168,14 +244,24 @@ impl ClientBundle {
 
 /// The client's computations on a device. Products with the key are folded once into the
 /// tables: `E' = E Q` and `W' = Q^T diag(gf) Wout`, so encoding is a row lookup and
-/// decoding costs what the plaintext head costs.
+/// decoding costs what the plaintext head costs. With client layers, encoding runs them in
+/// plaintext on `E` and rotates their output by `Q` instead.
 #[derive(Debug, Clone)]
 pub struct ClientModel {
     embedding: TokenEmbedding,
+    /// Plaintext layers `0..k`, their RoPE tables and `Q` (`[d, d]`).
+    local: Option<LocalLayers>,
     norm: RmsNorm,
     /// `[d, vocab]`.
     head: Tensor<2>,
     pub config: LlamaConfig,
+}
+
+#[derive(Debug, Clone)]
+struct LocalLayers {
+    stage: Stage,
+    rope: RopeTables,
+    q: Tensor<2>,
 }
 
 impl ClientModel {
@@ -185,26 +271,61 @@ impl ClientModel {
         let cpu = Compute::cpu().device;
         let q = matrix_to_tensor(&to_f32(&bundle.key.q), &cpu);
         let e = matrix_to_tensor(&bundle.embedding, &cpu);
-        let embed_rot = e.clone().matmul(q.clone());
         let gf = vector_to_tensor(&bundle.final_norm, &cpu).unsqueeze_dim::<2>(1);
         let head = match &bundle.output {
             Some(o) => matrix_to_tensor(o, &cpu),
-            None => e.transpose(),
+            None => e.clone().transpose(),
         };
-        let head_rot = q.transpose().matmul(head * gf);
+        let head_rot = q.clone().transpose().matmul(head * gf);
+        let (table, local) = if bundle.local_layers.is_empty() {
+            (e.matmul(q), None)
+        } else {
+            let local = LocalLayers {
+                stage: Stage::from_layers(0, &bundle.local_layers, &cfg, device),
+                rope: RopeTables::new(&cfg, device),
+                q: q.to_device(device),
+            };
+            (e, Some(local))
+        };
         ClientModel {
             embedding: TokenEmbedding {
-                weight: burn::module::Param::from_tensor(embed_rot.to_device(device)),
+                weight: burn::module::Param::from_tensor(table.to_device(device)),
             },
+            local,
             norm: RmsNorm::from_gain(None, f64::from(cfg.rms_eps), device),
             head: head_rot.to_device(device),
             config: cfg,
         }
     }
 
-    /// Token ids → the first stage's input `x'_0 = E[id] Q`, `[t, d]`.
-    pub fn encode(&self, ids: &[u32]) -> Result<Tensor<2>, ModelError> {
-        self.embedding.forward(ids)
+    /// Layers the client runs itself before the first node.
+    pub fn client_layers(&self) -> usize {
+        self.local.as_ref().map_or(0, |l| l.stage.n_layers())
+    }
+
+    /// The state of one sequence on the client: the KV cache of its own layers (empty
+    /// without client layers).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.client_layers(), capacity.min(self.config.max_seq_len))
+    }
+
+    /// Token ids → the first node's input, `[t, d]`: `E[id] Q`, or with client layers the
+    /// residual stream after them, times `Q`. `cache` holds the sequence so far.
+    pub fn encode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor<2>, ModelError> {
+        let x = self.embedding.forward(ids)?;
+        match &self.local {
+            None => Ok(x),
+            Some(l) => {
+                let x = l
+                    .stage
+                    .forward(vec![x], &mut [cache], &l.rope)?
+                    .pop()
+                    .ok_or_else(|| {
+                        ModelError::Shape("the client layers returned nothing".into())
+                    })?;
+                Ok(x.matmul(l.q.clone()))
+            }
+        }
     }
 
     /// The last stage's output `[n, d]` → logits `[n, vocab]`.

@@ -26,11 +26,33 @@ pub fn encrypt_model(
     n_stages: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
+    encrypt_model_split(model, key, n_stages, 0, progress)
+}
+
+/// [`encrypt_model`] with the first `client_layers` layers kept in plaintext in the client
+/// bundle (the client runs them), and the rest split into `n_stages` shards.
+pub fn encrypt_model_split(
+    model: &ModelBundle,
+    key: ModelKey,
+    n_stages: usize,
+    client_layers: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Encrypted, ModelError> {
     let w = &model.weights;
     let config = &w.config;
     key.check_fits(config)?;
     let fingerprint = key.fingerprint();
-    let ranges = plan_stages(config.n_layers, n_stages)?;
+    if client_layers >= config.n_layers {
+        return Err(ModelError::InvalidConfig(format!(
+            "the client cannot run {client_layers} of the model's {} layers: leave at least one to the nodes",
+            config.n_layers
+        )));
+    }
+    let ranges: Vec<std::ops::Range<usize>> =
+        plan_stages(config.n_layers - client_layers, n_stages)?
+            .into_iter()
+            .map(|r| r.start + client_layers..r.end + client_layers)
+            .collect();
     let mut shards = Vec::with_capacity(n_stages);
     let mut records = Vec::with_capacity(n_stages);
     let mut done = 0;
@@ -39,7 +61,7 @@ pub fn encrypt_model(
         for l in range.clone() {
             layers.extend(encrypt_layers(&w.layers, l..l + 1, &key, config));
             done += 1;
-            progress(done, config.n_layers);
+            progress(done, config.n_layers - client_layers);
         }
         let shard = Shard {
             meta: ShardMeta {
@@ -73,11 +95,13 @@ pub fn encrypt_model(
             },
             stages: records,
             text: model.text.spec.clone(),
+            client_layers,
         },
         key,
         embedding: w.embedding.clone(),
         final_norm: w.final_norm.clone(),
         output: w.output.clone(),
+        local_layers: w.layers[..client_layers].to_vec(),
     };
     Ok(Encrypted { client, shards })
 }
@@ -127,6 +151,7 @@ impl Encrypted {
         }
         check_coverage(
             shards.iter().map(|s| s.meta.layer_range()).collect(),
+            client.meta.client_layers,
             client.meta.config.n_layers,
         )?;
         Ok(Encrypted { client, shards })

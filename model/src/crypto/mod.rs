@@ -11,7 +11,7 @@ mod shard;
 mod transform;
 
 pub use client::{ClientBundle, ClientMeta, ClientModel, StageRecord};
-pub use encrypt::{client_path, encrypt_model, shard_path, Encrypted};
+pub use encrypt::{client_path, encrypt_model, encrypt_model_split, shard_path, Encrypted};
 pub use key::{short_fingerprint, HeadKey, KeyOptions, KeyShape, LayerKey, ModelKey};
 pub use key_io::KeyMeta;
 pub use pipeline::EncryptedLocal;

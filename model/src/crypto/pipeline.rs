@@ -15,6 +15,7 @@ use crate::ModelError;
 #[derive(Debug)]
 pub struct EncryptedLocal {
     client: ClientModel,
+    client_cache: KvCache,
     stages: Vec<StageRunner>,
     caches: Vec<KvCache>,
     context: usize,
@@ -34,6 +35,7 @@ impl EncryptedLocal {
         let config = &bundle.meta.config;
         check_coverage(
             shards.iter().map(|s| s.meta.layer_range()).collect(),
+            bundle.meta.client_layers,
             config.n_layers,
         )?;
         let mut ordered: Vec<&Shard> = shards.iter().collect();
@@ -44,8 +46,10 @@ impl EncryptedLocal {
             .map(|s| StageRunner::new(s, device))
             .collect();
         let caches = stages.iter().map(|s| s.new_cache(context)).collect();
+        let client = ClientModel::new(bundle, device);
         Ok(EncryptedLocal {
-            client: ClientModel::new(bundle, device),
+            client_cache: client.new_cache(context),
+            client,
             stages,
             caches,
             context,
@@ -54,6 +58,7 @@ impl EncryptedLocal {
 
     /// Forget the current sequence.
     pub fn reset(&mut self) {
+        self.client_cache = self.client.new_cache(self.context);
         self.caches = self
             .stages
             .iter()
@@ -65,7 +70,7 @@ impl EncryptedLocal {
         if ids.is_empty() {
             return Err(ModelError::Shape("no tokens to run".into()));
         }
-        let mut x = self.client.encode(ids)?;
+        let mut x = self.client.encode(ids, &mut self.client_cache)?;
         for (stage, cache) in self.stages.iter().zip(self.caches.iter_mut()) {
             x = stage
                 .forward(vec![x], &mut [cache])?

@@ -144,10 +144,15 @@ pub fn plan_stages(n_layers: usize, n_stages: usize) -> Result<Vec<Range<usize>>
         .collect())
 }
 
-/// Check that `ranges` (in any order) tile `0..n_layers` exactly.
-pub fn check_coverage(mut ranges: Vec<Range<usize>>, n_layers: usize) -> Result<(), ModelError> {
+/// Check that `ranges` (in any order) tile `first..n_layers` exactly (`first` is the
+/// number of layers the client runs itself).
+pub fn check_coverage(
+    mut ranges: Vec<Range<usize>>,
+    first: usize,
+    n_layers: usize,
+) -> Result<(), ModelError> {
     ranges.sort_by_key(|r| r.start);
-    let mut next = 0;
+    let mut next = first;
     for r in &ranges {
         if r.start > next {
             return Err(ModelError::Shard(format!(
