@@ -19,7 +19,7 @@ report="$CARGO_TARGET_DIR/testnet-report"
 log "short testnet bench on SmolLM2 (3 nodes, up to 2 sessions)"
 "$testnet" bench --sessions 2 --prompt-tokens 16 --gen-tokens 16 --report "$report"
 log "short chaos run on SmolLM2 (a node killed every 2 s)"
-"$testnet" chaos --sessions 2 --rounds 3 --gen-tokens 32 --kill-every 2 --down 1 \
+"$testnet" chaos --sessions 2 --rounds 4 --gen-tokens 32 --kill-every 2 --down 1 \
   --json "$report/chaos.json"
 log "projection to larger networks from this bench"
 "$testnet" simulate --from "$report/bench.json" --nodes 10,100,1000 --duration 60
