@@ -241,7 +241,9 @@ fn run_up(args: UpArgs) -> Result<()> {
             r.tokens, r.time_to_first_token_s, r.decode_tokens_per_s, r.bytes_per_token
         );
         println!(
-            "the nodes saw only hidden states rotated by key {}…, held by this client alone",
+            "the nodes received only hidden states rotated by key {}… (held by this client \
+             alone); with public weights like these a curious node can undo the rotation: \
+             see SECURITY.md",
             &r.key_fingerprint[..r.key_fingerprint.len().min(12)]
         );
     }
