@@ -168,13 +168,48 @@ impl RemotePipeline {
         Ok(resp)
     }
 
-    /// Open a session for stage `i` on its next live replica and replay its history;
-    /// replicas that fail are marked dead and the next one is tried.
+    /// Among the live replicas `live` of stage `i` (in a random order), the one with the
+    /// fewest active sessions right now, asked with a stats request (1 s limit each, all at
+    /// once). Replicas that do not answer are not preferred; ties keep the random order.
+    fn least_loaded(&self, i: usize, live: &[usize]) -> Option<usize> {
+        if live.len() < 2 {
+            return live.first().copied();
+        }
+        let asks: Vec<_> = live
+            .iter()
+            .map(|&k| {
+                let (network, peer) = (self.network.clone(), self.stages[i].replicas[k]);
+                self.handle.spawn(async move {
+                    let ask = network.infer(peer, InferRequest::Stats);
+                    match tokio::time::timeout(Duration::from_secs(1), ask).await {
+                        Ok(Ok(InferResponse::Stats(s))) => Some(s.active_sessions),
+                        _ => None,
+                    }
+                })
+            })
+            .collect();
+        let loads: Vec<Option<u32>> = asks
+            .into_iter()
+            .map(|h| self.handle.block_on(h).ok().flatten())
+            .collect();
+        live.iter()
+            .zip(&loads)
+            .min_by_key(|(_, load)| load.unwrap_or(u32::MAX))
+            .map(|(&k, _)| k)
+    }
+
+    /// Open a session for stage `i` on its least loaded live replica and replay its
+    /// history; replicas that fail are marked dead and the next one is tried.
     fn connect(&mut self, i: usize) -> Result<()> {
         loop {
             let s = &self.stages[i];
             let n = s.replicas.len();
-            let Some(r) = (0..n).map(|k| (s.first + k) % n).find(|&k| !s.dead[k]) else {
+            let live: Vec<usize> = (0..n)
+                .map(|k| (s.first + k) % n)
+                .filter(|&k| !s.dead[k])
+                .collect();
+            let Some(r) = self.least_loaded(i, &live) else {
+                let s = &self.stages[i];
                 bail!(
                     "stage {} (layers {}..{}) has no live replica left; run `veil deploy --repair` for this deployment",
                     s.stage,

@@ -186,7 +186,7 @@ struct SimulateArgs {
     #[arg(long, default_value_t = 0.5)]
     speed_sigma: f64,
     /// How clients choose among a stage's replicas.
-    #[arg(long, value_enum, default_value_t = Routing::Random)]
+    #[arg(long, value_enum, default_value_t = Routing::LeastLoaded)]
     routing: Routing,
     /// Who forwards hidden states between stages.
     #[arg(long, value_enum, default_value_t = Relay::Client)]

@@ -18,10 +18,11 @@ use crate::stats::Latency;
 /// How a client picks a stage's replica for a new session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Routing {
-    /// Uniformly at random (what the `veil` client does today).
+    /// Uniformly at random.
     Random,
-    /// The replica with the least queued work per unit of speed, counting the sessions
-    /// already routed to it.
+    /// The replica with the fewest sessions per unit of speed (the `veil` client asks the
+    /// live replicas for their active sessions and takes the least busy; it does not weigh
+    /// speed yet).
     LeastLoaded,
 }
 
@@ -89,7 +90,7 @@ impl Default for SimParams {
             bandwidth_mbit: 100.0,
             row_bytes: 4 * 576,
             max_batch_rows: 512,
-            routing: Routing::Random,
+            routing: Routing::LeastLoaded,
             relay: Relay::Client,
             duration_s: 120.0,
             warmup_s: 20.0,

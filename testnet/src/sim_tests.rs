@@ -97,7 +97,10 @@ fn least_loaded_routing_beats_random_on_uneven_nodes() {
         speed_sigma: 0.8,
         ..SimParams::default()
     };
-    let random = simulate(&p);
+    let random = simulate(&SimParams {
+        routing: Routing::Random,
+        ..p.clone()
+    });
     let least = simulate(&SimParams {
         routing: Routing::LeastLoaded,
         ..p

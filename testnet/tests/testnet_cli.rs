@@ -315,3 +315,40 @@ fn ctrl_c_stops_a_running_testnet_and_removes_everything() {
     assert!(rest.contains("stopping the testnet"), "{rest}");
     assert_clean(tmp.path());
 }
+
+#[test]
+fn a_new_session_goes_to_the_least_loaded_replica() {
+    use veil_client::net::Client;
+    use veil_client::remote::RemotePipeline;
+    use veil_model::TokenModel;
+    use veil_testnet::network::{LocalNetwork, NetworkOptions};
+    let network = LocalNetwork::start(
+        &NetworkOptions {
+            nodes: 2,
+            model: "tiny".into(),
+            stages: Some(1),
+            replicas: 2,
+            ..NetworkOptions::default()
+        },
+        &|_| {},
+    )
+    .expect("network");
+    let client = Client::connect(&network.net_args()).expect("client");
+    let pipeline = || {
+        RemotePipeline::new(
+            client.runtime.handle().clone(),
+            client.network.clone(),
+            &network.bundle,
+            &network.deployment,
+            64,
+        )
+        .expect("pipeline")
+    };
+    for _ in 0..4 {
+        let mut a = pipeline();
+        a.feed(&[1, 2, 3]).expect("a");
+        let mut b = pipeline();
+        b.feed(&[4, 5]).expect("b");
+        assert_ne!(a.route(), b.route(), "b avoids the replica serving a");
+    }
+}
