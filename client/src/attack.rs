@@ -250,7 +250,7 @@ fn key_recovery(s: &Scenario<'_>) -> Result<Outcome> {
         "key recovery (Procrustes), all tokens",
         score(&s.view, &guesses),
         Some(format!(
-            "|Q_est - Q|/|Q| = {err:.2e}; {:.1}% of gate columns explained",
+            "key error ‖Q_est − Q‖/‖Q‖ = {err:.2e}; {:.1}% of gate columns explained",
             est.explained * 100.0
         )),
     ))
