@@ -200,16 +200,6 @@ fn scenario<'a>(
     })
 }
 
-fn score(view: &NodeView, guesses: &[Vec<u32>]) -> Rate {
-    let rates: Vec<Rate> = view
-        .sessions
-        .iter()
-        .zip(guesses)
-        .map(|(s, g)| Rate::score(g, &s.truth))
-        .collect();
-    Rate::sum(&rates)
-}
-
 /// The share of the most frequent token among the `first_only` or all received tokens.
 fn majority(view: &NodeView, first_only: bool) -> f64 {
     let mut counts = std::collections::HashMap::new();
@@ -248,7 +238,7 @@ fn key_recovery(s: &Scenario<'_>) -> Result<Outcome> {
     Ok(outcome(
         s,
         "key recovery (Procrustes), all tokens",
-        score(&s.view, &guesses),
+        s.view.score(&guesses),
         Some(format!(
             "key error ‖Q_est − Q‖/‖Q‖ = {err:.2e}; {:.1}% of gate columns explained",
             est.explained * 100.0
@@ -278,7 +268,7 @@ fn vocab_match(s: &Scenario<'_>) -> Outcome {
     outcome(
         s,
         "all tokens by norms + Gram matrix",
-        score(&s.view, &guesses),
+        s.view.score(&guesses),
         None,
     )
 }
@@ -288,7 +278,7 @@ fn sorted(s: &Scenario<'_>) -> Outcome {
     outcome(
         s,
         "all tokens by sorted coordinates",
-        score(&s.view, &guesses),
+        s.view.score(&guesses),
         None,
     )
 }

@@ -54,14 +54,7 @@ fn view_with(owner: &ModelBundle, k: ModelKey, client_layers: usize) -> NodeView
 }
 
 fn score(view: &NodeView, guesses: &[Vec<u32>]) -> Rate {
-    Rate::sum(
-        &view
-            .sessions
-            .iter()
-            .zip(guesses)
-            .map(|(s, g)| Rate::score(g, &s.truth))
-            .collect::<Vec<_>>(),
-    )
+    view.score(guesses)
 }
 
 #[test]

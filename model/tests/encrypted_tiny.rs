@@ -30,12 +30,18 @@ fn encrypted_logits_equal_plaintext_logits_on_every_backend() {
         .text
         .prompt_tokens("what is encrypted inference?", false)
         .expect("prompt");
+    assert_same_logits_as_plaintext(&b, &e, &ids);
+}
+
+/// On every backend: the encrypted pipeline's logits for `ids` (one prefill) and for one
+/// more greedy step equal the plaintext model's to 1e-3.
+fn assert_same_logits_as_plaintext(b: &ModelBundle, e: &Encrypted, ids: &[u32]) {
     for (kind, device) in devices() {
         let plain = LocalModel::new(&b.weights, &device, None)
-            .feed_all(&ids)
+            .feed_all(ids)
             .expect("plain");
         let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
-        let got = enc.feed_all(&ids).expect("encrypted");
+        let got = enc.feed_all(ids).expect("encrypted");
         let worst = got
             .iter()
             .zip(&plain)
@@ -46,7 +52,7 @@ fn encrypted_logits_equal_plaintext_logits_on_every_backend() {
         let next = veil_model::sampling::argmax(&got[got.len() - 1]);
         let step = veil_model::TokenModel::feed(&mut enc, &[next]).expect("step");
         let mut p = LocalModel::new(&b.weights, &device, None);
-        p.feed_all(&ids).expect("plain");
+        p.feed_all(ids).expect("plain");
         let expected = veil_model::TokenModel::feed(&mut p, &[next]).expect("step");
         assert!(max_abs_diff(&step, &expected) < 1e-3, "{kind}: decode step");
     }
@@ -279,26 +285,7 @@ fn client_layers_run_on_the_client_and_change_nothing_in_the_output() {
         .text
         .prompt_tokens("client layers", false)
         .expect("prompt");
-    for (kind, device) in devices() {
-        let plain = LocalModel::new(&b.weights, &device, None)
-            .feed_all(&ids)
-            .expect("plain");
-        let mut enc =
-            EncryptedLocal::new(&back.client, &back.shards, &device, None).expect("pipeline");
-        let got = enc.feed_all(&ids).expect("encrypted");
-        let worst = got
-            .iter()
-            .zip(&plain)
-            .map(|(a, b)| max_abs_diff(a, b))
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-3, "{kind}: max |Δlogit| {worst}");
-        let next = veil_model::sampling::argmax(&got[got.len() - 1]);
-        let step = veil_model::TokenModel::feed(&mut enc, &[next]).expect("step");
-        let mut p = LocalModel::new(&b.weights, &device, None);
-        p.feed_all(&ids).expect("plain");
-        let expected = veil_model::TokenModel::feed(&mut p, &[next]).expect("step");
-        assert!(max_abs_diff(&step, &expected) < 1e-3, "{kind}: decode step");
-    }
+    assert_same_logits_as_plaintext(&b, &back, &ids);
     // a bundle with local layers refuses shards that cover them
     let (_, full) = encrypted(4, 2);
     let device = veil_model::Compute::cpu().device;

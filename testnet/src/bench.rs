@@ -399,13 +399,7 @@ pub fn run(network: &LocalNetwork, opts: &BenchOptions, model: &str) -> Result<B
         d_model: config.d_model,
         nodes: network.nodes.len(),
         stages: network.stages,
-        replicas: network
-            .deployment
-            .stages
-            .iter()
-            .map(|s| s.replicas.len())
-            .min()
-            .unwrap_or(0),
+        replicas: network.min_replicas(),
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),

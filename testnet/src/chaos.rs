@@ -196,13 +196,7 @@ fn compare(
         .count();
     ChaosReport {
         nodes: network.nodes.len(),
-        replicas: network
-            .deployment
-            .stages
-            .iter()
-            .map(|s| s.replicas.len())
-            .min()
-            .unwrap_or(0),
+        replicas: network.min_replicas(),
         kills,
         generations: results.len(),
         completed: done.len(),

@@ -167,6 +167,16 @@ impl LocalNetwork {
         })
     }
 
+    /// The fewest replicas any stage of the deployment has.
+    pub fn min_replicas(&self) -> usize {
+        self.deployment
+            .stages
+            .iter()
+            .map(|s| s.replicas.len())
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Network options for a client of this network.
     pub fn net_args(&self) -> NetArgs {
         net_args(&self.bootstrap)

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::bench::BenchReport;
@@ -112,6 +114,21 @@ fn chart_error(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("cannot draw a chart: {e}")
 }
 
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draw the legend and write the file.
+fn finish(chart: &mut Chart<'_>, root: &DrawingArea<SVGBackend<'_>, Shift>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(chart_error)?;
+    root.present().map_err(chart_error)?;
+    Ok(())
+}
+
 /// Tokens/s of the network at each session count, with the baselines as flat lines.
 pub fn throughput_chart(r: &BenchReport, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
@@ -163,15 +180,7 @@ pub fn throughput_chart(r: &BenchReport, path: &Path) -> Result<()> {
             .label(b.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(chart_error)?;
-    root.present().map_err(chart_error)?;
-    Ok(())
+    finish(&mut chart, &root)
 }
 
 /// The cumulative distribution of per-token latency at each session count.
@@ -213,13 +222,5 @@ pub fn latency_chart(r: &BenchReport, path: &Path) -> Result<()> {
             .label(format!("{} session(s)", l.sessions))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(chart_error)?;
-    root.present().map_err(chart_error)?;
-    Ok(())
+    finish(&mut chart, &root)
 }

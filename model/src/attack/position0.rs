@@ -7,12 +7,11 @@
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
-use crate::nn::{matrix_to_tensor, tensor_to_vec, vector_to_tensor};
+use crate::nn::{matrix_to_tensor, tensor_to_vec, RmsNorm};
 use crate::{LlamaWeights, Matrix, ModelError};
 
 fn rmsnorm(x: Tensor<2>, gain: &[f32], eps: f32, device: &Device) -> Tensor<2> {
-    let rms = (x.clone().square().mean_dim(1) + f64::from(eps)).sqrt();
-    (x / rms) * vector_to_tensor(gain, device).unsqueeze::<2>()
+    RmsNorm::from_gain(Some(gain), f64::from(eps), device).forward(x)
 }
 
 /// The residual stream after layers `0..k` of every vocabulary token at position 0,

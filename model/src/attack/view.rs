@@ -33,6 +33,17 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// Score per-session guesses (one per received row) against the truth.
+    pub fn score(&self, guesses: &[Vec<u32>]) -> super::Rate {
+        let rates: Vec<super::Rate> = self
+            .sessions
+            .iter()
+            .zip(guesses)
+            .map(|(s, g)| super::Rate::score(g, &s.truth))
+            .collect();
+        super::Rate::sum(&rates)
+    }
+
     /// Received rows of every session, as `(session, position)` slices.
     pub fn rows(&self) -> impl Iterator<Item = (usize, usize, &[f32])> {
         let d = self.d_model;

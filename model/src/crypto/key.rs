@@ -58,6 +58,15 @@ impl Default for KeyOptions {
     }
 }
 
+/// The kv-head order of one layer: random with `permute_heads`, else the identity.
+fn head_permutation(shape: KeyShape, options: KeyOptions, rng: &mut impl Rng) -> Vec<u32> {
+    if options.permute_heads {
+        permutation(shape.n_kv_heads, rng)
+    } else {
+        (0..shape.n_kv_heads as u32).collect()
+    }
+}
+
 /// The `n x n` matrix of a random permutation.
 fn permutation_matrix(n: usize, rng: &mut impl Rng) -> DMatrix<f64> {
     let p = permutation(n, rng);
@@ -182,11 +191,7 @@ impl ModelKey {
                     heads,
                     mlp_perm: permutation(shape.d_ff, rng),
                     mlp_scale,
-                    head_perm: if options.permute_heads {
-                        permutation(shape.n_kv_heads, rng)
-                    } else {
-                        (0..shape.n_kv_heads as u32).collect()
-                    },
+                    head_perm: head_permutation(shape, options, rng),
                 }
             })
             .collect();
@@ -217,11 +222,7 @@ impl ModelKey {
                     .collect(),
                 mlp_perm: permutation(shape.d_ff, rng),
                 mlp_scale: vec![1.0; shape.d_ff],
-                head_perm: if options.permute_heads {
-                    permutation(shape.n_kv_heads, rng)
-                } else {
-                    (0..shape.n_kv_heads as u32).collect()
-                },
+                head_perm: head_permutation(shape, options, rng),
             })
             .collect();
         ModelKey {
