@@ -2,8 +2,8 @@
 //! session's KV cache. Requests arrive on a bounded channel; steps of concurrent sessions on
 //! the same shard that are waiting together run as one batched forward pass.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Distribution, Tensor};
@@ -36,7 +36,6 @@ pub enum Job {
         session: SessionId,
         reply: oneshot::Sender<InferResponse>,
     },
-    Status(oneshot::Sender<Status>),
 }
 
 /// What the engine is doing, for capacity ads and logs.
@@ -52,6 +51,27 @@ pub struct Status {
     /// Steps answered with hidden states, and the forward passes that computed them.
     pub steps: u64,
     pub batches: u64,
+}
+
+/// The engine's latest [`Status`], readable at any time without queueing behind its work
+/// (ads and the least-loaded routing of clients ask while the engine is busy).
+#[derive(Debug, Clone, Default)]
+pub struct StatusBoard(Arc<Mutex<Status>>);
+
+impl StatusBoard {
+    pub fn get(&self) -> Status {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, status: Status) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+    }
 }
 
 /// Limits the engine enforces.
@@ -88,6 +108,7 @@ struct Engine {
     busy: Duration,
     steps: u64,
     batches: u64,
+    board: StatusBoard,
 }
 
 /// A step that passed validation: session, input rows, row count, where to answer.
@@ -100,25 +121,20 @@ fn error(code: ErrorCode, message: impl Into<String>) -> InferResponse {
     }
 }
 
-/// Start the engine thread; returns the job queue.
-pub fn spawn(device: Device, store: Arc<ShardStore>, limits: Limits) -> mpsc::Sender<Job> {
+/// Start the engine thread; returns the job queue and the engine's status board.
+pub fn spawn(
+    device: Device,
+    store: Arc<ShardStore>,
+    limits: Limits,
+) -> (mpsc::Sender<Job>, StatusBoard) {
     let (tx, rx) = mpsc::channel(1024);
-    let engine = Engine {
-        device,
-        store,
-        limits,
-        runners: HashMap::new(),
-        sessions: HashMap::new(),
-        largest_batch: 0,
-        busy: Duration::ZERO,
-        steps: 0,
-        batches: 0,
-    };
+    let engine = Engine::new(device, store, limits);
+    let board = engine.board.clone();
     std::thread::Builder::new()
         .name("veil-engine".into())
         .spawn(move || engine.run(rx))
         .expect("spawn the engine thread");
-    tx
+    (tx, board)
 }
 
 /// Measure matrix-product throughput on `device` for about `budget`, in GFLOP/s.
@@ -138,6 +154,25 @@ pub fn self_benchmark(device: &Device, budget: Duration) -> f64 {
 }
 
 impl Engine {
+    fn new(device: Device, store: Arc<ShardStore>, limits: Limits) -> Self {
+        Engine {
+            device,
+            store,
+            limits,
+            runners: HashMap::new(),
+            sessions: HashMap::new(),
+            largest_batch: 0,
+            busy: Duration::ZERO,
+            steps: 0,
+            batches: 0,
+            board: StatusBoard::default(),
+        }
+    }
+
+    fn publish(&self) {
+        self.board.set(self.status());
+    }
+
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut last_sweep = Instant::now();
         while let Some(first) = rx.blocking_recv() {
@@ -169,6 +204,7 @@ impl Engine {
                         reply,
                     } => {
                         let r = self.open(peer, session, shard, max_len);
+                        self.publish();
                         let _ = reply.send(r);
                     }
                     Job::Close {
@@ -179,14 +215,13 @@ impl Engine {
                         let r = match self.sessions.get(&session) {
                             Some(s) if s.peer == peer => {
                                 self.sessions.remove(&session);
+                                tracing::info!("session {} closed", short(&session));
                                 InferResponse::Closed
                             }
                             _ => error(ErrorCode::UnknownSession, "no such session"),
                         };
+                        self.publish();
                         let _ = reply.send(r);
-                    }
-                    Job::Status(reply) => {
-                        let _ = reply.send(self.status());
                     }
                 }
             }
@@ -197,6 +232,7 @@ impl Engine {
                 self.steps(steps);
             }
             self.busy += started.elapsed();
+            self.publish();
         }
     }
 
@@ -224,6 +260,7 @@ impl Engine {
         let gone = before - self.sessions.len();
         if gone > 0 {
             tracing::info!("closed {gone} idle session(s)");
+            self.publish();
         }
     }
 
@@ -329,6 +366,13 @@ impl Engine {
                 last_used: Instant::now(),
             },
         );
+        tracing::info!(
+            "session {} opened on shard {} (layers {}..{}, up to {max_len} positions) for {peer}",
+            short(&session),
+            &hex::encode(shard)[..12],
+            meta.layers.0,
+            meta.layers.1
+        );
         InferResponse::Opened {
             session,
             layers: (meta.layers.0 as u32, meta.layers.1 as u32),
@@ -344,9 +388,17 @@ impl Engine {
             oneshot::Sender<InferResponse>,
         )>,
     ) {
-        // Validate each step and group the valid ones by shard.
+        // Validate each step and group the valid ones by shard. A session's second step in
+        // the same batch (a client that pipelines) waits for the next round: its input
+        // follows the first one's in the KV cache.
         let mut groups: HashMap<ShardId, Vec<ValidStep>> = HashMap::new();
+        let mut seen: HashSet<SessionId> = HashSet::new();
+        let mut later = Vec::new();
         for (peer, session, frame, reply) in steps {
+            if !seen.insert(session) {
+                later.push((peer, session, frame, reply));
+                continue;
+            }
             let Some(s) = self.sessions.get(&session).filter(|s| s.peer == peer) else {
                 let _ = reply.send(error(
                     ErrorCode::UnknownSession,
@@ -419,7 +471,15 @@ impl Engine {
                 self.sessions.insert(id, s);
             }
         }
+        if !later.is_empty() {
+            self.steps(later);
+        }
     }
+}
+
+/// The first bytes of a session id, for logs.
+fn short(session: &SessionId) -> String {
+    hex::encode(&session[..4])
 }
 
 #[cfg(test)]
@@ -432,12 +492,29 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         jobs: mpsc::Sender<Job>,
+        board: StatusBoard,
+        /// The engine and its queue, until `start` (jobs sent before then queue up).
+        paused: Option<(Engine, mpsc::Receiver<Job>)>,
         shard_id: ShardId,
         shard: Shard,
         d: usize,
     }
 
+    impl Fixture {
+        fn start(&mut self) {
+            let (engine, rx) = self.paused.take().expect("not started yet");
+            std::thread::spawn(move || engine.run(rx));
+        }
+    }
+
     fn fixture(limits: Limits) -> Fixture {
+        let mut f = paused_fixture(limits);
+        f.start();
+        f
+    }
+
+    /// An engine that does not run until `Fixture::start`.
+    fn paused_fixture(limits: Limits) -> Fixture {
         let b = ModelBundle::tiny().expect("tiny");
         let key = ModelKey::generate(
             KeyShape::of(&b.weights.config),
@@ -453,10 +530,14 @@ mod tests {
             .try_into()
             .expect("32");
         writer.write(&store.path(&shard_id), false).expect("write");
-        let jobs = spawn(Compute::cpu().device, Arc::new(store), limits);
+        let engine = Engine::new(Compute::cpu().device, Arc::new(store), limits);
+        let board = engine.board.clone();
+        let (jobs, rx) = mpsc::channel(1024);
         Fixture {
             _dir: dir,
             jobs,
+            board,
+            paused: Some((engine, rx)),
             shard_id,
             shard: e.shards[0].clone(),
             d: b.weights.config.d_model,
@@ -495,6 +576,34 @@ mod tests {
         })
     }
 
+    /// Queue an open without waiting for its answer.
+    fn open_later(f: &Fixture, session: SessionId) -> oneshot::Receiver<InferResponse> {
+        let (tx, rx) = oneshot::channel();
+        f.jobs
+            .blocking_send(Job::Open {
+                peer: peer(),
+                session,
+                shard: f.shard_id,
+                max_len: 64,
+                reply: tx,
+            })
+            .expect("send");
+        rx
+    }
+
+    /// The status once `done` holds (the board is updated right after each batch's answers
+    /// are sent), within a generous deadline.
+    fn wait_for(f: &Fixture, done: impl Fn(&Status) -> bool) -> Status {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = f.board.get();
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn step(f: &Fixture, session: SessionId, rows: &[f32]) -> oneshot::Receiver<InferResponse> {
         let (tx, rx) = oneshot::channel();
         let t = rows.len() / f.d;
@@ -525,34 +634,44 @@ mod tests {
 
     #[test]
     fn concurrent_sessions_are_batched_and_correct() {
-        let f = fixture(Limits {
+        let mut f = paused_fixture(Limits {
             step_delay: Duration::from_millis(100),
             ..limits()
         });
         let (a, b) = ([1u8; 16], [2u8; 16]);
-        assert!(matches!(open(&f, a), InferResponse::Opened { .. }));
-        assert!(matches!(open(&f, b), InferResponse::Opened { .. }));
-        // the engine sleeps 100 ms per batch: the second and third steps queue up together
+        // Everything is queued before the engine runs, so that it finds it waiting together
+        // (no sleep that assumes how fast the engine picks up work): two sessions' steps
+        // share one forward pass; session a's second step (a client pipelining) waits for
+        // the next one, after a's first.
+        let (open_a, open_b) = (open_later(&f, a), open_later(&f, b));
         let xa = rows(1, 3, f.d);
         let xb = rows(2, 5, f.d);
         let xc = rows(3, 1, f.d);
         let first = step(&f, a, &xa);
-        std::thread::sleep(Duration::from_millis(20));
         let second = step(&f, b, &xb);
         let third = step(&f, a, &xc);
+        f.start();
+        for r in [open_a, open_b] {
+            assert!(matches!(
+                r.blocking_recv().expect("open"),
+                InferResponse::Opened { .. }
+            ));
+        }
+        assert_eq!(
+            f.board.get().active_sessions,
+            2,
+            "opens are visible at once"
+        );
         let (ya, yb, yc) = (
             hidden(first.blocking_recv().expect("a")),
             hidden(second.blocking_recv().expect("b")),
             hidden(third.blocking_recv().expect("c")),
         );
-        let (tx, rx) = oneshot::channel();
-        f.jobs.blocking_send(Job::Status(tx)).expect("send");
-        let status = rx.blocking_recv().expect("status");
-        assert!(status.largest_batch >= 2, "steps were batched");
-        assert_eq!(status.steps, 3, "three steps answered");
-        assert!(status.batches < 3, "in fewer forward passes");
+        let status = wait_for(&f, |s| s.steps == 3);
+        assert_eq!(status.largest_batch, 2, "a's and b's steps were batched");
+        assert_eq!(status.batches, 2, "in two forward passes");
         assert!(
-            status.busy >= Duration::from_millis(200),
+            status.busy >= Duration::from_millis(100),
             "busy time counts the work"
         );
         // the same computations one at a time

@@ -19,7 +19,7 @@ use veil_protocol::{
 };
 
 use crate::config::NodeConfig;
-use crate::engine::{self, Job, Limits};
+use crate::engine::{self, Job, Limits, StatusBoard};
 use crate::store::{ShardStore, StoreError};
 
 /// Appends what peers send to a file, for audits: a tag byte (1 inference, 2 upload), the
@@ -59,6 +59,7 @@ struct Node {
     identity: Identity,
     network: Network,
     engine: mpsc::Sender<Job>,
+    board: StatusBoard,
     store: Arc<ShardStore>,
     uploads: Arc<Mutex<()>>,
     ads: AdBook,
@@ -91,7 +92,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         "self-benchmark: {throughput_gflops:.1} GFLOP/s; holding {} shard(s)",
         store.list().len()
     );
-    let engine = engine::spawn(
+    let (engine, board) = engine::spawn(
         compute.device.clone(),
         store.clone(),
         Limits {
@@ -132,6 +133,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         identity,
         network,
         engine,
+        board,
         store,
         uploads: Arc::new(Mutex::new(())),
         ads: AdBook::default(),
@@ -189,11 +191,7 @@ impl Node {
     }
 
     async fn advertise(&mut self) {
-        let (tx, rx) = oneshot::channel();
-        let status = match self.engine.send(Job::Status(tx)).await {
-            Ok(()) => rx.await.unwrap_or_default(),
-            Err(_) => Default::default(),
-        };
+        let status = self.board.get();
         tracing::debug!(
             "{} session(s), {} shard(s) loaded, {} MiB reserved, largest batch {}",
             status.active_sessions,
@@ -247,6 +245,7 @@ impl Node {
             } => {
                 self.record(1, &request);
                 let engine = self.engine.clone();
+                let board = self.board.clone();
                 let network = self.network.clone();
                 let traffic = self.traffic.clone();
                 let started = self.started;
@@ -257,11 +256,8 @@ impl Node {
                     let (tx, rx) = oneshot::channel();
                     let job = match request {
                         InferRequest::Stats => {
-                            let (stx, srx) = oneshot::channel();
-                            let status = match engine.send(Job::Status(stx)).await {
-                                Ok(()) => srx.await.unwrap_or_default(),
-                                Err(_) => Default::default(),
-                            };
+                            // from the board: a busy engine does not delay the answer
+                            let status = board.get();
                             let stats = NodeStats {
                                 busy_ms: status.busy.as_millis() as u64,
                                 steps: status.steps,
