@@ -51,14 +51,35 @@ pub fn clean_everything() {
     for &pid in &pids {
         signal("-TERM", pid);
     }
-    if !pids.is_empty() {
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-    }
+    wait_until_gone(&pids, std::time::Duration::from_secs(5));
     for &pid in &pids {
-        signal("-KILL", pid);
+        if alive(pid) {
+            signal("-KILL", pid);
+        }
     }
+    wait_until_gone(&pids, std::time::Duration::from_secs(5));
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Whether `pid` still runs (not gone, not a zombie). Without `/proc`, assume it does.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // the state follows the command name in parentheses
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => !std::path::Path::new("/proc/self").exists(),
+    }
+}
+
+/// Wait until every process in `pids` has exited, or `limit` has passed.
+fn wait_until_gone(pids: &[u32], limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while pids.iter().any(|&p| alive(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

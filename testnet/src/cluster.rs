@@ -153,9 +153,9 @@ impl NodeProcess {
             .with_context(|| format!("cannot start {}", self.name))?;
         crate::cleanup::add_process(child.id());
         self.child = Some(child);
-        let addr = self.wait_for_listen("/tcp/", Duration::from_secs(60))?;
+        let addr = self.wait_for_listen("/tcp/", Duration::from_secs(180))?;
         if self.quic {
-            self.quic_addr = Some(self.wait_for_listen("/quic-v1", Duration::from_secs(60))?);
+            self.quic_addr = Some(self.wait_for_listen("/quic-v1", Duration::from_secs(180))?);
         }
         self.port = addr
             .split('/')

@@ -124,7 +124,7 @@ impl LocalNetwork {
             .clone()
             .context("the first node has no address")?;
         say("waiting for every node's capacity ad");
-        wait_for_ads(&bootstrap, opts.nodes, Duration::from_secs(60))?;
+        wait_for_ads(&bootstrap, opts.nodes, Duration::from_secs(180))?;
         say("encrypting and deploying the model");
         let started = Instant::now();
         let model = match &model_path {

@@ -170,7 +170,8 @@ fn a_hostile_peer_cannot_break_a_node() {
         swarm.dial(addr.clone()).expect("dial");
         let mut requests = Vec::new();
         let mut sent = false;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // generous: the loop ends as soon as every bad request has its outcome
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let mut outcomes = 0;
         loop {
             let event = tokio::time::timeout_at(deadline, swarm.select_next_some()).await;
@@ -296,7 +297,8 @@ fn a_hostile_peer_cannot_break_a_node() {
             ),
             "{r:?}"
         );
-        // the directory holds only the node's own, genuine ad
+        // the directory holds only the node's own, genuine ad (the forged ones were published
+        // long before; two more seconds give a wrongly accepted one time to show up)
         tokio::time::sleep(Duration::from_secs(2)).await;
         let ads = net.directory(peer).await.expect("directory");
         assert!(!ads.is_empty());

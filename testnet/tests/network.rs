@@ -2,7 +2,7 @@
 //! generating through them, nodes dying and restarting, and what a node receives.
 
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use veil_testnet::cluster::{find_bin, start_nodes, NodeProcess, NodeSettings};
@@ -97,15 +97,31 @@ fn deploy(veil: &Veil, bootstrap: &str, stages: usize) -> String {
         .to_string()
 }
 
-fn wait_for_ads(veil: &Veil, bootstrap: &str, n: usize) -> Value {
-    for _ in 0..30 {
-        let v = veil.json(&["peers", "--bootstrap", bootstrap, "--json", "--wait", "1"]);
-        if v.as_array().map_or(0, Vec::len) >= n {
+/// Poll `check` until it gives a value; panic naming `what` after a deadline generous
+/// enough for a loaded machine (the tests wait for events, never for fixed times).
+fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(v) = check() {
             return v;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("fewer than {n} capacity ads");
+}
+
+fn wait_for_ads(veil: &Veil, bootstrap: &str, n: usize) -> Value {
+    wait_until(&format!("{n} capacity ads"), || {
+        let v = veil.json(&["peers", "--bootstrap", bootstrap, "--json", "--wait", "1"]);
+        (v.as_array().map_or(0, Vec::len) >= n).then_some(v)
+    })
+}
+
+/// Sessions a node has opened on `shard` (a hex shard id), from its log.
+fn sessions_opened(node: &NodeProcess, shard: &str) -> usize {
+    node.log()
+        .matches(&format!("opened on shard {}", &shard[..12]))
+        .count()
 }
 
 #[test]
@@ -167,13 +183,17 @@ fn deploy_generate_and_survive_a_node_dying() {
     assert_eq!(route.len(), 3);
     assert_eq!(out["network"]["failovers"], 0);
 
-    // Kill the node serving stage 1 while a generation is under way.
+    // Kill the node serving stage 1 while a generation is under way: the replica that
+    // opens the generation's session on stage 1 (its log says so) is killed at once, long
+    // before its 60 steps (40 ms each) can be done.
+    let shard = stages[1]["shard"].as_str().expect("shard").to_string();
     let replicas: Vec<String> = stages[1]["replicas"]
         .as_array()
         .expect("replicas")
         .iter()
         .map(|r| r["peer"].as_str().expect("peer").to_string())
         .collect();
+    let opened_before: Vec<usize> = nodes.iter().map(|n| sessions_opened(n, &shard)).collect();
     let expected = local_tokens(&veil, prompt, 60);
     let bin = find_bin("veil").expect("veil");
     let child = Command::new(bin)
@@ -194,24 +214,14 @@ fn deploy_generate_and_survive_a_node_dying() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(2000));
-    // the client picks a replica at random: find the one with the session (ads every second)
-    let victim = (0..20)
-        .find_map(|_| {
-            let peers = veil.json(&["peers", "--json", "--bootstrap", &boot, "--wait", "1"]);
-            let busy = peers.as_array().expect("list").iter().find(|p| {
-                p["active_sessions"].as_u64().unwrap_or(0) > 0
-                    && replicas.iter().any(|r| p["peer_id"] == r.as_str())
-            });
-            match busy {
-                Some(p) => Some(p["peer_id"].as_str().expect("peer").to_string()),
-                None => {
-                    std::thread::sleep(Duration::from_millis(200));
-                    None
-                }
-            }
-        })
-        .expect("a replica of stage 1 serves the session");
+    let victim = wait_until("a replica of stage 1 to open the session", || {
+        nodes
+            .iter()
+            .zip(&opened_before)
+            .find(|(n, &before)| sessions_opened(n, &shard) > before)
+            .map(|(n, _)| n.peer_id.clone())
+    });
+    assert!(replicas.contains(&victim));
     let node = nodes
         .iter_mut()
         .find(|n| n.peer_id == victim)
@@ -250,7 +260,7 @@ fn a_restarted_node_still_serves_its_shards() {
     let record = deployment(&veil, &id);
 
     // Graceful restart of node 2 (SIGTERM, same data dir and port).
-    assert!(nodes[2].stop(Duration::from_secs(10)), "graceful shutdown");
+    assert!(nodes[2].stop(Duration::from_secs(60)), "graceful shutdown");
     nodes[2]
         .start(std::slice::from_ref(&boot))
         .expect("restart");
@@ -502,7 +512,12 @@ fn a_lost_stage_is_a_clear_error_until_repaired() {
         "{stderr}"
     );
     // wait until the dead node's ad has expired, then repair
-    std::thread::sleep(Duration::from_secs(11));
+    let dead = nodes[victim].peer_id.clone();
+    wait_until("the dead node's ad to expire", || {
+        let peers = veil.json(&["peers", "--bootstrap", &boot, "--json", "--wait", "1"]);
+        let list = peers.as_array().expect("list");
+        (!list.iter().any(|p| p["peer_id"] == dead.as_str())).then_some(())
+    });
     let out = veil.ok(&[
         "deploy",
         "--repair",
@@ -686,6 +701,8 @@ fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
     );
 
     // A chat whose sessions expire between turns reopens them, replays, and says the same.
+    // The slow chat pauses 3 s after each answer has arrived, three times the idle timeout:
+    // the nodes expire the sessions before serving the next turn, however slow the machine.
     let turns = ["What is the capital of France?", "And of Italy?"];
     let (quick, _) = chat(&veil, &id, &boot, &turns, Duration::ZERO);
     let (slow, log) = chat(&veil, &id, &boot, &turns, Duration::from_secs(3));
@@ -697,9 +714,12 @@ fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
     assert!(quick.contains("Paris"), "{quick}");
 }
 
-/// Run `veil chat` with `turns`, sleeping `pause` before each turn after the first.
+/// Run `veil chat` with `turns`; from the second turn on, wait until the previous answer
+/// is complete (the chat prompts for the next line on stderr), then sleep `pause`.
+/// Returns stdout and stderr.
 fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (String, String) {
-    use std::io::Write;
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
     let bin = find_bin("veil").expect("veil");
     let mut child = Command::new(bin)
         .args([
@@ -718,8 +738,29 @@ fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (
         .spawn()
         .expect("spawn chat");
     let mut stdin = child.stdin.take().expect("stdin");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                log.lock().expect("log").push_str(&text);
+            }
+        })
+    };
+    // `veil chat` writes "> " to stderr whenever it waits for a line: once at the start,
+    // then once after each answer.
+    let prompts = || log.lock().expect("log").matches("> ").count();
     for (i, t) in turns.iter().enumerate() {
-        if i > 0 {
+        if i > 0 && !pause.is_zero() {
+            wait_until(&format!("answer {i} of the chat"), || {
+                (prompts() > i).then_some(())
+            });
             std::thread::sleep(pause);
         }
         writeln!(stdin, "{t}").expect("write");
@@ -727,13 +768,8 @@ fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (
     }
     drop(stdin);
     let out = child.wait_with_output().expect("chat");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    reader.join().expect("stderr reader");
+    let log = log.lock().expect("log").clone();
+    assert!(out.status.success(), "{log}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), log)
 }
