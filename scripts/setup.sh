@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Veil needs on a fresh Debian/Ubuntu machine; sourced by demo.sh and test.sh.
 #  - a Rust toolchain (must already be there: https://rustup.rs)
-#  - Mesa's software Vulkan driver, so that burn's wgpu backend runs without a GPU
+#  - with VEIL_WGPU=1: Mesa's software Vulkan driver, so that burn's wgpu backend runs
+#    without a GPU
 #  - Python 3 with pip, which `veil model fetch` uses to download SmolLM2
 set -euo pipefail
 
@@ -18,8 +19,11 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 need_apt=()
-ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
-ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || need_apt+=(libvulkan1)
+# Vulkan only for a build with the wgpu backend (scripts/test.sh sets VEIL_WGPU=1).
+if [ "${VEIL_WGPU:-0}" = 1 ]; then
+  ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
+  ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || need_apt+=(libvulkan1)
+fi
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then

@@ -102,7 +102,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None => "tiny".to_string(),
     };
     let backends: Vec<BackendKind> = if args.backend.is_empty() {
-        BackendKind::ALL.to_vec()
+        // every backend this build has
+        BackendKind::ALL
+            .into_iter()
+            .filter(|b| *b != BackendKind::Wgpu || veil_model::Compute::WGPU_BUILT)
+            .collect()
     } else {
         args.backend
             .iter()

@@ -69,7 +69,8 @@ pub struct GenerateArgs {
     /// Report the K highest logits of every step (with --json).
     #[arg(long, default_value_t = 0)]
     pub top_logits: usize,
-    /// Compute backend: wgpu or cpu (default: wgpu if an adapter is found, else cpu).
+    /// Compute backend: wgpu or cpu (default: wgpu on a hardware adapter in a build with the
+    /// `wgpu` feature, else cpu).
     #[arg(long)]
     pub backend: Option<String>,
     /// Print one JSON object instead of streaming text.

@@ -1,11 +1,13 @@
 //! Choosing the compute backend at run time: burn's wgpu backend when an adapter is found,
 //! otherwise its pure-Rust CPU backend (flex).
+//!
+//! The wgpu backend is a cargo feature (`wgpu`, off by default): it doubles the build, and
+//! a machine without a GPU runs the CPU backend faster than a software GPU. A build without
+//! it still knows the backend's name and says how to get it.
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::OnceLock;
 
-use burn::tensor::wgpu::wgpu;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
@@ -74,9 +76,26 @@ impl Compute {
         }
     }
 
+    /// Whether this build has the wgpu backend (the `wgpu` cargo feature).
+    pub const WGPU_BUILT: bool = cfg!(feature = "wgpu");
+
     /// The wgpu backend on the default adapter. The adapter is acquired once per process;
     /// later calls return the same device (or the same error).
+    #[cfg(not(feature = "wgpu"))]
     pub fn wgpu() -> Result<Self, ModelError> {
+        Err(ModelError::Backend(
+            "this build has no wgpu backend: build with `cargo build --release --workspace \
+             --features wgpu` (see the README)"
+                .into(),
+        ))
+    }
+
+    /// The wgpu backend on the default adapter. The adapter is acquired once per process;
+    /// later calls return the same device (or the same error).
+    #[cfg(feature = "wgpu")]
+    pub fn wgpu() -> Result<Self, ModelError> {
+        use burn::tensor::wgpu::wgpu;
+        use std::sync::OnceLock;
         static WGPU: OnceLock<Result<Compute, String>> = OnceLock::new();
         WGPU.get_or_init(|| {
             let (device, setup) = Device::wgpu_options()
@@ -97,11 +116,13 @@ impl Compute {
     /// The requested backend, or by default wgpu if a hardware adapter is found and the CPU
     /// otherwise. A software adapter (Mesa's llvmpipe) runs these models far slower than
     /// the CPU backend, so the default skips it; `Some(Wgpu)` still uses it. The second
-    /// value is a notice to show the user when falling back.
+    /// value is a notice to show the user when falling back. A build without the wgpu
+    /// backend uses the CPU by default, without a notice.
     pub fn select(requested: Option<BackendKind>) -> Result<(Self, Option<String>), ModelError> {
         match requested {
             Some(BackendKind::Cpu) => Ok((Self::cpu(), None)),
             Some(BackendKind::Wgpu) => Ok((Self::wgpu()?, None)),
+            None if !Self::WGPU_BUILT => Ok((Self::cpu(), None)),
             None => match Self::wgpu() {
                 Ok(c) if c.software => Ok((
                     Self::cpu(),

@@ -20,6 +20,7 @@ listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
 bootstrap = []
 
 # Compute backend: "auto" (wgpu on a hardware adapter, else the CPU), "wgpu" or "cpu".
+# wgpu needs a build with it: cargo build --release --workspace --features wgpu
 backend = "auto"
 
 # Memory, in MiB, the node may give to loaded shards and KV caches. Sessions that would

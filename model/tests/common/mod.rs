@@ -8,12 +8,14 @@ use std::path::PathBuf;
 use burn::tensor::Device;
 use veil_model::{BackendKind, Compute};
 
-/// The devices to test on: the CPU backend always, and wgpu — which CI provides through
-/// Mesa's software Vulkan device. Set VEIL_TEST_NO_WGPU=1 to skip wgpu on a machine without
-/// any Vulkan driver.
+/// The devices to test on: the CPU backend always, and wgpu in a build with the `wgpu`
+/// feature — which CI provides through Mesa's software Vulkan device. Set
+/// VEIL_TEST_NO_WGPU=1 to skip wgpu on a machine without any Vulkan driver.
 pub fn devices() -> Vec<(BackendKind, Device)> {
     let mut out = vec![(BackendKind::Cpu, Compute::cpu().device)];
-    if std::env::var_os("VEIL_TEST_NO_WGPU").is_none() {
+    if !Compute::WGPU_BUILT {
+        eprintln!("note: built without the wgpu feature; testing the CPU backend only");
+    } else if std::env::var_os("VEIL_TEST_NO_WGPU").is_none() {
         let wgpu = Compute::wgpu().expect(
             "no wgpu adapter: install mesa-vulkan-drivers (software Vulkan) or set VEIL_TEST_NO_WGPU=1",
         );
