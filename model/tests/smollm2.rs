@@ -163,6 +163,11 @@ fn compare_steps(
     worst
 }
 
+/// Our own cases checked on wgpu besides the shared reference's (all of them on the CPU).
+/// The software Vulkan device CI runs wgpu on takes ~10 s per case; the kernels' exactness
+/// on wgpu is covered shape by shape by the tiny-model tests.
+const WGPU_OWN_CASES: usize = 2;
+
 #[test]
 fn logits_match_the_exact_f32_reference_on_every_backend() {
     let b = bundle();
@@ -170,7 +175,12 @@ fn logits_match_the_exact_f32_reference_on_every_backend() {
         let mut model = LocalModel::new(&b.weights, &device, Some(256));
         let mut worst = 0.0f32;
         let mut compared = 0;
-        for case in ours()["cases"].as_array().expect("cases") {
+        let own = ours()["cases"].as_array().expect("cases").clone();
+        let own = match kind {
+            veil_model::BackendKind::Wgpu => &own[..WGPU_OWN_CASES],
+            veil_model::BackendKind::Cpu => &own[..],
+        };
+        for case in own {
             let steps: Vec<Vec<(usize, f32)>> = case["numpy_steps"]
                 .as_array()
                 .expect("steps")
