@@ -25,8 +25,21 @@ pub enum GgufError {
     },
     #[error("GGUF tensor `{0}` is missing")]
     MissingTensor(String),
-    #[error("GGUF tensor `{tensor}` has unsupported type {type_name} (supported: F32, F16, Q8_0, Q4_0, Q4_1)")]
+    #[error(
+        "GGUF tensor `{tensor}` has unsupported type {type_name} (supported: F32, F16, BF16, \
+         Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
+    )]
     UnsupportedTensorType { tensor: String, type_name: String },
+    #[error(
+        "GGUF tensor `{tensor}` has {elements} values, not a whole number of {type_name} \
+         blocks of {block}"
+    )]
+    PartialBlock {
+        tensor: String,
+        type_name: String,
+        elements: usize,
+        block: usize,
+    },
     #[error("GGUF tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
     ShapeMismatch {
         tensor: String,

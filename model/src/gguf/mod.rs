@@ -4,15 +4,14 @@
 //! offset is bounds-checked, so a truncated or corrupt file is an error, never a panic.
 
 mod error;
-mod quant;
 mod reader;
 mod value;
 mod writer;
 
 pub use error::GgufError;
-pub use quant::GgmlType;
 pub use reader::{GgufFile, TensorInfo};
 pub use value::MetaValue;
+pub use veil_kernels::GgmlType;
 pub use writer::GgufWriter;
 
 #[cfg(test)]

@@ -230,7 +230,15 @@ impl GgufFile {
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| GgufError::Truncated(format!("tensor `{}` is too large", t.name)))?;
         let Some(size) = t.ggml_type.byte_size(n) else {
-            return Ok(None);
+            return match t.ggml_type.block_layout() {
+                Some((block, _)) => Err(GgufError::PartialBlock {
+                    tensor: t.name.clone(),
+                    type_name: t.ggml_type.name(),
+                    elements: n,
+                    block,
+                }),
+                None => Ok(None),
+            };
         };
         let start = usize::try_from(t.offset)
             .ok()

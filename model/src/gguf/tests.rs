@@ -12,6 +12,7 @@ fn sample() -> Vec<u8> {
                 MetaValue::String("b".into()),
             ]),
         )
+        .tensor_raw("iq4", &[32], 20, vec![0u8; 18])
         .tensor_raw("q5", &[32], 6, vec![0u8; 22])
         .tensor_f32("w", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     w.to_bytes()
@@ -54,8 +55,11 @@ fn missing_key_and_wrong_type_are_named() {
 #[test]
 fn unsupported_tensor_type_names_tensor_and_type() {
     let f = GgufFile::from_bytes(sample()).expect("parse");
-    let e = f.tensor_f32("q5").expect_err("must fail").to_string();
-    assert!(e.contains("`q5`") && e.contains("Q5_0"), "{e}");
+    let e = f.tensor_f32("iq4").expect_err("must fail").to_string();
+    assert!(e.contains("`iq4`") && e.contains("IQ4_NL"), "{e}");
+    // Q5_0 is read now: 22 zero bytes are 32 zeros
+    let (_, q5) = f.tensor_f32("q5").expect("Q5_0");
+    assert_eq!(q5, vec![0.0; 32]);
     let e = f.tensor_f32("nope").expect_err("must fail").to_string();
     assert!(e.contains("`nope`"), "{e}");
     let e = f
@@ -63,6 +67,20 @@ fn unsupported_tensor_type_names_tensor_and_type() {
         .expect_err("must fail")
         .to_string();
     assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+}
+
+#[test]
+fn a_tensor_that_is_not_whole_blocks_names_tensor_type_and_block() {
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .tensor_raw("k", &[128], 12, vec![0u8; 144]);
+    let e = GgufFile::from_bytes(w.to_bytes())
+        .expect_err("must fail")
+        .to_string();
+    assert!(
+        e.contains("`k`") && e.contains("128") && e.contains("Q4_K") && e.contains("256"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,0 +1,10 @@
+//! Veil's CPU kernels, below the model: GGML's tensor block formats (dequantization
+//! bit-exact with ggml, quantization), and — on top of them — quantized matrix products.
+//! Nothing here knows of burn, files or processes.
+//!
+//! Layout, as in ggml and candle's `quantized`: one file per block format under
+//! [`format`], each with a portable reference that the fast paths are tested against.
+
+pub mod format;
+
+pub use format::GgmlType;
