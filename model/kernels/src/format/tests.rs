@@ -75,10 +75,8 @@ fn q4_k_groups_use_their_own_scale_and_minimum() {
     // the split one of groups 4-7)
     let (sc, mn): ([u8; 8], [u8; 8]) = ([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7]);
     let mut packed = [0u8; 12];
-    for j in 0..4 {
-        packed[j] = sc[j];
-        packed[j + 4] = mn[j];
-    }
+    packed[..4].copy_from_slice(&sc[..4]);
+    packed[4..8].copy_from_slice(&mn[..4]);
     for j in 4..8 {
         packed[j + 4] = (sc[j] & 0x0F) | ((mn[j] & 0x0F) << 4);
         packed[j - 4] |= (sc[j] >> 4) << 6;
