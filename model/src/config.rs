@@ -91,7 +91,10 @@ impl LlamaConfig {
         if self.d_model == 0 || self.n_layers == 0 || self.vocab_size == 0 || self.d_ff == 0 {
             return bad(format!("empty dimension in {self:?}"));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "{} query heads cannot share {} key/value heads",
                 self.n_heads, self.n_kv_heads
@@ -103,7 +106,7 @@ impl LlamaConfig {
                 self.d_model, self.n_heads, self.head_dim
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head width {} is odd", self.head_dim));
         }
         if self.max_seq_len == 0 {

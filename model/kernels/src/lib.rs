@@ -5,6 +5,12 @@
 //! Layout, as in ggml and candle's `quantized`: one file per block format under
 //! [`format`], each with a portable reference that the fast paths are tested against.
 
+pub mod act;
+pub mod cpu;
+pub mod dot;
 pub mod format;
+pub mod matmul;
 
+pub use cpu::Isa;
 pub use format::GgmlType;
+pub use matmul::{Bytes, MatrixError, Precision, QMatrix};

@@ -177,7 +177,7 @@ impl GgmlType {
     /// count is not a whole number of blocks.
     pub fn byte_size(&self, n_elements: usize) -> Option<usize> {
         let (per_block, bytes) = self.block_layout()?;
-        if n_elements % per_block != 0 {
+        if !n_elements.is_multiple_of(per_block) {
             return None;
         }
         (n_elements / per_block).checked_mul(bytes)

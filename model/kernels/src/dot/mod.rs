@@ -1,0 +1,78 @@
+//! Dot products of one weight row (GGML blocks) with one row of activations, chosen per
+//! format and instruction set: [`portable`] is the reference, `x86` the AVX2 and AVX-512
+//! VNNI kernels. Formats without a SIMD kernel run the portable one on every CPU.
+
+pub mod portable;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use crate::act::{Q8KRow, Q8Row};
+use crate::cpu::Isa;
+use crate::format::{GgmlType, QK_K};
+
+/// How a format's weights meet the activations in the fast (quantized) path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActFormat {
+    /// Activations quantized per 32 values ([`crate::act::Q8Acts`]).
+    Q8,
+    /// Activations quantized per 256 values ([`crate::act::Q8KActs`]).
+    Q8K,
+    /// f32 activations against dequantized weights (F32, F16, BF16).
+    F32,
+}
+
+impl ActFormat {
+    /// The activation format a weight type is multiplied with in the fast path.
+    pub fn of(ty: GgmlType) -> ActFormat {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                ActFormat::Q8
+            }
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+                ActFormat::Q8K
+            }
+            _ => ActFormat::F32,
+        }
+    }
+}
+
+/// `w · x` for a 32-value-format row, with `isa`'s kernel when it has one.
+pub fn dot_q8(isa: Isa, ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if x86::has_q8(ty) => x86::dot_q8_vnni(ty, w, a),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if x86::has_q8(ty) => x86::dot_q8_avx2(ty, w, a),
+        _ => portable::dot_q8(ty, w, a),
+    }
+}
+
+/// `w · x` for a k-quant row, with `isa`'s kernel when it has one.
+pub fn dot_q8k(isa: Isa, ty: GgmlType, w: &[u8], a: Q8KRow<'_>) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if x86::has_q8k(ty) => x86::dot_q8k_avx2(ty, w, a),
+        _ => portable::dot_q8k(ty, w, a),
+    }
+}
+
+/// Dequantize a whole row of `ty` into `out` (its length is the row's value count).
+pub fn dequantize_row(ty: GgmlType, w: &[u8], out: &mut [f32]) {
+    let (per_block, bytes) = ty.block_layout().expect("readable");
+    let step = if per_block == 1 { QK_K } else { per_block };
+    for (blk, o) in w.chunks(step / per_block * bytes).zip(out.chunks_mut(step)) {
+        ty.dequantize(blk, o);
+    }
+}
+
+/// f32 dot product with `isa`'s kernel.
+pub fn dot_f32(isa: Isa, x: &[f32], y: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_f32(x, y),
+        _ => x.iter().zip(y).map(|(a, b)| a * b).sum(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

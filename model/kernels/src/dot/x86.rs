@@ -1,0 +1,363 @@
+//! x86-64 dot products: AVX2 (with FMA and F16C) and AVX-512 VNNI on 256-bit registers.
+//!
+//! Each kernel computes what its counterpart in `portable.rs` computes (up to the order of
+//! f32 additions) and is tested against it. The weight levels are unpacked to unsigned
+//! bytes and multiplied with the signed activation bytes (`maddubs`, or `dpbusd` with
+//! VNNI); offsets and minimums come from the activations' block sums.
+//!
+//! Safety: every function here is `unsafe` only because of `#[target_feature]`; callers
+//! check the CPU with [`crate::cpu::Isa`] first. All loads are unaligned loads within
+//! slices whose lengths are checked by the safe entry points at the bottom.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use crate::act::{Q8KRow, Q8Row};
+use crate::format::{GgmlType, QK, QK_K};
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16(b: &[u8], i: usize) -> f32 {
+    let h = u16::from_le_bytes([b[i], b[i + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 bytes of nibbles → 32 levels 0..15: low nibbles first, then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(qs: &[u8]) -> __m256i {
+    debug_assert!(qs.len() >= 16);
+    let lo = _mm_loadu_si128(qs.as_ptr().cast());
+    let hi = _mm_srli_epi16(lo, 4);
+    _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0F))
+}
+
+/// The 32 bits of `qh` as bytes: 0x10 where the bit is set, 0 elsewhere.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(qh: u32) -> __m256i {
+    let shuffle = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuffle);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32(a: &[i8]) -> __m256i {
+    debug_assert!(a.len() >= 32);
+    _mm256_loadu_si256(a.as_ptr().cast())
+}
+
+/// Unsigned weight bytes times signed activation bytes, summed in fours: 8 × i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn udot_avx2(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn udot_vnni(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+}
+
+/// Type codes for the const-generic kernels (one compiled kernel per format).
+const T_Q4_0: u8 = 0;
+const T_Q4_1: u8 = 1;
+const T_Q5_0: u8 = 2;
+const T_Q5_1: u8 = 3;
+const T_Q8_0: u8 = 4;
+
+/// The levels of block `blk` of format `T` as unsigned bytes (signed for Q8_0), the offset
+/// that multiplies the activations' block sum (`-8`, `-16` or `0`), the scale `d` and the
+/// minimum `m` (0 for the formats without one).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn levels<const T: u8>(blk: &[u8]) -> (__m256i, i32, f32, f32) {
+    match T {
+        T_Q4_0 => (nibbles(&blk[2..]), -8, f16(blk, 0), 0.0),
+        T_Q4_1 => (nibbles(&blk[4..]), 0, f16(blk, 0), f16(blk, 2)),
+        T_Q5_0 => {
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            let v = _mm256_or_si256(nibbles(&blk[6..]), fifth_bits(qh));
+            (v, -16, f16(blk, 0), 0.0)
+        }
+        T_Q5_1 => {
+            let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+            let v = _mm256_or_si256(nibbles(&blk[8..]), fifth_bits(qh));
+            (v, 0, f16(blk, 0), f16(blk, 2))
+        }
+        _ => (
+            _mm256_loadu_si256(blk[2..].as_ptr().cast()),
+            0,
+            f16(blk, 0),
+            0.0,
+        ),
+    }
+}
+
+macro_rules! dot_q8_kernel {
+    ($name:ident, $features:literal, $udot:ident) => {
+        /// Two blocks per step with separate accumulators: the loop-carried additions of
+        /// one block would otherwise bound the speed, not the memory.
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8>(w: &[u8], a: Q8Row<'_>, bytes: usize) -> f32 {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut off = [_mm256_setzero_ps(); 2];
+            for (b, blk) in w.chunks_exact(bytes).enumerate() {
+                let k = b & 1;
+                let qa = load32(&a.q[b * QK..]);
+                let (qw, offset, d, m) = levels::<T>(blk);
+                let dd = d * a.d[b];
+                let dot = if T == T_Q8_0 {
+                    // |w| times a with w's sign: unsigned times signed
+                    $udot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw))
+                } else {
+                    // the offset and minimum times the block's activation sum
+                    let coef = dd * offset as f32 + m * a.d[b];
+                    off[k] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(coef),
+                        _mm256_set1_ps(a.sum[b] as f32),
+                        off[k],
+                    );
+                    $udot(qw, qa)
+                };
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[k]);
+            }
+            // each lane of `off` holds the same sum
+            let off = _mm256_add_ps(off[0], off[1]);
+            hsum(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm256_castps256_ps128(off))
+        }
+    };
+}
+
+dot_q8_kernel!(dot_q8_avx2_t, "avx2,fma,f16c", udot_avx2);
+dot_q8_kernel!(
+    dot_q8_vnni_t,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    udot_vnni
+);
+
+/// Q4_K: per pair of 32-value groups, 32 bytes of nibbles; scales multiply the 16-bit
+/// partial sums, minimums the activation sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k_avx2(w: &[u8], a: Q8KRow<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut scalar = 0.0f32;
+    let mask = _mm256_set1_epi8(0x0F);
+    for (b, blk) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16(blk, 0) * a.d[b], f16(blk, 2) * a.d[b]);
+        let (sc, mn) = k_scales(&blk[4..16]);
+        let bs = &a.bsums[16 * b..16 * b + 16];
+        let msum: i32 = (0..8)
+            .map(|g| i32::from(mn[g]) * (bs[2 * g] + bs[2 * g + 1]))
+            .sum();
+        scalar -= dmin * msum as f32;
+        let qs = &blk[16..];
+        let qa = &a.q[QK_K * b..];
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..4 {
+            let raw = _mm256_loadu_si256(qs[32 * c..].as_ptr().cast());
+            let lo = _mm256_and_si256(raw, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+            let plo = _mm256_maddubs_epi16(lo, load32(&qa[64 * c..]));
+            let phi = _mm256_maddubs_epi16(hi, load32(&qa[64 * c + 32..]));
+            let plo = _mm256_madd_epi16(plo, _mm256_set1_epi16(i16::from(sc[2 * c])));
+            let phi = _mm256_madd_epi16(phi, _mm256_set1_epi16(i16::from(sc[2 * c + 1])));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d), acc);
+    }
+    hsum(acc) + scalar
+}
+
+/// Q6_K: 6-bit levels from 4 low and 2 high bits; signed 8-bit scales per 16 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k_avx2(w: &[u8], a: Q8KRow<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut scalar = 0.0f32;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let d = f16(blk, 208) * a.d[b];
+        let (ql, qh, scales) = (&blk[..128], &blk[128..192], &blk[192..208]);
+        let bs = &a.bsums[16 * b..16 * b + 16];
+        let offset: i32 = (0..16).map(|g| i32::from(scales[g] as i8) * bs[g]).sum();
+        scalar -= 32.0 * d * offset as f32;
+        let qa = &a.q[QK_K * b..];
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let l0 = _mm256_loadu_si256(ql[64 * h..].as_ptr().cast());
+            let l1 = _mm256_loadu_si256(ql[64 * h + 32..].as_ptr().cast());
+            let hb = _mm256_loadu_si256(qh[32 * h..].as_ptr().cast());
+            let lows = [
+                _mm256_and_si256(l0, m4),
+                _mm256_and_si256(l1, m4),
+                _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+            ];
+            let highs = [
+                _mm256_and_si256(hb, m2),
+                _mm256_and_si256(_mm256_srli_epi16(hb, 2), m2),
+                _mm256_and_si256(_mm256_srli_epi16(hb, 4), m2),
+                _mm256_and_si256(_mm256_srli_epi16(hb, 6), m2),
+            ];
+            for k in 0..4 {
+                let q = _mm256_or_si256(lows[k], _mm256_slli_epi16(highs[k], 4));
+                let p = _mm256_maddubs_epi16(q, load32(&qa[128 * h + 32 * k..]));
+                let (sa, sb) = (scales[8 * h + 2 * k] as i8, scales[8 * h + 2 * k + 1] as i8);
+                let s =
+                    _mm256_set_m128i(_mm_set1_epi16(i16::from(sb)), _mm_set1_epi16(i16::from(sa)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d), acc);
+    }
+    hsum(acc) + scalar
+}
+
+/// The eight 6-bit scales and minimums of a Q4_K/Q5_K block.
+#[inline]
+fn k_scales(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        (sc[j], mn[j]) = if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            (
+                (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
+        };
+    }
+    (sc, mn)
+}
+
+/// f32 dot product of two equal-length slices, 8 lanes at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_avx2(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let xv = _mm256_loadu_ps(x[i + 8 * k..].as_ptr());
+            let yv = _mm256_loadu_ps(y[i + 8 * k..].as_ptr());
+            *a = _mm256_fmadd_ps(xv, yv, *a);
+        }
+        i += 32;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += x[i] * y[i];
+        i += 1;
+    }
+    s
+}
+
+// ---- safe entry points (the CPU was checked when the kernel was chosen) ----
+
+/// Whether [`dot_q8`] has a SIMD kernel for `ty` (the others use the portable one).
+pub fn has_q8(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+    )
+}
+
+/// Whether [`dot_q8k`] has a SIMD kernel for `ty`.
+pub fn has_q8k(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+}
+
+fn check_q8(ty: GgmlType, w: &[u8], a: &Q8Row<'_>) -> usize {
+    let (_, bytes) = ty.block_layout().expect("readable");
+    assert_eq!(w.len() % bytes, 0);
+    let blocks = w.len() / bytes;
+    assert!(a.q.len() >= blocks * QK && a.d.len() >= blocks && a.sum.len() >= blocks);
+    bytes
+}
+
+macro_rules! by_type {
+    ($kernel:ident, $ty:expr, $w:expr, $a:expr, $bytes:expr) => {
+        match $ty {
+            GgmlType::Q4_0 => $kernel::<T_Q4_0>($w, $a, $bytes),
+            GgmlType::Q4_1 => $kernel::<T_Q4_1>($w, $a, $bytes),
+            GgmlType::Q5_0 => $kernel::<T_Q5_0>($w, $a, $bytes),
+            GgmlType::Q5_1 => $kernel::<T_Q5_1>($w, $a, $bytes),
+            GgmlType::Q8_0 => $kernel::<T_Q8_0>($w, $a, $bytes),
+            other => panic!("no SIMD kernel for {other}"),
+        }
+    };
+}
+
+/// AVX2 dot product of a 32-value-format row with Q8 activations.
+///
+/// # Panics
+/// If the CPU lacks AVX2/FMA/F16C, `ty` has no SIMD kernel, or the lengths disagree.
+pub fn dot_q8_avx2(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
+    assert!(crate::cpu::has(crate::cpu::Isa::Avx2));
+    let bytes = check_q8(ty, w, &a);
+    // SAFETY: AVX2, FMA and F16C were checked above; lengths by check_q8.
+    unsafe { by_type!(dot_q8_avx2_t, ty, w, a, bytes) }
+}
+
+/// AVX-512 VNNI dot product of a 32-value-format row with Q8 activations.
+///
+/// # Panics
+/// If the CPU lacks AVX-512 VNNI, `ty` has no SIMD kernel, or the lengths disagree.
+pub fn dot_q8_vnni(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
+    assert!(crate::cpu::has(crate::cpu::Isa::Avx512Vnni));
+    let bytes = check_q8(ty, w, &a);
+    // SAFETY: AVX-512 F/BW/VL/VNNI (and AVX2) were checked above; lengths by check_q8.
+    unsafe { by_type!(dot_q8_vnni_t, ty, w, a, bytes) }
+}
+
+/// AVX2 dot product of a k-quant row with Q8_K activations.
+///
+/// # Panics
+/// If the CPU lacks AVX2/FMA/F16C, `ty` has no SIMD kernel, or the lengths disagree.
+pub fn dot_q8k_avx2(ty: GgmlType, w: &[u8], a: Q8KRow<'_>) -> f32 {
+    assert!(crate::cpu::has(crate::cpu::Isa::Avx2));
+    let (_, bytes) = ty.block_layout().expect("readable");
+    assert_eq!(w.len() % bytes, 0);
+    let blocks = w.len() / bytes;
+    assert!(a.q.len() >= blocks * QK_K && a.d.len() >= blocks && a.bsums.len() >= 16 * blocks);
+    // SAFETY: AVX2, FMA and F16C were checked above; lengths just now.
+    unsafe {
+        match ty {
+            GgmlType::Q4_K => dot_q4_k_avx2(w, a),
+            GgmlType::Q6_K => dot_q6_k_avx2(w, a),
+            other => panic!("no AVX2 kernel for {other}"),
+        }
+    }
+}
+
+/// AVX2 f32 dot product.
+///
+/// # Panics
+/// If the CPU lacks AVX2/FMA/F16C.
+pub fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    assert!(crate::cpu::has(crate::cpu::Isa::Avx2));
+    // SAFETY: AVX2 and FMA were checked above; the loop stays within both slices.
+    unsafe { dot_f32_avx2(x, y) }
+}

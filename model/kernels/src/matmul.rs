@@ -1,0 +1,353 @@
+//! Quantized weight matrices and their products with f32 activations, on every core.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::act::{Q8Acts, Q8KActs};
+use crate::cpu::Isa;
+use crate::dot::{self, ActFormat};
+use crate::format::GgmlType;
+
+/// Bytes shared by many matrices: a whole file's tensor data (owned or memory-mapped) and
+/// a range of it.
+#[derive(Clone)]
+pub struct Bytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.len)
+    }
+}
+
+impl Bytes {
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Self {
+        let len = (*owner).as_ref().len();
+        Bytes {
+            owner,
+            start: 0,
+            len,
+        }
+    }
+
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        Bytes::new(Arc::new(v))
+    }
+
+    /// The sub-range `start..start + len` of these bytes, sharing the owner.
+    ///
+    /// # Panics
+    /// If the range lies outside these bytes.
+    pub fn slice(&self, start: usize, len: usize) -> Bytes {
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.len));
+        Bytes {
+            owner: self.owner.clone(),
+            start: self.start + start,
+            len,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// What a product may round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Activations quantized to 8 bits per block, integer dot products: llama.cpp's
+    /// trade-off, several times faster.
+    #[default]
+    Fast,
+    /// f32 activations against the dequantized weights: the f32 model's result up to the
+    /// order of additions.
+    Exact,
+}
+
+/// Why a matrix cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatrixError {
+    #[error("{ty} weights cannot be multiplied (Veil reads F32, F16, BF16 and Q*_0/1/K)")]
+    Unsupported { ty: GgmlType },
+    #[error("{ty} rows of {cols} values are not whole blocks of {block}")]
+    PartialBlock {
+        ty: GgmlType,
+        cols: usize,
+        block: usize,
+    },
+    #[error("{rows} rows of {cols} {ty} values take {want} bytes, not {got}")]
+    Size {
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        want: usize,
+        got: usize,
+    },
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs in a GGML format, row by row (the
+/// layout of a GGUF tensor with dimensions `[cols, rows]`).
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Bytes,
+}
+
+/// Rows per task: enough work to pay for the hand-off, and several tasks per core.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+impl QMatrix {
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Bytes) -> Result<Self, MatrixError> {
+        let (block, _) = ty
+            .block_layout()
+            .filter(|_| ty != GgmlType::Q8_K)
+            .ok_or(MatrixError::Unsupported { ty })?;
+        let row_bytes = ty
+            .byte_size(cols)
+            .ok_or(MatrixError::PartialBlock { ty, cols, block })?;
+        let want = row_bytes * rows;
+        if data.len() != want {
+            return Err(MatrixError::Size {
+                ty,
+                rows,
+                cols,
+                want,
+                got: data.len(),
+            });
+        }
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    pub fn ggml_type(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (shared with other matrices of the same file).
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// The whole matrix in f32, row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            dot::dequantize_row(self.ty, self.row(r), o);
+        }
+        out
+    }
+
+    /// `out = x Wᵀ`: `x` is `[m, cols]` row-major, `out` is `[m, rows]`, with the kernels
+    /// of [`Isa::current`].
+    ///
+    /// # Panics
+    /// If `x` or `out` do not hold `m` rows of the right width.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32], precision: Precision) {
+        self.matmul_with(Isa::current(), x, m, out, precision);
+    }
+
+    /// [`QMatrix::matmul`] with the kernels of `isa` (which this CPU must have).
+    pub fn matmul_with(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        precision: Precision,
+    ) {
+        assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
+        assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
+        if m == 0 {
+            return;
+        }
+        let format = match precision {
+            Precision::Exact => ActFormat::F32,
+            Precision::Fast => ActFormat::of(self.ty),
+        };
+        let (ty, cols) = (self.ty, self.cols);
+        match format {
+            ActFormat::Q8 => {
+                let a = Q8Acts::quantize(x, m, cols);
+                self.for_rows(m, out, |r, col| {
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = dot::dot_q8(isa, ty, self.row(r), a.row(i));
+                    }
+                });
+            }
+            ActFormat::Q8K => {
+                let a = Q8KActs::quantize(x, m, cols);
+                self.for_rows(m, out, |r, col| {
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = dot::dot_q8k(isa, ty, self.row(r), a.row(i));
+                    }
+                });
+            }
+            ActFormat::F32 => {
+                self.for_rows(m, out, |r, col| {
+                    let mut w = vec![0.0; cols];
+                    dot::dequantize_row(ty, self.row(r), &mut w);
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = dot::dot_f32(isa, &w, &x[i * cols..(i + 1) * cols]);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Run `f(r, column)` for every weight row `r` in parallel, where `column` receives the
+    /// `m` outputs of row `r` (output `[i, r]` for each activation row `i`).
+    fn for_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+        let rows = self.rows;
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = (rows / (4 * threads)).max(MIN_ROWS_PER_TASK).min(rows);
+        if m == 1 {
+            out.par_chunks_mut(per_task)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    for (k, o) in chunk.iter_mut().enumerate() {
+                        f(t * per_task + k, std::slice::from_mut(o));
+                    }
+                });
+            return;
+        }
+        // Each task fills a [rows of its chunk, m] block, scattered into out afterwards.
+        let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
+            .into_par_iter()
+            .map(|t| {
+                let r0 = t * per_task;
+                let r1 = (r0 + per_task).min(rows);
+                let mut block = vec![0.0; (r1 - r0) * m];
+                for (k, col) in block.chunks_exact_mut(m).enumerate() {
+                    f(r0 + k, col);
+                }
+                block
+            })
+            .collect();
+        for (t, block) in blocks.iter().enumerate() {
+            let r0 = t * per_task;
+            for (k, col) in block.chunks_exact(m).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    out[i * rows + r0 + k] = *v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dot::tests::{random_rows, Rng};
+
+    #[test]
+    fn matmul_equals_row_by_row_dequantized_products() {
+        let (rows, cols, m) = (70, 512, 3);
+        let mut rng = Rng::new(7);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let bytes = match ty {
+                GgmlType::F32 => (0..rows * cols)
+                    .flat_map(|_| rng.f32().to_le_bytes())
+                    .collect(),
+                GgmlType::F16 | GgmlType::BF16 => (0..rows * cols)
+                    .flat_map(|_| {
+                        let v = rng.f32();
+                        if ty == GgmlType::F16 {
+                            half::f16::from_f32(v).to_le_bytes()
+                        } else {
+                            half::bf16::from_f32(v).to_le_bytes()
+                        }
+                    })
+                    .collect(),
+                _ => random_rows(ty, rows, cols, &mut rng),
+            };
+            let w = QMatrix::new(ty, rows, cols, Bytes::from_vec(bytes)).expect("matrix");
+            let wf = w.dequantize();
+            for precision in [Precision::Exact, Precision::Fast] {
+                for isa in Isa::available() {
+                    let mut out = vec![0.0; m * rows];
+                    w.matmul_with(isa, &x, m, &mut out, precision);
+                    for i in 0..m {
+                        for r in 0..rows {
+                            let (want, scale) = wf[r * cols..(r + 1) * cols]
+                                .iter()
+                                .zip(&x[i * cols..(i + 1) * cols])
+                                .fold((0.0f64, 0.0f32), |(s, a), (w, x)| {
+                                    (s + f64::from(w * x), a + (w * x).abs())
+                                });
+                            // 8-bit activations: about 1/254 of each term
+                            let tol = match precision {
+                                Precision::Exact => 1e-4 * scale + 1e-5,
+                                Precision::Fast => 2e-2 * scale + 1e-3,
+                            };
+                            let got = out[i * rows + r];
+                            assert!(
+                                (f64::from(got) - want).abs() <= f64::from(tol),
+                                "{ty} {precision:?} {isa} [{i}, {r}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let e = QMatrix::new(GgmlType::Q4_K, 2, 128, Bytes::from_vec(vec![0; 144]))
+            .expect_err("partial block");
+        assert!(e.to_string().contains("256"), "{e}");
+        let e =
+            QMatrix::new(GgmlType::Q8_0, 2, 64, Bytes::from_vec(vec![0; 10])).expect_err("size");
+        assert!(e.to_string().contains("136"), "{e}");
+        let e =
+            QMatrix::new(GgmlType::Other(20), 1, 32, Bytes::from_vec(vec![])).expect_err("type");
+        assert!(e.to_string().contains("IQ4_NL"), "{e}");
+    }
+}
