@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// f32 activations on the CPU (see `veil generate --exact`).
+    #[arg(long)]
+    pub exact: bool,
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +65,8 @@ pub struct ChildArgs {
     runs: usize,
     #[arg(long)]
     encrypted: bool,
+    #[arg(long)]
+    exact: bool,
 }
 
 /// One backend's figures.
@@ -124,6 +129,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(["--gen-tokens", &args.gen_tokens.to_string()])
             .args(["--runs", &args.runs.to_string()])
             .args(args.encrypted.then_some("--encrypted"))
+            .args(args.exact.then_some("--exact"))
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("cannot start the benchmark process")?;
@@ -205,19 +211,33 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     let compute = compute_for(Some(&args.backend))?;
     let t = Instant::now();
     let spec = ModelSpec::parse(&args.model)?;
-    let bundle = spec.load()?;
+    let context = Some(args.prompt_tokens + args.gen_tokens + 1);
+    // The plaintext model: on the CPU, the GGUF's own blocks and the quantized kernels.
+    let (text, mut plain) = if compute.kind == BackendKind::Cpu {
+        let q = spec.load_quantized()?;
+        let model = LocalModel::quantized(
+            &q.weights,
+            &compute.device,
+            context,
+            crate::generate::precision(args.exact),
+        )?;
+        (q.text, model)
+    } else {
+        let b = spec.load()?;
+        let model = LocalModel::new(&b.weights, &compute.device, context);
+        (b.text, model)
+    };
     let mut prompt = Vec::new();
-    let unit = bundle.text.tokenizer.encode(TEXT, false)?;
+    let unit = text.tokenizer.encode(TEXT, false)?;
     while prompt.len() < args.prompt_tokens {
         prompt.extend_from_slice(&unit);
     }
     prompt.truncate(args.prompt_tokens);
-    let context = Some(args.prompt_tokens + args.gen_tokens + 1);
-    let mut plain = LocalModel::new(&bundle.weights, &compute.device, context);
     if plain.context_len() < args.prompt_tokens + args.gen_tokens {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
     let mut encrypted = if args.encrypted {
+        let bundle = spec.load()?;
         let e = encrypt_with_progress(&bundle, 3.min(bundle.weights.config.n_layers), 0, None)?;
         Some(EncryptedLocal::new(
             &e.client,
@@ -228,7 +248,6 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     } else {
         None
     };
-    drop(bundle);
     let load_s = t.elapsed().as_secs_f64();
     let (mut pp, mut pd, mut ep, mut ed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use veil_model::ModelBundle;
+use veil_model::{ModelBundle, QuantBundle};
 
 use crate::fetch;
 
@@ -53,7 +53,16 @@ impl ModelSpec {
         }
     }
 
-    /// Load the model's weights, tokenizer and chat template.
+    /// Load the model with its weights in their GGUF blocks (for the CPU's kernels).
+    pub fn load_quantized(&self) -> Result<QuantBundle> {
+        match self.path()? {
+            None => Ok(QuantBundle::tiny()?),
+            Some(path) => QuantBundle::load(&path)
+                .with_context(|| format!("cannot load model {}", path.display())),
+        }
+    }
+
+    /// Load the model's weights (dequantized to f32), tokenizer and chat template.
     pub fn load(&self) -> Result<ModelBundle> {
         match self.path()? {
             None => Ok(ModelBundle::tiny()?),

@@ -5,6 +5,7 @@ use burn::tensor::Device;
 use crate::cache::{KvCache, RopeTables};
 use crate::generate::TokenModel;
 use crate::nn::{tensor_to_vec, Llama};
+use crate::qweights::QuantWeights;
 use crate::{LlamaConfig, LlamaWeights, ModelError};
 
 /// The plaintext model on one device with the state of one sequence.
@@ -33,6 +34,28 @@ impl LocalModel {
         }
     }
 
+    /// The model on its GGUF's quantized blocks, multiplied on the CPU by veil-kernels
+    /// (`device` must be the CPU backend's): `Fast` quantizes the activations to 8 bits as
+    /// llama.cpp does, `Exact` keeps them f32.
+    pub fn quantized(
+        weights: &QuantWeights,
+        device: &Device,
+        context: Option<usize>,
+        precision: veil_kernels::Precision,
+    ) -> Result<Self, ModelError> {
+        let mut config = weights.config.clone();
+        config.max_seq_len = context.map_or(config.max_seq_len, |c| c.min(config.max_seq_len));
+        let model = Llama::from_quantized(weights, precision, device)?;
+        let rope = RopeTables::new(&config, device);
+        let cache = model.stage.new_cache(config.max_seq_len);
+        Ok(LocalModel {
+            model,
+            rope,
+            cache,
+            config,
+        })
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
@@ -44,7 +67,8 @@ impl LocalModel {
 
     /// Feed `ids` and return the logits of every new position, `[t][vocab]`.
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let logits = self.model.forward(ids, &mut self.cache, &self.rope, true)?;
+        let (model, cache, rope) = (&self.model, &mut self.cache, &self.rope);
+        let logits = veil_kernels::on_workers(|| model.forward(ids, cache, rope, true))?;
         let flat = tensor_to_vec(logits)?;
         Ok(flat
             .chunks(self.config.vocab_size)
@@ -63,9 +87,7 @@ impl TokenModel for LocalModel {
     }
 
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let logits = self
-            .model
-            .forward(ids, &mut self.cache, &self.rope, false)?;
-        tensor_to_vec(logits)
+        let (model, cache, rope) = (&self.model, &mut self.cache, &self.rope);
+        veil_kernels::on_workers(|| tensor_to_vec(model.forward(ids, cache, rope, false)?))
     }
 }

@@ -52,6 +52,42 @@ fn prefill_logits_match_the_naive_reference_on_every_backend() {
     }
 }
 
+/// The model built on the GGUF's own tensors (F32 here) through veil-kernels: the same
+/// logits as the naive reference, in one prefill and step by step.
+#[test]
+fn the_kernels_on_the_file_s_tensors_match_the_naive_reference() {
+    let b = tiny();
+    let q = veil_model::QuantBundle::tiny().expect("tiny");
+    let ids = b
+        .text
+        .tokenizer
+        .encode("the cat sat on the mat, then the dog", false)
+        .expect("encode");
+    let expected = reference::logits(&b.weights, &ids);
+    let device = veil_model::Compute::cpu().device;
+    for precision in [veil_model::Precision::Exact, veil_model::Precision::Fast] {
+        let mut m = LocalModel::quantized(&q.weights, &device, None, precision).expect("model");
+        let got = m.feed_all(&ids).expect("forward");
+        m.reset();
+        let mut steps = Vec::new();
+        for &id in &ids {
+            steps.push(m.feed(&[id]).expect("step"));
+        }
+        for ((g, s), e) in got.iter().zip(&steps).zip(&expected) {
+            for ((x, y), z) in g.iter().zip(s).zip(e) {
+                assert!(
+                    (f64::from(*x) - z).abs() < 2e-4,
+                    "{precision:?}: {x} vs {z}"
+                );
+                assert!(
+                    (f64::from(*y) - z).abs() < 2e-4,
+                    "{precision:?}: {y} vs {z}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn incremental_decoding_equals_one_prefill() {
     let b = tiny();

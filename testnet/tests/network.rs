@@ -660,9 +660,11 @@ fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
     ]);
     let id = out.lines().last().expect("id").trim().to_string();
     let prompt = "Name three planets of the solar system.";
+    // the network runs f32 shards: the local run keeps f32 activations too
     let local = veil.json(&[
         "generate",
         "--local",
+        "--exact",
         "--model",
         &model,
         "--backend",

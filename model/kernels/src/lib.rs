@@ -13,4 +13,4 @@ pub mod matmul;
 
 pub use cpu::Isa;
 pub use format::GgmlType;
-pub use matmul::{Bytes, MatrixError, Precision, QMatrix};
+pub use matmul::{matmul_fused, on_workers, Bytes, MatrixError, Precision, QMatrix};

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::act::{Q8Acts, Q8KActs};
 use crate::cpu::Isa;
-use crate::dot::{self, ActFormat};
+use crate::dot::{self, ActFormat, RowDot};
 use crate::format::GgmlType;
 
 /// Bytes shared by many matrices: a whole file's tensor data (owned or memory-mapped) and
@@ -175,7 +175,7 @@ impl QMatrix {
     /// # Panics
     /// If `x` or `out` do not hold `m` rows of the right width.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32], precision: Precision) {
-        self.matmul_with(Isa::current(), x, m, out, precision);
+        matmul_fused_with(Isa::current(), &[self], x, m, out, precision);
     }
 
     /// [`QMatrix::matmul`] with the kernels of `isa` (which this CPU must have).
@@ -187,80 +187,138 @@ impl QMatrix {
         out: &mut [f32],
         precision: Precision,
     ) {
-        assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
-        assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
-        if m == 0 {
-            return;
-        }
-        let format = match precision {
-            Precision::Exact => ActFormat::F32,
-            Precision::Fast => ActFormat::of(self.ty),
-        };
-        let (ty, cols) = (self.ty, self.cols);
-        match format {
-            ActFormat::Q8 => {
-                let a = Q8Acts::quantize(x, m, cols);
-                self.for_rows(m, out, |r, col| {
-                    for (i, o) in col.iter_mut().enumerate() {
-                        *o = dot::dot_q8(isa, ty, self.row(r), a.row(i));
-                    }
-                });
-            }
-            ActFormat::Q8K => {
-                let a = Q8KActs::quantize(x, m, cols);
-                self.for_rows(m, out, |r, col| {
-                    for (i, o) in col.iter_mut().enumerate() {
-                        *o = dot::dot_q8k(isa, ty, self.row(r), a.row(i));
-                    }
-                });
-            }
-            ActFormat::F32 => {
-                self.for_rows(m, out, |r, col| {
-                    let mut w = vec![0.0; cols];
-                    dot::dequantize_row(ty, self.row(r), &mut w);
-                    for (i, o) in col.iter_mut().enumerate() {
-                        *o = dot::dot_f32(isa, &w, &x[i * cols..(i + 1) * cols]);
-                    }
-                });
-            }
-        }
+        matmul_fused_with(isa, &[self], x, m, out, precision);
     }
+}
 
-    /// Run `f(r, column)` for every weight row `r` in parallel, where `column` receives the
-    /// `m` outputs of row `r` (output `[i, r]` for each activation row `i`).
-    fn for_rows(&self, m: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-        let rows = self.rows;
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = (rows / (4 * threads)).max(MIN_ROWS_PER_TASK).min(rows);
-        if m == 1 {
-            out.par_chunks_mut(per_task)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (k, o) in chunk.iter_mut().enumerate() {
-                        f(t * per_task + k, std::slice::from_mut(o));
-                    }
-                });
-            return;
+/// `out = x [W₀; W₁; …]ᵀ`: the products with several matrices of the same width, their
+/// outputs side by side (`out` is `[m, Σ rows]`), as one parallel pass that quantizes the
+/// activations once — a fused query/key/value or gate/up projection. The matrices may be
+/// of different formats (a Q4_K_M file keeps some of them in Q6_K).
+///
+/// # Panics
+/// If `parts` is empty, their widths differ, or `x`/`out` have the wrong size.
+pub fn matmul_fused(parts: &[&QMatrix], x: &[f32], m: usize, out: &mut [f32], p: Precision) {
+    matmul_fused_with(Isa::current(), parts, x, m, out, p);
+}
+
+/// [`matmul_fused`] with the kernels of `isa` (which this CPU must have).
+pub fn matmul_fused_with(
+    isa: Isa,
+    parts: &[&QMatrix],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    precision: Precision,
+) {
+    let cols = parts.first().expect("at least one matrix").cols;
+    assert!(parts.iter().all(|p| p.cols == cols), "widths differ");
+    let total: usize = parts.iter().map(|p| p.rows).sum();
+    assert_eq!(x.len(), m * cols, "x must be [m, cols]");
+    assert_eq!(out.len(), m * total, "out must be [m, rows]");
+    if m == 0 {
+        return;
+    }
+    let formats: Vec<ActFormat> = parts
+        .iter()
+        .map(|p| match precision {
+            Precision::Exact => ActFormat::F32,
+            Precision::Fast => ActFormat::of(p.ty),
+        })
+        .collect();
+    let q8 = formats
+        .contains(&ActFormat::Q8)
+        .then(|| Q8Acts::quantize(x, m, cols));
+    let q8k = formats
+        .contains(&ActFormat::Q8K)
+        .then(|| Q8KActs::quantize(x, m, cols));
+    let mut starts = Vec::with_capacity(parts.len());
+    let mut s = 0;
+    for p in parts {
+        starts.push(s);
+        s += p.rows;
+    }
+    let kernels: Vec<Option<RowDot>> = parts
+        .iter()
+        .zip(&formats)
+        .map(|(p, f)| (*f != ActFormat::F32).then(|| RowDot::new(isa, p.ty)))
+        .collect();
+    let row = |g: usize, col: &mut [f32]| {
+        let k = starts.partition_point(|&s| s <= g) - 1;
+        let (part, ty) = (parts[k], parts[k].ty);
+        let w = part.row(g - starts[k]);
+        match (&kernels[k], formats[k], &q8, &q8k) {
+            (Some(kernel), ActFormat::Q8, Some(a), _) => {
+                for (i, o) in col.iter_mut().enumerate() {
+                    *o = kernel.q8(w, a.row(i));
+                }
+            }
+            (Some(kernel), ActFormat::Q8K, _, Some(a)) => {
+                for (i, o) in col.iter_mut().enumerate() {
+                    *o = kernel.q8k(w, a.row(i));
+                }
+            }
+            _ => ROW.with_borrow_mut(|buf| {
+                buf.resize(cols, 0.0);
+                dot::dequantize_row(ty, w, buf);
+                for (i, o) in col.iter_mut().enumerate() {
+                    *o = dot::dot_f32(isa, buf, &x[i * cols..(i + 1) * cols]);
+                }
+            }),
         }
-        // Each task fills a [rows of its chunk, m] block, scattered into out afterwards.
-        let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
-            .into_par_iter()
-            .map(|t| {
-                let r0 = t * per_task;
-                let r1 = (r0 + per_task).min(rows);
-                let mut block = vec![0.0; (r1 - r0) * m];
-                for (k, col) in block.chunks_exact_mut(m).enumerate() {
-                    f(r0 + k, col);
+    };
+    for_rows(total, m, out, row);
+}
+
+/// Run `f` on one of rayon's worker threads while the caller waits asleep, so that the
+/// parallel products inside `f` run on the pool's threads alone: from a thread outside the
+/// pool, every product would hand its work over and wait for it (two wake-ups each, a
+/// hundred products per token), and the pool's idle threads would spin beside the caller.
+pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::join(f, || ()).0
+}
+
+thread_local! {
+    /// A dequantized weight row (the exact path), one per thread.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f(r, column)` for every weight row `r` of `rows` in parallel, where `column`
+/// receives the `m` outputs of row `r` (output `[i, r]` for each activation row `i`).
+fn for_rows(rows: usize, m: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = (rows / (4 * threads)).max(MIN_ROWS_PER_TASK).min(rows);
+    if m == 1 {
+        out.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (k, o) in chunk.iter_mut().enumerate() {
+                    f(t * per_task + k, std::slice::from_mut(o));
                 }
-                block
-            })
-            .collect();
-        for (t, block) in blocks.iter().enumerate() {
+            });
+        return;
+    }
+    // Each task fills a [rows of its chunk, m] block, scattered into out afterwards.
+    let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
+        .into_par_iter()
+        .map(|t| {
             let r0 = t * per_task;
-            for (k, col) in block.chunks_exact(m).enumerate() {
-                for (i, v) in col.iter().enumerate() {
-                    out[i * rows + r0 + k] = *v;
-                }
+            let r1 = (r0 + per_task).min(rows);
+            let mut block = vec![0.0; (r1 - r0) * m];
+            for (k, col) in block.chunks_exact_mut(m).enumerate() {
+                f(r0 + k, col);
+            }
+            block
+        })
+        .collect();
+    for (t, block) in blocks.iter().enumerate() {
+        let r0 = t * per_task;
+        for (k, col) in block.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * rows + r0 + k] = *v;
             }
         }
     }
@@ -334,6 +392,43 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fused_product_equals_its_parts_side_by_side() {
+        let (cols, m) = (256, 2);
+        let mut rng = Rng::new(9);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+        let parts: Vec<QMatrix> = [
+            (GgmlType::Q4_K, 40),
+            (GgmlType::Q6_K, 24),
+            (GgmlType::Q8_0, 8),
+        ]
+        .into_iter()
+        .map(|(ty, rows)| {
+            let bytes = random_rows(ty, rows, cols, &mut rng);
+            QMatrix::new(ty, rows, cols, Bytes::from_vec(bytes)).expect("matrix")
+        })
+        .collect();
+        let refs: Vec<&QMatrix> = parts.iter().collect();
+        for precision in [Precision::Fast, Precision::Exact] {
+            let mut fused = vec![0.0; m * 72];
+            matmul_fused(&refs, &x, m, &mut fused, precision);
+            let mut at = 0;
+            for p in &parts {
+                let mut alone = vec![0.0; m * p.rows()];
+                p.matmul(&x, m, &mut alone, precision);
+                for i in 0..m {
+                    assert_eq!(
+                        &fused[i * 72 + at..i * 72 + at + p.rows()],
+                        &alone[i * p.rows()..(i + 1) * p.rows()],
+                        "{} {precision:?}",
+                        p.ggml_type()
+                    );
+                }
+                at += p.rows();
             }
         }
     }

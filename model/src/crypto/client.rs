@@ -288,9 +288,7 @@ impl ClientModel {
             (e, Some(local))
         };
         ClientModel {
-            embedding: TokenEmbedding {
-                weight: burn::module::Param::from_tensor(table.to_device(device)),
-            },
+            embedding: TokenEmbedding::Dense(table.to_device(device)),
             local,
             norm: RmsNorm::from_gain(None, f64::from(cfg.rms_eps), device),
             head: head_rot.to_device(device),

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use veil_kernels::{Bytes, QMatrix};
+
 use super::{GgmlType, GgufError, MetaValue};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -33,7 +35,8 @@ pub struct GgufFile {
     metadata: BTreeMap<String, MetaValue>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
-    bytes: Vec<u8>,
+    /// The whole file; quantized matrices share it (see [`GgufFile::tensor_matrix`]).
+    bytes: Bytes,
     data_start: usize,
 }
 
@@ -139,8 +142,13 @@ impl GgufFile {
 
     /// Parse a GGUF file already in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
+        Self::from_shared(Bytes::from_vec(bytes))
+    }
+
+    /// Parse a GGUF file held in shared bytes (owned or memory-mapped).
+    pub fn from_shared(bytes: Bytes) -> Result<Self, GgufError> {
         let mut c = Cursor {
-            bytes: &bytes,
+            bytes: bytes.as_slice(),
             pos: 0,
         };
         let magic: [u8; 4] = c.array("magic")?;
@@ -362,8 +370,35 @@ impl GgufFile {
                 type_name: info.ggml_type.name(),
             })?;
         let mut out = vec![0.0f32; info.n_elements()];
-        info.ggml_type.dequantize(&self.bytes[range], &mut out);
+        info.ggml_type
+            .dequantize(&self.bytes.as_slice()[range], &mut out);
         Ok((info.dims.clone(), out))
+    }
+
+    /// A linear weight with GGUF dimensions `[d_in, d_out]` (stored `d_out` rows of `d_in`
+    /// values) as a quantized matrix that shares this file's bytes: nothing is copied or
+    /// dequantized.
+    pub fn tensor_matrix(
+        &self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<QMatrix, GgufError> {
+        let info = self.tensor_info(name)?;
+        if info.dims != [d_in, d_out] {
+            return Err(GgufError::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: vec![d_in, d_out],
+                found: info.dims.clone(),
+            });
+        }
+        let unsupported = || GgufError::UnsupportedTensorType {
+            tensor: name.to_string(),
+            type_name: info.ggml_type.name(),
+        };
+        let range = self.check_range(info)?.ok_or_else(unsupported)?;
+        let bytes = self.bytes.slice(range.start, range.len());
+        QMatrix::new(info.ggml_type, d_out, d_in, bytes).map_err(|_| unsupported())
     }
 
     /// A tensor that must have exactly the GGUF dimensions `dims`.

@@ -1,13 +1,12 @@
 use burn::config::Config;
-use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
+use veil_kernels::{Precision, QMatrix};
 
+use super::linear::Linear;
 use super::probe::{tap, Probe, Site};
-use super::tensor_io::param2;
 use crate::cache::{LayerKv, RopeTables};
-use crate::Matrix;
+use crate::{Matrix, ModelError};
 
 /// Grouped-query attention with rotary embeddings.
 #[derive(Config, Debug)]
@@ -25,12 +24,8 @@ impl AttentionConfig {
             self.n_kv_heads * self.head_dim,
         );
         Attention {
-            wqkv: LinearConfig::new(self.d_model, q + 2 * kv)
-                .with_bias(false)
-                .init(device),
-            wo: LinearConfig::new(q, self.d_model)
-                .with_bias(false)
-                .init(device),
+            wqkv: Linear::random(self.d_model, q + 2 * kv, device),
+            wo: Linear::random(q, self.d_model, device),
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
@@ -39,7 +34,7 @@ impl AttentionConfig {
 }
 
 /// Query, key and value projections fused into one `[d, (H + 2G) h]` product.
-#[derive(Module, Debug)]
+#[derive(Debug, Clone)]
 pub struct Attention {
     pub wqkv: Linear,
     pub wo: Linear,
@@ -70,18 +65,29 @@ impl Attention {
         device: &Device,
     ) -> Self {
         Attention {
-            wqkv: Linear {
-                weight: param2(&Matrix::hcat(&[wq, wk, wv]), device),
-                bias: None,
-            },
-            wo: Linear {
-                weight: param2(wo, device),
-                bias: None,
-            },
+            wqkv: Linear::dense(&Matrix::hcat(&[wq, wk, wv]), device),
+            wo: Linear::dense(wo, device),
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
         }
+    }
+
+    /// Build from quantized `[H h, d]`, `[G h, d]`, `[G h, d]` and `[d, H h]` matrices
+    /// (GGUF's layout), run on the CPU device `device`.
+    pub fn from_quantized(
+        config: &AttentionConfig,
+        [wq, wk, wv, wo]: [QMatrix; 4],
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(Attention {
+            wqkv: Linear::quantized(vec![wq, wk, wv], precision, device)?,
+            wo: Linear::quantized(vec![wo], precision, device)?,
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+        })
     }
 
     /// `u`: normalised input `[n, d]`, rows of several sequences laid out by `segments`;

@@ -1,12 +1,13 @@
 use burn::config::Config;
-use burn::module::Module;
 use burn::tensor::{Device, Tensor};
+use veil_kernels::Precision;
 
 use super::attention::Segment;
 use super::probe::{tap, Probe, Site};
 use super::{Attention, AttentionConfig, Mlp, MlpConfig, RmsNorm, RmsNormConfig};
 use crate::cache::{LayerKv, RopeTables};
-use crate::{LayerWeights, LlamaConfig};
+use crate::qweights::QuantLayer;
+use crate::{LayerWeights, LlamaConfig, ModelError};
 
 /// One pre-norm decoder block.
 #[derive(Config, Debug)]
@@ -43,7 +44,7 @@ impl BlockConfig {
 }
 
 /// `x = x + attn(rmsnorm(x) g1)`, then `x = x + mlp(rmsnorm(x) g2)`.
-#[derive(Module, Debug)]
+#[derive(Debug, Clone)]
 pub struct Block {
     pub attn_norm: RmsNorm,
     pub attention: Attention,
@@ -79,6 +80,34 @@ impl Block {
             ffn_norm: RmsNorm::from_gain(gain(&layer.ffn_norm), eps, device),
             mlp: Mlp::from_matrices(&layer.w_gate, &layer.w_up, &layer.w_down, device),
         }
+    }
+
+    /// Build from a layer's quantized matrices, run on the CPU device `device`.
+    pub fn from_quantized(
+        layer: &QuantLayer,
+        config: &LlamaConfig,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let eps = f64::from(config.rms_eps);
+        let attn_config = AttentionConfig::new(
+            config.d_model,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        );
+        let l = layer.clone();
+        Ok(Block {
+            attn_norm: RmsNorm::from_gain(gain(&layer.attn_norm), eps, device),
+            attention: Attention::from_quantized(
+                &attn_config,
+                [l.wq, l.wk, l.wv, l.wo],
+                precision,
+                device,
+            )?,
+            ffn_norm: RmsNorm::from_gain(gain(&layer.ffn_norm), eps, device),
+            mlp: Mlp::from_quantized([l.w_gate, l.w_up, l.w_down], precision, device)?,
+        })
     }
 
     /// `x`: `[n, d]` rows of the sequences in `segments` → `[n, d]`.

@@ -1,9 +1,9 @@
 use burn::config::Config;
-use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use veil_kernels::QMatrix;
 
-use super::tensor_io::param2;
+use super::tensor_io::matrix_to_tensor;
 use crate::{Matrix, ModelError};
 
 /// Token embedding table.
@@ -15,34 +15,46 @@ pub struct TokenEmbeddingConfig {
 
 impl TokenEmbeddingConfig {
     pub fn init(&self, device: &Device) -> TokenEmbedding {
-        TokenEmbedding {
-            weight: Initializer::Normal {
+        TokenEmbedding::Dense(
+            Initializer::Normal {
                 mean: 0.0,
                 std: 1.0,
             }
-            .init([self.vocab_size, self.d_model], device),
-        }
+            .init([self.vocab_size, self.d_model], device)
+            .val(),
+        )
     }
 }
 
-#[derive(Module, Debug)]
-pub struct TokenEmbedding {
-    /// `[vocab, d]`.
-    pub weight: Param<Tensor<2>>,
+/// The embedding table `[vocab, d]`: a tensor, or the GGUF's quantized rows (only the
+/// rows looked up are dequantized).
+#[derive(Debug, Clone)]
+pub enum TokenEmbedding {
+    Dense(Tensor<2>),
+    Quant { table: QMatrix, device: Device },
 }
 
 impl TokenEmbedding {
     pub fn from_matrix(m: &Matrix, device: &Device) -> Self {
-        TokenEmbedding {
-            weight: param2(m, device),
+        TokenEmbedding::Dense(matrix_to_tensor(m, device))
+    }
+
+    /// A quantized `[vocab, d]` table whose rows go to `device`.
+    pub fn from_quantized(table: QMatrix, device: &Device) -> Self {
+        TokenEmbedding::Quant {
+            table,
+            device: device.clone(),
         }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.weight.dims()[0]
+        match self {
+            TokenEmbedding::Dense(w) => w.dims()[0],
+            TokenEmbedding::Quant { table, .. } => table.rows(),
+        }
     }
 
-    /// `ids` (`t` tokens) → `[t, d]`. Fails on an id outside the vocabulary.
+    /// `ids` → `[t, d]`.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor<2>, ModelError> {
         let vocab = self.vocab_size();
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -50,10 +62,28 @@ impl TokenEmbedding {
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let weight = self.weight.val();
-        let device = weight.device();
-        let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &device);
-        Ok(weight.select(0, idx))
+        match self {
+            TokenEmbedding::Dense(weight) => {
+                let device = weight.device();
+                let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &device);
+                Ok(weight.clone().select(0, idx))
+            }
+            TokenEmbedding::Quant { table, device } => {
+                let d = table.cols();
+                let mut rows = vec![0.0; ids.len() * d];
+                for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(d)) {
+                    veil_kernels::dot::dequantize_row(
+                        table.ggml_type(),
+                        table.row(id as usize),
+                        out,
+                    );
+                }
+                Ok(Tensor::from_data(
+                    TensorData::new(rows, [ids.len(), d]),
+                    device,
+                ))
+            }
+        }
     }
 }

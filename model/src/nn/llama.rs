@@ -1,14 +1,15 @@
-use burn::module::Module;
 use burn::tensor::{Device, Tensor};
+use veil_kernels::Precision;
 
 use super::{
     BlockConfig, OutputHead, OutputHeadConfig, Stage, TokenEmbedding, TokenEmbeddingConfig,
 };
 use crate::cache::{KvCache, RopeTables};
+use crate::qweights::QuantWeights;
 use crate::{LlamaConfig, LlamaWeights, ModelError};
 
 /// The whole plaintext model: embedding, every block as one stage, and the head.
-#[derive(Module, Debug)]
+#[derive(Debug, Clone)]
 pub struct Llama {
     pub embedding: TokenEmbedding,
     pub stage: Stage,
@@ -41,6 +42,27 @@ impl Llama {
             stage: Stage::from_layers(0, &w.layers, c, device),
             head: OutputHead::from_weights(&w.final_norm, &w.head(), f64::from(c.rms_eps), device),
         }
+    }
+
+    /// The model on the GGUF's own quantized blocks, on the CPU device `device`: nothing
+    /// is dequantized but the embedding rows looked up.
+    pub fn from_quantized(
+        w: &QuantWeights,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let c = &w.config;
+        Ok(Llama {
+            embedding: TokenEmbedding::from_quantized(w.embedding.clone(), device),
+            stage: Stage::from_quantized(0, &w.layers, c, precision, device)?,
+            head: OutputHead::from_quantized(
+                &w.final_norm,
+                w.head().clone(),
+                f64::from(c.rms_eps),
+                precision,
+                device,
+            )?,
+        })
     }
 
     /// Feed `ids` (new tokens of one sequence) through the model.

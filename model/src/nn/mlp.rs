@@ -1,12 +1,11 @@
 use burn::config::Config;
-use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
+use veil_kernels::{Precision, QMatrix};
 
+use super::linear::Linear;
 use super::probe::{tap, Probe, Site};
-use super::tensor_io::param2;
-use crate::Matrix;
+use crate::{Matrix, ModelError};
 
 /// SwiGLU feed-forward block.
 #[derive(Config, Debug)]
@@ -18,19 +17,15 @@ pub struct MlpConfig {
 impl MlpConfig {
     pub fn init(&self, device: &Device) -> Mlp {
         Mlp {
-            w_gate_up: LinearConfig::new(self.d_model, 2 * self.d_ff)
-                .with_bias(false)
-                .init(device),
-            w_down: LinearConfig::new(self.d_ff, self.d_model)
-                .with_bias(false)
-                .init(device),
+            w_gate_up: Linear::random(self.d_model, 2 * self.d_ff, device),
+            w_down: Linear::random(self.d_ff, self.d_model, device),
             d_ff: self.d_ff,
         }
     }
 }
 
 /// `(silu(u Wg) * (u Wu)) Wd`, with gate and up fused into one `[d, 2f]` product.
-#[derive(Module, Debug)]
+#[derive(Debug, Clone)]
 pub struct Mlp {
     pub w_gate_up: Linear,
     pub w_down: Linear,
@@ -41,16 +36,25 @@ impl Mlp {
     /// Build from `[d, f]` gate, `[d, f]` up and `[f, d]` down matrices.
     pub fn from_matrices(gate: &Matrix, up: &Matrix, down: &Matrix, device: &Device) -> Self {
         Mlp {
-            w_gate_up: Linear {
-                weight: param2(&Matrix::hcat(&[gate, up]), device),
-                bias: None,
-            },
-            w_down: Linear {
-                weight: param2(down, device),
-                bias: None,
-            },
+            w_gate_up: Linear::dense(&Matrix::hcat(&[gate, up]), device),
+            w_down: Linear::dense(down, device),
             d_ff: gate.cols,
         }
+    }
+
+    /// Build from quantized `[f, d]` gate, `[f, d]` up and `[d, f]` down matrices (GGUF's
+    /// layout), run on the CPU device `device`.
+    pub fn from_quantized(
+        [gate, up, down]: [QMatrix; 3],
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let d_ff = gate.rows();
+        Ok(Mlp {
+            w_gate_up: Linear::quantized(vec![gate, up], precision, device)?,
+            w_down: Linear::quantized(vec![down], precision, device)?,
+            d_ff,
+        })
     }
 
     /// `u`: `[n, d]` → `[n, d]`.

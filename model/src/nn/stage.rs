@@ -1,15 +1,16 @@
-use burn::module::Module;
 use burn::tensor::{Device, Tensor};
+use veil_kernels::Precision;
 
 use super::attention::Segment;
 use super::probe::{NoProbe, Probe};
 use super::Block;
 use crate::cache::{KvCache, LayerKv, RopeTables};
+use crate::qweights::QuantLayer;
 use crate::{LayerWeights, LlamaConfig, ModelError};
 
 /// A contiguous range of decoder blocks: the unit a node serves. The plaintext model is
 /// one stage with every layer.
-#[derive(Module, Debug)]
+#[derive(Debug, Clone)]
 pub struct Stage {
     /// Index of the first block in the whole model.
     pub first_layer: usize,
@@ -31,6 +32,23 @@ impl Stage {
                 .map(|l| Block::from_layer(l, config, device))
                 .collect(),
         }
+    }
+
+    /// Build from quantized layers, run on the CPU device `device`.
+    pub fn from_quantized(
+        first_layer: usize,
+        layers: &[QuantLayer],
+        config: &LlamaConfig,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(Stage {
+            first_layer,
+            blocks: layers
+                .iter()
+                .map(|l| Block::from_quantized(l, config, precision, device))
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     pub fn n_layers(&self) -> usize {

@@ -21,10 +21,6 @@ pub fn tensor_to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, ModelErro
         .map_err(|e| ModelError::Backend(format!("reading a tensor back: {e:?}")))
 }
 
-pub(crate) fn param2(m: &Matrix, device: &Device) -> Param<Tensor<2>> {
-    Param::from_tensor(matrix_to_tensor(m, device))
-}
-
 pub(crate) fn param1(v: &[f32], device: &Device) -> Param<Tensor<1>> {
     Param::from_tensor(vector_to_tensor(v, device))
 }

@@ -36,24 +36,75 @@ impl ActFormat {
     }
 }
 
+/// The dot product of one weight row with one activation row, chosen once per product:
+/// `isa`'s SIMD kernel for the format, or the portable one.
+#[derive(Debug, Clone, Copy)]
+pub enum RowDot {
+    Q8 {
+        ty: GgmlType,
+        #[cfg(target_arch = "x86_64")]
+        simd: Option<x86::Q8Kernel>,
+    },
+    Q8K {
+        ty: GgmlType,
+        #[cfg(target_arch = "x86_64")]
+        simd: Option<x86::Q8KKernel>,
+    },
+}
+
+impl RowDot {
+    /// The integer dot product for `ty` (a quantized format) with `isa`.
+    ///
+    /// # Panics
+    /// If `ty` has no integer dot product (F32, F16, BF16: see [`ActFormat::of`]).
+    pub fn new(isa: Isa, ty: GgmlType) -> Self {
+        let _ = isa;
+        match ActFormat::of(ty) {
+            ActFormat::Q8 => RowDot::Q8 {
+                ty,
+                #[cfg(target_arch = "x86_64")]
+                simd: x86::Q8Kernel::new(isa, ty),
+            },
+            ActFormat::Q8K => RowDot::Q8K {
+                ty,
+                #[cfg(target_arch = "x86_64")]
+                simd: x86::Q8KKernel::new(isa, ty),
+            },
+            ActFormat::F32 => panic!("{ty} has no integer dot product"),
+        }
+    }
+
+    /// `w · x` against 32-value activations.
+    #[inline]
+    pub fn q8(&self, w: &[u8], a: Q8Row<'_>) -> f32 {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            RowDot::Q8 { simd: Some(k), .. } => k.dot(w, a),
+            RowDot::Q8 { ty, .. } => portable::dot_q8(*ty, w, a),
+            RowDot::Q8K { ty, .. } => panic!("{ty} takes 256-value activations"),
+        }
+    }
+
+    /// `w · x` against 256-value activations.
+    #[inline]
+    pub fn q8k(&self, w: &[u8], a: Q8KRow<'_>) -> f32 {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            RowDot::Q8K { simd: Some(k), .. } => k.dot(w, a),
+            RowDot::Q8K { ty, .. } => portable::dot_q8k(*ty, w, a),
+            RowDot::Q8 { ty, .. } => panic!("{ty} takes 32-value activations"),
+        }
+    }
+}
+
 /// `w · x` for a 32-value-format row, with `isa`'s kernel when it has one.
 pub fn dot_q8(isa: Isa, ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni if x86::has_q8(ty) => x86::dot_q8_vnni(ty, w, a),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni if x86::has_q8(ty) => x86::dot_q8_avx2(ty, w, a),
-        _ => portable::dot_q8(ty, w, a),
-    }
+    RowDot::new(isa, ty).q8(w, a)
 }
 
 /// `w · x` for a k-quant row, with `isa`'s kernel when it has one.
 pub fn dot_q8k(isa: Isa, ty: GgmlType, w: &[u8], a: Q8KRow<'_>) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni if x86::has_q8k(ty) => x86::dot_q8k_avx2(ty, w, a),
-        _ => portable::dot_q8k(ty, w, a),
-    }
+    RowDot::new(isa, ty).q8k(w, a)
 }
 
 /// Dequantize a whole row of `ty` into `out` (its length is the row's value count).

@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 use crate::act::{Q8KRow, Q8Row};
+use crate::cpu::{self, Isa};
 use crate::format::{GgmlType, QK, QK_K};
 
 #[inline]
@@ -276,7 +277,7 @@ unsafe fn dot_f32_avx2(x: &[f32], y: &[f32]) -> f32 {
 
 // ---- safe entry points (the CPU was checked when the kernel was chosen) ----
 
-/// Whether [`dot_q8`] has a SIMD kernel for `ty` (the others use the portable one).
+/// Whether there is a SIMD kernel for `ty` with 32-value activations.
 pub fn has_q8(ty: GgmlType) -> bool {
     matches!(
         ty,
@@ -284,71 +285,113 @@ pub fn has_q8(ty: GgmlType) -> bool {
     )
 }
 
-/// Whether [`dot_q8k`] has a SIMD kernel for `ty`.
+/// Whether there is a SIMD kernel for `ty` with 256-value activations.
 pub fn has_q8k(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
 }
 
-fn check_q8(ty: GgmlType, w: &[u8], a: &Q8Row<'_>) -> usize {
-    let (_, bytes) = ty.block_layout().expect("readable");
-    assert_eq!(w.len() % bytes, 0);
-    let blocks = w.len() / bytes;
-    assert!(a.q.len() >= blocks * QK && a.d.len() >= blocks && a.sum.len() >= blocks);
-    bytes
+type Q8Fn = unsafe fn(&[u8], Q8Row<'_>, usize) -> f32;
+type Q8KFn = unsafe fn(&[u8], Q8KRow<'_>) -> f32;
+
+/// A SIMD row kernel for a 32-value format, chosen once per product. It exists only if
+/// the CPU has the instructions it uses.
+#[derive(Clone, Copy)]
+pub struct Q8Kernel {
+    f: Q8Fn,
+    bytes: usize,
 }
 
-macro_rules! by_type {
-    ($kernel:ident, $ty:expr, $w:expr, $a:expr, $bytes:expr) => {
-        match $ty {
-            GgmlType::Q4_0 => $kernel::<T_Q4_0>($w, $a, $bytes),
-            GgmlType::Q4_1 => $kernel::<T_Q4_1>($w, $a, $bytes),
-            GgmlType::Q5_0 => $kernel::<T_Q5_0>($w, $a, $bytes),
-            GgmlType::Q5_1 => $kernel::<T_Q5_1>($w, $a, $bytes),
-            GgmlType::Q8_0 => $kernel::<T_Q8_0>($w, $a, $bytes),
-            other => panic!("no SIMD kernel for {other}"),
+impl std::fmt::Debug for Q8Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8Kernel({} bytes per block)", self.bytes)
+    }
+}
+
+impl Q8Kernel {
+    /// `isa`'s kernel for `ty`, if there is one and this CPU can run it.
+    pub fn new(isa: Isa, ty: GgmlType) -> Option<Self> {
+        let (_, bytes) = ty.block_layout()?;
+        macro_rules! pick {
+            ($k:ident) => {
+                match ty {
+                    GgmlType::Q4_0 => $k::<T_Q4_0> as Q8Fn,
+                    GgmlType::Q4_1 => $k::<T_Q4_1> as Q8Fn,
+                    GgmlType::Q5_0 => $k::<T_Q5_0> as Q8Fn,
+                    GgmlType::Q5_1 => $k::<T_Q5_1> as Q8Fn,
+                    GgmlType::Q8_0 => $k::<T_Q8_0> as Q8Fn,
+                    _ => return None,
+                }
+            };
         }
-    };
+        let f = match isa {
+            Isa::Avx512Vnni if cpu::has(Isa::Avx512Vnni) => pick!(dot_q8_vnni_t),
+            Isa::Avx2 | Isa::Avx512Vnni if cpu::has(Isa::Avx2) => pick!(dot_q8_avx2_t),
+            _ => return None,
+        };
+        Some(Q8Kernel { f, bytes })
+    }
+
+    /// `w · x` for one row.
+    ///
+    /// # Panics
+    /// If `w` is not whole blocks or `a` is shorter than `w`.
+    #[inline]
+    pub fn dot(&self, w: &[u8], a: Q8Row<'_>) -> f32 {
+        let blocks = w.len() / self.bytes;
+        assert!(
+            w.len().is_multiple_of(self.bytes)
+                && a.q.len() >= blocks * QK
+                && a.d.len() >= blocks
+                && a.sum.len() >= blocks
+        );
+        // SAFETY: the CPU's features were checked in `new`; lengths just now.
+        unsafe { (self.f)(w, a, self.bytes) }
+    }
 }
 
-/// AVX2 dot product of a 32-value-format row with Q8 activations.
-///
-/// # Panics
-/// If the CPU lacks AVX2/FMA/F16C, `ty` has no SIMD kernel, or the lengths disagree.
-pub fn dot_q8_avx2(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
-    assert!(crate::cpu::has(crate::cpu::Isa::Avx2));
-    let bytes = check_q8(ty, w, &a);
-    // SAFETY: AVX2, FMA and F16C were checked above; lengths by check_q8.
-    unsafe { by_type!(dot_q8_avx2_t, ty, w, a, bytes) }
+/// A SIMD row kernel for a k-quant format, chosen once per product.
+#[derive(Clone, Copy)]
+pub struct Q8KKernel {
+    f: Q8KFn,
+    bytes: usize,
 }
 
-/// AVX-512 VNNI dot product of a 32-value-format row with Q8 activations.
-///
-/// # Panics
-/// If the CPU lacks AVX-512 VNNI, `ty` has no SIMD kernel, or the lengths disagree.
-pub fn dot_q8_vnni(ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
-    assert!(crate::cpu::has(crate::cpu::Isa::Avx512Vnni));
-    let bytes = check_q8(ty, w, &a);
-    // SAFETY: AVX-512 F/BW/VL/VNNI (and AVX2) were checked above; lengths by check_q8.
-    unsafe { by_type!(dot_q8_vnni_t, ty, w, a, bytes) }
+impl std::fmt::Debug for Q8KKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8KKernel({} bytes per block)", self.bytes)
+    }
 }
 
-/// AVX2 dot product of a k-quant row with Q8_K activations.
-///
-/// # Panics
-/// If the CPU lacks AVX2/FMA/F16C, `ty` has no SIMD kernel, or the lengths disagree.
-pub fn dot_q8k_avx2(ty: GgmlType, w: &[u8], a: Q8KRow<'_>) -> f32 {
-    assert!(crate::cpu::has(crate::cpu::Isa::Avx2));
-    let (_, bytes) = ty.block_layout().expect("readable");
-    assert_eq!(w.len() % bytes, 0);
-    let blocks = w.len() / bytes;
-    assert!(a.q.len() >= blocks * QK_K && a.d.len() >= blocks && a.bsums.len() >= 16 * blocks);
-    // SAFETY: AVX2, FMA and F16C were checked above; lengths just now.
-    unsafe {
-        match ty {
-            GgmlType::Q4_K => dot_q4_k_avx2(w, a),
-            GgmlType::Q6_K => dot_q6_k_avx2(w, a),
-            other => panic!("no AVX2 kernel for {other}"),
+impl Q8KKernel {
+    /// `isa`'s kernel for `ty`, if there is one and this CPU can run it.
+    pub fn new(isa: Isa, ty: GgmlType) -> Option<Self> {
+        let (_, bytes) = ty.block_layout()?;
+        if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) || !cpu::has(Isa::Avx2) {
+            return None;
         }
+        let f = match ty {
+            GgmlType::Q4_K => dot_q4_k_avx2 as Q8KFn,
+            GgmlType::Q6_K => dot_q6_k_avx2 as Q8KFn,
+            _ => return None,
+        };
+        Some(Q8KKernel { f, bytes })
+    }
+
+    /// `w · x` for one row.
+    ///
+    /// # Panics
+    /// If `w` is not whole blocks or `a` is shorter than `w`.
+    #[inline]
+    pub fn dot(&self, w: &[u8], a: Q8KRow<'_>) -> f32 {
+        let blocks = w.len() / self.bytes;
+        assert!(
+            w.len().is_multiple_of(self.bytes)
+                && a.q.len() >= blocks * QK_K
+                && a.d.len() >= blocks
+                && a.bsums.len() >= 16 * blocks
+        );
+        // SAFETY: the CPU's features were checked in `new`; lengths just now.
+        unsafe { (self.f)(w, a) }
     }
 }
 
@@ -357,7 +400,7 @@ pub fn dot_q8k_avx2(ty: GgmlType, w: &[u8], a: Q8KRow<'_>) -> f32 {
 /// # Panics
 /// If the CPU lacks AVX2/FMA/F16C.
 pub fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
-    assert!(crate::cpu::has(crate::cpu::Isa::Avx2));
+    assert!(cpu::has(Isa::Avx2));
     // SAFETY: AVX2 and FMA were checked above; the loop stays within both slices.
     unsafe { dot_f32_avx2(x, y) }
 }
