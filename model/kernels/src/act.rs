@@ -16,6 +16,9 @@ pub struct Q8Acts {
     pub d: Vec<f32>,
     /// The sum of each block's `q`.
     pub sum: Vec<i32>,
+    /// `d * sum` per block: the block's sum of values, for the weights' offsets and
+    /// minimums.
+    pub s: Vec<f32>,
 }
 
 /// One row of [`Q8Acts`].
@@ -24,6 +27,7 @@ pub struct Q8Row<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
     pub sum: &'a [i32],
+    pub s: &'a [f32],
 }
 
 impl Q8Acts {
@@ -48,6 +52,7 @@ impl Q8Acts {
         self.q.resize(x.len(), 0);
         self.d.clear();
         self.sum.clear();
+        self.s.clear();
         for (xb, qb) in x.chunks_exact(QK).zip(self.q.chunks_exact_mut(QK)) {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -59,6 +64,7 @@ impl Q8Acts {
             }
             self.d.push(d);
             self.sum.push(sum);
+            self.s.push(d * sum as f32);
         }
     }
 
@@ -68,6 +74,7 @@ impl Q8Acts {
             q: &self.q[r * c..(r + 1) * c],
             d: &self.d[r * b..(r + 1) * b],
             sum: &self.sum[r * b..(r + 1) * b],
+            s: &self.s[r * b..(r + 1) * b],
         }
     }
 }

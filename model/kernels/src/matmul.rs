@@ -243,31 +243,36 @@ pub fn matmul_fused_with(
         .zip(&formats)
         .map(|(p, f)| (*f != ActFormat::F32).then(|| RowDot::new(isa, p.ty)))
         .collect();
-    let row = |g: usize, col: &mut [f32]| {
-        let k = starts.partition_point(|&s| s <= g) - 1;
-        let (part, ty) = (parts[k], parts[k].ty);
-        let w = part.row(g - starts[k]);
-        match (&kernels[k], formats[k], &q8, &q8k) {
-            (Some(kernel), ActFormat::Q8, Some(a), _) => {
-                for (i, o) in col.iter_mut().enumerate() {
-                    *o = kernel.q8(w, a.row(i));
+    // rows g0..g1 of the matrices side by side into out ([g1 - g0, m]), part by part
+    let rows = |g0: usize, g1: usize, out: &mut [f32]| {
+        let mut g = g0;
+        while g < g1 {
+            let k = starts.partition_point(|&s| s <= g) - 1;
+            let part = parts[k];
+            let (r0, r1) = (g - starts[k], (g1 - starts[k]).min(part.rows));
+            let w = &part.data.as_slice()[r0 * part.row_bytes..r1 * part.row_bytes];
+            let o = &mut out[(g - g0) * m..(g - g0 + r1 - r0) * m];
+            match (&kernels[k], &q8, &q8k) {
+                (Some(kernel), Some(a), _) if formats[k] == ActFormat::Q8 => {
+                    kernel.q8_block(w, part.row_bytes, a, o)
                 }
+                (Some(kernel), _, Some(a)) if formats[k] == ActFormat::Q8K => {
+                    kernel.q8k_block(w, part.row_bytes, a, o)
+                }
+                _ => ROW.with_borrow_mut(|buf| {
+                    buf.resize(cols, 0.0);
+                    for (wr, col) in w.chunks_exact(part.row_bytes).zip(o.chunks_exact_mut(m)) {
+                        dot::dequantize_row(part.ty, wr, buf);
+                        for (i, v) in col.iter_mut().enumerate() {
+                            *v = dot::dot_f32(isa, buf, &x[i * cols..(i + 1) * cols]);
+                        }
+                    }
+                }),
             }
-            (Some(kernel), ActFormat::Q8K, _, Some(a)) => {
-                for (i, o) in col.iter_mut().enumerate() {
-                    *o = kernel.q8k(w, a.row(i));
-                }
-            }
-            _ => ROW.with_borrow_mut(|buf| {
-                buf.resize(cols, 0.0);
-                dot::dequantize_row(ty, w, buf);
-                for (i, o) in col.iter_mut().enumerate() {
-                    *o = dot::dot_f32(isa, buf, &x[i * cols..(i + 1) * cols]);
-                }
-            }),
+            g += r1 - r0;
         }
     };
-    for_rows(total, m, out, row);
+    for_rows(total, m, out, rows);
 }
 
 /// Run `f` on one of rayon's worker threads while the caller waits asleep, so that the
@@ -286,31 +291,25 @@ thread_local! {
     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Run `f(r, column)` for every weight row `r` of `rows` in parallel, where `column`
-/// receives the `m` outputs of row `r` (output `[i, r]` for each activation row `i`).
-fn for_rows(rows: usize, m: usize, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+/// Run `f(r0, r1, block)` over the weight rows `0..rows` in parallel chunks, where `block`
+/// receives the `[r1 - r0, m]` outputs of those rows (output `[i, r]` of activation row `i`
+/// at `block[(r - r0) * m + i]`), then lay them out as `out` (`[m, rows]`).
+fn for_rows(rows: usize, m: usize, out: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
     let threads = rayon::current_num_threads().max(1);
     let per_task = (rows / (4 * threads)).max(MIN_ROWS_PER_TASK).min(rows);
     if m == 1 {
         out.par_chunks_mut(per_task)
             .enumerate()
-            .for_each(|(t, chunk)| {
-                for (k, o) in chunk.iter_mut().enumerate() {
-                    f(t * per_task + k, std::slice::from_mut(o));
-                }
-            });
+            .for_each(|(t, chunk)| f(t * per_task, t * per_task + chunk.len(), chunk));
         return;
     }
-    // Each task fills a [rows of its chunk, m] block, scattered into out afterwards.
     let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
             let r0 = t * per_task;
             let r1 = (r0 + per_task).min(rows);
             let mut block = vec![0.0; (r1 - r0) * m];
-            for (k, col) in block.chunks_exact_mut(m).enumerate() {
-                f(r0 + k, col);
-            }
+            f(r0, r1, &mut block);
             block
         })
         .collect();
@@ -331,7 +330,7 @@ mod tests {
 
     #[test]
     fn matmul_equals_row_by_row_dequantized_products() {
-        let (rows, cols, m) = (70, 512, 3);
+        let (rows, cols, m) = (70, 512, 6);
         let mut rng = Rng::new(7);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
         for ty in [

@@ -6,7 +6,7 @@ pub mod portable;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-use crate::act::{Q8KRow, Q8Row};
+use crate::act::{Q8Acts, Q8KActs};
 use crate::cpu::Isa;
 use crate::format::{GgmlType, QK_K};
 
@@ -36,8 +36,8 @@ impl ActFormat {
     }
 }
 
-/// The dot product of one weight row with one activation row, chosen once per product:
-/// `isa`'s SIMD kernel for the format, or the portable one.
+/// The products of weight rows with activation rows, chosen once per product: `isa`'s
+/// SIMD kernel for the format, or the portable one.
 #[derive(Debug, Clone, Copy)]
 pub enum RowDot {
     Q8 {
@@ -74,37 +74,60 @@ impl RowDot {
         }
     }
 
-    /// `w · x` against 32-value activations.
-    #[inline]
-    pub fn q8(&self, w: &[u8], a: Q8Row<'_>) -> f32 {
+    /// `out[r * m + i] = w_r · a_i` for the rows `w_r` of `w` (`row_bytes` each) and the
+    /// `m` rows of 32-value activations `a`.
+    ///
+    /// # Panics
+    /// If this is a k-quant kernel or the sizes disagree.
+    pub fn q8_block(&self, w: &[u8], row_bytes: usize, a: &Q8Acts, out: &mut [f32]) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            RowDot::Q8 { simd: Some(k), .. } => k.dot(w, a),
-            RowDot::Q8 { ty, .. } => portable::dot_q8(*ty, w, a),
+            RowDot::Q8 { simd: Some(k), .. } => k.block(w, row_bytes, a, out),
+            RowDot::Q8 { ty, .. } => {
+                for (wr, col) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(a.rows)) {
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = portable::dot_q8(*ty, wr, a.row(i));
+                    }
+                }
+            }
             RowDot::Q8K { ty, .. } => panic!("{ty} takes 256-value activations"),
         }
     }
 
-    /// `w · x` against 256-value activations.
-    #[inline]
-    pub fn q8k(&self, w: &[u8], a: Q8KRow<'_>) -> f32 {
+    /// As [`RowDot::q8_block`], against 256-value activations.
+    ///
+    /// # Panics
+    /// If this is not a k-quant kernel or the sizes disagree.
+    pub fn q8k_block(&self, w: &[u8], row_bytes: usize, a: &Q8KActs, out: &mut [f32]) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            RowDot::Q8K { simd: Some(k), .. } => k.dot(w, a),
-            RowDot::Q8K { ty, .. } => portable::dot_q8k(*ty, w, a),
+            RowDot::Q8K { simd: Some(k), .. } => k.block(w, row_bytes, a, out),
+            RowDot::Q8K { ty, .. } => {
+                for (wr, col) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(a.rows)) {
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = portable::dot_q8k(*ty, wr, a.row(i));
+                    }
+                }
+            }
             RowDot::Q8 { ty, .. } => panic!("{ty} takes 32-value activations"),
         }
     }
 }
 
-/// `w · x` for a 32-value-format row, with `isa`'s kernel when it has one.
-pub fn dot_q8(isa: Isa, ty: GgmlType, w: &[u8], a: Q8Row<'_>) -> f32 {
-    RowDot::new(isa, ty).q8(w, a)
+/// `w · x` for one 32-value-format row against one row of activations, with `isa`'s
+/// kernel when it has one.
+pub fn dot_q8(isa: Isa, ty: GgmlType, w: &[u8], a: &Q8Acts) -> f32 {
+    let mut out = [0.0];
+    RowDot::new(isa, ty).q8_block(w, w.len(), a, &mut out);
+    out[0]
 }
 
-/// `w · x` for a k-quant row, with `isa`'s kernel when it has one.
-pub fn dot_q8k(isa: Isa, ty: GgmlType, w: &[u8], a: Q8KRow<'_>) -> f32 {
-    RowDot::new(isa, ty).q8k(w, a)
+/// `w · x` for one k-quant row against one row of activations, with `isa`'s kernel when
+/// it has one.
+pub fn dot_q8k(isa: Isa, ty: GgmlType, w: &[u8], a: &Q8KActs) -> f32 {
+    let mut out = [0.0];
+    RowDot::new(isa, ty).q8k_block(w, w.len(), a, &mut out);
+    out[0]
 }
 
 /// Dequantize a whole row of `ty` into `out` (its length is the row's value count).

@@ -125,12 +125,12 @@ fn every_simd_kernel_equals_the_portable_one() {
                     ActFormat::Q8 => {
                         let a = Q8Acts::quantize(&x, 1, cols);
                         let want = portable::dot_q8(ty, &w, a.row(0));
-                        (dot_q8(isa, ty, &w, a.row(0)), want, magnitude(ty, &w, &x))
+                        (dot_q8(isa, ty, &w, &a), want, magnitude(ty, &w, &x))
                     }
                     _ => {
                         let a = Q8KActs::quantize(&x, 1, cols);
                         let want = portable::dot_q8k(ty, &w, a.row(0));
-                        (dot_q8k(isa, ty, &w, a.row(0)), want, magnitude(ty, &w, &x))
+                        (dot_q8k(isa, ty, &w, &a), want, magnitude(ty, &w, &x))
                     }
                 };
                 close(got, want, scale, &format!("{isa} {ty} seed {seed}"));

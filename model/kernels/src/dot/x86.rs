@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::act::{Q8KRow, Q8Row};
+use crate::act::{Q8Acts, Q8KActs, Q8KRow, Q8Row};
 use crate::cpu::{self, Isa};
 use crate::format::{GgmlType, QK, QK_K};
 
@@ -117,6 +117,7 @@ macro_rules! dot_q8_kernel {
     ($name:ident, $features:literal, $udot:ident) => {
         /// Two blocks per step with separate accumulators: the loop-carried additions of
         /// one block would otherwise bound the speed, not the memory.
+        #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $name<const T: u8>(w: &[u8], a: Q8Row<'_>, bytes: usize) -> f32 {
             let mut acc = [_mm256_setzero_ps(); 2];
@@ -131,12 +132,8 @@ macro_rules! dot_q8_kernel {
                     $udot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw))
                 } else {
                     // the offset and minimum times the block's activation sum
-                    let coef = dd * offset as f32 + m * a.d[b];
-                    off[k] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(coef),
-                        _mm256_set1_ps(a.sum[b] as f32),
-                        off[k],
-                    );
+                    let coef = d * offset as f32 + m;
+                    off[k] = _mm256_fmadd_ps(_mm256_set1_ps(coef), _mm256_set1_ps(a.s[b]), off[k]);
                     $udot(qw, qa)
                 };
                 acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[k]);
@@ -155,8 +152,116 @@ dot_q8_kernel!(
     udot_vnni
 );
 
+/// Activation rows a multi-row kernel takes at once (prefill and batched steps).
+pub const ROWS: usize = 4;
+
+macro_rules! dot_q8_rows_kernel {
+    ($name:ident, $features:literal, $udot:ident) => {
+        /// One weight row against [`ROWS`] activation rows: each block is unpacked once.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8>(w: &[u8], a: &[Q8Row<'_>; ROWS], bytes: usize) -> [f32; ROWS] {
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            let mut off = [0.0f32; ROWS];
+            for (b, blk) in w.chunks_exact(bytes).enumerate() {
+                let (qw, offset, d, m) = levels::<T>(blk);
+                let coef = d * offset as f32 + m;
+                let (qw, sign) = if T == T_Q8_0 {
+                    (_mm256_sign_epi8(qw, qw), qw)
+                } else {
+                    (qw, _mm256_set1_epi8(1))
+                };
+                for r in 0..ROWS {
+                    let qa = load32(&a[r].q[b * QK..]);
+                    let dd = d * a[r].d[b];
+                    let dot = $udot(qw, _mm256_sign_epi8(qa, sign));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[r]);
+                    if T != T_Q8_0 {
+                        off[r] += coef * a[r].s[b];
+                    }
+                }
+            }
+            let mut out = [0.0f32; ROWS];
+            for r in 0..ROWS {
+                out[r] = hsum(acc[r]) + off[r];
+            }
+            out
+        }
+    };
+}
+
+dot_q8_rows_kernel!(dot_q8_rows_avx2_t, "avx2,fma,f16c", udot_avx2);
+dot_q8_rows_kernel!(
+    dot_q8_rows_vnni_t,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    udot_vnni
+);
+
+macro_rules! block_q8_kernel {
+    ($name:ident, $features:literal, $single:ident, $rows:ident) => {
+        /// `out[r * m + i] = w_r · a_i` for every row `r` of `w` and row `i` of `a`: the
+        /// loop over weight rows stays inside the SIMD code (no call per row).
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: u8>(
+            w: &[u8],
+            row_bytes: usize,
+            a: &Q8Acts,
+            out: &mut [f32],
+            bytes: usize,
+        ) {
+            let m = a.rows;
+            for (r, col) in out.chunks_exact_mut(m).enumerate() {
+                let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+                let mut i = 0;
+                while i + ROWS <= m {
+                    let rows = std::array::from_fn(|k| a.row(i + k));
+                    col[i..i + ROWS].copy_from_slice(&$rows::<T>(wr, &rows, bytes));
+                    i += ROWS;
+                }
+                while i < m {
+                    col[i] = $single::<T>(wr, a.row(i), bytes);
+                    i += 1;
+                }
+            }
+        }
+    };
+}
+
+block_q8_kernel!(
+    block_q8_avx2_t,
+    "avx2,fma,f16c",
+    dot_q8_avx2_t,
+    dot_q8_rows_avx2_t
+);
+block_q8_kernel!(
+    block_q8_vnni_t,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dot_q8_vnni_t,
+    dot_q8_rows_vnni_t
+);
+
+/// The k-quant kernels over rows of `w` and rows of `a`, as [`block_q8_avx2_t`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_q8k_avx2<const T: u8>(w: &[u8], row_bytes: usize, a: &Q8KActs, out: &mut [f32]) {
+    let m = a.rows;
+    for (r, col) in out.chunks_exact_mut(m).enumerate() {
+        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (i, o) in col.iter_mut().enumerate() {
+            *o = if T == T_Q4_K {
+                dot_q4_k_avx2(wr, a.row(i))
+            } else {
+                dot_q6_k_avx2(wr, a.row(i))
+            };
+        }
+    }
+}
+
+const T_Q4_K: u8 = 10;
+const T_Q6_K: u8 = 11;
+
 /// Q4_K: per pair of 32-value groups, 32 bytes of nibbles; scales multiply the 16-bit
 /// partial sums, minimums the activation sums.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_k_avx2(w: &[u8], a: Q8KRow<'_>) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -189,6 +294,7 @@ unsafe fn dot_q4_k_avx2(w: &[u8], a: Q8KRow<'_>) -> f32 {
 }
 
 /// Q6_K: 6-bit levels from 4 low and 2 high bits; signed 8-bit scales per 16 values.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k_avx2(w: &[u8], a: Q8KRow<'_>) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -290,14 +396,14 @@ pub fn has_q8k(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
 }
 
-type Q8Fn = unsafe fn(&[u8], Q8Row<'_>, usize) -> f32;
-type Q8KFn = unsafe fn(&[u8], Q8KRow<'_>) -> f32;
+type Q8BlockFn = unsafe fn(&[u8], usize, &Q8Acts, &mut [f32], usize);
+type Q8KBlockFn = unsafe fn(&[u8], usize, &Q8KActs, &mut [f32]);
 
-/// A SIMD row kernel for a 32-value format, chosen once per product. It exists only if
-/// the CPU has the instructions it uses.
+/// A SIMD kernel for a 32-value format, chosen once per product. It exists only if the
+/// CPU has the instructions it uses.
 #[derive(Clone, Copy)]
 pub struct Q8Kernel {
-    f: Q8Fn,
+    f: Q8BlockFn,
     bytes: usize,
 }
 
@@ -314,45 +420,39 @@ impl Q8Kernel {
         macro_rules! pick {
             ($k:ident) => {
                 match ty {
-                    GgmlType::Q4_0 => $k::<T_Q4_0> as Q8Fn,
-                    GgmlType::Q4_1 => $k::<T_Q4_1> as Q8Fn,
-                    GgmlType::Q5_0 => $k::<T_Q5_0> as Q8Fn,
-                    GgmlType::Q5_1 => $k::<T_Q5_1> as Q8Fn,
-                    GgmlType::Q8_0 => $k::<T_Q8_0> as Q8Fn,
+                    GgmlType::Q4_0 => $k::<T_Q4_0> as Q8BlockFn,
+                    GgmlType::Q4_1 => $k::<T_Q4_1> as Q8BlockFn,
+                    GgmlType::Q5_0 => $k::<T_Q5_0> as Q8BlockFn,
+                    GgmlType::Q5_1 => $k::<T_Q5_1> as Q8BlockFn,
+                    GgmlType::Q8_0 => $k::<T_Q8_0> as Q8BlockFn,
                     _ => return None,
                 }
             };
         }
         let f = match isa {
-            Isa::Avx512Vnni if cpu::has(Isa::Avx512Vnni) => pick!(dot_q8_vnni_t),
-            Isa::Avx2 | Isa::Avx512Vnni if cpu::has(Isa::Avx2) => pick!(dot_q8_avx2_t),
+            Isa::Avx512Vnni if cpu::has(Isa::Avx512Vnni) => pick!(block_q8_vnni_t),
+            Isa::Avx2 | Isa::Avx512Vnni if cpu::has(Isa::Avx2) => pick!(block_q8_avx2_t),
             _ => return None,
         };
         Some(Q8Kernel { f, bytes })
     }
 
-    /// `w · x` for one row.
+    /// `out[r * m + i] = w_r · a_i` for the rows `w_r` of `w` (`row_bytes` each) and the `m`
+    /// rows of `a`.
     ///
     /// # Panics
-    /// If `w` is not whole blocks or `a` is shorter than `w`.
-    #[inline]
-    pub fn dot(&self, w: &[u8], a: Q8Row<'_>) -> f32 {
-        let blocks = w.len() / self.bytes;
-        assert!(
-            w.len().is_multiple_of(self.bytes)
-                && a.q.len() >= blocks * QK
-                && a.d.len() >= blocks
-                && a.sum.len() >= blocks
-        );
-        // SAFETY: the CPU's features were checked in `new`; lengths just now.
-        unsafe { (self.f)(w, a, self.bytes) }
+    /// If the sizes disagree.
+    pub fn block(&self, w: &[u8], row_bytes: usize, a: &Q8Acts, out: &mut [f32]) {
+        check_block(w, row_bytes, self.bytes, QK, a.cols, a.rows, out.len());
+        // SAFETY: the CPU's features were checked in `new`; sizes by check_block.
+        unsafe { (self.f)(w, row_bytes, a, out, self.bytes) }
     }
 }
 
-/// A SIMD row kernel for a k-quant format, chosen once per product.
+/// A SIMD kernel for a k-quant format, chosen once per product.
 #[derive(Clone, Copy)]
 pub struct Q8KKernel {
-    f: Q8KFn,
+    f: Q8KBlockFn,
     bytes: usize,
 }
 
@@ -370,29 +470,43 @@ impl Q8KKernel {
             return None;
         }
         let f = match ty {
-            GgmlType::Q4_K => dot_q4_k_avx2 as Q8KFn,
-            GgmlType::Q6_K => dot_q6_k_avx2 as Q8KFn,
+            GgmlType::Q4_K => block_q8k_avx2::<T_Q4_K> as Q8KBlockFn,
+            GgmlType::Q6_K => block_q8k_avx2::<T_Q6_K> as Q8KBlockFn,
             _ => return None,
         };
         Some(Q8KKernel { f, bytes })
     }
 
-    /// `w · x` for one row.
+    /// As [`Q8Kernel::block`], against 256-value activations.
     ///
     /// # Panics
-    /// If `w` is not whole blocks or `a` is shorter than `w`.
-    #[inline]
-    pub fn dot(&self, w: &[u8], a: Q8KRow<'_>) -> f32 {
-        let blocks = w.len() / self.bytes;
-        assert!(
-            w.len().is_multiple_of(self.bytes)
-                && a.q.len() >= blocks * QK_K
-                && a.d.len() >= blocks
-                && a.bsums.len() >= 16 * blocks
-        );
-        // SAFETY: the CPU's features were checked in `new`; lengths just now.
-        unsafe { (self.f)(w, a) }
+    /// If the sizes disagree.
+    pub fn block(&self, w: &[u8], row_bytes: usize, a: &Q8KActs, out: &mut [f32]) {
+        check_block(w, row_bytes, self.bytes, QK_K, a.cols, a.rows, out.len());
+        // SAFETY: the CPU's features were checked in `new`; sizes by check_block.
+        unsafe { (self.f)(w, row_bytes, a, out) }
     }
+}
+
+/// The sizes a block product relies on: whole rows of whole blocks, as wide as the
+/// activations, and one output per row pair.
+fn check_block(
+    w: &[u8],
+    row_bytes: usize,
+    bytes: usize,
+    per_block: usize,
+    cols: usize,
+    m: usize,
+    out: usize,
+) {
+    assert!(row_bytes > 0 && row_bytes.is_multiple_of(bytes));
+    assert!(w.len().is_multiple_of(row_bytes));
+    assert_eq!(
+        row_bytes / bytes * per_block,
+        cols,
+        "activations as wide as the rows"
+    );
+    assert_eq!(out, w.len() / row_bytes * m, "one output per row pair");
 }
 
 /// AVX2 f32 dot product.
