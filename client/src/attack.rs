@@ -229,10 +229,12 @@ fn outcome(s: &Scenario<'_>, attack: &'static str, rate: Rate, detail: Option<St
 }
 
 fn key_recovery(s: &Scenario<'_>) -> Result<Outcome> {
-    let est = recover_q(
-        &s.view.shard.layers[0],
-        &s.public.weights.layers[s.client_layers],
-    )?;
+    let shard_layers = s.view.shard.layers.f32().ok_or_else(|| {
+        anyhow::anyhow!(
+            "key recovery reads f32 shards (the attack suite encrypts with --quant f32)"
+        )
+    })?;
+    let est = recover_q(&shard_layers[0], &s.public.weights.layers[s.client_layers])?;
     let err = relative_error(&est.q, &s.key_q);
     let guesses = decrypt_and_match(&s.view, &est.q, &s.table, &Compute::cpu().device)?;
     Ok(outcome(

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use veil_model::crypto::EncryptedLocal;
+use veil_model::crypto::{EncryptedLocal, ShardQuant};
 use veil_model::{BackendKind, LocalModel, TokenModel};
 
 use crate::encrypt::encrypt_with_progress;
@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// f32 activations on the CPU (see `veil generate --exact`).
     #[arg(long)]
     pub exact: bool,
+    /// With --encrypted: the shards' weight format, q8_0 (default), q4_0, q4_k or f32 (the
+    /// exact one; see `veil encrypt --help`).
+    #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
+    pub quant: ShardQuant,
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +71,8 @@ pub struct ChildArgs {
     encrypted: bool,
     #[arg(long)]
     exact: bool,
+    #[arg(long, default_value = "q8_0")]
+    quant: ShardQuant,
 }
 
 /// One backend's figures.
@@ -130,6 +136,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(["--runs", &args.runs.to_string()])
             .args(args.encrypted.then_some("--encrypted"))
             .args(args.exact.then_some("--exact"))
+            .args(["--quant", args.quant.as_str()])
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("cannot start the benchmark process")?;
@@ -238,12 +245,19 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     }
     let mut encrypted = if args.encrypted {
         let bundle = spec.load()?;
-        let e = encrypt_with_progress(&bundle, 3.min(bundle.weights.config.n_layers), 0, None)?;
-        Some(EncryptedLocal::new(
+        let e = encrypt_with_progress(
+            &bundle,
+            3.min(bundle.weights.config.n_layers),
+            0,
+            None,
+            args.quant,
+        )?;
+        Some(EncryptedLocal::with_precision(
             &e.client,
             &e.shards,
             &compute.device,
             context,
+            crate::generate::precision(args.exact),
         )?)
     } else {
         None

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use veil_model::crypto::{shard_path, Encrypted};
+use veil_model::crypto::{shard_path, Encrypted, ShardQuant};
 use veil_protocol::ad::now_ms;
 use veil_protocol::behaviour::UPLOAD_CHUNK;
 use veil_protocol::wire::{UploadRequest, UploadResponse};
@@ -38,6 +38,11 @@ pub struct DeployArgs {
     /// the first node then never receives embedding rows; see SECURITY.md). 0: none.
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// How shards store their weights: q8_0 (default; 8-bit blocks, about a quarter of
+    /// f32's bytes, run by the nodes' quantized kernels), q4_0, q4_k (4-bit; rows must be
+    /// whole blocks of 256), or f32 (exact: encrypted output equals the f32 model's).
+    #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
+    pub quant: ShardQuant,
     /// Re-place the stages of deployment D that have no live replica.
     #[arg(long, value_name = "D")]
     pub repair: Option<String>,
@@ -268,7 +273,7 @@ pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
-    let e = encrypt_with_progress(&bundle, stages, args.client_layers, None)?;
+    let e = encrypt_with_progress(&bundle, stages, args.client_layers, None, args.quant)?;
     let id = format!("d-{}", &e.client.meta.key.fingerprint[..12]);
     let dir = Deployment::dir(&id)?;
     e.write(&dir)

@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use veil_model::crypto::{
-    client_path, encrypt_model_split, shard_path, short_fingerprint, Encrypted, KeyOptions,
-    KeyShape, ModelKey,
+    client_path, encrypt_model_quant, shard_path, short_fingerprint, Encrypted, KeyOptions,
+    KeyShape, ModelKey, ShardQuant,
 };
 use veil_model::ModelBundle;
 
@@ -28,6 +28,11 @@ pub struct EncryptArgs {
     /// the first node then never receives embedding rows; see SECURITY.md). 0: none.
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// How shards store their weights: q8_0 (default; 8-bit blocks, about a quarter of
+    /// f32's bytes, run by the nodes' quantized kernels), q4_0, q4_k (4-bit; rows must be
+    /// whole blocks of 256), or f32 (exact: encrypted output equals the f32 model's).
+    #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
+    pub quant: ShardQuant,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -49,6 +54,7 @@ pub fn encrypt_with_progress(
     stages: usize,
     client_layers: usize,
     seed: Option<u64>,
+    quant: ShardQuant,
 ) -> Result<Encrypted> {
     let shape = KeyShape::of(&bundle.weights.config);
     let mut rng = match seed {
@@ -71,7 +77,7 @@ pub fn encrypt_with_progress(
     );
     bar.set_message("encrypting");
     bar.set_length((bundle.weights.config.n_layers.saturating_sub(client_layers)) as u64);
-    let e = encrypt_model_split(bundle, key, stages, client_layers, &mut |done, _| {
+    let e = encrypt_model_quant(bundle, key, stages, client_layers, quant, &mut |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -105,7 +111,13 @@ pub fn run(args: EncryptArgs) -> Result<()> {
         );
     }
     let bundle = ModelSpec::parse(&args.model)?.load()?;
-    let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, args.seed)?;
+    let e = encrypt_with_progress(
+        &bundle,
+        args.stages,
+        args.client_layers,
+        args.seed,
+        args.quant,
+    )?;
     e.write(&args.out)
         .with_context(|| format!("cannot write into {}", args.out.display()))?;
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);

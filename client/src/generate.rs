@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use veil_model::crypto::{short_fingerprint, ClientBundle, Encrypted, EncryptedLocal};
+use veil_model::crypto::{short_fingerprint, ClientBundle, Encrypted, EncryptedLocal, ShardQuant};
 use veil_model::{
     generate, BackendKind, Compute, GenerateParams, Generation, LocalModel, Precision,
     SamplingParams, TextCodec, TokenLogit, TokenModel,
@@ -37,6 +37,10 @@ pub struct GenerateArgs {
     /// before the first stage (a deployment's bundle records its own).
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// With --encrypted: the shards' weight format, q8_0 (default), q4_0, q4_k or f32 (the
+    /// exact one; see `veil encrypt --help`).
+    #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
+    pub quant: ShardQuant,
     /// Generate through the nodes of this deployment (see `veil deploy`).
     #[arg(long, conflicts_with_all = ["local", "encrypted"])]
     pub deployment: Option<String>,
@@ -145,7 +149,13 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
             short_fingerprint(&e.client.meta.key.fingerprint)
         );
         let text = TextCodec::new(e.client.meta.text.clone())?;
-        let model = EncryptedLocal::new(&e.client, &e.shards, &compute.device, None)?;
+        let model = EncryptedLocal::with_precision(
+            &e.client,
+            &e.shards,
+            &compute.device,
+            None,
+            precision(args.exact),
+        )?;
         return Ok((text, Box::new(model)));
     }
     let spec = ModelSpec::parse(&args.model)?;
@@ -162,8 +172,14 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     }
     let bundle = spec.load()?;
     if args.encrypted {
-        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None)?;
-        let model = EncryptedLocal::new(&e.client, &e.shards, &compute.device, None)?;
+        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None, args.quant)?;
+        let model = EncryptedLocal::with_precision(
+            &e.client,
+            &e.shards,
+            &compute.device,
+            None,
+            precision(args.exact),
+        )?;
         return Ok((bundle.text, Box::new(model)));
     }
     let model = LocalModel::new(&bundle.weights, &compute.device, None);

@@ -467,7 +467,15 @@ fn client_layers_give_the_plaintext_tokens() {
     let (ok, plain, err) = run(&base);
     assert!(ok, "{err}");
     let mut enc = base.to_vec();
-    enc.extend(["--encrypted", "--stages", "2", "--client-layers", "2"]);
+    enc.extend([
+        "--encrypted",
+        "--stages",
+        "2",
+        "--client-layers",
+        "2",
+        "--quant",
+        "f32",
+    ]);
     let (ok, encrypted, err) = run(&enc);
     assert!(ok, "{err}");
     let (p, e): (Value, Value) = (

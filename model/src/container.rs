@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use veil_kernels::{Bytes, GgmlType, QMatrix};
+
 use crate::ModelError;
 
 const MAGIC: &[u8; 8] = b"VEILPACK";
@@ -22,20 +24,44 @@ const ALIGN: usize = 64;
 /// Largest header accepted (the tokenizer of a large vocabulary fits easily).
 const MAX_HEADER: u64 = 256 << 20;
 
-/// Element type of a stored tensor.
+/// Element type of a stored tensor: plain numbers, or GGML blocks (a quantized matrix of
+/// shape `[rows, cols]`, each row whole blocks, in GGUF's layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[allow(non_camel_case_types)]
 pub enum DType {
     F32,
     F64,
     U32,
+    Q8_0,
+    Q4_0,
+    Q4_K,
 }
 
 impl DType {
-    pub fn size(&self) -> usize {
+    /// The GGML block format of a quantized type.
+    pub fn ggml(&self) -> Option<GgmlType> {
         match self {
-            DType::F32 | DType::U32 => 4,
-            DType::F64 => 8,
+            DType::F32 | DType::F64 | DType::U32 => None,
+            DType::Q8_0 => Some(GgmlType::Q8_0),
+            DType::Q4_0 => Some(GgmlType::Q4_0),
+            DType::Q4_K => Some(GgmlType::Q4_K),
+        }
+    }
+
+    /// The stored type of GGML blocks of `ty`, if a container can hold them.
+    pub fn from_ggml(ty: GgmlType) -> Option<Self> {
+        [DType::Q8_0, DType::Q4_0, DType::Q4_K]
+            .into_iter()
+            .find(|d| d.ggml() == Some(ty))
+    }
+
+    /// Bytes of `n` elements, `None` if they are not whole blocks.
+    pub fn bytes_for(&self, n: usize) -> Option<usize> {
+        match self {
+            DType::F32 | DType::U32 => n.checked_mul(4),
+            DType::F64 => n.checked_mul(8),
+            q => q.ggml()?.byte_size(n),
         }
     }
 }
@@ -50,8 +76,13 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
-    pub fn n_bytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
+    /// Bytes of the tensor, `None` if its shape does not fit its type.
+    pub fn n_bytes(&self) -> Option<usize> {
+        let n = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        self.dtype.bytes_for(n)
     }
 }
 
@@ -89,10 +120,13 @@ impl ContainerWriter {
         Ok(())
     }
 
-    fn push(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: Vec<u8>) {
-        debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size());
+    fn push(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: &[u8]) {
+        debug_assert_eq!(
+            Some(bytes.len()),
+            dtype.bytes_for(shape.iter().product::<usize>())
+        );
         let offset = self.data.len();
-        self.data.extend(bytes);
+        self.data.extend_from_slice(bytes);
         self.data.resize(self.data.len().div_ceil(ALIGN) * ALIGN, 0);
         self.tensors.insert(
             name.to_string(),
@@ -105,30 +139,27 @@ impl ContainerWriter {
     }
 
     pub fn add_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) {
-        self.push(
-            name,
-            DType::F32,
-            shape,
-            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        );
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.push(name, DType::F32, shape, &bytes);
     }
 
     pub fn add_f64(&mut self, name: &str, shape: &[usize], data: &[f64]) {
-        self.push(
-            name,
-            DType::F64,
-            shape,
-            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        );
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.push(name, DType::F64, shape, &bytes);
     }
 
     pub fn add_u32(&mut self, name: &str, shape: &[usize], data: &[u32]) {
-        self.push(
-            name,
-            DType::U32,
-            shape,
-            data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        );
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.push(name, DType::U32, shape, &bytes);
+    }
+
+    /// A quantized matrix, stored as its blocks with shape `[rows, cols]`.
+    pub fn add_matrix(&mut self, name: &str, m: &QMatrix) -> Result<(), ModelError> {
+        let dtype = DType::from_ggml(m.ggml_type()).ok_or_else(|| {
+            ModelError::Format(format!("`{name}`: {} cannot be stored", m.ggml_type()))
+        })?;
+        self.push(name, dtype, &[m.rows(), m.cols()], m.bytes());
+        Ok(())
     }
 
     /// SHA-256 of the data section (the content hash written into the header).
@@ -199,7 +230,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<(), Model
 #[derive(Debug)]
 pub struct Container {
     header: Header,
-    data: Vec<u8>,
+    /// The data section, shared with the quantized matrices read from it.
+    data: Bytes,
 }
 
 fn bad(msg: impl Into<String>) -> ModelError {
@@ -210,13 +242,18 @@ impl Container {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let bytes =
             std::fs::read(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
-        Self::from_bytes(&bytes).map_err(|e| match e {
+        Self::from_vec(bytes).map_err(|e| match e {
             ModelError::Format(m) => ModelError::Format(format!("{}: {m}", path.display())),
             other => other,
         })
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        Self::from_vec(bytes.to_vec())
+    }
+
+    /// [`Container::from_bytes`] without a copy: the data section stays in `bytes`.
+    pub fn from_vec(bytes: Vec<u8>) -> Result<Self, ModelError> {
         if bytes.len() < 20 || &bytes[..8] != MAGIC {
             return Err(bad("not a Veil file (bad magic bytes)"));
         }
@@ -235,6 +272,7 @@ impl Container {
             .map_err(|e| bad(format!("corrupt header: {e}")))?;
         let start = end.div_ceil(ALIGN) * ALIGN;
         let data = bytes.get(start..).ok_or_else(|| bad("truncated data"))?;
+        let data_len = data.len();
         if data.len() != header.data_bytes {
             return Err(bad(format!(
                 "truncated or padded: {} data bytes, header says {}",
@@ -251,16 +289,19 @@ impl Container {
             )));
         }
         for (name, t) in &header.tensors {
-            if t.offset
-                .checked_add(t.n_bytes())
-                .is_none_or(|e| e > data.len())
-            {
+            let Some(n) = t.n_bytes() else {
+                return Err(bad(format!(
+                    "tensor `{name}` of shape {:?} is not whole {:?} blocks",
+                    t.shape, t.dtype
+                )));
+            };
+            if t.offset.checked_add(n).is_none_or(|e| e > data.len()) {
                 return Err(bad(format!("tensor `{name}` lies outside the data")));
             }
         }
         Ok(Container {
             header,
-            data: data.to_vec(),
+            data: Bytes::from_vec(bytes).slice(start, data_len),
         })
     }
 
@@ -294,7 +335,31 @@ impl Container {
                 t.dtype
             )));
         }
-        Ok((t, &self.data[t.offset..t.offset + t.n_bytes()]))
+        let n = t.n_bytes().unwrap_or(0);
+        Ok((t, &self.data.as_slice()[t.offset..t.offset + n]))
+    }
+
+    /// The quantized matrix `name`, `[rows, cols]`, sharing this container's bytes.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {
+        let t = self
+            .header
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("missing tensor `{name}`")))?;
+        let ty = t
+            .dtype
+            .ggml()
+            .ok_or_else(|| bad(format!("tensor `{name}` is {:?}, not blocks", t.dtype)))?;
+        if t.shape != [rows, cols] {
+            return Err(bad(format!(
+                "tensor `{name}` has shape {:?}, expected {:?}",
+                t.shape,
+                [rows, cols]
+            )));
+        }
+        let n = t.n_bytes().unwrap_or(0);
+        QMatrix::new(ty, rows, cols, self.data.slice(t.offset, n))
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))
     }
 
     pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {

@@ -4,7 +4,9 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::cache::{KvCache, RopeTables};
-use crate::crypto::{Shard, ShardMeta};
+use veil_kernels::Precision;
+
+use crate::crypto::{Shard, ShardLayers, ShardMeta};
 use crate::nn::{tensor_to_vec, Probe, Stage};
 use crate::ModelError;
 
@@ -18,14 +20,32 @@ pub struct StageRunner {
 }
 
 impl StageRunner {
-    pub fn new(shard: &Shard, device: &Device) -> Self {
+    /// A quantized shard runs with 8-bit activations ([`Precision::Fast`]).
+    pub fn new(shard: &Shard, device: &Device) -> Result<Self, ModelError> {
+        Self::with_precision(shard, device, Precision::Fast)
+    }
+
+    /// `precision` applies to quantized shards: their matrix products run on the CPU's
+    /// quantized kernels whatever `device` is (f32 shards run on `device`).
+    pub fn with_precision(
+        shard: &Shard,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let config = &shard.meta.config;
-        StageRunner {
-            stage: Stage::from_layers(shard.meta.layers.0, &shard.layers, config, device),
+        let first = shard.meta.layers.0;
+        let stage = match &shard.layers {
+            ShardLayers::F32(layers) => Stage::from_layers(first, layers, config, device),
+            ShardLayers::Quant(layers) => {
+                Stage::from_quantized(first, layers, config, precision, device)?
+            }
+        };
+        Ok(StageRunner {
+            stage,
             rope: RopeTables::new(config, device),
             meta: shard.meta.clone(),
             device: device.clone(),
-        }
+        })
     }
 
     pub fn meta(&self) -> &ShardMeta {
@@ -44,7 +64,8 @@ impl StageRunner {
         hidden: Vec<Tensor<2>>,
         caches: &mut [&mut KvCache],
     ) -> Result<Vec<Tensor<2>>, ModelError> {
-        self.stage.forward(hidden, caches, &self.rope)
+        // on the pool's threads: the quantized products inside are parallel
+        veil_kernels::on_workers(|| self.stage.forward(hidden, caches, &self.rope))
     }
 
     /// [`StageRunner::forward`], showing every tensor the stage computes to `probe`.

@@ -63,7 +63,11 @@ fn with_public_weights_the_key_and_every_token_are_recovered() {
     let k = key(&public, false, 5);
     let q = k.q.clone();
     let v = view(&public, k);
-    let est = recover_q(&v.shard.layers[0], &public.weights.layers[0]).expect("recover");
+    let est = recover_q(
+        &v.shard.layers.f32().expect("f32")[0],
+        &public.weights.layers[0],
+    )
+    .expect("recover");
     assert!(est.explained > 0.99, "explained {}", est.explained);
     let err = relative_error(&est.q, &q);
     assert!(err < 1e-3, "Q recovered to {err}");
@@ -102,7 +106,11 @@ fn a_private_model_defeats_the_attacks_that_a_public_one_does_not() {
     let public = ModelBundle::tiny().expect("tiny");
     let private = perturbed(&public, 0.3, 9).expect("private");
     let v = view(&private, key(&private, false, 7));
-    let est = recover_q(&v.shard.layers[0], &public.weights.layers[0]).expect("recover");
+    let est = recover_q(
+        &v.shard.layers.f32().expect("f32")[0],
+        &public.weights.layers[0],
+    )
+    .expect("recover");
     assert!(est.explained < 0.5, "explained {}", est.explained);
     let device = Compute::cpu().device;
     let decrypted = score(
@@ -151,7 +159,11 @@ fn client_layers_send_no_embedding_yet_the_key_and_first_token_still_fall() {
     let v = view_with(&public, k, 1);
     assert_eq!(v.shard.meta.layers.0, 1, "the first node starts at layer 1");
     // the key still falls to the public weights of layer 1
-    let est = recover_q(&v.shard.layers[0], &public.weights.layers[1]).expect("recover");
+    let est = recover_q(
+        &v.shard.layers.f32().expect("f32")[0],
+        &public.weights.layers[1],
+    )
+    .expect("recover");
     assert!(relative_error(&est.q, &q) < 1e-3, "the key still falls");
     // what the node decrypts is no embedding row
     let rows = decrypt_rows(&v, &est.q);

@@ -93,7 +93,11 @@ fn shares_a_column(a: &Matrix, b: &Matrix) -> bool {
 fn no_shard_tensor_equals_its_plaintext_counterpart() {
     let (b, e) = encrypted(3, 2);
     for shard in &e.shards {
-        for (l, enc) in shard.meta.layer_range().zip(&shard.layers) {
+        for (l, enc) in shard
+            .meta
+            .layer_range()
+            .zip(shard.layers.f32().expect("f32"))
+        {
             let plain = &b.weights.layers[l];
             assert!(
                 enc.attn_norm.is_empty() && enc.ffn_norm.is_empty(),
@@ -299,4 +303,111 @@ fn client_layers_run_on_the_client_and_change_nothing_in_the_output() {
     let err = veil_model::crypto::encrypt_model_split(&b, key, 1, 4, &mut |_, _| {})
         .expect_err("must fail");
     assert!(err.to_string().contains("at least one"), "{err}");
+}
+
+/// Logits of the pipeline of `client` and `shards` against `plain`'s, per precision.
+fn quantized_errors(
+    client: &ClientBundle,
+    shards: &[veil_model::crypto::Shard],
+    ids: &[u32],
+    plain: &[Vec<f32>],
+) -> Vec<f32> {
+    use veil_model::{Compute, Precision, TokenModel};
+    let device = Compute::cpu().device;
+    [Precision::Exact, Precision::Fast]
+        .into_iter()
+        .map(|precision| {
+            let mut enc = EncryptedLocal::with_precision(client, shards, &device, None, precision)
+                .expect("pipeline");
+            let got = enc.feed_all(ids).expect("encrypted");
+            let step = enc.feed(&[3]).expect("decode step");
+            assert_eq!(step.len(), client.meta.config.vocab_size);
+            got.iter()
+                .zip(plain)
+                .map(|(a, b)| max_abs_diff(a, b))
+                .fold(0.0, f32::max)
+        })
+        .collect()
+}
+
+#[test]
+fn quantized_shards_are_smaller_round_trip_and_stay_close_to_plaintext() {
+    use veil_model::crypto::{encrypt_model_quant, ShardLayers, ShardQuant};
+    use veil_model::Compute;
+    let (b, e) = encrypted(4, 2);
+    let ids = b
+        .text
+        .prompt_tokens("quantized shards", false)
+        .expect("prompt");
+    let plain = LocalModel::new(&b.weights, &Compute::cpu().device, None)
+        .feed_all(&ids)
+        .expect("plain");
+    let scale = plain.iter().flatten().fold(0.0f32, |m, v| m.max(v.abs()));
+    let dir32 = tempfile::tempdir().expect("tmp");
+    e.write(dir32.path()).expect("write");
+    let f32_bytes = std::fs::metadata(shard_path(dir32.path(), 0))
+        .expect("size")
+        .len() as f64;
+    // The tiny random model amplifies rounding (quantizing its plaintext weights to q8_0,
+    // no key, moves its logits by 6% of their range): the bounds here catch broken
+    // storage, not quality, which the SmolLM2 test measures.
+    for (quant, ratio, tol) in [
+        (ShardQuant::Q8_0, 0.27, 0.15),
+        (ShardQuant::Q4_0, 0.15, 0.8),
+    ] {
+        let shards: Vec<_> = e
+            .shards
+            .iter()
+            .map(|s| s.requantized(quant).expect("requantize"))
+            .collect();
+        // encrypting straight to the format gives the same bytes
+        let key = ModelKey::generate(
+            KeyShape::of(&b.weights.config),
+            KeyOptions::default(),
+            &mut ChaCha20Rng::seed_from_u64(4),
+        );
+        let direct = encrypt_model_quant(&b, key, 2, 0, quant, &mut |_, _| {}).expect("encrypt");
+        for (a, d) in shards.iter().zip(&direct.shards) {
+            assert_eq!(
+                a.to_writer().expect("w").data_sha256(),
+                d.to_writer().expect("w").data_sha256(),
+                "{quant}"
+            );
+        }
+        // written and read back: verified against the client bundle, still quantized
+        let dir = tempfile::tempdir().expect("tmp");
+        direct.write(dir.path()).expect("write");
+        let back = Encrypted::read(dir.path()).expect("read");
+        assert!(matches!(back.shards[0].layers, ShardLayers::Quant(_)));
+        assert_eq!(back.shards[0].meta.dtype, quant.to_string());
+        let q = std::fs::metadata(shard_path(dir.path(), 0))
+            .expect("size")
+            .len() as f64;
+        assert!(
+            q / f32_bytes < ratio,
+            "{quant}: {q} bytes against {f32_bytes} in f32"
+        );
+        // both precisions stay close to the plaintext model's logits
+        let errors = quantized_errors(&back.client, &back.shards, &ids, &plain);
+        eprintln!(
+            "{quant}: max |Δlogit| exact {:.4}, fast {:.4} (logits up to {scale:.2})",
+            errors[0], errors[1]
+        );
+        for err in errors {
+            assert!(err < tol * scale, "{quant}: max |Δlogit| {err}");
+        }
+    }
+    // the tiny model's rows of 64 are not whole Q4_K blocks: the error names the tensor
+    let err = e.shards[0]
+        .requantized(ShardQuant::Q4_K)
+        .expect_err("partial blocks");
+    assert!(err.to_string().contains("blk.0.attn_q"), "{err}");
+    assert!(err.to_string().contains("256"), "{err}");
+    // a format this build does not know is refused when the shard is read
+    let mut odd = e.shards[0].clone();
+    odd.meta.dtype = "q3_xs".into();
+    let bytes = odd.to_writer().expect("w").to_bytes().expect("bytes");
+    let c = veil_model::container::Container::from_bytes(&bytes).expect("container");
+    let err = veil_model::crypto::Shard::from_container(&c).expect_err("unknown format");
+    assert!(err.to_string().contains("q3_xs"), "{err}");
 }

@@ -114,7 +114,7 @@ fn a_node_observes_exactly_the_listed_quantities() {
 
     // the node: shard, encrypted inputs from the client
     let client = ClientModel::new(&e.client, &device);
-    let runner = StageRunner::new(&e.shards[0], &device);
+    let runner = StageRunner::new(&e.shards[0], &device).expect("runner");
     let mut cache = runner.new_cache(64);
     let mut node = Recorder::default();
     let mut client_cache = client.new_cache(64);

@@ -326,7 +326,10 @@ impl Engine {
                         s.meta.layers.0,
                         s.meta.layers.1
                     );
-                    let runner = StageRunner::new(&s, &self.device);
+                    let runner = match StageRunner::new(&s, &self.device) {
+                        Ok(r) => r,
+                        Err(e) => return error(ErrorCode::Internal, e.to_string()),
+                    };
                     self.runners.insert(
                         shard,
                         Loaded {
@@ -676,7 +679,7 @@ mod tests {
         );
         // the same computations one at a time
         let device = Compute::cpu().device;
-        let runner = StageRunner::new(&f.shard, &device);
+        let runner = StageRunner::new(&f.shard, &device).expect("runner");
         let (mut ca, mut cb) = (runner.new_cache(64), runner.new_cache(64));
         let alone = |x: &[f32], c: &mut KvCache| {
             runner.forward_host(&[x], &mut [c]).expect("fwd").remove(0)

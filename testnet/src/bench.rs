@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use veil_client::model_spec::ModelSpec;
 use veil_model::crypto::{Encrypted, EncryptedLocal};
-use veil_model::{generate, Compute, GenerateParams, LocalModel, SamplingParams, TokenModel};
+use veil_model::{
+    generate, Compute, GenerateParams, LocalModel, Precision, SamplingParams, TokenModel,
+};
 use veil_protocol::wire::NodeStats;
 
 use crate::load::{prompts, LoadClient, Metered, SessionResult};
@@ -317,8 +319,9 @@ pub fn baselines(
         Some(p) => ModelSpec::Path(p.clone()),
         None => ModelSpec::Tiny,
     };
-    let bundle = model.load()?;
-    let mut plain = LocalModel::new(&bundle.weights, &device, None);
+    // the plaintext model as `veil generate --local` runs it on the CPU: the GGUF's blocks
+    let bundle = model.load_quantized()?;
+    let mut plain = LocalModel::quantized(&bundle.weights, &device, None, Precision::Fast)?;
     let plaintext = baseline(
         "plaintext, 1 process",
         &mut plain,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use veil_model::crypto::ShardQuant;
 use veil_testnet::bench::{self, BenchOptions, BenchReport};
 use veil_testnet::chaos::{self, ChaosOptions};
 use veil_testnet::cluster::NodeSettings;
@@ -68,6 +69,9 @@ struct NetOpts {
     /// Make every node wait this long per forward pass, to mimic slower machines.
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
+    /// The shards' weight format: q8_0 (default), q4_0, q4_k, or f32 (exact).
+    #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
+    quant: ShardQuant,
 }
 
 impl NetOpts {
@@ -84,6 +88,7 @@ impl NetOpts {
             },
             keep: self.keep,
             client_layers: self.client_layers,
+            quant: self.quant,
         }
     }
 

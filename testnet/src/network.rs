@@ -11,6 +11,7 @@ use veil_client::deployment::Deployment;
 use veil_client::model_spec::ModelSpec;
 use veil_client::net::{Client, NetArgs};
 use veil_model::crypto::ClientBundle;
+use veil_model::crypto::ShardQuant;
 use veil_model::TextCodec;
 
 use crate::cluster::{start_nodes, NodeProcess, NodeSettings};
@@ -30,6 +31,8 @@ pub struct NetworkOptions {
     pub keep: bool,
     /// Layers the client runs itself before the first node.
     pub client_layers: usize,
+    /// The shards' weight format.
+    pub quant: ShardQuant,
 }
 
 impl Default for NetworkOptions {
@@ -42,6 +45,7 @@ impl Default for NetworkOptions {
             node: NodeSettings::default(),
             keep: false,
             client_layers: 0,
+            quant: ShardQuant::default(),
         }
     }
 }
@@ -138,6 +142,7 @@ impl LocalNetwork {
             replicas: opts.replicas.min(opts.nodes),
             max_len: 1024,
             client_layers: opts.client_layers,
+            quant: opts.quant,
             repair: None,
             // every node's ad is already known
             wait: 1,

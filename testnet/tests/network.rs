@@ -79,6 +79,8 @@ fn local_tokens(veil: &Veil, prompt: &str, n: usize) -> Value {
 fn deploy(veil: &Veil, bootstrap: &str, stages: usize) -> String {
     let out = veil.ok(&[
         "deploy",
+        "--quant",
+        "f32",
         "--model",
         "tiny",
         "--stages",
@@ -472,6 +474,8 @@ fn a_lost_stage_is_a_clear_error_until_repaired() {
     wait_for_ads(&veil, &boot, 3);
     let out = veil.ok(&[
         "deploy",
+        "--quant",
+        "f32",
         "--model",
         "tiny",
         "--stages",
@@ -520,6 +524,8 @@ fn a_lost_stage_is_a_clear_error_until_repaired() {
     });
     let out = veil.ok(&[
         "deploy",
+        "--quant",
+        "f32",
         "--repair",
         &id,
         "--bootstrap",
@@ -647,6 +653,8 @@ fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
     wait_for_ads(&veil, &boot, 3);
     let out = veil.ok(&[
         "deploy",
+        "--quant",
+        "f32",
         "--model",
         &model,
         "--stages",

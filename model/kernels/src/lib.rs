@@ -12,5 +12,5 @@ pub mod format;
 pub mod matmul;
 
 pub use cpu::Isa;
-pub use format::GgmlType;
+pub use format::{GgmlType, QuantizeError};
 pub use matmul::{matmul_fused, on_workers, Bytes, MatrixError, Precision, QMatrix};

@@ -139,6 +139,27 @@ impl QMatrix {
         })
     }
 
+    /// Quantize `data` (`rows` rows of `cols` values) to `ty`, row by row.
+    pub fn quantize(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+    ) -> Result<Self, crate::QuantizeError> {
+        assert_eq!(data.len(), rows * cols, "{rows} x {cols} values");
+        let mut bytes = Vec::with_capacity(ty.byte_size(rows * cols).unwrap_or(0));
+        for row in data.chunks_exact(cols.max(1)) {
+            ty.quantize(row, &mut bytes)?;
+        }
+        let m = QMatrix::new(ty, rows, cols, Bytes::from_vec(bytes));
+        Ok(m.expect("whole blocks of a readable type"))
+    }
+
+    /// The blocks, row by row.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
     pub fn ggml_type(&self) -> GgmlType {
         self.ty
     }
@@ -428,6 +449,45 @@ mod tests {
                     );
                 }
                 at += p.rows();
+            }
+        }
+    }
+
+    /// A node batches concurrent sessions' rows into one product: a session's result must
+    /// not depend on the others in the batch, to the last bit.
+    #[test]
+    fn each_row_of_a_batch_equals_its_product_alone() {
+        let (rows, cols, m) = (37, 512, 5);
+        let mut rng = Rng::new(11);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q5_K,
+        ] {
+            let w = QMatrix::new(
+                ty,
+                rows,
+                cols,
+                Bytes::from_vec(random_rows(ty, rows, cols, &mut rng)),
+            )
+            .expect("matrix");
+            for isa in Isa::available() {
+                for precision in [Precision::Fast, Precision::Exact] {
+                    let mut batch = vec![0.0; m * rows];
+                    w.matmul_with(isa, &x, m, &mut batch, precision);
+                    for i in 0..m {
+                        let mut alone = vec![0.0; rows];
+                        w.matmul_with(isa, &x[i * cols..(i + 1) * cols], 1, &mut alone, precision);
+                        assert_eq!(
+                            &batch[i * rows..(i + 1) * rows],
+                            &alone[..],
+                            "{ty} {isa} {precision:?} row {i}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use super::client::{ClientBundle, ClientMeta, StageRecord, CLIENT_VERSION};
 use super::key::ModelKey;
 use super::key_io::KeyMeta;
-use super::shard::{Shard, ShardMeta, SHARD_VERSION};
+use super::shard::{quantize_layer, Shard, ShardLayers, ShardMeta, ShardQuant, SHARD_VERSION};
 use super::transform::{check_coverage, encrypt_layers, plan_stages};
 use crate::container::Container;
 use crate::{ModelBundle, ModelError};
@@ -38,6 +38,27 @@ pub fn encrypt_model_split(
     client_layers: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
+    encrypt_model_quant(
+        model,
+        key,
+        n_stages,
+        client_layers,
+        ShardQuant::F32,
+        progress,
+    )
+}
+
+/// [`encrypt_model_split`] with the shards' matrices stored as `quant`: each layer is
+/// transformed in f64, rounded once to f32, then re-quantized (a layer at a time, so the
+/// f32 copy of only one layer exists).
+pub fn encrypt_model_quant(
+    model: &ModelBundle,
+    key: ModelKey,
+    n_stages: usize,
+    client_layers: usize,
+    quant: ShardQuant,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Encrypted, ModelError> {
     let w = &model.weights;
     let config = &w.config;
     key.check_fits(config)?;
@@ -57,12 +78,22 @@ pub fn encrypt_model_split(
     let mut records = Vec::with_capacity(n_stages);
     let mut done = 0;
     for (stage, range) in ranges.into_iter().enumerate() {
-        let mut layers = Vec::with_capacity(range.len());
+        let mut f32_layers = Vec::new();
+        let mut quant_layers = Vec::new();
         for l in range.clone() {
-            layers.extend(encrypt_layers(&w.layers, l..l + 1, &key, config));
+            for layer in encrypt_layers(&w.layers, l..l + 1, &key, config) {
+                match quant.ggml() {
+                    None => f32_layers.push(layer),
+                    Some(ty) => quant_layers.push(quantize_layer(&layer, l, config, ty)?),
+                }
+            }
             done += 1;
             progress(done, config.n_layers - client_layers);
         }
+        let layers = match quant {
+            ShardQuant::F32 => ShardLayers::F32(f32_layers),
+            _ => ShardLayers::Quant(quant_layers),
+        };
         let shard = Shard {
             meta: ShardMeta {
                 version: SHARD_VERSION,
@@ -71,7 +102,7 @@ pub fn encrypt_model_split(
                 n_stages,
                 layers: (range.start, range.end),
                 key_fingerprint: fingerprint.clone(),
-                dtype: "f32".into(),
+                dtype: quant.to_string(),
             },
             layers,
         };

@@ -1,6 +1,7 @@
 //! Encrypted generation in one process: client encode → every stage → client decode.
 
 use burn::tensor::Device;
+use veil_kernels::Precision;
 
 use super::client::{ClientBundle, ClientModel};
 use super::shard::Shard;
@@ -23,11 +24,23 @@ pub struct EncryptedLocal {
 
 impl EncryptedLocal {
     /// Check the shards against the client bundle (key, model, coverage) and upload all.
+    /// Quantized shards run with 8-bit activations.
     pub fn new(
         bundle: &ClientBundle,
         shards: &[Shard],
         device: &Device,
         context: Option<usize>,
+    ) -> Result<Self, ModelError> {
+        Self::with_precision(bundle, shards, device, context, Precision::Fast)
+    }
+
+    /// [`EncryptedLocal::new`] with the precision of quantized shards' products.
+    pub fn with_precision(
+        bundle: &ClientBundle,
+        shards: &[Shard],
+        device: &Device,
+        context: Option<usize>,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
         for s in shards {
             bundle.verify_shard(&s.meta, None)?;
@@ -43,8 +56,8 @@ impl EncryptedLocal {
         let context = context.map_or(config.max_seq_len, |c| c.min(config.max_seq_len));
         let stages: Vec<StageRunner> = ordered
             .iter()
-            .map(|s| StageRunner::new(s, device))
-            .collect();
+            .map(|s| StageRunner::with_precision(s, device, precision))
+            .collect::<Result<_, _>>()?;
         let caches = stages.iter().map(|s| s.new_cache(context)).collect();
         let client = ClientModel::new(bundle, device);
         Ok(EncryptedLocal {
@@ -85,7 +98,7 @@ impl EncryptedLocal {
     /// Feed `ids` and return the logits of every new position, `[t][vocab]`.
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
         let vocab = self.client.config.vocab_size;
-        let flat = tensor_to_vec(self.run(ids, true)?)?;
+        let flat = veil_kernels::on_workers(|| tensor_to_vec(self.run(ids, true)?))?;
         Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
     }
 }
@@ -100,6 +113,6 @@ impl TokenModel for EncryptedLocal {
     }
 
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
-        tensor_to_vec(self.run(ids, false)?)
+        veil_kernels::on_workers(|| tensor_to_vec(self.run(ids, false)?))
     }
 }

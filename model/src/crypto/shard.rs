@@ -4,10 +4,13 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use veil_kernels::{GgmlType, QMatrix};
 
 use crate::container::{Container, ContainerWriter};
+use crate::qweights::QuantLayer;
 use crate::{LayerWeights, LlamaConfig, Matrix, ModelError};
 
 pub const SHARD_KIND: &str = "veil-shard";
@@ -27,8 +30,137 @@ pub struct ShardMeta {
     pub layers: (usize, usize),
     /// Fingerprint of the key the shard was made with.
     pub key_fingerprint: String,
-    /// Storage type of the weights.
+    /// Storage type of the weights: a [`ShardQuant`] name.
     pub dtype: String,
+}
+
+/// How a shard stores its matrices: f32 (exact), or re-quantized to GGML blocks after the
+/// key is applied, run by the CPU's quantized kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[allow(non_camel_case_types)]
+pub enum ShardQuant {
+    F32,
+    #[default]
+    Q8_0,
+    Q4_0,
+    Q4_K,
+}
+
+impl ShardQuant {
+    pub const ALL: [ShardQuant; 4] = [
+        ShardQuant::F32,
+        ShardQuant::Q8_0,
+        ShardQuant::Q4_0,
+        ShardQuant::Q4_K,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ShardQuant::F32 => "f32",
+            ShardQuant::Q8_0 => "q8_0",
+            ShardQuant::Q4_0 => "q4_0",
+            ShardQuant::Q4_K => "q4_k",
+        }
+    }
+
+    /// The block format, `None` for f32.
+    pub fn ggml(&self) -> Option<GgmlType> {
+        match self {
+            ShardQuant::F32 => None,
+            ShardQuant::Q8_0 => Some(GgmlType::Q8_0),
+            ShardQuant::Q4_0 => Some(GgmlType::Q4_0),
+            ShardQuant::Q4_K => Some(GgmlType::Q4_K),
+        }
+    }
+}
+
+impl std::fmt::Display for ShardQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ShardQuant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.to_ascii_lowercase();
+        ShardQuant::ALL
+            .into_iter()
+            .find(|q| q.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown shard format `{s}` (this build writes and runs {})",
+                    ShardQuant::ALL.map(|q| q.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// The weights of a shard's layers.
+#[derive(Debug, Clone)]
+pub enum ShardLayers {
+    /// `[in, out]` f32 matrices.
+    F32(Vec<LayerWeights>),
+    /// GGML blocks, `[out, in]` (GGUF's layout).
+    Quant(Vec<QuantLayer>),
+}
+
+impl ShardLayers {
+    /// The f32 layers, `None` for a quantized shard.
+    pub fn f32(&self) -> Option<&[LayerWeights]> {
+        match self {
+            ShardLayers::F32(l) => Some(l),
+            ShardLayers::Quant(_) => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            ShardLayers::F32(l) => l.len(),
+            ShardLayers::Quant(l) => l.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Re-quantize the encrypted f32 layer `l` (`[in, out]` matrices, gains folded) to `ty`,
+/// row by row in GGUF's `[out, in]` layout.
+pub fn quantize_layer(
+    w: &LayerWeights,
+    l: usize,
+    config: &LlamaConfig,
+    ty: GgmlType,
+) -> Result<QuantLayer, ModelError> {
+    let names = matrices(l, config);
+    let [q, k, v, o, g, u, d] = std::array::from_fn(|i| {
+        let t = layer_matrices(w)[i].transpose();
+        QMatrix::quantize(ty, t.rows, t.cols, &t.data).map_err(|e| {
+            ModelError::Shard(format!(
+                "cannot store `{}` as {ty}: {e}{}",
+                names[i].0,
+                if ty == GgmlType::Q4_K {
+                    " (q4_0 has blocks of 32)"
+                } else {
+                    ""
+                }
+            ))
+        })
+    });
+    Ok(QuantLayer {
+        attn_norm: Vec::new(),
+        wq: q?,
+        wk: k?,
+        wv: v?,
+        wo: o?,
+        ffn_norm: Vec::new(),
+        w_gate: g?,
+        w_up: u?,
+        w_down: d?,
+    })
 }
 
 impl ShardMeta {
@@ -42,7 +174,7 @@ impl ShardMeta {
 pub struct Shard {
     pub meta: ShardMeta,
     /// One per layer of the range; norm gains are empty (folded).
-    pub layers: Vec<LayerWeights>,
+    pub layers: ShardLayers,
 }
 
 /// `(name, rows, cols)` of every matrix of layer `l`.
@@ -64,16 +196,57 @@ fn layer_matrices(w: &LayerWeights) -> [&Matrix; 7] {
     [&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down]
 }
 
+fn quant_matrices(w: &QuantLayer) -> [&QMatrix; 7] {
+    [&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down]
+}
+
 impl Shard {
+    /// This f32 shard re-quantized to `quant` (the same key; only the storage changes).
+    pub fn requantized(&self, quant: ShardQuant) -> Result<Shard, ModelError> {
+        let ShardLayers::F32(layers) = &self.layers else {
+            return Err(ModelError::Shard(format!(
+                "a {} shard cannot be re-quantized; start from an f32 one",
+                self.meta.dtype
+            )));
+        };
+        let layers = match quant.ggml() {
+            None => ShardLayers::F32(layers.clone()),
+            Some(ty) => ShardLayers::Quant(
+                self.meta
+                    .layer_range()
+                    .zip(layers)
+                    .map(|(l, w)| quantize_layer(w, l, &self.meta.config, ty))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        let mut meta = self.meta.clone();
+        meta.dtype = quant.to_string();
+        Ok(Shard { meta, layers })
+    }
+
     /// The container bytes of this shard.
     pub fn to_writer(&self) -> Result<ContainerWriter, ModelError> {
         let mut w = ContainerWriter::new(SHARD_KIND, &self.meta)?;
-        for (i, layer) in self.meta.layer_range().zip(&self.layers) {
-            for ((name, _, _), m) in matrices(i, &self.meta.config)
-                .iter()
-                .zip(layer_matrices(layer))
-            {
-                w.add_f32(name, &[m.rows, m.cols], &m.data);
+        match &self.layers {
+            ShardLayers::F32(layers) => {
+                for (i, layer) in self.meta.layer_range().zip(layers) {
+                    for ((name, _, _), m) in matrices(i, &self.meta.config)
+                        .iter()
+                        .zip(layer_matrices(layer))
+                    {
+                        w.add_f32(name, &[m.rows, m.cols], &m.data);
+                    }
+                }
+            }
+            ShardLayers::Quant(layers) => {
+                for (i, layer) in self.meta.layer_range().zip(layers) {
+                    for ((name, _, _), m) in matrices(i, &self.meta.config)
+                        .iter()
+                        .zip(quant_matrices(layer))
+                    {
+                        w.add_matrix(name, m)?;
+                    }
+                }
             }
         }
         Ok(w)
@@ -119,6 +292,30 @@ impl Shard {
                 r.len()
             )));
         }
+        let quant: ShardQuant = meta.dtype.parse().map_err(ModelError::Shard)?;
+        if quant != ShardQuant::F32 {
+            let mut layers = Vec::with_capacity(r.len());
+            for l in r {
+                // stored `[out, in]`
+                let [q, k, v, o, g, u, d] =
+                    matrices(l, &meta.config).map(|(name, rows, cols)| c.matrix(&name, cols, rows));
+                layers.push(QuantLayer {
+                    attn_norm: Vec::new(),
+                    wq: q?,
+                    wk: k?,
+                    wv: v?,
+                    wo: o?,
+                    ffn_norm: Vec::new(),
+                    w_gate: g?,
+                    w_up: u?,
+                    w_down: d?,
+                });
+            }
+            return Ok(Shard {
+                meta,
+                layers: ShardLayers::Quant(layers),
+            });
+        }
         let mut layers = Vec::with_capacity(r.len());
         for l in r {
             let [q, k, v, o, g, u, d] = matrices(l, &meta.config).map(|(name, rows, cols)| {
@@ -137,6 +334,9 @@ impl Shard {
                 w_down: d?,
             });
         }
-        Ok(Shard { meta, layers })
+        Ok(Shard {
+            meta,
+            layers: ShardLayers::F32(layers),
+        })
     }
 }

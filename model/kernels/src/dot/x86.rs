@@ -158,12 +158,16 @@ pub const ROWS: usize = 4;
 macro_rules! dot_q8_rows_kernel {
     ($name:ident, $features:literal, $udot:ident) => {
         /// One weight row against [`ROWS`] activation rows: each block is unpacked once.
+        /// Each row's sum runs exactly as in the one-row kernel (two accumulators by block
+        /// parity, fused multiply-adds), so that a row's result does not depend on the
+        /// rows batched with it.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $name<const T: u8>(w: &[u8], a: &[Q8Row<'_>; ROWS], bytes: usize) -> [f32; ROWS] {
-            let mut acc = [_mm256_setzero_ps(); ROWS];
-            let mut off = [0.0f32; ROWS];
+            let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+            let mut off = [[0.0f32; 2]; ROWS];
             for (b, blk) in w.chunks_exact(bytes).enumerate() {
+                let k = b & 1;
                 let (qw, offset, d, m) = levels::<T>(blk);
                 let coef = d * offset as f32 + m;
                 let (qw, sign) = if T == T_Q8_0 {
@@ -175,15 +179,16 @@ macro_rules! dot_q8_rows_kernel {
                     let qa = load32(&a[r].q[b * QK..]);
                     let dd = d * a[r].d[b];
                     let dot = $udot(qw, _mm256_sign_epi8(qa, sign));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[r]);
+                    acc[r][k] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[r][k]);
                     if T != T_Q8_0 {
-                        off[r] += coef * a[r].s[b];
+                        off[r][k] = coef.mul_add(a[r].s[b], off[r][k]);
                     }
                 }
             }
             let mut out = [0.0f32; ROWS];
             for r in 0..ROWS {
-                out[r] = hsum(acc[r]) + off[r];
+                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (off[r][0] + off[r][1]);
             }
             out
         }

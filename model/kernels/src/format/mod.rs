@@ -22,6 +22,19 @@ mod tests;
 
 pub use q8_0::quantize as quantize_q8_0;
 
+/// Why values cannot be quantized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantizeError {
+    #[error("Veil writes F32, F16, Q8_0, Q4_0 and Q4_K, not {0}")]
+    Unsupported(GgmlType),
+    #[error("{len} values are not whole {ty} blocks of {block}")]
+    PartialBlock {
+        ty: GgmlType,
+        len: usize,
+        block: usize,
+    },
+}
+
 /// Elements per block of the 32-element formats (Q4_0 … Q8_0).
 pub const QK: usize = 32;
 /// Elements per block ("super-block") of the k-quant formats (Q2_K … Q8_K).
@@ -218,6 +231,45 @@ impl GgmlType {
             GgmlType::Q8_K => q8_k::dequantize(bytes, out),
             GgmlType::Other(_) => unreachable!("byte_size is None for unreadable types"),
         }
+    }
+}
+
+impl GgmlType {
+    /// The types Veil writes (shards are re-quantized into one of these).
+    pub const WRITABLE: [GgmlType; 5] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+    ];
+
+    /// Append `x` in this format to `out`; `x` must be whole blocks.
+    pub fn quantize(&self, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantizeError> {
+        if !Self::WRITABLE.contains(self) {
+            return Err(QuantizeError::Unsupported(*self));
+        }
+        let (block, _) = self
+            .block_layout()
+            .ok_or(QuantizeError::Unsupported(*self))?;
+        if !x.len().is_multiple_of(block) {
+            return Err(QuantizeError::PartialBlock {
+                ty: *self,
+                len: x.len(),
+                block,
+            });
+        }
+        match self {
+            GgmlType::F32 => out.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+            GgmlType::F16 => {
+                out.extend(x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()))
+            }
+            GgmlType::Q8_0 => q8_0::quantize(x, out),
+            GgmlType::Q4_0 => q4_0::quantize(x, out),
+            GgmlType::Q4_K => q4_k::quantize(x, out),
+            _ => return Err(QuantizeError::Unsupported(*self)),
+        }
+        Ok(())
     }
 }
 

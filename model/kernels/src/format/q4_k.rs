@@ -29,3 +29,67 @@ pub(super) fn dequantize(bytes: &[u8], out: &mut [f32]) {
         }
     }
 }
+
+/// Quantize `x` (a multiple of 256 values) to Q4_K super-blocks appended to `out`.
+///
+/// Each group of 32 gets an affine 4-bit code over `[min(0, lo), hi]`; the groups' scales
+/// and minimums are then coded in 6 bits against the super-block's largest ones (as
+/// ggml's `quantize_row_q4_K_ref`, without its iterative refinement of each group's range:
+/// a little more error, no search).
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 256.
+pub fn quantize(x: &[f32], out: &mut Vec<u8>) {
+    assert_eq!(x.len() % QK_K, 0, "Q4_K needs a multiple of {QK_K} values");
+    out.reserve(x.len() / QK_K * BLOCK_BYTES);
+    for block in x.chunks_exact(QK_K) {
+        let mut scales = [0.0f32; 8];
+        let mut mins = [0.0f32; 8];
+        for (g, group) in block.chunks_exact(32).enumerate() {
+            let lo = group.iter().fold(0.0f32, |m, &v| m.min(v));
+            let hi = group.iter().fold(f32::MIN, |m, &v| m.max(v));
+            scales[g] = (hi - lo) / 15.0;
+            mins[g] = -lo;
+        }
+        let max_scale = scales.iter().fold(0.0f32, |m, &v| m.max(v));
+        let max_min = mins.iter().fold(0.0f32, |m, &v| m.max(v));
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
+        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+        let ls: [u8; 8] = std::array::from_fn(|g| (scales[g] * inv_scale).round().min(63.0) as u8);
+        let lm: [u8; 8] = std::array::from_fn(|g| (mins[g] * inv_min).round().min(63.0) as u8);
+        let d = half::f16::from_f32(max_scale / 63.0);
+        let dmin = half::f16::from_f32(max_min / 63.0);
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&dmin.to_le_bytes());
+        let mut packed = [0u8; 12];
+        for j in 0..8 {
+            if j < 4 {
+                packed[j] = ls[j];
+                packed[j + 4] = lm[j];
+            } else {
+                packed[j + 4] = (ls[j] & 0x0F) | ((lm[j] & 0x0F) << 4);
+                packed[j - 4] |= (ls[j] >> 4) << 6;
+                packed[j] |= (lm[j] >> 4) << 6;
+            }
+        }
+        out.extend_from_slice(&packed);
+        // The codes, against the scales as stored (rounded to f16 and 6 bits).
+        let mut q = [0u8; QK_K];
+        for (g, group) in block.chunks_exact(32).enumerate() {
+            let (s, m) = scale_min(g, &packed);
+            let dl = d.to_f32() * f32::from(s);
+            let ml = dmin.to_f32() * f32::from(m);
+            let inv = if dl > 0.0 { 1.0 / dl } else { 0.0 };
+            for (i, &v) in group.iter().enumerate() {
+                q[32 * g + i] = ((v + ml) * inv).round().clamp(0.0, 15.0) as u8;
+            }
+        }
+        for c in 0..4 {
+            out.extend((0..32).map(|i| q[64 * c + i] | (q[64 * c + 32 + i] << 4)));
+        }
+    }
+}

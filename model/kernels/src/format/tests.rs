@@ -155,3 +155,80 @@ fn sizes_ids_and_names() {
     assert_eq!(GgmlType::from_id(20).byte_size(32), None);
     assert_eq!(GgmlType::from_id(99).name(), "type id 99");
 }
+
+/// Exactly representable values of mixed magnitude, one block of them tiny.
+fn quant_input() -> Vec<f32> {
+    let mut x: Vec<f32> = (0..256)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 16.0 * (1 + i % 5) as f32)
+        .collect();
+    for v in &mut x[40..72] {
+        *v *= 0.001;
+    }
+    x
+}
+
+/// `gguf.quants.quantize` (gguf-py 0.19.0) on [`quant_input`].
+const GGUF_PY_Q8_0: &str = "672fe5f227aaf812e00b5fca09cdf03a9c0028d4167ff716b9f151ee0341cc231bf16b2d3387f118d20d7fb2000000000000000000000000000000000000000000000000162f0000000000000000ec3892ff28cf127ff514b2ec4fec0140c51f1bee249fef11ee2eda075fbe08c6e9378dfe27cc107ff414afe94eeb0040c21d1bec239aec11d905c62e5fb9083be73687fe27c90e7ff413abe64deaff40be1b1beb2296e811d7045cb69d2e073be53581fd27c60c7ff312a7e34ce8fe40ba181be92191e511d4025cb1073ac62ee43281fc25c60979f211a7e147e8fc3cb9151ae81e91e210d40057b00638e22f162f84fc22c60771f20f55e041e9fb38ba1118e81b94e10fd5fe51b10534e22b81fb";
+const GGUF_PY_Q4_0: &str = "58bf5ab9760d9977ca97329b874bb9646e9860bd858f89868b87808d888888888888888808bf9878d89838988848c9646f9866eb9770e0beda98329c874cc9656f9866eb9770a987b8be329c8844ca656f9866fb9770b9872dda903e88cc46aba078aa14699f5789e2368dc7b83e469ba078aa14699f5789e2368cb768bc083fa078aa14689f5789dd368cb768bc0489";
+
+#[test]
+fn q8_0_and_q4_0_quantize_like_gguf_py() {
+    let x = quant_input();
+    for (ty, want) in [
+        (GgmlType::Q8_0, GGUF_PY_Q8_0),
+        (GgmlType::Q4_0, GGUF_PY_Q4_0),
+    ] {
+        let mut got = Vec::new();
+        ty.quantize(&x, &mut got).expect("quantize");
+        assert_eq!(hex_string(&got), want, "{ty}");
+    }
+}
+
+fn hex_string(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn every_writable_type_round_trips_within_its_step() {
+    let x = quant_input();
+    for ty in GgmlType::WRITABLE {
+        let mut bytes = Vec::new();
+        ty.quantize(&x, &mut bytes).expect("quantize");
+        assert_eq!(Some(bytes.len()), ty.byte_size(x.len()), "{ty}");
+        let back = deq(ty, &bytes, x.len());
+        // the error is at most half a step of the block's grid (plus f16 rounding of the
+        // scales); the grid's step is range / levels
+        let (block, levels) = match ty {
+            GgmlType::F32 => (1, f32::INFINITY),
+            GgmlType::F16 => (1, 2048.0),
+            GgmlType::Q8_0 => (32, 254.0),
+            // the side opposite the largest value stops one step short: a whole step
+            GgmlType::Q4_0 => (32, 8.0),
+            _ => (32, 15.0),
+        };
+        for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+            let g = &x[i / block * block..(i / block + 1) * block];
+            let range = g.iter().fold(0.0f32, |m, v| m.max(v.abs())) * 2.0;
+            let tol = if ty == GgmlType::Q4_K {
+                // the 6-bit group scales and minimums add up to one step of the super-block
+                let sb = &x[i / 256 * 256..(i / 256 + 1) * 256];
+                let srange = sb.iter().fold(0.0f32, |m, v| m.max(v.abs())) * 2.0;
+                range / levels + srange / 15.0 / 63.0 * 16.0
+            } else {
+                range / levels * 0.5 * 1.01 + range * 1e-3
+            };
+            assert!(
+                (a - b).abs() <= tol,
+                "{ty} [{i}]: {a} became {b} (tolerance {tol})"
+            );
+        }
+    }
+    let err = GgmlType::Q6_K
+        .quantize(&x, &mut Vec::new())
+        .expect_err("Q6_K");
+    assert!(err.to_string().contains("Q6_K"), "{err}");
+    let err = GgmlType::Q4_K
+        .quantize(&x[..32], &mut Vec::new())
+        .expect_err("partial");
+    assert!(err.to_string().contains("256"), "{err}");
+}
