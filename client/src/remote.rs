@@ -32,6 +32,11 @@ struct RemoteStage {
     first: usize,
     /// Every input row sent so far, `[n, d]` flattened.
     history: Vec<f32>,
+    /// Rows per step of `history`, in order: a replay repeats the same steps, so that the
+    /// new replica computes bit for bit what the old one did (a prompt replayed with the
+    /// tokens after it in one step would round differently, and quantized products can
+    /// turn that into another token).
+    steps: Vec<usize>,
 }
 
 /// A node answered that it does not know the session (it expired).
@@ -132,6 +137,7 @@ impl RemotePipeline {
                 last: 0,
                 first: rand::random::<usize>() % n_replicas,
                 history: Vec::new(),
+                steps: Vec::new(),
             });
         }
         let (d_model, max_seq_len) = (client.config.d_model, client.config.max_seq_len);
@@ -263,23 +269,36 @@ impl RemotePipeline {
         }
         let t = history.len() / self.d_model;
         tracing::info!(
-            "stage {}: replaying {t} positions on {peer}",
-            self.stages[i].stage
+            "stage {}: replaying {t} positions in {} steps on {peer}",
+            self.stages[i].stage,
+            self.stages[i].steps.len()
         );
-        let frame = TensorFrame::from_f32(&[t, self.d_model], &history);
-        let r = self.request(
-            peer,
-            InferRequest::Step {
-                session,
-                hidden: frame,
-            },
-        );
-        self.stages[i].history = history;
-        match r? {
-            InferResponse::Hidden { .. } => Ok(()),
-            InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
-            other => bail!("{peer}: unexpected answer {other:?}"),
+        let steps = self.stages[i].steps.clone();
+        let mut result = Ok(());
+        let mut at = 0;
+        for rows in steps {
+            let chunk = &history[at * self.d_model..(at + rows) * self.d_model];
+            at += rows;
+            let frame = TensorFrame::from_f32(&[rows, self.d_model], chunk);
+            let r = self.request(
+                peer,
+                InferRequest::Step {
+                    session,
+                    hidden: frame,
+                },
+            );
+            result = match r {
+                Ok(InferResponse::Hidden { .. }) => Ok(()),
+                Ok(InferResponse::Error { message, .. }) => Err(anyhow!("{peer}: {message}")),
+                Ok(other) => Err(anyhow!("{peer}: unexpected answer {other:?}")),
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                break;
+            }
         }
+        self.stages[i].history = history;
+        result
     }
 
     /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed.
@@ -329,6 +348,7 @@ impl RemotePipeline {
             match attempt {
                 Ok(y) => {
                     self.stages[i].history.extend_from_slice(x);
+                    self.stages[i].steps.push(t);
                     return Ok(y);
                 }
                 Err(e) if e.downcast_ref::<ModelError>().is_some() => return Err(e),
