@@ -160,8 +160,9 @@ macro_rules! dot_q8_rows_kernel {
         /// One weight row against [`ROWS`] activation rows: each block is unpacked once.
         /// Each row's sum runs exactly as in the one-row kernel (two accumulators by block
         /// parity, fused multiply-adds), so that a row's result does not depend on the
-        /// rows batched with it.
-        #[inline]
+        /// rows batched with it. Never inlined: its eight accumulators would crowd the
+        /// one-row loop (the decode path) of the caller.
+        #[inline(never)]
         #[target_feature(enable = $features)]
         unsafe fn $name<const T: u8>(w: &[u8], a: &[Q8Row<'_>; ROWS], bytes: usize) -> [f32; ROWS] {
             let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
