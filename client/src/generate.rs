@@ -140,6 +140,16 @@ pub fn precision(exact: bool) -> Precision {
 /// The text codec and the runner the flags ask for: plaintext, encrypted in memory, or
 /// encrypted from a `veil encrypt` directory.
 fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box<dyn TokenModel>)> {
+    let encrypted = |e: &Encrypted| -> Result<Box<dyn TokenModel>> {
+        let model = EncryptedLocal::with_precision(
+            &e.client,
+            &e.shards,
+            &compute.device,
+            None,
+            precision(args.exact),
+        )?;
+        Ok(Box::new(model))
+    };
     if let Some(dir) = &args.shards {
         let e = Encrypted::read(dir)
             .with_context(|| format!("cannot use the deployment in {}", dir.display()))?;
@@ -148,15 +158,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
             e.shards.len(),
             short_fingerprint(&e.client.meta.key.fingerprint)
         );
-        let text = TextCodec::new(e.client.meta.text.clone())?;
-        let model = EncryptedLocal::with_precision(
-            &e.client,
-            &e.shards,
-            &compute.device,
-            None,
-            precision(args.exact),
-        )?;
-        return Ok((text, Box::new(model)));
+        return Ok((TextCodec::new(e.client.meta.text.clone())?, encrypted(&e)?));
     }
     let spec = ModelSpec::parse(&args.model)?;
     if !args.encrypted && compute.kind == BackendKind::Cpu {
@@ -173,14 +175,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     let bundle = spec.load()?;
     if args.encrypted {
         let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None, args.quant)?;
-        let model = EncryptedLocal::with_precision(
-            &e.client,
-            &e.shards,
-            &compute.device,
-            None,
-            precision(args.exact),
-        )?;
-        return Ok((bundle.text, Box::new(model)));
+        return Ok((bundle.text, encrypted(&e)?));
     }
     let model = LocalModel::new(&bundle.weights, &compute.device, None);
     Ok((bundle.text, Box::new(model)))

@@ -19,11 +19,7 @@ pub struct ModelBundle {
 impl ModelBundle {
     /// Read a GGUF model file.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let file = GgufFile::open(path)?;
-        let fallback = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (file, fallback) = open(path)?;
         Self::from_gguf(&file, &fallback)
     }
 
@@ -39,8 +35,7 @@ impl ModelBundle {
 
     /// The deterministic tiny random model (see [`crate::tiny`]).
     pub fn tiny() -> Result<Self, ModelError> {
-        let file = GgufFile::from_bytes(crate::tiny::tiny_gguf(crate::tiny::TINY_SEED)?)?;
-        Self::from_gguf(&file, "tiny")
+        Self::from_gguf(&tiny_file()?, "tiny")
     }
 }
 
@@ -56,11 +51,7 @@ pub struct QuantBundle {
 impl QuantBundle {
     /// Read a GGUF model file.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let file = GgufFile::open(path)?;
-        let fallback = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (file, fallback) = open(path)?;
         Self::from_gguf(&file, &fallback)
     }
 
@@ -76,9 +67,24 @@ impl QuantBundle {
 
     /// The deterministic tiny random model (F32 tensors).
     pub fn tiny() -> Result<Self, ModelError> {
-        let file = GgufFile::from_bytes(crate::tiny::tiny_gguf(crate::tiny::TINY_SEED)?)?;
-        Self::from_gguf(&file, "tiny")
+        Self::from_gguf(&tiny_file()?, "tiny")
     }
+}
+
+/// The file at `path`, and the name to use if its metadata has none (the file's stem).
+fn open(path: &Path) -> Result<(GgufFile, String), ModelError> {
+    let fallback = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((GgufFile::open(path)?, fallback))
+}
+
+/// The deterministic tiny random model's file.
+fn tiny_file() -> Result<GgufFile, ModelError> {
+    Ok(GgufFile::from_bytes(crate::tiny::tiny_gguf(
+        crate::tiny::TINY_SEED,
+    )?)?)
 }
 
 /// The model's name and its text codec, checked against the embedding table.

@@ -37,23 +37,18 @@ impl Q8Acts {
     /// # Panics
     /// If `cols` is not a multiple of 32 or `x` does not hold `rows * cols` values.
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
-        let mut a = Q8Acts::default();
-        a.requantize(x, rows, cols);
-        a
-    }
-
-    /// As [`Q8Acts::quantize`], reusing this value's buffers.
-    pub fn requantize(&mut self, x: &[f32], rows: usize, cols: usize) {
         assert_eq!(cols % QK, 0, "activations need a multiple of {QK} columns");
         assert_eq!(x.len(), rows * cols);
-        self.rows = rows;
-        self.cols = cols;
-        self.q.clear();
-        self.q.resize(x.len(), 0);
-        self.d.clear();
-        self.sum.clear();
-        self.s.clear();
-        for (xb, qb) in x.chunks_exact(QK).zip(self.q.chunks_exact_mut(QK)) {
+        let blocks = x.len() / QK;
+        let mut a = Q8Acts {
+            rows,
+            cols,
+            q: vec![0; x.len()],
+            d: Vec::with_capacity(blocks),
+            sum: Vec::with_capacity(blocks),
+            s: Vec::with_capacity(blocks),
+        };
+        for (xb, qb) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -62,10 +57,11 @@ impl Q8Acts {
                 *q = (v * id).round() as i8;
                 sum += i32::from(*q);
             }
-            self.d.push(d);
-            self.sum.push(sum);
-            self.s.push(d * sum as f32);
+            a.d.push(d);
+            a.sum.push(sum);
+            a.s.push(d * sum as f32);
         }
+        a
     }
 
     pub fn row(&self, r: usize) -> Q8Row<'_> {
@@ -107,26 +103,20 @@ impl Q8KActs {
     /// # Panics
     /// If `cols` is not a multiple of 256 or `x` does not hold `rows * cols` values.
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
-        let mut a = Q8KActs::default();
-        a.requantize(x, rows, cols);
-        a
-    }
-
-    /// As [`Q8KActs::quantize`], reusing this value's buffers.
-    pub fn requantize(&mut self, x: &[f32], rows: usize, cols: usize) {
         assert_eq!(
             cols % QK_K,
             0,
             "activations need a multiple of {QK_K} columns"
         );
         assert_eq!(x.len(), rows * cols);
-        self.rows = rows;
-        self.cols = cols;
-        self.q.clear();
-        self.q.resize(x.len(), 0);
-        self.d.clear();
-        self.bsums.clear();
-        for (xb, qb) in x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K)) {
+        let mut a = Q8KActs {
+            rows,
+            cols,
+            q: vec![0; x.len()],
+            d: Vec::with_capacity(x.len() / QK_K),
+            bsums: Vec::with_capacity(x.len() / 16),
+        };
+        for (xb, qb) in x.chunks_exact(QK_K).zip(a.q.chunks_exact_mut(QK_K)) {
             let (mut amax, mut max) = (0.0f32, 0.0f32);
             for &v in xb {
                 if v.abs() > amax {
@@ -135,20 +125,21 @@ impl Q8KActs {
                 }
             }
             if amax == 0.0 {
-                self.d.push(0.0);
-                self.bsums.extend([0; QK_K / 16]);
+                a.d.push(0.0);
+                a.bsums.extend([0; QK_K / 16]);
                 continue;
             }
             let iscale = -127.0 / max;
             for (q, v) in qb.iter_mut().zip(xb) {
                 *q = (iscale * v).round().min(127.0) as i8;
             }
-            self.d.push(1.0 / iscale);
-            self.bsums.extend(
+            a.d.push(1.0 / iscale);
+            a.bsums.extend(
                 qb.chunks_exact(16)
                     .map(|c| c.iter().map(|&q| i32::from(q)).sum::<i32>()),
             );
         }
+        a
     }
 
     pub fn row(&self, r: usize) -> Q8KRow<'_> {

@@ -354,21 +354,11 @@ mod tests {
         let (rows, cols, m) = (70, 512, 6);
         let mut rng = Rng::new(7);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
-        for ty in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q2_K,
-            GgmlType::Q3_K,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        // every type a weight matrix may have (Q8_K holds activations only)
+        for ty in GgmlType::READABLE
+            .into_iter()
+            .filter(|t| *t != GgmlType::Q8_K)
+        {
             let bytes = match ty {
                 GgmlType::F32 => (0..rows * cols)
                     .flat_map(|_| rng.f32().to_le_bytes())

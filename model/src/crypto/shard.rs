@@ -136,7 +136,7 @@ pub fn quantize_layer(
     ty: GgmlType,
 ) -> Result<QuantLayer, ModelError> {
     let names = matrices(l, config);
-    let [q, k, v, o, g, u, d] = std::array::from_fn(|i| {
+    folded_layer(std::array::from_fn(|i| {
         let t = layer_matrices(w)[i].transpose();
         QMatrix::quantize(ty, t.rows, t.cols, &t.data).map_err(|e| {
             ModelError::Shard(format!(
@@ -149,7 +149,13 @@ pub fn quantize_layer(
                 }
             ))
         })
-    });
+    }))
+}
+
+/// A quantized layer with its norm gains folded away, from its seven matrices (in the
+/// order of [`matrices`]).
+fn folded_layer(m: [Result<QMatrix, ModelError>; 7]) -> Result<QuantLayer, ModelError> {
+    let [q, k, v, o, g, u, d] = m;
     Ok(QuantLayer {
         attn_norm: Vec::new(),
         wq: q?,
@@ -297,19 +303,9 @@ impl Shard {
             let mut layers = Vec::with_capacity(r.len());
             for l in r {
                 // stored `[out, in]`
-                let [q, k, v, o, g, u, d] =
-                    matrices(l, &meta.config).map(|(name, rows, cols)| c.matrix(&name, cols, rows));
-                layers.push(QuantLayer {
-                    attn_norm: Vec::new(),
-                    wq: q?,
-                    wk: k?,
-                    wv: v?,
-                    wo: o?,
-                    ffn_norm: Vec::new(),
-                    w_gate: g?,
-                    w_up: u?,
-                    w_down: d?,
-                });
+                layers.push(folded_layer(
+                    matrices(l, &meta.config).map(|(name, rows, cols)| c.matrix(&name, cols, rows)),
+                )?);
             }
             return Ok(Shard {
                 meta,

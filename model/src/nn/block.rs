@@ -61,12 +61,7 @@ impl Block {
     /// following matrices (as in encrypted shards) and the norm has none.
     pub fn from_layer(layer: &LayerWeights, config: &LlamaConfig, device: &Device) -> Self {
         let eps = f64::from(config.rms_eps);
-        let attn_config = AttentionConfig::new(
-            config.d_model,
-            config.n_heads,
-            config.n_kv_heads,
-            config.head_dim,
-        );
+        let attn_config = BlockConfig::from_llama(config).attention;
         Block {
             attn_norm: RmsNorm::from_gain(gain(&layer.attn_norm), eps, device),
             attention: Attention::from_matrices(
@@ -90,12 +85,7 @@ impl Block {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let eps = f64::from(config.rms_eps);
-        let attn_config = AttentionConfig::new(
-            config.d_model,
-            config.n_heads,
-            config.n_kv_heads,
-            config.head_dim,
-        );
+        let attn_config = BlockConfig::from_llama(config).attention;
         let l = layer.clone();
         Ok(Block {
             attn_norm: RmsNorm::from_gain(gain(&layer.attn_norm), eps, device),
