@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-log "building Veil (release; a cold build takes 20-30 minutes)"
+log "building Veil (release; a cold build takes about 10 minutes on two cores)"
 cargo build --release --workspace --locked
 log "fetching SmolLM2-135M-Instruct (cached under ${VEIL_HOME:-~/.veil})"
 "$CARGO_TARGET_DIR/release/veil" model fetch smollm2 >/dev/null

@@ -159,6 +159,15 @@ fn bad_input_gets_one_clear_error_line() {
     assert_clean_error(&["model", "fetch", "gpt5"], "unknown model `gpt5`");
     let long = "word ".repeat(600);
     assert_clean_error(&tiny_args(&["--prompt", &long, "--raw"]), "context");
+    // shard formats: an unknown one, and one whose blocks do not divide the model's rows
+    assert_clean_error(
+        &tiny_args(&["--prompt", "x", "--encrypted", "--quant", "q3_xs"]),
+        "unknown shard format `q3_xs`",
+    );
+    assert_clean_error(
+        &tiny_args(&["--prompt", "x", "--encrypted", "--quant", "q4_k"]),
+        "blk.0.attn_q",
+    );
 }
 
 #[test]
