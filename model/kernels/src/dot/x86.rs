@@ -115,32 +115,44 @@ unsafe fn levels<const T: u8>(blk: &[u8]) -> (__m256i, i32, f32, f32) {
 
 macro_rules! dot_q8_kernel {
     ($name:ident, $features:literal, $udot:ident) => {
-        /// Two blocks per step with separate accumulators: the loop-carried additions of
-        /// one block would otherwise bound the speed, not the memory.
+        /// Two blocks per step into separate accumulators (even blocks into one, odd into
+        /// the other): the loop-carried additions of one block would otherwise bound the
+        /// speed, not the memory. The pair is spelled out so that both stay in registers.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $name<const T: u8>(w: &[u8], a: Q8Row<'_>, bytes: usize) -> f32 {
-            let mut acc = [_mm256_setzero_ps(); 2];
-            let mut off = [_mm256_setzero_ps(); 2];
-            for (b, blk) in w.chunks_exact(bytes).enumerate() {
-                let k = b & 1;
-                let qa = load32(&a.q[b * QK..]);
-                let (qw, offset, d, m) = levels::<T>(blk);
-                let dd = d * a.d[b];
-                let dot = if T == T_Q8_0 {
-                    // |w| times a with w's sign: unsigned times signed
-                    $udot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw))
-                } else {
-                    // the offset and minimum times the block's activation sum
-                    let coef = d * offset as f32 + m;
-                    off[k] = _mm256_fmadd_ps(_mm256_set1_ps(coef), _mm256_set1_ps(a.s[b]), off[k]);
-                    $udot(qw, qa)
-                };
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[k]);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut off0, mut off1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            macro_rules! step {
+                ($blk:expr, $b:expr, $acc:ident, $off:ident) => {{
+                    let b = $b;
+                    let qa = load32(&a.q[b * QK..]);
+                    let (qw, offset, d, m) = levels::<T>($blk);
+                    let dd = d * a.d[b];
+                    let dot = if T == T_Q8_0 {
+                        // |w| times a with w's sign: unsigned times signed
+                        $udot(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw))
+                    } else {
+                        // the offset and minimum times the block's activation sum
+                        let coef = d * offset as f32 + m;
+                        $off = _mm256_fmadd_ps(_mm256_set1_ps(coef), _mm256_set1_ps(a.s[b]), $off);
+                        $udot(qw, qa)
+                    };
+                    $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), $acc);
+                }};
+            }
+            let mut pairs = w.chunks_exact(2 * bytes);
+            for (p, pair) in pairs.by_ref().enumerate() {
+                step!(&pair[..bytes], 2 * p, acc0, off0);
+                step!(&pair[bytes..], 2 * p + 1, acc1, off1);
+            }
+            let last = pairs.remainder();
+            if !last.is_empty() {
+                step!(last, w.len() / bytes - 1, acc0, off0);
             }
             // each lane of `off` holds the same sum
-            let off = _mm256_add_ps(off[0], off[1]);
-            hsum(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm256_castps256_ps128(off))
+            let off = _mm256_add_ps(off0, off1);
+            hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm256_castps256_ps128(off))
         }
     };
 }
@@ -165,31 +177,45 @@ macro_rules! dot_q8_rows_kernel {
         #[inline(never)]
         #[target_feature(enable = $features)]
         unsafe fn $name<const T: u8>(w: &[u8], a: &[Q8Row<'_>; ROWS], bytes: usize) -> [f32; ROWS] {
-            let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
-            let mut off = [[0.0f32; 2]; ROWS];
-            for (b, blk) in w.chunks_exact(bytes).enumerate() {
-                let k = b & 1;
-                let (qw, offset, d, m) = levels::<T>(blk);
-                let coef = d * offset as f32 + m;
-                let (qw, sign) = if T == T_Q8_0 {
-                    (_mm256_sign_epi8(qw, qw), qw)
-                } else {
-                    (qw, _mm256_set1_epi8(1))
-                };
-                for r in 0..ROWS {
-                    let qa = load32(&a[r].q[b * QK..]);
-                    let dd = d * a[r].d[b];
-                    let dot = $udot(qw, _mm256_sign_epi8(qa, sign));
-                    acc[r][k] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), acc[r][k]);
-                    if T != T_Q8_0 {
-                        off[r][k] = coef.mul_add(a[r].s[b], off[r][k]);
+            let mut acc0 = [_mm256_setzero_ps(); ROWS];
+            let mut acc1 = [_mm256_setzero_ps(); ROWS];
+            let mut off0 = [0.0f32; ROWS];
+            let mut off1 = [0.0f32; ROWS];
+            macro_rules! step {
+                ($blk:expr, $b:expr, $acc:ident, $off:ident) => {{
+                    let b = $b;
+                    let (qw, offset, d, m) = levels::<T>($blk);
+                    let coef = d * offset as f32 + m;
+                    let (qw, sign) = if T == T_Q8_0 {
+                        (_mm256_sign_epi8(qw, qw), qw)
+                    } else {
+                        (qw, _mm256_set1_epi8(1))
+                    };
+                    for r in 0..ROWS {
+                        let qa = load32(&a[r].q[b * QK..]);
+                        let dd = d * a[r].d[b];
+                        let dot = $udot(qw, _mm256_sign_epi8(qa, sign));
+                        $acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dd), $acc[r]);
+                        if T != T_Q8_0 {
+                            $off[r] = coef.mul_add(a[r].s[b], $off[r]);
+                        }
                     }
-                }
+                }};
+            }
+            // block pairs spelled out (as in the one-row kernel), so the parity is static
+            let mut pairs = w.chunks_exact(2 * bytes);
+            for (p, pair) in pairs.by_ref().enumerate() {
+                step!(&pair[..bytes], 2 * p, acc0, off0);
+                step!(&pair[bytes..], 2 * p + 1, acc1, off1);
+            }
+            let last = pairs.remainder();
+            if !last.is_empty() {
+                step!(last, w.len() / bytes - 1, acc0, off0);
             }
             let mut out = [0.0f32; ROWS];
             for r in 0..ROWS {
-                out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (off[r][0] + off[r][1]);
+                out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
             }
             out
         }
