@@ -220,20 +220,18 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     let spec = ModelSpec::parse(&args.model)?;
     let context = Some(args.prompt_tokens + args.gen_tokens + 1);
     // The plaintext model: on the CPU, the GGUF's own blocks and the quantized kernels.
-    let (text, mut plain) = if compute.kind == BackendKind::Cpu {
-        let q = spec.load_quantized()?;
-        let model = LocalModel::quantized(
+    let q = spec.load_quantized()?;
+    let mut plain = if compute.kind == BackendKind::Cpu {
+        LocalModel::quantized(
             &q.weights,
             &compute.device,
             context,
             crate::generate::precision(args.exact),
-        )?;
-        (q.text, model)
+        )?
     } else {
-        let b = spec.load()?;
-        let model = LocalModel::new(&b.weights, &compute.device, context);
-        (b.text, model)
+        LocalModel::new(&spec.load()?.weights, &compute.device, context)
     };
+    let text = &q.text;
     let mut prompt = Vec::new();
     let unit = text.tokenizer.encode(TEXT, false)?;
     while prompt.len() < args.prompt_tokens {
@@ -244,14 +242,7 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
     let mut encrypted = if args.encrypted {
-        let bundle = spec.load()?;
-        let e = encrypt_with_progress(
-            &bundle,
-            3.min(bundle.weights.config.n_layers),
-            0,
-            None,
-            args.quant,
-        )?;
+        let e = encrypt_with_progress(&q, 3.min(q.weights.config.n_layers), 0, None, args.quant)?;
         Some(EncryptedLocal::with_precision(
             &e.client,
             &e.shards,

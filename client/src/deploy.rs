@@ -259,7 +259,7 @@ pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     if found.is_empty() {
         bail!("no node has published a capacity ad; are nodes running and bootstrapped?");
     }
-    let bundle = ModelSpec::parse(&args.model)?.load()?;
+    let bundle = ModelSpec::parse(&args.model)?.load_quantized()?;
     let n_layers = bundle.weights.config.n_layers;
     if args.client_layers >= n_layers {
         bail!(

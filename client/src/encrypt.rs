@@ -12,7 +12,7 @@ use veil_model::crypto::{
     client_path, encrypt_model_quant, shard_path, short_fingerprint, Encrypted, KeyOptions,
     KeyShape, ModelKey, ShardQuant,
 };
-use veil_model::ModelBundle;
+use veil_model::PlainModel;
 
 use crate::model_spec::ModelSpec;
 
@@ -48,15 +48,18 @@ pub struct EncryptArgs {
     pub json: bool,
 }
 
-/// Draw a key (seeded for tests) and encrypt `bundle`, showing progress on stderr.
-pub fn encrypt_with_progress(
-    bundle: &ModelBundle,
+/// Draw a key (seeded for tests) and encrypt `model` layer by layer, showing progress on
+/// stderr.
+pub fn encrypt_with_progress<'a>(
+    model: impl Into<PlainModel<'a>>,
     stages: usize,
     client_layers: usize,
     seed: Option<u64>,
     quant: ShardQuant,
 ) -> Result<Encrypted> {
-    let shape = KeyShape::of(&bundle.weights.config);
+    let model = model.into();
+    let n_layers = model.weights.config().n_layers;
+    let shape = KeyShape::of(model.weights.config());
     let mut rng = match seed {
         Some(s) => {
             tracing::warn!(
@@ -68,7 +71,7 @@ pub fn encrypt_with_progress(
     };
     let key = ModelKey::generate(shape, KeyOptions::default(), &mut rng);
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(bundle.weights.config.n_layers as u64),
+        Some(n_layers as u64),
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
@@ -76,8 +79,8 @@ pub fn encrypt_with_progress(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("encrypting");
-    bar.set_length((bundle.weights.config.n_layers.saturating_sub(client_layers)) as u64);
-    let e = encrypt_model_quant(bundle, key, stages, client_layers, quant, &mut |done, _| {
+    bar.set_length((n_layers.saturating_sub(client_layers)) as u64);
+    let e = encrypt_model_quant(model, key, stages, client_layers, quant, &mut |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -110,7 +113,7 @@ pub fn run(args: EncryptArgs) -> Result<()> {
             client_file.display()
         );
     }
-    let bundle = ModelSpec::parse(&args.model)?.load()?;
+    let bundle = ModelSpec::parse(&args.model)?.load_quantized()?;
     let e = encrypt_with_progress(
         &bundle,
         args.stages,

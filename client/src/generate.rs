@@ -161,7 +161,12 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
         return Ok((TextCodec::new(e.client.meta.text.clone())?, encrypted(&e)?));
     }
     let spec = ModelSpec::parse(&args.model)?;
-    if !args.encrypted && compute.kind == BackendKind::Cpu {
+    if args.encrypted {
+        let bundle = spec.load_quantized()?;
+        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None, args.quant)?;
+        return Ok((bundle.text, encrypted(&e)?));
+    }
+    if compute.kind == BackendKind::Cpu {
         // the GGUF's own blocks, multiplied by the quantized kernels
         let bundle = spec.load_quantized()?;
         let model = LocalModel::quantized(
@@ -173,10 +178,6 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
         return Ok((bundle.text, Box::new(model)));
     }
     let bundle = spec.load()?;
-    if args.encrypted {
-        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None, args.quant)?;
-        return Ok((bundle.text, encrypted(&e)?));
-    }
     let model = LocalModel::new(&bundle.weights, &compute.device, None);
     Ok((bundle.text, Box::new(model)))
 }

@@ -87,7 +87,7 @@ impl RemotePipeline {
         context: usize,
     ) -> Result<Self> {
         let device = veil_model::Compute::cpu().device;
-        let client = ClientModel::new(bundle, &device);
+        let client = ClientModel::new(bundle, &device)?;
         Self::with_client(handle, network, client, deployment, context)
     }
 

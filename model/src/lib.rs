@@ -17,6 +17,7 @@ pub mod nn;
 pub mod qweights;
 pub mod runner;
 pub mod sampling;
+pub mod source;
 pub mod stage_runner;
 pub mod text;
 pub mod tiny;
@@ -31,6 +32,7 @@ pub use generate::{generate, GenerateParams, Generation, StopReason, TokenModel}
 pub use matrix::Matrix;
 pub use qweights::{QuantLayer, QuantWeights};
 pub use runner::LocalModel;
+pub use source::{PlainModel, PlainWeights};
 pub use sampling::{SamplingParams, TokenLogit};
 pub use stage_runner::StageRunner;
 pub use text::{TextCodec, TextSpec};

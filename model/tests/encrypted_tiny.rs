@@ -380,6 +380,17 @@ fn quantized_shards_are_smaller_round_trip_and_stay_close_to_plaintext() {
         let back = Encrypted::read(dir.path()).expect("read");
         assert!(matches!(back.shards[0].layers, ShardLayers::Quant(_)));
         assert_eq!(back.shards[0].meta.dtype, quant.to_string());
+        // the client's tables are quantized with the shards (f32 ones for f32 shards)
+        assert_eq!(back.client.meta.shard_dtype, quant.to_string());
+        let device = Compute::cpu().device;
+        let qc = veil_model::crypto::ClientModel::new(&back.client, &device).expect("client");
+        let fc = veil_model::crypto::ClientModel::new(&e.client, &device).expect("client");
+        assert!(
+            qc.table_bytes() * 3 < fc.table_bytes(),
+            "{} against {}",
+            qc.table_bytes(),
+            fc.table_bytes()
+        );
         let q = std::fs::metadata(shard_path(dir.path(), 0))
             .expect("size")
             .len() as f64;
@@ -410,4 +421,14 @@ fn quantized_shards_are_smaller_round_trip_and_stay_close_to_plaintext() {
     let c = veil_model::container::Container::from_bytes(&bytes).expect("container");
     let err = veil_model::crypto::Shard::from_container(&c).expect_err("unknown format");
     assert!(err.to_string().contains("q3_xs"), "{err}");
+}
+
+#[test]
+fn bundles_from_before_quantized_shards_mean_f32_shards() {
+    let (_, e) = encrypted(4, 1);
+    assert_eq!(e.client.meta.shard_dtype, "f32");
+    let mut v = serde_json::to_value(&e.client.meta).expect("json");
+    v.as_object_mut().expect("object").remove("shard_dtype");
+    let meta: veil_model::crypto::ClientMeta = serde_json::from_value(v).expect("old meta");
+    assert_eq!(meta.shard_dtype, "f32");
 }

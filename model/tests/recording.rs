@@ -113,7 +113,7 @@ fn a_node_observes_exactly_the_listed_quantities() {
     let next = [42u32, 77];
 
     // the node: shard, encrypted inputs from the client
-    let client = ClientModel::new(&e.client, &device);
+    let client = ClientModel::new(&e.client, &device).expect("client");
     let runner = StageRunner::new(&e.shards[0], &device).expect("runner");
     let mut cache = runner.new_cache(64);
     let mut node = Recorder::default();

@@ -115,7 +115,7 @@ impl LoadClient {
     pub fn connect(network: &LocalNetwork) -> Result<Self> {
         let client = Client::connect(&network.net_args()).context("cannot join the testnet")?;
         let device = veil_model::Compute::cpu().device;
-        let model = ClientModel::new(&network.bundle, &device);
+        let model = ClientModel::new(&network.bundle, &device)?;
         Ok(LoadClient {
             client,
             model,

@@ -427,7 +427,7 @@ fn nodes_never_receive_plaintext() {
             .join("client.veil"),
     )
     .expect("bundle");
-    let client = ClientModel::new(&bundle, &device);
+    let client = ClientModel::new(&bundle, &device).expect("client");
     let enc = tensor_to_vec(
         client
             .encode(&ids[..3], &mut client.new_cache(8))

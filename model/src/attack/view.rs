@@ -79,7 +79,7 @@ pub fn record_views(
         &mut |_, _| {},
     )?;
     let mut pipeline = EncryptedLocal::new(&e.client, &e.shards, device, None)?;
-    let client = ClientModel::new(&e.client, device);
+    let client = ClientModel::new(&e.client, device)?;
     let params = GenerateParams {
         max_tokens: gen_tokens.max(1),
         sampling: SamplingParams::default(),

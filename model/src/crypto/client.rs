@@ -6,15 +6,18 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use veil_kernels::{GgmlType, Precision, QMatrix};
 
 use super::key::{short_fingerprint, ModelKey};
 use super::key_io::{read_key, write_key, KeyMeta};
 use super::linalg::to_f32;
-use super::shard::ShardMeta;
+use super::shard::{ShardMeta, ShardQuant};
 use crate::cache::{KvCache, RopeTables};
 use crate::container::{Container, ContainerWriter};
 use crate::nn::Stage;
-use crate::nn::{matrix_to_tensor, vector_to_tensor, RmsNorm, TokenEmbedding};
+use crate::nn::{
+    matrix_to_tensor, tensor_to_vec, vector_to_tensor, Linear, RmsNorm, TokenEmbedding,
+};
 use crate::text::TextSpec;
 use crate::{Compute, LayerWeights, LlamaConfig, Matrix, ModelError};
 
@@ -44,7 +47,20 @@ pub struct ClientMeta {
     /// node then never sees embedding rows); the shards cover the rest.
     #[serde(default)]
     pub client_layers: usize,
+    /// The shards' weight format (a [`ShardQuant`] name; bundles from before quantized
+    /// shards say nothing and mean f32). With quantized shards the client's own tables are
+    /// quantized too (see [`ClientModel::new`]).
+    #[serde(default = "f32_name")]
+    pub shard_dtype: String,
 }
+
+fn f32_name() -> String {
+    ShardQuant::F32.to_string()
+}
+
+/// The format of the client's tables (rotated embedding and head) when the shards are
+/// quantized: 8 bits keep the head's rounding far below the shards' own.
+pub const CLIENT_TABLE_TYPE: GgmlType = GgmlType::Q8_0;
 
 /// The owner's secret: everything needed to generate with a deployment's shards.
 #[derive(Debug, Clone)]
@@ -245,15 +261,17 @@ impl ClientBundle {
 /// The client's computations on a device. Products with the key are folded once into the
 /// tables: `E' = E Q` and `W' = Q^T diag(gf) Wout`, so encoding is a row lookup and
 /// decoding costs what the plaintext head costs. With client layers, encoding runs them in
-/// plaintext on `E` and rotates their output by `Q` instead.
+/// plaintext on `E` and rotates their output by `Q` instead. With quantized shards both
+/// tables are quantized to [`CLIENT_TABLE_TYPE`] and the head runs on the CPU's kernels:
+/// in f32 the head alone would read more bytes per token than a 1B model's layers.
 #[derive(Debug, Clone)]
 pub struct ClientModel {
     embedding: TokenEmbedding,
     /// Plaintext layers `0..k`, their RoPE tables and `Q` (`[d, d]`).
     local: Option<LocalLayers>,
     norm: RmsNorm,
-    /// `[d, vocab]`.
-    head: Tensor<2>,
+    /// `x -> x W'`, `[d, vocab]`.
+    head: Linear,
     pub config: LlamaConfig,
 }
 
@@ -265,8 +283,19 @@ struct LocalLayers {
 }
 
 impl ClientModel {
-    /// Fold the key into the tables (on the CPU backend, in f32) and place them on `device`.
-    pub fn new(bundle: &ClientBundle, device: &Device) -> Self {
+    /// Fold the key into the tables (on the CPU backend, in f32) and place them on `device`;
+    /// quantized shards' bundles get quantized tables, multiplied with 8-bit activations.
+    pub fn new(bundle: &ClientBundle, device: &Device) -> Result<Self, ModelError> {
+        Self::with_precision(bundle, device, Precision::Fast)
+    }
+
+    /// [`ClientModel::new`] with the precision of the quantized head's products.
+    pub fn with_precision(
+        bundle: &ClientBundle,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
+        let quantized = bundle.meta.shard_dtype != ShardQuant::F32.as_str();
         let cfg = bundle.meta.config.clone();
         let cpu = Compute::cpu().device;
         let q = matrix_to_tensor(&to_f32(&bundle.key.q), &cpu);
@@ -287,13 +316,38 @@ impl ClientModel {
             };
             (e, Some(local))
         };
-        ClientModel {
-            embedding: TokenEmbedding::Dense(table.to_device(device)),
+        let (embedding, head) = if quantized {
+            let quantize = |t: Tensor<2>, what: &str| -> Result<QMatrix, ModelError> {
+                let [rows, cols] = t.dims();
+                QMatrix::quantize(CLIENT_TABLE_TYPE, rows, cols, &tensor_to_vec(t)?).map_err(|e| {
+                    ModelError::Shape(format!("cannot quantize the client's {what}: {e}"))
+                })
+            };
+            let table = quantize(table, "embedding table")?;
+            // `[vocab, d]`: one row per output, as the kernels take it
+            let head = quantize(head_rot.transpose(), "head")?;
+            (
+                TokenEmbedding::from_quantized(table, device),
+                Linear::quantized(vec![head], precision, device)?,
+            )
+        } else {
+            (
+                TokenEmbedding::Dense(table.to_device(device)),
+                Linear::Dense(head_rot.to_device(device)),
+            )
+        };
+        Ok(ClientModel {
+            embedding,
             local,
             norm: RmsNorm::from_gain(None, f64::from(cfg.rms_eps), device),
-            head: head_rot.to_device(device),
+            head,
             config: cfg,
-        }
+        })
+    }
+
+    /// Bytes of the client's tables (embedding and head).
+    pub fn table_bytes(&self) -> usize {
+        self.embedding.byte_len() + self.head.weight_bytes()
     }
 
     /// Layers the client runs itself before the first node.
@@ -328,6 +382,6 @@ impl ClientModel {
 
     /// The last stage's output `[n, d]` → logits `[n, vocab]`.
     pub fn decode(&self, hidden: Tensor<2>) -> Tensor<2> {
-        self.norm.forward(hidden).matmul(self.head.clone())
+        self.head.forward(self.norm.forward(hidden))
     }
 }

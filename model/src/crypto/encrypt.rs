@@ -2,13 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use super::client::{ClientBundle, ClientMeta, StageRecord, CLIENT_VERSION};
 use super::key::ModelKey;
 use super::key_io::KeyMeta;
 use super::shard::{quantize_layer, Shard, ShardLayers, ShardMeta, ShardQuant, SHARD_VERSION};
-use super::transform::{check_coverage, encrypt_layers, plan_stages};
+use super::transform::{check_coverage, encrypt_layer, plan_stages};
 use crate::container::Container;
-use crate::{ModelBundle, ModelError};
+use crate::source::PlainModel;
+use crate::{LayerWeights, ModelBundle, ModelError};
 
 /// The result of encrypting a model.
 #[derive(Debug, Clone)]
@@ -48,19 +51,21 @@ pub fn encrypt_model_split(
     )
 }
 
-/// [`encrypt_model_split`] with the shards' matrices stored as `quant`: each layer is
-/// transformed in f64, rounded once to f32, then re-quantized (a layer at a time, so the
-/// f32 copy of only one layer exists).
-pub fn encrypt_model_quant(
-    model: &ModelBundle,
+/// [`encrypt_model_split`] with the shards' matrices stored as `quant`. Layers are read one
+/// at a time in f32 (dequantized from a GGUF's blocks if need be), transformed in f64,
+/// rounded once to f32 and re-quantized; a stage's layers are transformed in parallel, so
+/// at most one f32 layer per thread exists beside the shards being built.
+pub fn encrypt_model_quant<'a>(
+    model: impl Into<PlainModel<'a>>,
     key: ModelKey,
     n_stages: usize,
     client_layers: usize,
     quant: ShardQuant,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
-    let w = &model.weights;
-    let config = &w.config;
+    let model = model.into();
+    let w = model.weights;
+    let config = w.config();
     key.check_fits(config)?;
     let fingerprint = key.fingerprint();
     if client_layers >= config.n_layers {
@@ -77,22 +82,22 @@ pub fn encrypt_model_quant(
     let mut shards = Vec::with_capacity(n_stages);
     let mut records = Vec::with_capacity(n_stages);
     let mut done = 0;
+    let total = config.n_layers - client_layers;
+    let encrypt = |l: usize| -> Result<LayerWeights, ModelError> {
+        Ok(encrypt_layer(&*w.layer(l)?, &key.layers[l], &key.q, config))
+    };
     for (stage, range) in ranges.into_iter().enumerate() {
-        let mut f32_layers = Vec::new();
-        let mut quant_layers = Vec::new();
-        for l in range.clone() {
-            for layer in encrypt_layers(&w.layers, l..l + 1, &key, config) {
-                match quant.ggml() {
-                    None => f32_layers.push(layer),
-                    Some(ty) => quant_layers.push(quantize_layer(&layer, l, config, ty)?),
-                }
-            }
-            done += 1;
-            progress(done, config.n_layers - client_layers);
-        }
-        let layers = match quant {
-            ShardQuant::F32 => ShardLayers::F32(f32_layers),
-            _ => ShardLayers::Quant(quant_layers),
+        let mut on_layers = |n: usize| {
+            done += n;
+            progress(done, total);
+        };
+        let layers = match quant.ggml() {
+            None => ShardLayers::F32(in_parallel(range.clone(), encrypt, &mut on_layers)?),
+            Some(ty) => ShardLayers::Quant(in_parallel(
+                range.clone(),
+                |l| quantize_layer(&encrypt(l)?, l, config, ty),
+                &mut on_layers,
+            )?),
         };
         let shard = Shard {
             meta: ShardMeta {
@@ -113,10 +118,13 @@ pub fn encrypt_model_quant(
         });
         shards.push(shard);
     }
+    let local_layers = (0..client_layers)
+        .map(|l| w.layer(l).map(std::borrow::Cow::into_owned))
+        .collect::<Result<_, _>>()?;
     let client = ClientBundle {
         meta: ClientMeta {
             version: CLIENT_VERSION,
-            model_name: model.name.clone(),
+            model_name: model.name.to_string(),
             config: config.clone(),
             key: KeyMeta {
                 version: key.version,
@@ -125,16 +133,35 @@ pub fn encrypt_model_quant(
                 fingerprint,
             },
             stages: records,
-            text: model.text.spec.clone(),
+            text: model.text.clone(),
             client_layers,
+            shard_dtype: quant.to_string(),
         },
         key,
-        embedding: w.embedding.clone(),
-        final_norm: w.final_norm.clone(),
-        output: w.output.clone(),
-        local_layers: w.layers[..client_layers].to_vec(),
+        embedding: w.embedding()?,
+        final_norm: w.final_norm(),
+        output: w.output()?,
+        local_layers,
     };
     Ok(Encrypted { client, shards })
+}
+
+/// `f` of every layer of `range`, as many at once as there are threads, in order;
+/// `on_layers(n)` after each batch of `n`.
+fn in_parallel<T: Send>(
+    range: std::ops::Range<usize>,
+    f: impl Fn(usize) -> Result<T, ModelError> + Sync,
+    on_layers: &mut dyn FnMut(usize),
+) -> Result<Vec<T>, ModelError> {
+    let batch = rayon::current_num_threads().max(1);
+    let mut out = Vec::with_capacity(range.len());
+    let layers: Vec<usize> = range.collect();
+    for chunk in layers.chunks(batch) {
+        let part: Vec<T> = chunk.par_iter().map(|&l| f(l)).collect::<Result<_, _>>()?;
+        out.extend(part);
+        on_layers(chunk.len());
+    }
+    Ok(out)
 }
 
 /// File names inside an output directory.

@@ -59,7 +59,7 @@ impl EncryptedLocal {
             .map(|s| StageRunner::with_precision(s, device, precision))
             .collect::<Result<_, _>>()?;
         let caches = stages.iter().map(|s| s.new_cache(context)).collect();
-        let client = ClientModel::new(bundle, device);
+        let client = ClientModel::with_precision(bundle, device, precision)?;
         Ok(EncryptedLocal {
             client_cache: client.new_cache(context),
             client,

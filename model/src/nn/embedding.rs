@@ -54,6 +54,14 @@ impl TokenEmbedding {
         }
     }
 
+    /// Bytes of the table.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            TokenEmbedding::Dense(w) => w.dims().iter().product::<usize>() * 4,
+            TokenEmbedding::Quant { table, .. } => table.byte_len(),
+        }
+    }
+
     /// `ids` → `[t, d]`.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor<2>, ModelError> {
         let vocab = self.vocab_size();
