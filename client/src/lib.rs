@@ -13,4 +13,6 @@ pub mod home;
 pub mod model_spec;
 pub mod net;
 pub mod peers;
+pub mod perplexity;
 pub mod remote;
+pub mod synth;

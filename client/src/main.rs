@@ -1,7 +1,9 @@
 //! `veil`: the Veil client. Fetches models, runs them locally, and (with a network)
 //! deploys encrypted shards and generates through them.
 
-use veil_client::{attack, bench, chat, deploy, encrypt, fetch, generate, peers};
+use veil_client::{
+    attack, bench, chat, deploy, encrypt, fetch, generate, peers, perplexity, synth,
+};
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -41,6 +43,9 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// Talk to a deployment interactively.
     Chat(chat::ChatArgs),
+    /// Perplexity of a model on a text (llama.cpp's definition) and, with --encrypted, of
+    /// its encrypted pipeline beside it, with their top-1 agreement.
+    Perplexity(perplexity::PerplexityArgs),
     /// Measure prompt and decode speed and peak memory on each backend.
     Bench(bench::BenchArgs),
     /// Attack what a node sees (recorded from real encrypted generations) and report how
@@ -61,6 +66,10 @@ enum ModelCommand {
         #[arg(default_value = "smollm2")]
         name: String,
     },
+    /// Write a random-weight GGUF of a real model's shape (Llama 3.2 1B/3B, Llama 3.1 8B,
+    /// SmolLM2) with SmolLM2's tokenizer: for speed and memory studies at sizes no package
+    /// ships. llama.cpp loads it too.
+    Synth(synth::SynthArgs),
 }
 
 fn init_logging() {
@@ -87,12 +96,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Model {
+            command: ModelCommand::Synth(args),
+        } => synth::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Encrypt(args) => encrypt::run(args),
         Command::Peers(args) => peers::run(args),
         Command::Deploy(args) => deploy::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
         Command::Attack { command } => attack::run(command),
         Command::BenchChild(args) => bench::run_child(args),
     }

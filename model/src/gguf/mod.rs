@@ -12,7 +12,7 @@ pub use error::GgufError;
 pub use reader::{GgufFile, TensorInfo};
 pub use value::MetaValue;
 pub use veil_kernels::GgmlType;
-pub use writer::GgufWriter;
+pub use writer::{GgufStream, GgufWriter, TensorSpec};
 
 #[cfg(test)]
 mod tests;

@@ -126,3 +126,56 @@ fn bad_magic_and_version() {
         Err(GgufError::UnsupportedVersion(9))
     ));
 }
+
+#[test]
+fn a_streamed_file_equals_the_in_memory_one_in_any_pieces() {
+    let meta = vec![
+        (
+            "general.architecture".to_string(),
+            MetaValue::String("llama".into()),
+        ),
+        ("llama.block_count".to_string(), MetaValue::U32(2)),
+    ];
+    let tensors: Vec<(&str, Vec<usize>, Vec<u8>)> = vec![
+        ("a", vec![32], (0..22u8).collect()),
+        ("b", vec![3, 2], (0..24u8).collect()),
+    ];
+    let mut w = GgufWriter::new();
+    for (k, v) in &meta {
+        w.meta(k, v.clone());
+    }
+    w.tensor_raw("a", &[32], 6, tensors[0].2.clone())
+        .tensor_raw("b", &[3, 2], 0, tensors[1].2.clone());
+    let whole = w.to_bytes();
+    let specs = |t: &[(&str, Vec<usize>, Vec<u8>)]| -> Vec<TensorSpec> {
+        t.iter()
+            .zip([6u32, 0])
+            .map(|((n, d, b), ty)| TensorSpec {
+                name: n.to_string(),
+                dims: d.clone(),
+                ggml_type: ty,
+                n_bytes: b.len(),
+            })
+            .collect()
+    };
+    let mut s = GgufStream::start(Vec::new(), &meta, specs(&tensors)).expect("start");
+    // pieces that end inside a tensor and at a tensor's end
+    let data: Vec<u8> = tensors.iter().flat_map(|t| t.2.clone()).collect();
+    for piece in [&data[..5], &data[5..22], &data[22..30], &data[30..]] {
+        s.write(piece).expect("write");
+    }
+    let (bytes, len) = s.finish().expect("finish");
+    assert_eq!(len as usize, bytes.len());
+    // the stream pads after its last tensor too
+    assert_eq!(&bytes[..whole.len()], &whole[..]);
+    assert!(bytes[whole.len()..].iter().all(|&b| b == 0));
+    let f = GgufFile::from_bytes(bytes).expect("parse");
+    assert_eq!(f.tensor_f32("b").expect("b").0, vec![3, 2]);
+
+    // too many bytes, or too few, are errors
+    let mut s = GgufStream::start(Vec::new(), &meta, specs(&tensors)).expect("start");
+    assert!(s.write(&[0u8; 23]).is_err());
+    s.write(&[0u8; 22]).expect("a");
+    let err = s.finish().expect_err("b missing");
+    assert!(err.to_string().contains("tensor b"), "{err}");
+}

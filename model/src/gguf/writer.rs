@@ -1,4 +1,7 @@
-//! A minimal GGUF v3 writer: used to build test fixtures (tiny models, corrupt files).
+//! GGUF v3 writers: [`GgufWriter`] builds a small file in memory (test fixtures, the tiny
+//! model); [`GgufStream`] writes a large one tensor by tensor without holding it.
+
+use std::io::{self, Write};
 
 use super::MetaValue;
 
@@ -90,34 +93,144 @@ impl GgufWriter {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((self.tensors.len() as u64).to_le_bytes());
-        out.extend((self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            put_string(&mut out, k);
-            out.extend(type_id(v).to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let mut offset = 0usize;
-        let mut offsets = Vec::new();
-        for (name, dims, ty, bytes) in &self.tensors {
-            put_string(&mut out, name);
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend((*d as u64).to_le_bytes());
-            }
-            out.extend(ty.to_le_bytes());
-            out.extend((offset as u64).to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + bytes.len()).div_ceil(ALIGNMENT) * ALIGNMENT;
-        }
-        out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
-        let data_start = out.len();
-        for ((_, _, _, bytes), off) in self.tensors.iter().zip(offsets) {
-            out.resize(data_start + off, 0);
+        let specs: Vec<TensorSpec> = self
+            .tensors
+            .iter()
+            .map(|(name, dims, ty, bytes)| TensorSpec {
+                name: name.clone(),
+                dims: dims.clone(),
+                ggml_type: *ty,
+                n_bytes: bytes.len(),
+            })
+            .collect();
+        let mut out = header(&self.metadata, &specs);
+        // padding between tensors, none after the last (tests cut the file at its end)
+        for (_, _, _, bytes) in &self.tensors {
+            out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
             out.extend(bytes);
         }
         out
+    }
+}
+
+/// A tensor's entry in a GGUF header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    /// GGUF order (fastest-varying first).
+    pub dims: Vec<usize>,
+    /// GGML type id.
+    pub ggml_type: u32,
+    /// Length of the tensor's data.
+    pub n_bytes: usize,
+}
+
+/// Magic, counts, metadata and tensor directory, padded to where the data starts. Tensors
+/// follow in the order given, each padded to [`ALIGNMENT`].
+fn header(metadata: &[(String, MetaValue)], tensors: &[TensorSpec]) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        put_string(&mut out, k);
+        out.extend(type_id(v).to_le_bytes());
+        put_value(&mut out, v);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        put_string(&mut out, &t.name);
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(t.ggml_type.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset = (offset + t.n_bytes).div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    out
+}
+
+/// Writes a GGUF file whose tensor directory is known up front, the tensors' data then
+/// following in pieces of any size: a file far larger than memory.
+#[derive(Debug)]
+pub struct GgufStream<W: Write> {
+    out: W,
+    tensors: Vec<TensorSpec>,
+    /// The tensor being written and how many of its bytes are written.
+    current: usize,
+    written: usize,
+    total: u64,
+}
+
+impl<W: Write> GgufStream<W> {
+    /// Write the header of a file with `metadata` and `tensors`.
+    pub fn start(
+        mut out: W,
+        metadata: &[(String, MetaValue)],
+        tensors: Vec<TensorSpec>,
+    ) -> io::Result<Self> {
+        let head = header(metadata, &tensors);
+        out.write_all(&head)?;
+        Ok(GgufStream {
+            out,
+            tensors,
+            current: 0,
+            written: 0,
+            total: head.len() as u64,
+        })
+    }
+
+    /// The next bytes of the tensors' data, in directory order; a piece may end one tensor
+    /// and not start the next.
+    ///
+    /// # Errors
+    /// `InvalidInput` if the piece runs past the current tensor's length.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(t) = self.tensors.get(self.current) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "every tensor is already written",
+            ));
+        };
+        if self.written + bytes.len() > t.n_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "tensor {} holds {} bytes, not {}",
+                    t.name,
+                    t.n_bytes,
+                    self.written + bytes.len()
+                ),
+            ));
+        }
+        self.out.write_all(bytes)?;
+        self.written += bytes.len();
+        self.total += bytes.len() as u64;
+        if self.written == t.n_bytes {
+            let pad = t.n_bytes.div_ceil(ALIGNMENT) * ALIGNMENT - t.n_bytes;
+            self.out.write_all(&[0u8; ALIGNMENT][..pad])?;
+            self.total += pad as u64;
+            self.current += 1;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Check that every tensor was written in full, flush, and return the writer and the
+    /// file's length.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        if let Some(t) = self.tensors.get(self.current) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "tensor {} has {} of its {} bytes",
+                    t.name, self.written, t.n_bytes
+                ),
+            ));
+        }
+        self.out.flush()?;
+        Ok((self.out, self.total))
     }
 }
