@@ -87,16 +87,19 @@ fn encrypted_greedy_decoding_equals_plaintext() {
     for (quant, precision, floor) in [
         (ShardQuant::Q8_0, Precision::Exact, 0.95),
         (ShardQuant::Q8_0, Precision::Fast, 0.94),
-        // measured 0.55: re-quantizing a Q4_1 model to 4 bits after the key's per-channel
-        // scales have widened each block's range loses much; a guard, not a target
-        (ShardQuant::Q4_0, Precision::Fast, 0.45),
+        // measured 0.65 (0.55 with attn_output and ffn_down at 4 bits too): re-quantizing a
+        // Q4_1 model to 4 bits loses much; a guard, not a target
+        (ShardQuant::Q4_0, Precision::Fast, 0.55),
     ] {
         let shards: Vec<_> = e
             .shards
             .iter()
             .map(|s| s.requantized(quant).expect("requantize"))
             .collect();
-        let mut q = EncryptedLocal::with_precision(&e.client, &shards, &device, context, precision)
+        // the client as `veil encrypt --quant` writes it: its tables quantized too
+        let mut client = e.client.clone();
+        client.meta.shard_dtype = quant.to_string();
+        let mut q = EncryptedLocal::with_precision(&client, &shards, &device, context, precision)
             .expect("pipeline");
         let (mut same, mut total, mut widest) = (0usize, 0usize, 0.0f32);
         for (s, want) in sequences.iter().zip(&reference) {
