@@ -69,6 +69,23 @@ pub enum Event {
     PeerDisconnected(PeerId),
 }
 
+impl Event {
+    /// What kind of event this is, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::InboundInfer { .. } => "an inference request",
+            Event::InboundUpload { .. } => "an upload request",
+            Event::InboundDirectory { .. } => "a directory request",
+            Event::Ad { .. } => "an ad",
+            Event::PeerConnected(_) => "a peer connection",
+            Event::PeerDisconnected(_) => "a peer disconnection",
+        }
+    }
+}
+
+/// Events the application may leave unread before new ones are dropped.
+pub const EVENT_QUEUE: usize = 256;
+
 type Reply<T> = oneshot::Sender<Result<T, ProtocolError>>;
 
 enum Command {
@@ -250,7 +267,7 @@ pub fn new(
         .subscribe(&gossipsub::IdentTopic::new(ADS_TOPIC))
         .map_err(|e| net(e.to_string()))?;
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    let (ev_tx, ev_rx) = mpsc::channel(256);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let handle = Network {
         commands: cmd_tx,
         local_peer_id: *swarm.local_peer_id(),
@@ -375,9 +392,23 @@ impl EventLoop {
         }
     }
 
-    async fn emit(&mut self, event: Event) {
-        // The application went away: nothing left to deliver to.
-        let _ = self.events.send(event).await;
+    /// Hand `event` to the application without waiting: the swarm must keep running (and
+    /// this process's own requests keep being answered) while the application is busy, e.g.
+    /// encrypting a model for minutes while ads keep arriving by gossip. When the application
+    /// has [`EVENT_QUEUE`] events unread, new ones are dropped: ads and peer notices come
+    /// again, and a dropped inbound request's peer gets an error instead of an answer.
+    fn emit(&mut self, event: Event) {
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            // The application went away: nothing left to deliver to.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                tracing::debug!(
+                    "the application has {EVENT_QUEUE} events unread; dropping {}",
+                    event.kind()
+                );
+            }
+        }
     }
 
     async fn on_swarm_event(&mut self, event: SwarmEvent<VeilBehaviourEvent>) {
@@ -398,7 +429,7 @@ impl EventLoop {
                     self.swarm.add_peer_address(peer_id, address.clone());
                 }
                 tracing::debug!("connected to {peer_id}");
-                self.emit(Event::PeerConnected(peer_id)).await;
+                self.emit(Event::PeerConnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -417,7 +448,7 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!("disconnected from {peer_id}");
-                self.emit(Event::PeerDisconnected(peer_id)).await;
+                self.emit(Event::PeerDisconnected(peer_id));
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await,
             _ => {}
@@ -438,7 +469,7 @@ impl EventLoop {
             }
             VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 match SignedAd::from_bytes(&message.data) {
-                    Ok(ad) => self.emit(Event::Ad { ad }).await,
+                    Ok(ad) => self.emit(Event::Ad { ad }),
                     Err(e) => tracing::debug!("undecodable ad from {:?}: {e}", message.source),
                 }
             }
@@ -451,8 +482,7 @@ impl EventLoop {
                             peer,
                             request,
                             channel,
-                        })
-                        .await;
+                        });
                     }
                     request_response::Message::Response {
                         request_id,
@@ -487,8 +517,7 @@ impl EventLoop {
                             peer,
                             request,
                             channel,
-                        })
-                        .await;
+                        });
                     }
                     request_response::Message::Response {
                         request_id,
@@ -517,7 +546,7 @@ impl EventLoop {
             VeilBehaviourEvent::Directory(e) => match e {
                 request_response::Event::Message { peer, message, .. } => match message {
                     request_response::Message::Request { channel, .. } => {
-                        self.emit(Event::InboundDirectory { peer, channel }).await;
+                        self.emit(Event::InboundDirectory { peer, channel });
                     }
                     request_response::Message::Response {
                         request_id,
@@ -567,4 +596,33 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     parts.retain(|p| !p.is_empty());
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An application busy for minutes (encrypting a model while ads keep arriving) must
+    /// not stall the swarm: handing it events never waits, and its own calls are answered.
+    #[tokio::test]
+    async fn a_full_event_queue_drops_events_instead_of_stalling_the_swarm() {
+        let (network, mut events, mut event_loop) =
+            new(&Identity::generate(), &NetConfig::default()).expect("network");
+        let peer = PeerId::random();
+        for _ in 0..EVENT_QUEUE + 100 {
+            event_loop.emit(Event::PeerConnected(peer));
+        }
+        tokio::spawn(event_loop.run());
+        let peers = tokio::time::timeout(Duration::from_secs(10), network.connected_peers())
+            .await
+            .expect("the event loop answers with its event queue full")
+            .expect("peers");
+        assert!(peers.is_empty());
+        let mut queued = 0;
+        while let Ok(e) = events.try_recv() {
+            assert!(matches!(e, Event::PeerConnected(p) if p == peer));
+            queued += 1;
+        }
+        assert_eq!(queued, EVENT_QUEUE);
+    }
 }
