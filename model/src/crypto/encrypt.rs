@@ -157,8 +157,11 @@ fn in_parallel<T: Send>(
     let mut out = Vec::with_capacity(range.len());
     let layers: Vec<usize> = range.collect();
     for chunk in layers.chunks(batch) {
-        let part: Vec<T> = chunk.par_iter().map(|&l| f(l)).collect::<Result<_, _>>()?;
-        out.extend(part);
+        let part: Vec<Result<T, ModelError>> = chunk.par_iter().map(|&l| f(l)).collect();
+        // the first failing layer's error, whichever thread failed first
+        for r in part {
+            out.push(r?);
+        }
         on_layers(chunk.len());
     }
     Ok(out)
