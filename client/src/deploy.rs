@@ -184,15 +184,9 @@ fn upload_all(
         .iter()
         .map(|(s, ..)| std::fs::metadata(shard_path(dir, *s)).map_or(0, |m| m.len()))
         .sum();
-    let bar = indicatif::ProgressBar::with_draw_target(
+    let bar = crate::progress::bar(
         Some(total),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        "uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
     );
     let bar = Arc::new(bar);
     let mut files: HashMap<usize, Arc<Vec<u8>>> = HashMap::new();

@@ -70,16 +70,11 @@ pub fn encrypt_with_progress<'a>(
         None => ChaCha20Rng::from_entropy(),
     };
     let key = ModelKey::generate(shape, KeyOptions::default(), &mut rng);
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(n_layers as u64),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers ({elapsed})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = crate::progress::bar(
+        Some(n_layers.saturating_sub(client_layers) as u64),
+        "{msg} [{bar:30}] {pos}/{len} layers ({elapsed})",
     );
     bar.set_message("encrypting");
-    bar.set_length((n_layers.saturating_sub(client_layers)) as u64);
     let e = encrypt_model_quant(model, key, stages, client_layers, quant, &mut |done, _| {
         bar.set_position(done as u64)
     })?;

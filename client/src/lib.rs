@@ -14,5 +14,6 @@ pub mod model_spec;
 pub mod net;
 pub mod peers;
 pub mod perplexity;
+pub mod progress;
 pub mod remote;
 pub mod synth;

@@ -85,7 +85,10 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
             plain.config().max_seq_len
         );
     }
-    let bar = progress_bar();
+    let bar = crate::progress::bar(
+        None,
+        "{msg} [{bar:30}] {pos}/{len} chunks ({elapsed}, {eta} left)",
+    );
     let mut on_chunk = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -170,16 +173,4 @@ struct Json<'a> {
     /// With --encrypted, `model` is the encrypted pipeline and `reference` the plaintext.
     #[serde(flatten)]
     report: &'a PerplexityReport,
-}
-
-fn progress_bar() -> indicatif::ProgressBar {
-    let bar =
-        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} chunks ({elapsed}, {eta} left)",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
 }

@@ -68,13 +68,9 @@ pub fn run(args: SynthArgs) -> Result<()> {
         layers: args.layers,
         seed: args.seed,
     };
-    let bar =
-        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "writing {msg} [{bar:30}] {bytes}/{total_bytes} ({elapsed}, {eta} left)",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = crate::progress::bar(
+        None,
+        "writing {msg} [{bar:30}] {bytes}/{total_bytes} ({elapsed}, {eta} left)",
     );
     bar.set_message(format!("{} {}", args.shape, args.quant));
     let tmp = partial_path(&args.out);
