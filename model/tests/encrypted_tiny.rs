@@ -375,7 +375,22 @@ fn quantized_shards_are_smaller_round_trip_and_stay_close_to_plaintext() {
         let dir = tempfile::tempdir().expect("tmp");
         direct.write(dir.path()).expect("write");
         let back = Encrypted::read(dir.path()).expect("read");
-        assert!(matches!(back.shards[0].layers, ShardLayers::Quant(_)));
+        let ShardLayers::Quant(layers) = &back.shards[0].layers else {
+            panic!("{quant}: read back in f32");
+        };
+        // 4-bit shards keep the matrices whose inputs the key scales in Q8_0
+        let ty = quant.ggml().expect("quantized");
+        let wide = if quant == ShardQuant::Q8_0 {
+            ty
+        } else {
+            veil_model::gguf::GgmlType::Q8_0
+        };
+        for l in layers {
+            assert_eq!(l.wq.ggml_type(), ty);
+            assert_eq!(l.w_gate.ggml_type(), ty);
+            assert_eq!(l.wo.ggml_type(), wide, "{quant}");
+            assert_eq!(l.w_down.ggml_type(), wide, "{quant}");
+        }
         assert_eq!(back.shards[0].meta.dtype, quant.to_string());
         // the client's tables are quantized with the shards (f32 ones for f32 shards)
         assert_eq!(back.client.meta.shard_dtype, quant.to_string());
