@@ -158,7 +158,7 @@ impl ContainerWriter {
         let dtype = DType::from_ggml(m.ggml_type()).ok_or_else(|| {
             ModelError::Format(format!("`{name}`: {} cannot be stored", m.ggml_type()))
         })?;
-        self.push(name, dtype, &[m.rows(), m.cols()], m.bytes());
+        self.push(name, dtype, &[m.rows(), m.cols()], &m.bytes());
         Ok(())
     }
 
@@ -232,6 +232,8 @@ pub struct Container {
     header: Header,
     /// The data section, shared with the quantized matrices read from it.
     data: Bytes,
+    /// The matrices whose rows were interleaved in memory at load ([`veil_kernels::pack`]).
+    packed: std::collections::HashSet<String>,
 }
 
 fn bad(msg: impl Into<String>) -> ModelError {
@@ -253,7 +255,11 @@ impl Container {
     }
 
     /// [`Container::from_bytes`] without a copy: the data section stays in `bytes`.
-    pub fn from_vec(bytes: Vec<u8>) -> Result<Self, ModelError> {
+    ///
+    /// Quantized matrices whose format has an interleaved layout are interleaved in place
+    /// once the hash is checked (the kernels read them faster so; [`Container::matrix`]
+    /// hides it).
+    pub fn from_vec(mut bytes: Vec<u8>) -> Result<Self, ModelError> {
         if bytes.len() < 20 || &bytes[..8] != MAGIC {
             return Err(bad("not a Veil file (bad magic bytes)"));
         }
@@ -299,9 +305,21 @@ impl Container {
                 return Err(bad(format!("tensor `{name}` lies outside the data")));
             }
         }
+        let mut packed = std::collections::HashSet::new();
+        for (name, t) in &header.tensors {
+            if let (Some(ty), &[rows, _]) = (t.dtype.ggml(), &t.shape[..]) {
+                if veil_kernels::pack::packable(ty, rows) {
+                    let n = t.n_bytes().unwrap_or(0);
+                    let at = start + t.offset;
+                    veil_kernels::pack::pack_in_place(ty, rows, &mut bytes[at..at + n]);
+                    packed.insert(name.clone());
+                }
+            }
+        }
         Ok(Container {
             header,
             data: Bytes::from_vec(bytes).slice(start, data_len),
+            packed,
         })
     }
 
@@ -358,8 +376,13 @@ impl Container {
             )));
         }
         let n = t.n_bytes().unwrap_or(0);
-        QMatrix::new(ty, rows, cols, self.data.slice(t.offset, n))
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))
+        let data = self.data.slice(t.offset, n);
+        if self.packed.contains(name) {
+            QMatrix::new_packed(ty, rows, cols, data)
+        } else {
+            QMatrix::new(ty, rows, cols, data)
+        }
+        .map_err(|e| bad(format!("tensor `{name}`: {e}")))
     }
 
     pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {

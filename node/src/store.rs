@@ -160,7 +160,7 @@ impl ShardStore {
 
     fn verify(&self, id: &ShardId, path: &Path) -> Result<(), StoreError> {
         let bytes = std::fs::read(path).map_err(io)?;
-        let c = Container::from_bytes(&bytes).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let c = Container::from_vec(bytes).map_err(|e| StoreError::Invalid(e.to_string()))?;
         if c.data_sha256() != hex::encode(id) {
             return Err(StoreError::Invalid(format!(
                 "content hash {} is not the announced {}",

@@ -82,14 +82,23 @@ fn main() {
             {
                 continue;
             }
-            let w = random_matrix(ty, rows, cols, 7);
+            let plain = random_matrix(ty, rows, cols, 7);
+            let packed = plain.clone().pack();
+            let layouts: Vec<(&str, &QMatrix)> = if packed.is_packed() {
+                vec![("rows", &plain), ("packed", &packed)]
+            } else {
+                vec![("rows", &plain)]
+            };
             let x1: Vec<f32> = (0..cols)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                 .collect();
             let x64: Vec<f32> = (0..64 * cols)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                 .collect();
-            for isa in Isa::available() {
+            for (isa, (layout, w)) in Isa::available()
+                .into_iter()
+                .flat_map(|isa| layouts.iter().map(move |l| (isa, *l)))
+            {
                 let mut out = vec![0.0; rows];
                 let t1 = time(
                     || w.matmul_with(isa, &x1, 1, &mut out, Precision::Fast),
@@ -101,7 +110,7 @@ fn main() {
                     0.3,
                 );
                 println!(
-                    "| {name} | {ty} | {isa} | {:.1} | {:.1} |",
+                    "| {name} | {ty} {layout} | {isa} | {:.1} | {:.1} |",
                     w.byte_len() as f64 / t1 / 1e9,
                     (64 * rows * cols) as f64 / t64 / 1e9
                 );

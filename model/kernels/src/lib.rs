@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod dot;
 pub mod format;
 pub mod matmul;
+pub mod pack;
 
 pub use cpu::Isa;
 pub use format::{GgmlType, QuantizeError};

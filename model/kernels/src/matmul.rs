@@ -1,13 +1,16 @@
 //! Quantized weight matrices and their products with f32 activations, on every core.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::act::{Q8Acts, Q8KActs};
 use crate::cpu::Isa;
+use crate::dot::packed::PackedDot;
 use crate::dot::{self, ActFormat, RowDot};
 use crate::format::GgmlType;
+use crate::pack::{self, GROUP};
 
 /// Bytes shared by many matrices: a whole file's tensor data (owned or memory-mapped) and
 /// a range of it.
@@ -87,6 +90,8 @@ pub enum MatrixError {
         cols: usize,
         block: usize,
     },
+    #[error("{rows} rows of {ty} cannot be interleaved in groups of {GROUP}")]
+    NotPackable { ty: GgmlType, rows: usize },
     #[error("{rows} rows of {cols} {ty} values take {want} bytes, not {got}")]
     Size {
         ty: GgmlType,
@@ -97,8 +102,9 @@ pub enum MatrixError {
     },
 }
 
-/// A weight matrix of `rows` outputs by `cols` inputs in a GGML format, row by row (the
-/// layout of a GGUF tensor with dimensions `[cols, rows]`).
+/// A weight matrix of `rows` outputs by `cols` inputs in a GGML format: row by row (the
+/// layout of a GGUF tensor with dimensions `[cols, rows]`), or with its rows interleaved
+/// in groups of eight ([`crate::pack`]), the layout the fastest kernels read.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     ty: GgmlType,
@@ -106,6 +112,7 @@ pub struct QMatrix {
     cols: usize,
     row_bytes: usize,
     data: Bytes,
+    packed: bool,
 }
 
 /// Rows per task: enough work to pay for the hand-off, and several tasks per core.
@@ -136,7 +143,44 @@ impl QMatrix {
             cols,
             row_bytes,
             data,
+            packed: false,
         })
+    }
+
+    /// A matrix whose `data` is already interleaved ([`pack::pack_in_place`]).
+    pub fn new_packed(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: Bytes,
+    ) -> Result<Self, MatrixError> {
+        if !pack::packable(ty, rows) {
+            return Err(MatrixError::NotPackable { ty, rows });
+        }
+        Ok(QMatrix {
+            packed: true,
+            ..QMatrix::new(ty, rows, cols, data)?
+        })
+    }
+
+    /// This matrix with its rows interleaved, if its format and row count allow it (a copy
+    /// of the bytes); otherwise unchanged.
+    pub fn pack(self) -> QMatrix {
+        if self.packed || !pack::packable(self.ty, self.rows) {
+            return self;
+        }
+        let mut bytes = self.data.as_slice().to_vec();
+        pack::pack_in_place(self.ty, self.rows, &mut bytes);
+        QMatrix {
+            data: Bytes::from_vec(bytes),
+            packed: true,
+            ..self
+        }
+    }
+
+    /// Whether the rows are interleaved in groups of eight.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Quantize `data` (`rows` rows of `cols` values) to `ty`, row by row.
@@ -155,9 +199,16 @@ impl QMatrix {
         Ok(m.expect("whole blocks of a readable type"))
     }
 
-    /// The blocks, row by row.
-    pub fn bytes(&self) -> &[u8] {
-        self.data.as_slice()
+    /// The blocks, row by row (GGML's layout: a copy if the rows are interleaved).
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        if !self.packed {
+            return Cow::Borrowed(self.data.as_slice());
+        }
+        let mut out = vec![0u8; self.data.len()];
+        for (r, o) in out.chunks_exact_mut(self.row_bytes).enumerate() {
+            self.copy_row(r, o);
+        }
+        Cow::Owned(out)
     }
 
     pub fn ggml_type(&self) -> GgmlType {
@@ -177,15 +228,37 @@ impl QMatrix {
         self.data.len()
     }
 
-    pub fn row(&self, r: usize) -> &[u8] {
-        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    /// Row `r`'s blocks in GGML's layout.
+    pub fn row(&self, r: usize) -> Cow<'_, [u8]> {
+        if !self.packed {
+            return Cow::Borrowed(
+                &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes],
+            );
+        }
+        let mut out = vec![0u8; self.row_bytes];
+        self.copy_row(r, &mut out);
+        Cow::Owned(out)
+    }
+
+    /// Row `r`'s blocks in GGML's layout, into `out` (`row_bytes` long).
+    fn copy_row(&self, r: usize, out: &mut [u8]) {
+        if !self.packed {
+            out.copy_from_slice(
+                &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes],
+            );
+            return;
+        }
+        let g = r / GROUP;
+        let group =
+            &self.data.as_slice()[g * GROUP * self.row_bytes..(g + 1) * GROUP * self.row_bytes];
+        pack::unpack_row(self.ty, group, r % GROUP, out);
     }
 
     /// The whole matrix in f32, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
         for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
-            dot::dequantize_row(self.ty, self.row(r), o);
+            dot::dequantize_row(self.ty, &self.row(r), o);
         }
         out
     }
@@ -262,7 +335,12 @@ pub fn matmul_fused_with(
     let kernels: Vec<Option<RowDot>> = parts
         .iter()
         .zip(&formats)
-        .map(|(p, f)| (*f != ActFormat::F32).then(|| RowDot::new(isa, p.ty)))
+        .map(|(p, f)| (*f != ActFormat::F32 && !p.packed).then(|| RowDot::new(isa, p.ty)))
+        .collect();
+    let packed: Vec<Option<PackedDot>> = parts
+        .iter()
+        .zip(&formats)
+        .map(|(p, f)| (*f == ActFormat::Q8 && p.packed).then(|| PackedDot::new(isa, p.ty)))
         .collect();
     // rows g0..g1 of the matrices side by side into out ([g1 - g0, m]), part by part
     let rows = |g0: usize, g1: usize, out: &mut [f32]| {
@@ -274,13 +352,27 @@ pub fn matmul_fused_with(
             let w = &part.data.as_slice()[r0 * part.row_bytes..r1 * part.row_bytes];
             let o = &mut out[(g - g0) * m..(g - g0 + r1 - r0) * m];
             match (&kernels[k], &q8, &q8k) {
+                _ if part.packed => match (&packed[k], &q8) {
+                    (Some(kernel), Some(a)) => packed_rows(part, kernel, r0, r1, a, o),
+                    _ => ROW.with_borrow_mut(|(buf, bytes)| {
+                        buf.resize(cols, 0.0);
+                        bytes.resize(part.row_bytes, 0);
+                        for (r, col) in (r0..r1).zip(o.chunks_exact_mut(m)) {
+                            part.copy_row(r, bytes);
+                            dot::dequantize_row(part.ty, bytes, buf);
+                            for (i, v) in col.iter_mut().enumerate() {
+                                *v = dot::dot_f32(isa, buf, &x[i * cols..(i + 1) * cols]);
+                            }
+                        }
+                    }),
+                },
                 (Some(kernel), Some(a), _) if formats[k] == ActFormat::Q8 => {
                     kernel.q8_block(w, part.row_bytes, a, o)
                 }
                 (Some(kernel), _, Some(a)) if formats[k] == ActFormat::Q8K => {
                     kernel.q8k_block(w, part.row_bytes, a, o)
                 }
-                _ => ROW.with_borrow_mut(|buf| {
+                _ => ROW.with_borrow_mut(|(buf, _)| {
                     buf.resize(cols, 0.0);
                     for (wr, col) in w.chunks_exact(part.row_bytes).zip(o.chunks_exact_mut(m)) {
                         dot::dequantize_row(part.ty, wr, buf);
@@ -308,8 +400,33 @@ pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 thread_local! {
-    /// A dequantized weight row (the exact path), one per thread.
-    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A dequantized weight row (the exact path) and its blocks, one per thread.
+    static ROW: std::cell::RefCell<(Vec<f32>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Rows `r0..r1` of the packed matrix `part` against `a`, into `out` (`[r1 - r0, m]`): whole
+/// groups straight into `out`, a group cut by the range through a scratch buffer.
+fn packed_rows(
+    part: &QMatrix,
+    kernel: &PackedDot,
+    r0: usize,
+    r1: usize,
+    a: &Q8Acts,
+    out: &mut [f32],
+) {
+    let m = a.rows;
+    let (g0, g1) = (r0 / GROUP, r1.div_ceil(GROUP));
+    let group_bytes = GROUP * part.row_bytes;
+    let w = &part.data.as_slice()[g0 * group_bytes..g1 * group_bytes];
+    if r0.is_multiple_of(GROUP) && r1.is_multiple_of(GROUP) {
+        kernel.block(w, a, out);
+        return;
+    }
+    let mut all = vec![0.0; (g1 - g0) * GROUP * m];
+    kernel.block(w, a, &mut all);
+    let skip = (r0 - g0 * GROUP) * m;
+    out.copy_from_slice(&all[skip..skip + (r1 - r0) * m]);
 }
 
 /// Run `f(r0, r1, block)` over the weight rows `0..rows` in parallel chunks, where `block`
@@ -317,7 +434,11 @@ thread_local! {
 /// at `block[(r - r0) * m + i]`), then lay them out as `out` (`[m, rows]`).
 fn for_rows(rows: usize, m: usize, out: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
     let threads = rayon::current_num_threads().max(1);
-    let per_task = (rows / (4 * threads)).max(MIN_ROWS_PER_TASK).min(rows);
+    // whole groups of interleaved rows per task where the matrices allow it
+    let per_task = (rows / (4 * threads))
+        .max(MIN_ROWS_PER_TASK)
+        .next_multiple_of(GROUP)
+        .min(rows);
     if m == 1 {
         out.par_chunks_mut(per_task)
             .enumerate()
@@ -334,11 +455,13 @@ fn for_rows(rows: usize, m: usize, out: &mut [f32], f: impl Fn(usize, usize, &mu
             block
         })
         .collect();
+    // activation row by activation row: contiguous writes, reads from a block in cache
     for (t, block) in blocks.iter().enumerate() {
         let r0 = t * per_task;
-        for (k, col) in block.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * rows + r0 + k] = *v;
+        let n = block.len() / m;
+        for (i, o) in out.chunks_exact_mut(rows).enumerate() {
+            for (k, v) in o[r0..r0 + n].iter_mut().enumerate() {
+                *v = block[k * m + i];
             }
         }
     }
@@ -480,6 +603,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Interleaved matrices read back as their rows and multiply like them, alone or
+    /// fused behind a matrix whose rows do not fill whole groups (so tasks cut groups).
+    #[test]
+    fn packed_matrices_read_and_multiply_as_their_rows() {
+        let (cols, m) = (256, 5);
+        let mut rng = Rng::new(13);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let odd = QMatrix::new(
+                GgmlType::Q8_0,
+                12,
+                cols,
+                Bytes::from_vec(random_rows(GgmlType::Q8_0, 12, cols, &mut rng)),
+            )
+            .expect("matrix");
+            let plain = QMatrix::new(
+                ty,
+                48,
+                cols,
+                Bytes::from_vec(random_rows(ty, 48, cols, &mut rng)),
+            )
+            .expect("matrix");
+            let packed = plain.clone().pack();
+            assert!(packed.is_packed() && !plain.is_packed());
+            assert_eq!(packed.bytes(), plain.bytes(), "{ty}");
+            assert_eq!(packed.row(13), plain.row(13), "{ty}");
+            assert_eq!(packed.dequantize(), plain.dequantize(), "{ty}");
+            assert!(
+                !odd.clone().pack().is_packed(),
+                "12 rows are not whole groups"
+            );
+            for precision in [Precision::Fast, Precision::Exact] {
+                for isa in Isa::available() {
+                    let mut want = vec![0.0; m * 60];
+                    matmul_fused_with(isa, &[&odd, &plain], &x, m, &mut want, precision);
+                    let mut got = vec![0.0; m * 60];
+                    matmul_fused_with(isa, &[&odd, &packed], &x, m, &mut got, precision);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{ty} {isa} {precision:?}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+        let e = QMatrix::new_packed(GgmlType::Q4_K, 8, 256, Bytes::from_vec(vec![0; 8 * 144]))
+            .expect_err("no packed Q4_K");
+        assert!(e.to_string().contains("interleaved"), "{e}");
     }
 
     #[test]

@@ -38,6 +38,28 @@ pub struct GgufFile {
     /// The whole file; quantized matrices share it (see [`GgufFile::tensor_matrix`]).
     bytes: Bytes,
     data_start: usize,
+    /// Per tensor: whether its rows were interleaved in memory at load
+    /// ([`veil_kernels::pack`]).
+    packed: Vec<bool>,
+}
+
+/// What parsing finds before the bytes are shared.
+struct Parsed {
+    version: u32,
+    metadata: BTreeMap<String, MetaValue>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    data_start: usize,
+}
+
+impl Parsed {
+    fn check_range(
+        &self,
+        t: &TensorInfo,
+        file_len: usize,
+    ) -> Result<Option<std::ops::Range<usize>>, GgufError> {
+        range_of(t, self.data_start, file_len)
+    }
 }
 
 struct Cursor<'a> {
@@ -140,17 +162,51 @@ impl GgufFile {
         Self::from_bytes(bytes)
     }
 
-    /// Parse a GGUF file already in memory.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
-        Self::from_shared(Bytes::from_vec(bytes))
+    /// Parse a GGUF file already in memory. Its quantized matrices whose format has an
+    /// interleaved layout are interleaved in place (the kernels read them faster so; the
+    /// accessors hide it), so the bytes are not the file's any more.
+    pub fn from_bytes(mut bytes: Vec<u8>) -> Result<Self, GgufError> {
+        let parsed = Self::from_slice(&bytes)?;
+        let mut packed = vec![false; parsed.tensors.len()];
+        for (t, p) in parsed.tensors.iter().zip(&mut packed) {
+            let Some(range) = parsed.check_range(t, bytes.len())? else {
+                continue;
+            };
+            if let [_, rows] = t.dims[..] {
+                if veil_kernels::pack::packable(t.ggml_type, rows) {
+                    veil_kernels::pack::pack_in_place(t.ggml_type, rows, &mut bytes[range]);
+                    *p = true;
+                }
+            }
+        }
+        Ok(GgufFile {
+            version: parsed.version,
+            metadata: parsed.metadata,
+            tensors: parsed.tensors,
+            by_name: parsed.by_name,
+            bytes: Bytes::from_vec(bytes),
+            data_start: parsed.data_start,
+            packed,
+        })
     }
 
-    /// Parse a GGUF file held in shared bytes (owned or memory-mapped).
+    /// Parse a GGUF file held in shared bytes (owned or memory-mapped), as they are.
     pub fn from_shared(bytes: Bytes) -> Result<Self, GgufError> {
-        let mut c = Cursor {
-            bytes: bytes.as_slice(),
-            pos: 0,
-        };
+        let parsed = Self::from_slice(bytes.as_slice())?;
+        Ok(GgufFile {
+            version: parsed.version,
+            packed: vec![false; parsed.tensors.len()],
+            metadata: parsed.metadata,
+            tensors: parsed.tensors,
+            by_name: parsed.by_name,
+            bytes,
+            data_start: parsed.data_start,
+        })
+    }
+
+    /// The header, metadata and tensor directory of `bytes`, every tensor's range checked.
+    fn from_slice(bytes: &[u8]) -> Result<Parsed, GgufError> {
+        let mut c = Cursor { bytes, pos: 0 };
         let magic: [u8; 4] = c.array("magic")?;
         if &magic != MAGIC {
             return Err(GgufError::BadMagic { found: magic });
@@ -215,53 +271,21 @@ impl GgufFile {
             .filter(|&s| s <= bytes.len())
             .ok_or_else(|| GgufError::Truncated("file ends before its data section".into()))?;
 
-        let file = GgufFile {
+        let parsed = Parsed {
             version,
             metadata,
             tensors,
             by_name,
-            bytes,
             data_start,
         };
-        for t in &file.tensors {
-            file.check_range(t)?;
+        for t in &parsed.tensors {
+            parsed.check_range(t, bytes.len())?;
         }
-        Ok(file)
+        Ok(parsed)
     }
 
-    /// The byte range of a tensor's data, checked against the file's length. Tensors of a
-    /// type Veil cannot read are only checked when loaded.
     fn check_range(&self, t: &TensorInfo) -> Result<Option<std::ops::Range<usize>>, GgufError> {
-        let n = t
-            .dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| GgufError::Truncated(format!("tensor `{}` is too large", t.name)))?;
-        let Some(size) = t.ggml_type.byte_size(n) else {
-            return match t.ggml_type.block_layout() {
-                Some((block, _)) => Err(GgufError::PartialBlock {
-                    tensor: t.name.clone(),
-                    type_name: t.ggml_type.name(),
-                    elements: n,
-                    block,
-                }),
-                None => Ok(None),
-            };
-        };
-        let start = usize::try_from(t.offset)
-            .ok()
-            .and_then(|o| o.checked_add(self.data_start));
-        let range = start.and_then(|s| s.checked_add(size).map(|e| s..e));
-        match range {
-            Some(r) if r.end <= self.bytes.len() => Ok(Some(r)),
-            _ => Err(GgufError::Truncated(format!(
-                "tensor `{}` ({} bytes at offset {}) lies beyond the end of the file ({} bytes)",
-                t.name,
-                size,
-                t.offset,
-                self.bytes.len()
-            ))),
-        }
+        range_of(t, self.data_start, self.bytes.len())
     }
 
     /// All metadata, sorted by key.
@@ -369,6 +393,10 @@ impl GgufFile {
                 tensor: name.to_string(),
                 type_name: info.ggml_type.name(),
             })?;
+        if self.packed[self.by_name[name]] {
+            let m = self.tensor_matrix(name, info.dims[0], info.dims[1])?;
+            return Ok((info.dims.clone(), m.dequantize()));
+        }
         let mut out = vec![0.0f32; info.n_elements()];
         info.ggml_type
             .dequantize(&self.bytes.as_slice()[range], &mut out);
@@ -398,7 +426,12 @@ impl GgufFile {
         };
         let range = self.check_range(info)?.ok_or_else(unsupported)?;
         let bytes = self.bytes.slice(range.start, range.len());
-        QMatrix::new(info.ggml_type, d_out, d_in, bytes).map_err(|_| unsupported())
+        if self.packed[self.by_name[name]] {
+            QMatrix::new_packed(info.ggml_type, d_out, d_in, bytes)
+        } else {
+            QMatrix::new(info.ggml_type, d_out, d_in, bytes)
+        }
+        .map_err(|_| unsupported())
     }
 
     /// A tensor that must have exactly the GGUF dimensions `dims`.
@@ -412,5 +445,41 @@ impl GgufFile {
             });
         }
         Ok(data)
+    }
+}
+
+/// The byte range of a tensor's data, checked against the file's length. Tensors of a
+/// type Veil cannot read are only checked when loaded.
+fn range_of(
+    t: &TensorInfo,
+    data_start: usize,
+    file_len: usize,
+) -> Result<Option<std::ops::Range<usize>>, GgufError> {
+    let n = t
+        .dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| GgufError::Truncated(format!("tensor `{}` is too large", t.name)))?;
+    let Some(size) = t.ggml_type.byte_size(n) else {
+        return match t.ggml_type.block_layout() {
+            Some((block, _)) => Err(GgufError::PartialBlock {
+                tensor: t.name.clone(),
+                type_name: t.ggml_type.name(),
+                elements: n,
+                block,
+            }),
+            None => Ok(None),
+        };
+    };
+    let start = usize::try_from(t.offset)
+        .ok()
+        .and_then(|o| o.checked_add(data_start));
+    let range = start.and_then(|s| s.checked_add(size).map(|e| s..e));
+    match range {
+        Some(r) if r.end <= file_len => Ok(Some(r)),
+        _ => Err(GgufError::Truncated(format!(
+            "tensor `{}` ({} bytes at offset {}) lies beyond the end of the file ({} bytes)",
+            t.name, size, t.offset, file_len
+        ))),
     }
 }

@@ -83,7 +83,7 @@ impl TokenEmbedding {
                 for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(d)) {
                     veil_kernels::dot::dequantize_row(
                         table.ggml_type(),
-                        table.row(id as usize),
+                        &table.row(id as usize),
                         out,
                     );
                 }

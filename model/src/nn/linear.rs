@@ -48,7 +48,8 @@ impl Linear {
     }
 
     /// The matrices `parts` (each `[out_i, in]`, GGUF's layout) side by side, on the CPU
-    /// device `device`.
+    /// device `device`. Those not yet interleaved for the fast kernels are, if their format
+    /// allows it (a copy: matrices read from a file come interleaved already).
     pub fn quantized(
         parts: Vec<QMatrix>,
         precision: Precision,
@@ -64,7 +65,7 @@ impl Linear {
         }
         Ok(Linear::Quant(QuantLinear {
             d_out: parts.iter().map(QMatrix::rows).sum(),
-            parts: parts.into(),
+            parts: parts.into_iter().map(QMatrix::pack).collect(),
             precision,
             device: device.clone(),
         }))

@@ -2,9 +2,12 @@
 //! format and instruction set: [`portable`] is the reference, `x86` the AVX2 and AVX-512
 //! VNNI kernels. Formats without a SIMD kernel run the portable one on every CPU.
 
+pub mod packed;
 pub mod portable;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_packed;
 
 use crate::act::{Q8Acts, Q8KActs};
 use crate::cpu::Isa;

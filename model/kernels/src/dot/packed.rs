@@ -1,0 +1,186 @@
+//! Products of interleaved weight groups ([`crate::pack`]) with 32-value quantized
+//! activations: eight outputs per pass over the weights.
+//!
+//! Every kernel does the same f32 operations in the same order, so that all of them —
+//! the portable reference here and the SIMD ones — give the same bits: per block, the
+//! integer dot product (exact), then `acc = fma(sum, d_w * d_a, acc)` and, for Q4_1,
+//! `acc = fma(m_w, s_a, acc)`. An activation row's result therefore depends neither on the
+//! rows batched with it nor on the instruction set.
+
+use crate::act::{Q8Acts, Q8Row};
+use crate::cpu::Isa;
+use crate::format::{GgmlType, QK};
+use crate::pack::{BlockShape, GROUP};
+
+#[cfg(target_arch = "x86_64")]
+use super::x86_packed;
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The eight products of one packed group (`group`: every block column of eight rows)
+/// with one activation row: the reference every packed kernel is tested against.
+///
+/// # Panics
+/// If `ty` has no packed layout or the sizes disagree.
+pub fn dot_group(ty: GgmlType, group: &[u8], a: Q8Row<'_>) -> [f32; GROUP] {
+    let shape = BlockShape::of(ty).expect("a packed format");
+    let head = GROUP * 2 * shape.fields;
+    let mut acc = [0f32; GROUP];
+    for (b, blk) in group.chunks_exact(GROUP * shape.bytes()).enumerate() {
+        let qa = &a.q[b * QK..(b + 1) * QK];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for j in 0..shape.quants {
+                let byte = blk[head + (j / 4) * 4 * GROUP + 4 * r + j % 4];
+                sum += if ty == GgmlType::Q8_0 {
+                    i32::from(byte as i8) * i32::from(qa[j])
+                } else {
+                    i32::from(byte & 0x0F) * i32::from(qa[j])
+                        + i32::from(byte >> 4) * i32::from(qa[j + QK / 2])
+                };
+            }
+            if ty == GgmlType::Q4_0 {
+                sum -= 8 * a.sum[b];
+            }
+            *acc = (sum as f32).mul_add(f16_at(blk, 2 * r) * a.d[b], *acc);
+            if ty == GgmlType::Q4_1 {
+                *acc = f16_at(blk, 2 * (GROUP + r)).mul_add(a.s[b], *acc);
+            }
+        }
+    }
+    acc
+}
+
+/// The product of packed weight groups with activation rows, chosen once per product:
+/// `isa`'s SIMD kernel for the format, or the portable one.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedDot {
+    ty: GgmlType,
+    #[cfg(target_arch = "x86_64")]
+    simd: Option<x86_packed::Kernel>,
+}
+
+impl PackedDot {
+    /// The kernel for packed `ty` with `isa`.
+    ///
+    /// # Panics
+    /// If `ty` has no packed layout.
+    pub fn new(isa: Isa, ty: GgmlType) -> Self {
+        assert!(BlockShape::of(ty).is_some(), "{ty} has no packed layout");
+        let _ = isa;
+        PackedDot {
+            ty,
+            #[cfg(target_arch = "x86_64")]
+            simd: x86_packed::Kernel::new(isa, ty),
+        }
+    }
+
+    /// `out[r * m + i] = w_r · a_i` for the rows `w_r` of the packed groups in `w` and the
+    /// `m` rows of `a`.
+    ///
+    /// # Panics
+    /// If `w` is not whole groups as wide as `a`, or `out` is not one value per pair.
+    pub fn block(&self, w: &[u8], a: &Q8Acts, out: &mut [f32]) {
+        let shape = BlockShape::of(self.ty).expect("a packed format");
+        let group_bytes = GROUP * shape.bytes() * (a.cols / QK);
+        assert!(a.cols.is_multiple_of(QK) && a.cols > 0);
+        assert!(w.len().is_multiple_of(group_bytes), "whole groups");
+        assert_eq!(out.len(), w.len() / group_bytes * GROUP * a.rows);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = &self.simd {
+            return k.block(w, group_bytes, a, out);
+        }
+        let m = a.rows;
+        for (group, o) in w
+            .chunks_exact(group_bytes)
+            .zip(out.chunks_exact_mut(GROUP * m))
+        {
+            for i in 0..m {
+                for (r, v) in dot_group(self.ty, group, a.row(i)).into_iter().enumerate() {
+                    o[r * m + i] = v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dot::portable;
+    use crate::dot::tests::{random_rows, Rng};
+    use crate::pack::{pack_in_place, GROUP};
+
+    /// The packed reference against the row kernel's reference (different order of f32
+    /// additions: close, not equal), and every packed SIMD kernel against the packed
+    /// reference (the same operations: equal to the bit), for one and for many rows.
+    #[test]
+    fn packed_kernels_equal_the_reference() {
+        let (rows, cols) = (24, 512);
+        let mut rng = Rng::new(21);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let plain = random_rows(ty, rows, cols, &mut rng);
+            let mut packed = plain.clone();
+            pack_in_place(ty, rows, &mut packed);
+            let row_bytes = plain.len() / rows;
+            for m in [1, 3, 4, 9] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+                let a = Q8Acts::quantize(&x, m, cols);
+                let mut want = vec![0.0; rows * m];
+                PackedDot::new(Isa::Portable, ty).block(&packed, &a, &mut want);
+                for r in 0..rows {
+                    for i in 0..m {
+                        let row = &plain[r * row_bytes..(r + 1) * row_bytes];
+                        let rowwise = portable::dot_q8(ty, row, a.row(i));
+                        let got = want[r * m + i];
+                        assert!(
+                            (got - rowwise).abs() <= 1e-4 * rowwise.abs().max(1.0),
+                            "{ty} m={m} [{r}, {i}]: {got} vs {rowwise}"
+                        );
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut got = vec![0.0; rows * m];
+                    PackedDot::new(isa, ty).block(&packed, &a, &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(
+                        same,
+                        "{ty} {isa} m={m}: {:?} vs {:?}",
+                        &got[..4],
+                        &want[..4]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_batched_with_others_gets_the_bits_it_gets_alone() {
+        let (rows, cols, m) = (GROUP, 256, 6);
+        let mut rng = Rng::new(5);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let mut w = random_rows(ty, rows, cols, &mut rng);
+            pack_in_place(ty, rows, &mut w);
+            for isa in Isa::available() {
+                let k = PackedDot::new(isa, ty);
+                let mut batch = vec![0.0; rows * m];
+                k.block(&w, &Q8Acts::quantize(&x, m, cols), &mut batch);
+                for i in 0..m {
+                    let mut alone = vec![0.0; rows];
+                    let a = Q8Acts::quantize(&x[i * cols..(i + 1) * cols], 1, cols);
+                    k.block(&w, &a, &mut alone);
+                    for r in 0..rows {
+                        assert_eq!(batch[r * m + i].to_bits(), alone[r].to_bits(), "{ty} {isa}");
+                    }
+                }
+            }
+        }
+    }
+}
