@@ -126,7 +126,8 @@ mod tests {
             let mut packed = plain.clone();
             pack_in_place(ty, rows, &mut packed);
             let row_bytes = plain.len() / rows;
-            for m in [1, 3, 4, 9] {
+            // 13 rows: eight, four and one at a time
+            for m in [1, 3, 4, 9, 13] {
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
                 let a = Q8Acts::quantize(&x, m, cols);
                 let mut want = vec![0.0; rows * m];
@@ -162,7 +163,8 @@ mod tests {
 
     #[test]
     fn a_row_batched_with_others_gets_the_bits_it_gets_alone() {
-        let (rows, cols, m) = (GROUP, 256, 6);
+        // a pair of groups and an odd one (the 512-bit kernels take two at once)
+        let (rows, cols, m) = (3 * GROUP, 256, 13);
         let mut rng = Rng::new(5);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
