@@ -58,6 +58,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             &bundle,
             &deployment,
             context,
+            veil_model::Precision::Fast,
         )
     };
     let mut pipeline = make()?;

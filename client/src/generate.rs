@@ -51,7 +51,8 @@ pub struct GenerateArgs {
     pub model: String,
     /// Keep activations in f32 against the dequantized weights (the f32 model's result up
     /// to rounding). By default the CPU quantizes activations to 8 bits per block before
-    /// its integer products, as llama.cpp does: several times faster.
+    /// its integer products, as llama.cpp does: several times faster. With --deployment the
+    /// nodes do the same for this generation's sessions.
     #[arg(long)]
     pub exact: bool,
     /// The prompt. Rendered with the model's chat template unless --raw.
@@ -219,6 +220,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             &bundle,
             &deployment,
             bundle.meta.config.max_seq_len,
+            precision(args.exact),
         )?;
         let out = run_generation(&args, &params, &text, &mut pipeline)?;
         let route = pipeline.route();

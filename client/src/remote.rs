@@ -11,7 +11,7 @@ use rand::RngCore;
 use tokio::runtime::Handle;
 use veil_model::crypto::{ClientBundle, ClientModel};
 use veil_model::nn::tensor_to_vec;
-use veil_model::{ModelError, TokenModel};
+use veil_model::{ModelError, Precision, TokenModel};
 use veil_protocol::wire::{ErrorCode, InferRequest, InferResponse, SessionId, TensorFrame};
 use veil_protocol::{Multiaddr, Network, PeerId};
 
@@ -70,6 +70,8 @@ pub struct RemotePipeline {
     d_model: usize,
     context: usize,
     position: usize,
+    /// Whether nodes keep f32 activations for this pipeline's sessions.
+    exact: bool,
     pub stats: RemoteStats,
 }
 
@@ -78,17 +80,19 @@ fn to_model_error(e: anyhow::Error) -> ModelError {
 }
 
 impl RemotePipeline {
-    /// Prepare sessions on `deployment` (opened lazily on first use).
+    /// Prepare sessions on `deployment` (opened lazily on first use). `precision` applies to
+    /// the client's own products and to the nodes' for these sessions.
     pub fn new(
         handle: Handle,
         network: Network,
         bundle: &ClientBundle,
         deployment: &Deployment,
         context: usize,
+        precision: Precision,
     ) -> Result<Self> {
         let device = veil_model::Compute::cpu().device;
-        let client = ClientModel::new(bundle, &device)?;
-        Self::with_client(handle, network, client, deployment, context)
+        let client = ClientModel::with_precision(bundle, &device, precision)?;
+        Self::with_client(handle, network, client, deployment, context, precision)
     }
 
     /// Like [`RemotePipeline::new`] with the client's tables already built (they can be
@@ -99,6 +103,7 @@ impl RemotePipeline {
         client: ClientModel,
         deployment: &Deployment,
         context: usize,
+        precision: Precision,
     ) -> Result<Self> {
         let mut stages = Vec::new();
         for s in &deployment.stages {
@@ -150,6 +155,7 @@ impl RemotePipeline {
             d_model,
             context: context.min(max_seq_len),
             position: 0,
+            exact: precision == Precision::Exact,
             stats: RemoteStats::default(),
         })
     }
@@ -255,6 +261,7 @@ impl RemotePipeline {
             session,
             shard: s.shard,
             max_len: self.context as u32,
+            exact: self.exact,
         };
         match self.request(peer, open)? {
             InferResponse::Opened { .. } => {}

@@ -15,6 +15,9 @@ use crate::ModelError;
 pub struct StageRunner {
     meta: ShardMeta,
     stage: Stage,
+    /// For a quantized shard, the same stage with f32 activations, for the sequences that
+    /// ask for them (see [`StageRunner::forward_with`]); it shares the weights.
+    exact: Option<Stage>,
     rope: RopeTables,
     device: Device,
 }
@@ -34,14 +37,17 @@ impl StageRunner {
     ) -> Result<Self, ModelError> {
         let config = &shard.meta.config;
         let first = shard.meta.layers.0;
-        let stage = match &shard.layers {
-            ShardLayers::F32(layers) => Stage::from_layers(first, layers, config, device),
+        let (stage, exact) = match &shard.layers {
+            ShardLayers::F32(layers) => (Stage::from_layers(first, layers, config, device), None),
             ShardLayers::Quant(layers) => {
-                Stage::from_quantized(first, layers, config, precision, device)?
+                let stage = Stage::from_quantized(first, layers, config, precision, device)?;
+                let exact = stage.with_precision(Precision::Exact);
+                (stage, Some(exact))
             }
         };
         Ok(StageRunner {
             stage,
+            exact,
             rope: RopeTables::new(config, device),
             meta: shard.meta.clone(),
             device: device.clone(),
@@ -64,8 +70,23 @@ impl StageRunner {
         hidden: Vec<Tensor<2>>,
         caches: &mut [&mut KvCache],
     ) -> Result<Vec<Tensor<2>>, ModelError> {
+        self.forward_with(hidden, caches, false)
+    }
+
+    /// [`StageRunner::forward`]; with `exact`, a quantized shard's products keep f32
+    /// activations ([`Precision::Exact`]) whatever precision the runner was built with.
+    pub fn forward_with(
+        &self,
+        hidden: Vec<Tensor<2>>,
+        caches: &mut [&mut KvCache],
+        exact: bool,
+    ) -> Result<Vec<Tensor<2>>, ModelError> {
+        let stage = match &self.exact {
+            Some(e) if exact => e,
+            _ => &self.stage,
+        };
         // on the pool's threads: the quantized products inside are parallel
-        veil_kernels::on_workers(|| self.stage.forward(hidden, caches, &self.rope))
+        veil_kernels::on_workers(|| stage.forward(hidden, caches, &self.rope))
     }
 
     /// [`StageRunner::forward`], showing every tensor the stage computes to `probe`.
@@ -84,6 +105,17 @@ impl StageRunner {
         &self,
         inputs: &[&[f32]],
         caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_host_with(inputs, caches, false)
+    }
+
+    /// [`StageRunner::forward_host`] with f32 activations if `exact` (see
+    /// [`StageRunner::forward_with`]).
+    pub fn forward_host_with(
+        &self,
+        inputs: &[&[f32]],
+        caches: &mut [&mut KvCache],
+        exact: bool,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let d = self.meta.config.d_model;
         let mut tensors = Vec::with_capacity(inputs.len());
@@ -105,7 +137,7 @@ impl StageRunner {
                 &self.device,
             ));
         }
-        self.forward(tensors, caches)?
+        self.forward_with(tensors, caches, exact)?
             .into_iter()
             .map(tensor_to_vec)
             .collect()

@@ -23,6 +23,8 @@ pub enum Job {
         session: SessionId,
         shard: ShardId,
         max_len: u32,
+        /// f32 activations for this session's quantized products.
+        exact: bool,
         reply: oneshot::Sender<InferResponse>,
     },
     Step {
@@ -93,6 +95,7 @@ struct Loaded {
 struct Session {
     peer: PeerId,
     shard: ShardId,
+    exact: bool,
     cache: KvCache,
     reserved: u64,
     last_used: Instant,
@@ -201,9 +204,10 @@ impl Engine {
                         session,
                         shard,
                         max_len,
+                        exact,
                         reply,
                     } => {
-                        let r = self.open(peer, session, shard, max_len);
+                        let r = self.open(peer, session, shard, max_len, exact);
                         self.publish();
                         let _ = reply.send(r);
                     }
@@ -291,6 +295,7 @@ impl Engine {
         session: SessionId,
         shard: ShardId,
         max_len: u32,
+        exact: bool,
     ) -> InferResponse {
         if self.sessions.contains_key(&session) {
             return error(ErrorCode::BadRequest, "session id already in use");
@@ -364,17 +369,19 @@ impl Engine {
             Session {
                 peer,
                 shard,
+                exact,
                 cache,
                 reserved: kv_bytes,
                 last_used: Instant::now(),
             },
         );
         tracing::info!(
-            "session {} opened on shard {} (layers {}..{}, up to {max_len} positions) for {peer}",
+            "session {} opened on shard {} (layers {}..{}, up to {max_len} positions{}) for {peer}",
             short(&session),
             &hex::encode(shard)[..12],
             meta.layers.0,
-            meta.layers.1
+            meta.layers.1,
+            if exact { ", f32 activations" } else { "" }
         );
         InferResponse::Opened {
             session,
@@ -391,10 +398,10 @@ impl Engine {
             oneshot::Sender<InferResponse>,
         )>,
     ) {
-        // Validate each step and group the valid ones by shard. A session's second step in
-        // the same batch (a client that pipelines) waits for the next round: its input
-        // follows the first one's in the KV cache.
-        let mut groups: HashMap<ShardId, Vec<ValidStep>> = HashMap::new();
+        // Validate each step and group the valid ones by shard and precision. A session's
+        // second step in the same batch (a client that pipelines) waits for the next round:
+        // its input follows the first one's in the KV cache.
+        let mut groups: HashMap<(ShardId, bool), Vec<ValidStep>> = HashMap::new();
         let mut seen: HashSet<SessionId> = HashSet::new();
         let mut later = Vec::new();
         for (peer, session, frame, reply) in steps {
@@ -432,13 +439,13 @@ impl Engine {
                 let _ = reply.send(error(ErrorCode::ContextFull, e.to_string()));
                 continue;
             }
-            let shard = s.shard;
+            let key = (s.shard, s.exact);
             groups
-                .entry(shard)
+                .entry(key)
                 .or_default()
                 .push((session, values, shape[0], reply));
         }
-        for (shard, group) in groups {
+        for ((shard, exact), group) in groups {
             // Take the caches out so that they can be borrowed together.
             let mut taken: Vec<(SessionId, Session)> = group
                 .iter()
@@ -451,7 +458,7 @@ impl Engine {
             let inputs: Vec<&[f32]> = group.iter().map(|(_, v, ..)| v.as_slice()).collect();
             let mut caches: Vec<&mut KvCache> =
                 taken.iter_mut().map(|(_, s)| &mut s.cache).collect();
-            let result = loaded.runner.forward_host(&inputs, &mut caches);
+            let result = loaded.runner.forward_host_with(&inputs, &mut caches, exact);
             self.largest_batch = self.largest_batch.max(inputs.len() as u32);
             let d = loaded.runner.meta().config.d_model;
             match result {
@@ -489,7 +496,9 @@ fn short(session: &SessionId) -> String {
 mod tests {
     use super::*;
     use rand::SeedableRng;
-    use veil_model::crypto::{encrypt_model, KeyOptions, KeyShape, ModelKey, Shard};
+    use veil_model::crypto::{
+        encrypt_model_quant, KeyOptions, KeyShape, ModelKey, Shard, ShardQuant,
+    };
     use veil_model::{Compute, ModelBundle};
 
     struct Fixture {
@@ -518,13 +527,17 @@ mod tests {
 
     /// An engine that does not run until `Fixture::start`.
     fn paused_fixture(limits: Limits) -> Fixture {
+        paused_fixture_quant(limits, ShardQuant::F32)
+    }
+
+    fn paused_fixture_quant(limits: Limits, quant: ShardQuant) -> Fixture {
         let b = ModelBundle::tiny().expect("tiny");
         let key = ModelKey::generate(
             KeyShape::of(&b.weights.config),
             KeyOptions::default(),
             &mut rand_chacha::ChaCha20Rng::seed_from_u64(3),
         );
-        let e = encrypt_model(&b, key, 1, &mut |_, _| {}).expect("encrypt");
+        let e = encrypt_model_quant(&b, key, 1, 0, quant, &mut |_, _| {}).expect("encrypt");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ShardStore::open(dir.path(), 1 << 30).expect("store");
         let writer = e.shards[0].to_writer().expect("writer");
@@ -575,12 +588,21 @@ mod tests {
             session,
             shard: f.shard_id,
             max_len: 64,
+            exact: false,
             reply,
         })
     }
 
     /// Queue an open without waiting for its answer.
     fn open_later(f: &Fixture, session: SessionId) -> oneshot::Receiver<InferResponse> {
+        open_later_with(f, session, false)
+    }
+
+    fn open_later_with(
+        f: &Fixture,
+        session: SessionId,
+        exact: bool,
+    ) -> oneshot::Receiver<InferResponse> {
         let (tx, rx) = oneshot::channel();
         f.jobs
             .blocking_send(Job::Open {
@@ -588,6 +610,7 @@ mod tests {
                 session,
                 shard: f.shard_id,
                 max_len: 64,
+                exact,
                 reply: tx,
             })
             .expect("send");
@@ -633,6 +656,45 @@ mod tests {
         (0..t * d)
             .map(|i| ((i as u32 * 7 + seed * 13) % 17) as f32 / 17.0 - 0.5)
             .collect()
+    }
+
+    /// On a quantized shard, a session opened with `exact` gets f32 activations while one
+    /// queued beside it keeps 8-bit ones: each gets the bits its precision gives alone.
+    #[test]
+    fn each_session_runs_at_the_precision_it_opened_with() {
+        let mut f = paused_fixture_quant(
+            Limits {
+                step_delay: Duration::from_millis(50),
+                ..limits()
+            },
+            ShardQuant::Q8_0,
+        );
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let opens = [open_later_with(&f, a, true), open_later_with(&f, b, false)];
+        let x = rows(4, 3, f.d);
+        let (ya, yb) = (step(&f, a, &x), step(&f, b, &x));
+        f.start();
+        for r in opens {
+            let r = r.blocking_recv().expect("open");
+            assert!(matches!(r, InferResponse::Opened { .. }), "{r:?}");
+        }
+        let (ya, yb) = (
+            hidden(ya.blocking_recv().expect("a")),
+            hidden(yb.blocking_recv().expect("b")),
+        );
+        let status = wait_for(&f, |s| s.steps == 2);
+        assert_eq!(status.batches, 2, "one forward pass per precision");
+        let runner = StageRunner::new(&f.shard, &Compute::cpu().device).expect("runner");
+        let alone = |exact: bool| {
+            let mut c = runner.new_cache(64);
+            runner
+                .forward_host_with(&[&x], &mut [&mut c], exact)
+                .expect("fwd")
+                .remove(0)
+        };
+        assert_eq!(ya, alone(true), "the exact session");
+        assert_eq!(yb, alone(false), "the fast session");
+        assert_ne!(ya, yb, "8-bit activations change the result");
     }
 
     #[test]
@@ -711,6 +773,7 @@ mod tests {
             session: s,
             shard: [0; 32],
             max_len: 8,
+            exact: false,
             reply,
         }));
         assert_eq!(code, ErrorCode::UnknownShard);

@@ -276,11 +276,13 @@ impl Node {
                             session,
                             shard,
                             max_len,
+                            exact,
                         } => Job::Open {
                             peer,
                             session,
                             shard,
                             max_len,
+                            exact,
                             reply: tx,
                         },
                         InferRequest::Step { session, hidden } => Job::Step {

@@ -71,11 +71,14 @@ impl TensorFrame {
 /// Requests of the inference protocol.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub enum InferRequest {
-    /// Open a session on a shard the node holds, for sequences of at most `max_len`.
+    /// Open a session on a shard the node holds, for sequences of at most `max_len`. With
+    /// `exact`, a quantized shard's products keep f32 activations for this session (the
+    /// f32 model's result up to rounding; slower), as `veil generate --exact` asks.
     Open {
         session: SessionId,
         shard: ShardId,
         max_len: u32,
+        exact: bool,
     },
     /// Encrypted hidden states `[t, d]` of the next `t` positions.
     Step {

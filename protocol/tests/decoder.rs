@@ -16,6 +16,7 @@ fn samples() -> Vec<Vec<u8>> {
             session: [7; 16],
             shard: [9; 32],
             max_len: 512,
+            exact: true,
         })
         .expect("encode"),
         encode(&InferRequest::Step {

@@ -194,6 +194,7 @@ impl LoadClient {
             self.model.clone(),
             &self.net.deployment,
             self.net.context,
+            veil_model::Precision::Fast,
         )?;
         let g = {
             let mut metered = Metered {

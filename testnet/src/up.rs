@@ -43,6 +43,7 @@ pub fn ask(
         &network.bundle,
         &network.deployment,
         network.bundle.meta.config.max_seq_len,
+        veil_model::Precision::Fast,
     )?;
     let ids = network.text.prompt_tokens(prompt, false)?;
     let params = GenerateParams {

@@ -269,6 +269,7 @@ fn a_hostile_peer_cannot_break_a_node() {
                     session: [1; 16],
                     shard: [0; 32],
                     max_len: 8,
+                    exact: false,
                 },
             )
             .await

@@ -345,6 +345,7 @@ fn a_new_session_goes_to_the_least_loaded_replica() {
             &network.bundle,
             &network.deployment,
             64,
+            veil_model::Precision::Fast,
         )
         .expect("pipeline")
     };

@@ -71,6 +71,18 @@ impl Linear {
         }))
     }
 
+    /// This map with its quantized products at `precision` (the weights are shared; a
+    /// dense map is unchanged).
+    pub fn with_precision(&self, precision: Precision) -> Linear {
+        match self {
+            Linear::Dense(_) => self.clone(),
+            Linear::Quant(q) => Linear::Quant(QuantLinear {
+                precision,
+                ..q.clone()
+            }),
+        }
+    }
+
     /// Output width.
     pub fn d_out(&self) -> usize {
         match self {

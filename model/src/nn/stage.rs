@@ -51,6 +51,23 @@ impl Stage {
         })
     }
 
+    /// This stage with its quantized products at `precision`, sharing the weights (a node
+    /// keeps one per precision its sessions ask for).
+    pub fn with_precision(&self, precision: Precision) -> Stage {
+        let mut stage = self.clone();
+        for b in &mut stage.blocks {
+            for l in [
+                &mut b.attention.wqkv,
+                &mut b.attention.wo,
+                &mut b.mlp.w_gate_up,
+                &mut b.mlp.w_down,
+            ] {
+                *l = l.with_precision(precision);
+            }
+        }
+        stage
+    }
+
     pub fn n_layers(&self) -> usize {
         self.blocks.len()
     }
