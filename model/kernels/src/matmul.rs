@@ -340,7 +340,7 @@ pub fn matmul_fused_with(
     let packed: Vec<Option<PackedDot>> = parts
         .iter()
         .zip(&formats)
-        .map(|(p, f)| (*f == ActFormat::Q8 && p.packed).then(|| PackedDot::new(isa, p.ty)))
+        .map(|(p, f)| (*f != ActFormat::F32 && p.packed).then(|| PackedDot::new(isa, p.ty)))
         .collect();
     // rows g0..g1 of the matrices side by side into out ([g1 - g0, m]), part by part
     let rows = |g0: usize, g1: usize, out: &mut [f32]| {
@@ -352,8 +352,13 @@ pub fn matmul_fused_with(
             let w = &part.data.as_slice()[r0 * part.row_bytes..r1 * part.row_bytes];
             let o = &mut out[(g - g0) * m..(g - g0 + r1 - r0) * m];
             match (&kernels[k], &q8, &q8k) {
-                _ if part.packed => match (&packed[k], &q8) {
-                    (Some(kernel), Some(a)) => packed_rows(part, kernel, r0, r1, a, o),
+                _ if part.packed => match (&packed[k], &q8, &q8k) {
+                    (Some(kernel), Some(a), _) if formats[k] == ActFormat::Q8 => {
+                        packed_rows(part, r0, r1, m, o, |w, out| kernel.block(w, a, out))
+                    }
+                    (Some(kernel), _, Some(a)) if formats[k] == ActFormat::Q8K => {
+                        packed_rows(part, r0, r1, m, o, |w, out| kernel.block_q8k(w, a, out))
+                    }
                     _ => ROW.with_borrow_mut(|(buf, bytes)| {
                         buf.resize(cols, 0.0);
                         bytes.resize(part.row_bytes, 0);
@@ -405,26 +410,26 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Rows `r0..r1` of the packed matrix `part` against `a`, into `out` (`[r1 - r0, m]`): whole
-/// groups straight into `out`, a group cut by the range through a scratch buffer.
+/// Rows `r0..r1` of the packed matrix `part`, into `out` (`[r1 - r0, m]`), by `run` (which
+/// multiplies whole groups): whole groups straight into `out`, a group cut by the range
+/// through a scratch buffer.
 fn packed_rows(
     part: &QMatrix,
-    kernel: &PackedDot,
     r0: usize,
     r1: usize,
-    a: &Q8Acts,
+    m: usize,
     out: &mut [f32],
+    run: impl Fn(&[u8], &mut [f32]),
 ) {
-    let m = a.rows;
     let (g0, g1) = (r0 / GROUP, r1.div_ceil(GROUP));
     let group_bytes = GROUP * part.row_bytes;
     let w = &part.data.as_slice()[g0 * group_bytes..g1 * group_bytes];
     if r0.is_multiple_of(GROUP) && r1.is_multiple_of(GROUP) {
-        kernel.block(w, a, out);
+        run(w, out);
         return;
     }
     let mut all = vec![0.0; (g1 - g0) * GROUP * m];
-    kernel.block(w, a, &mut all);
+    run(w, &mut all);
     let skip = (r0 - g0 * GROUP) * m;
     out.copy_from_slice(&all[skip..skip + (r1 - r0) * m]);
 }
@@ -612,7 +617,12 @@ mod tests {
         let (cols, m) = (256, 5);
         let mut rng = Rng::new(13);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+        ] {
             let odd = QMatrix::new(
                 GgmlType::Q8_0,
                 12,
@@ -651,8 +661,8 @@ mod tests {
                 }
             }
         }
-        let e = QMatrix::new_packed(GgmlType::Q4_K, 8, 256, Bytes::from_vec(vec![0; 8 * 144]))
-            .expect_err("no packed Q4_K");
+        let e = QMatrix::new_packed(GgmlType::Q6_K, 8, 256, Bytes::from_vec(vec![0; 8 * 210]))
+            .expect_err("no packed Q6_K");
         assert!(e.to_string().contains("interleaved"), "{e}");
     }
 

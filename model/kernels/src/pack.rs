@@ -8,8 +8,10 @@
 //!
 //! ```text
 //! packed block (block column b of rows 8g..8g+8):
-//!   the rows' 2-byte header fields, field by field: d₀…d₇ (Q4_0, Q8_0), then m₀…m₇ (Q4_1)
-//!   the rows' quant bytes in chunks of 32: chunk c holds bytes 4c..4c+4 of row r at 4r
+//!   the rows' 2-byte header fields, field by field: d₀…d₇ (Q4_0, Q8_0), then m₀…m₇ (Q4_1,
+//!   and Q4_K's dmin)
+//!   the rows' other bytes in chunks of 32: chunk c holds bytes 4c..4c+4 of row r at 4r
+//!   (for Q4_K the 12 bytes of scales first, then the 128 of nibbles)
 //! ```
 //!
 //! so a 32-byte load holds four bytes of each of the eight rows, one row per 32-bit lane:
@@ -17,7 +19,7 @@
 //! row r's partial sum in lane r, and the eight scales load as one vector. A packed block is
 //! as large as the eight blocks it holds, so packing permutes bytes in place.
 
-use crate::format::{GgmlType, QK};
+use crate::format::{GgmlType, QK, QK_K};
 
 /// Rows per interleaved group.
 pub const GROUP: usize = 8;
@@ -37,6 +39,8 @@ impl BlockShape {
             GgmlType::Q4_0 => (1, QK / 2),
             GgmlType::Q4_1 => (2, QK / 2),
             GgmlType::Q8_0 => (1, QK),
+            // d and dmin; then 12 bytes of 6-bit scales and minimums and 128 of nibbles
+            GgmlType::Q4_K => (2, 12 + QK_K / 2),
             _ => return None,
         };
         Some(BlockShape { fields, quants })
@@ -123,7 +127,12 @@ mod tests {
 
     #[test]
     fn packing_permutes_and_unpacking_restores_every_row() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+        ] {
             let (rows, bytes) = (16, BlockShape::of(ty).expect("shape").bytes());
             let row_bytes = 3 * bytes;
             let original: Vec<u8> = (0..rows * row_bytes).map(|i| (i * 7 % 251) as u8).collect();
@@ -167,7 +176,8 @@ mod tests {
     fn only_whole_groups_of_known_formats_pack() {
         assert!(packable(GgmlType::Q8_0, 2048));
         assert!(!packable(GgmlType::Q8_0, 12));
-        assert!(!packable(GgmlType::Q4_K, 2048));
+        assert!(packable(GgmlType::Q4_K, 2048));
+        assert!(!packable(GgmlType::Q6_K, 2048));
         assert!(!packable(GgmlType::F32, 2048));
     }
 }

@@ -189,7 +189,7 @@ fn unit_d(blk: &[u8], at: usize) -> Vec<u8> {
     b
 }
 
-fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

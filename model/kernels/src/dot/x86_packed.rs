@@ -14,9 +14,9 @@
 
 use std::arch::x86_64::*;
 
-use crate::act::{Q8Acts, Q8Row};
+use crate::act::{Q8Acts, Q8KActs, Q8KRow, Q8Row};
 use crate::cpu::{self, Isa};
-use crate::format::{GgmlType, QK};
+use crate::format::{GgmlType, QK, QK_K};
 use crate::pack::GROUP;
 
 const T_Q4_0: u8 = 0;
@@ -388,13 +388,160 @@ unsafe fn block_vnni512<const T: u8>(w: &[u8], group_bytes: usize, a: &Q8Acts, o
     }
 }
 
+// ---- Q4_K: blocks of 256, eight 6-bit scales and minimums per row ----
+
+/// A packed Q4_K block's scales and minimums as four registers of bytes: lane r holds row
+/// r's scales 0..4, minimums 0..4, scales 4..8 and minimums 4..8 (ggml's
+/// `get_scale_min_k4`, eight rows at once).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_scales(blk: &[u8]) -> [__m256i; 4] {
+    let (s0, s1, s2) = (load(blk, 32), load(blk, 64), load(blk, 96));
+    let (m6, m4, m30) = (
+        _mm256_set1_epi8(0x3F),
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(0x30),
+    );
+    let high = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 2), m30);
+    [
+        _mm256_and_si256(s0, m6),
+        _mm256_and_si256(s1, m6),
+        _mm256_or_si256(_mm256_and_si256(s2, m4), high(s0)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(s2, 4), m4), high(s1)),
+    ]
+}
+
+/// Scale (or minimum) `s` of every row as 32-bit lanes, from [`q4k_scales`]' `lo` (0..4)
+/// and `hi` (4..8).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_pick(lo: __m256i, hi: __m256i, s: usize) -> __m256i {
+    let v = if s < 4 { lo } else { hi };
+    let shifted = _mm256_srlv_epi32(v, _mm256_set1_epi32(8 * (s % 4) as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi32(0xFF))
+}
+
+/// Lane r of `acc[k]` into `o[r * m + i + k]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scatter(acc: &[__m256], o: &mut [f32], i: usize, m: usize) {
+    let mut lanes = [0f32; GROUP];
+    for (k, v) in acc.iter().enumerate() {
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+        for (r, l) in lanes.iter().enumerate() {
+            o[r * m + i + k] = *l;
+        }
+    }
+}
+
+macro_rules! q4k_kernels {
+    ($rows:ident, $block:ident, $features:literal, $udot:ident) => {
+        /// One packed Q4_K group against `R` rows of 256-value activations: per 64 values,
+        /// the nibbles are unpacked once for every row; then as [`super::packed::dot_group_q4k`].
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $rows<const R: usize>(
+            group: &[u8],
+            a: &[Q8KRow<'_>; R],
+            pb: usize,
+        ) -> [__m256; R] {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let m4 = _mm256_set1_epi8(0x0F);
+            for (b, blk) in group.chunks_exact(pb).enumerate() {
+                let [sc_lo, mn_lo, sc_hi, mn_hi] = q4k_scales(blk);
+                let mut isum = [_mm256_setzero_si256(); R];
+                for c in 0..4 {
+                    let mut lo = [_mm256_setzero_si256(); 8];
+                    let mut hi = [_mm256_setzero_si256(); 8];
+                    for k in 0..8 {
+                        let raw = load(blk, 128 + 32 * (8 * c + k));
+                        lo[k] = _mm256_and_si256(raw, m4);
+                        hi[k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    }
+                    let (sa, sb) = (
+                        q4k_pick(sc_lo, sc_hi, 2 * c),
+                        q4k_pick(sc_lo, sc_hi, 2 * c + 1),
+                    );
+                    for i in 0..R {
+                        let qa = &a[i].q[b * QK_K + 64 * c..b * QK_K + 64 * (c + 1)];
+                        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for k in 0..8 {
+                            s0 = $udot(s0, lo[k], bcast4(qa, 4 * k));
+                            s1 = $udot(s1, hi[k], bcast4(qa, 32 + 4 * k));
+                        }
+                        isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(s0, sa));
+                        isum[i] = _mm256_add_epi32(isum[i], _mm256_mullo_epi32(s1, sb));
+                    }
+                }
+                let (d, dmin) = (field(blk, 0), field(blk, 1));
+                for i in 0..R {
+                    let bs = &a[i].bsums[16 * b..16 * b + 16];
+                    let mut msum = _mm256_setzero_si256();
+                    for s in 0..8 {
+                        let sum = _mm256_set1_epi32(bs[2 * s] + bs[2 * s + 1]);
+                        msum = _mm256_add_epi32(
+                            msum,
+                            _mm256_mullo_epi32(q4k_pick(mn_lo, mn_hi, s), sum),
+                        );
+                    }
+                    let ad = a[i].d[b];
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(ad));
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), scale, acc[i]);
+                    let scale = _mm256_mul_ps(dmin, _mm256_set1_ps(-ad));
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), scale, acc[i]);
+                }
+            }
+            acc
+        }
+
+        /// Every packed Q4_K group of `w` against every row of `a`: `out[r * m + i]`.
+        #[target_feature(enable = $features)]
+        unsafe fn $block(w: &[u8], group_bytes: usize, a: &Q8KActs, out: &mut [f32]) {
+            let m = a.rows;
+            let pb = group_bytes / (a.cols / QK_K);
+            for (group, o) in w
+                .chunks_exact(group_bytes)
+                .zip(out.chunks_exact_mut(GROUP * m))
+            {
+                let mut i = 0;
+                while i + ROWS <= m {
+                    let rows = [a.row(i), a.row(i + 1), a.row(i + 2), a.row(i + 3)];
+                    scatter(&$rows::<ROWS>(group, &rows, pb), o, i, m);
+                    i += ROWS;
+                }
+                while i < m {
+                    scatter(&$rows::<1>(group, &[a.row(i)], pb), o, i, m);
+                    i += 1;
+                }
+            }
+        }
+    };
+}
+
+q4k_kernels!(q4k_rows_avx2, block_q4k_avx2, "avx2,fma,f16c", udot_avx2);
+q4k_kernels!(
+    q4k_rows_vnni,
+    block_q4k_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    udot_vnni
+);
+
 type BlockFn = unsafe fn(&[u8], usize, &Q8Acts, &mut [f32]);
+type BlockKFn = unsafe fn(&[u8], usize, &Q8KActs, &mut [f32]);
+
+#[derive(Clone, Copy)]
+enum Fns {
+    /// 32-value formats against 32-value activations.
+    Q8(BlockFn),
+    /// Q4_K against 256-value activations.
+    Q8K(BlockKFn),
+}
 
 /// A packed SIMD kernel, chosen once per product; it exists only if the CPU has the
 /// instructions it uses.
 #[derive(Clone, Copy)]
 pub struct Kernel {
-    f: BlockFn,
+    f: Fns,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -407,18 +554,21 @@ impl Kernel {
     /// `isa`'s packed kernel for `ty`, if there is one and this CPU can run it.
     pub fn new(isa: Isa, ty: GgmlType) -> Option<Self> {
         macro_rules! pick {
-            ($k:ident) => {
+            ($k:ident, $kk:ident) => {
                 match ty {
-                    GgmlType::Q4_0 => $k::<T_Q4_0> as BlockFn,
-                    GgmlType::Q4_1 => $k::<T_Q4_1> as BlockFn,
-                    GgmlType::Q8_0 => $k::<T_Q8_0> as BlockFn,
+                    GgmlType::Q4_0 => Fns::Q8($k::<T_Q4_0>),
+                    GgmlType::Q4_1 => Fns::Q8($k::<T_Q4_1>),
+                    GgmlType::Q8_0 => Fns::Q8($k::<T_Q8_0>),
+                    GgmlType::Q4_K => Fns::Q8K($kk),
                     _ => return None,
                 }
             };
         }
         let f = match isa {
-            Isa::Avx512Vnni if cpu::has(Isa::Avx512Vnni) => pick!(block_vnni512),
-            Isa::Avx2 | Isa::Avx512Vnni if cpu::has(Isa::Avx2) => pick!(block_avx2),
+            Isa::Avx512Vnni if cpu::has(Isa::Avx512Vnni) => pick!(block_vnni512, block_q4k_vnni),
+            Isa::Avx2 | Isa::Avx512Vnni if cpu::has(Isa::Avx2) => {
+                pick!(block_avx2, block_q4k_avx2)
+            }
             _ => return None,
         };
         Some(Kernel { f })
@@ -426,8 +576,26 @@ impl Kernel {
 
     /// `out[r * m + i] = w_r · a_i` over the groups of `w` (`group_bytes` each, as wide as
     /// `a`); the caller checked the sizes (see [`super::packed::PackedDot::block`]).
+    ///
+    /// # Panics
+    /// If this is the Q4_K kernel.
     pub fn block(&self, w: &[u8], group_bytes: usize, a: &Q8Acts, out: &mut [f32]) {
+        let Fns::Q8(f) = self.f else {
+            panic!("Q4_K takes 256-value activations")
+        };
         // SAFETY: the CPU's features were checked in `new`; every access is bounds-checked.
-        unsafe { (self.f)(w, group_bytes, a, out) }
+        unsafe { f(w, group_bytes, a, out) }
+    }
+
+    /// As [`Kernel::block`], for Q4_K against 256-value activations.
+    ///
+    /// # Panics
+    /// If this is not the Q4_K kernel.
+    pub fn block_q8k(&self, w: &[u8], group_bytes: usize, a: &Q8KActs, out: &mut [f32]) {
+        let Fns::Q8K(f) = self.f else {
+            panic!("only Q4_K takes 256-value activations")
+        };
+        // SAFETY: the CPU's features were checked in `new`; every access is bounds-checked.
+        unsafe { f(w, group_bytes, a, out) }
     }
 }
