@@ -275,18 +275,18 @@ unsafe fn unpack2<const T: u8>(q0: &[u8], q1: &[u8]) -> ([__m512i; 8], __m512i) 
     (w, bias)
 }
 
-/// One block's sixteen integer sums against activation block `qa` (see [`sum_vnni`]).
+/// One block's sixteen integer sums against activation block `qa` (see [`sum_vnni`]); for
+/// Q8_0, `qa` holds `a ^ 0x80`, the activations plus 128 as unsigned bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn sum_512<const T: u8>(w: &[__m512i; 8], bias: __m512i, qa: &[i8], asum: i32) -> __m512i {
     let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-    let flip = _mm512_set1_epi8(-128);
     for k in 0..4 {
         let (a0, a1) = (bcast4_512(qa, act_at(k)), bcast4_512(qa, act_at(k + 4)));
         if T == T_Q8_0 {
-            // (a + 128) unsigned times w signed
-            s0 = _mm512_dpbusd_epi32(s0, _mm512_xor_si512(a0, flip), w[k]);
-            s1 = _mm512_dpbusd_epi32(s1, _mm512_xor_si512(a1, flip), w[k + 4]);
+            // (a + 128) unsigned (flipped once per product) times w signed
+            s0 = _mm512_dpbusd_epi32(s0, a0, w[k]);
+            s1 = _mm512_dpbusd_epi32(s1, a1, w[k + 4]);
         } else {
             s0 = _mm512_dpbusd_epi32(s0, w[k], a0);
             s1 = _mm512_dpbusd_epi32(s1, w[k + 4], a1);
@@ -364,21 +364,32 @@ unsafe fn block_vnni512<const T: u8>(w: &[u8], group_bytes: usize, a: &Q8Acts, o
     }
     let pb = group_bytes / (a.cols / QK);
     let head = if T == T_Q4_1 { 32 } else { 16 };
+    // Q8_0 meets the activations as unsigned bytes a + 128: flipped once here, not per block
+    let flipped;
+    let pa = if T == T_Q8_0 {
+        flipped = Q8Acts {
+            q: a.q.iter().map(|&q| q ^ i8::MIN).collect(),
+            ..a.clone()
+        };
+        &flipped
+    } else {
+        a
+    };
     let mut pairs = w.chunks_exact(2 * group_bytes);
     let mut outs = out.chunks_exact_mut(2 * GROUP * m);
     for (pair, o) in pairs.by_ref().zip(outs.by_ref()) {
         let (g0, g1) = pair.split_at(group_bytes);
         let mut i = 0;
         while i + 8 <= m {
-            pair_rows_512::<T, 8>(g0, g1, a, i, o, pb, head);
+            pair_rows_512::<T, 8>(g0, g1, pa, i, o, pb, head);
             i += 8;
         }
         if i + 4 <= m {
-            pair_rows_512::<T, 4>(g0, g1, a, i, o, pb, head);
+            pair_rows_512::<T, 4>(g0, g1, pa, i, o, pb, head);
             i += 4;
         }
         while i < m {
-            pair_rows_512::<T, 1>(g0, g1, a, i, o, pb, head);
+            pair_rows_512::<T, 1>(g0, g1, pa, i, o, pb, head);
             i += 1;
         }
     }
