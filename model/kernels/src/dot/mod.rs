@@ -1,6 +1,8 @@
-//! Dot products of one weight row (GGML blocks) with one row of activations, chosen per
-//! format and instruction set: [`portable`] is the reference, `x86` the AVX2 and AVX-512
-//! VNNI kernels. Formats without a SIMD kernel run the portable one on every CPU.
+//! Dot products of weight rows (GGML blocks) with rows of activations, chosen per format
+//! and instruction set. Row by row: [`portable`] is the reference, `x86` the AVX2 and
+//! AVX-512 VNNI kernels; formats without a SIMD kernel run the portable one on every CPU.
+//! Eight interleaved rows at a time ([`crate::pack`]): [`packed`] is the reference,
+//! `x86_packed` the SIMD kernels, all giving the same bits.
 
 pub mod packed;
 pub mod portable;
