@@ -3,7 +3,7 @@
 //! Nothing here knows of burn, files or processes.
 //!
 //! Layout, as in ggml and candle's `quantized`: one file per block format under
-//! [`format`], each with a portable reference that the fast paths are tested against;
+//! [`mod@format`], each with a portable reference that the fast paths are tested against;
 //! [`pack`] interleaves the rows of the common formats for the fastest kernels.
 
 pub mod act;
