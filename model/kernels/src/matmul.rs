@@ -351,36 +351,26 @@ pub fn matmul_fused_with(
             let (r0, r1) = (g - starts[k], (g1 - starts[k]).min(part.rows));
             let w = &part.data.as_slice()[r0 * part.row_bytes..r1 * part.row_bytes];
             let o = &mut out[(g - g0) * m..(g - g0 + r1 - r0) * m];
-            match (&kernels[k], &q8, &q8k) {
-                _ if part.packed => match (&packed[k], &q8, &q8k) {
-                    (Some(kernel), Some(a), _) if formats[k] == ActFormat::Q8 => {
-                        packed_rows(part, r0, r1, m, o, |w, out| kernel.block(w, a, out))
-                    }
-                    (Some(kernel), _, Some(a)) if formats[k] == ActFormat::Q8K => {
-                        packed_rows(part, r0, r1, m, o, |w, out| kernel.block_q8k(w, a, out))
-                    }
-                    _ => ROW.with_borrow_mut(|(buf, bytes)| {
-                        buf.resize(cols, 0.0);
-                        bytes.resize(part.row_bytes, 0);
-                        for (r, col) in (r0..r1).zip(o.chunks_exact_mut(m)) {
-                            part.copy_row(r, bytes);
-                            dot::dequantize_row(part.ty, bytes, buf);
-                            for (i, v) in col.iter_mut().enumerate() {
-                                *v = dot::dot_f32(isa, buf, &x[i * cols..(i + 1) * cols]);
-                            }
-                        }
-                    }),
-                },
-                (Some(kernel), Some(a), _) if formats[k] == ActFormat::Q8 => {
+            match (formats[k], &q8, &q8k, &packed[k], &kernels[k]) {
+                (ActFormat::Q8, Some(a), _, Some(p), _) => {
+                    packed_rows(part, r0, r1, m, o, |w, out| p.block(w, a, out))
+                }
+                (ActFormat::Q8K, _, Some(a), Some(p), _) => {
+                    packed_rows(part, r0, r1, m, o, |w, out| p.block_q8k(w, a, out))
+                }
+                (ActFormat::Q8, Some(a), _, _, Some(kernel)) => {
                     kernel.q8_block(w, part.row_bytes, a, o)
                 }
-                (Some(kernel), _, Some(a)) if formats[k] == ActFormat::Q8K => {
+                (ActFormat::Q8K, _, Some(a), _, Some(kernel)) => {
                     kernel.q8k_block(w, part.row_bytes, a, o)
                 }
-                _ => ROW.with_borrow_mut(|(buf, _)| {
+                // f32 activations against each row dequantized (either layout)
+                _ => ROW.with_borrow_mut(|(buf, bytes)| {
                     buf.resize(cols, 0.0);
-                    for (wr, col) in w.chunks_exact(part.row_bytes).zip(o.chunks_exact_mut(m)) {
-                        dot::dequantize_row(part.ty, wr, buf);
+                    bytes.resize(part.row_bytes, 0);
+                    for (r, col) in (r0..r1).zip(o.chunks_exact_mut(m)) {
+                        part.copy_row(r, bytes);
+                        dot::dequantize_row(part.ty, bytes, buf);
                         for (i, v) in col.iter_mut().enumerate() {
                             *v = dot::dot_f32(isa, buf, &x[i * cols..(i + 1) * cols]);
                         }

@@ -174,7 +174,6 @@ macro_rules! packed_kernels {
             let m = a.rows;
             let pb = group_bytes / (a.cols / QK);
             let head = if T == T_Q4_1 { 32 } else { 16 };
-            let mut lanes = [0f32; GROUP];
             for (group, o) in w
                 .chunks_exact(group_bytes)
                 .zip(out.chunks_exact_mut(GROUP * m))
@@ -182,21 +181,11 @@ macro_rules! packed_kernels {
                 let mut i = 0;
                 while i + ROWS <= m {
                     let rows = [a.row(i), a.row(i + 1), a.row(i + 2), a.row(i + 3)];
-                    let acc = $four::<T>(group, &rows, pb, head);
-                    for (k, v) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
-                        for (r, l) in lanes.iter().enumerate() {
-                            o[r * m + i + k] = *l;
-                        }
-                    }
+                    scatter(&$four::<T>(group, &rows, pb, head), o, i, m);
                     i += ROWS;
                 }
                 while i < m {
-                    let acc = $one::<T>(group, a.row(i), pb, head);
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                    for (r, l) in lanes.iter().enumerate() {
-                        o[r * m + i] = *l;
-                    }
+                    scatter(&[$one::<T>(group, a.row(i), pb, head)], o, i, m);
                     i += 1;
                 }
             }
@@ -342,14 +331,7 @@ unsafe fn pair_rows_512<const T: u8, const R: usize>(
 ) {
     let m = a.rows;
     let rows: [Q8Row<'_>; R] = std::array::from_fn(|k| a.row(i + k));
-    let acc = pair_512::<T, R>(g0, g1, &rows, pb, head);
-    let mut lanes = [0f32; 2 * GROUP];
-    for (k, v) in acc.iter().enumerate() {
-        _mm512_storeu_ps(lanes.as_mut_ptr(), *v);
-        for (r, l) in lanes.iter().enumerate() {
-            o[r * m + i + k] = *l;
-        }
-    }
+    scatter512(&pair_512::<T, R>(g0, g1, &rows, pb, head), o, i, m);
 }
 
 /// Every group of `w` against every row of `a` (`out[r * m + i]`): pairs of groups on
