@@ -423,3 +423,35 @@ impl Container {
         Ok(v)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_kernels::GgmlType;
+
+    /// Matrices come back interleaved for the kernels, yet read, hash and write back as the
+    /// bytes that were stored.
+    #[test]
+    fn a_stored_matrix_reads_and_writes_back_as_stored() {
+        let (rows, cols) = (16, 64);
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 - 6.0).collect();
+        let m = QMatrix::quantize(GgmlType::Q4_0, rows, cols, &values).expect("quantize");
+        let mut w = ContainerWriter::new("test", &serde_json::json!({})).expect("writer");
+        w.add_matrix("m", &m).expect("add");
+        w.add_f32("v", &[3], &[1.0, 2.0, 3.0]);
+        let c = Container::from_vec(w.to_bytes().expect("bytes")).expect("open");
+        assert_eq!(c.data_sha256(), w.data_sha256());
+        let back = c.matrix("m", rows, cols).expect("matrix");
+        assert!(back.is_packed());
+        assert_eq!(back.bytes(), m.bytes());
+        assert_eq!(c.f32("v").expect("f32").1, [1.0, 2.0, 3.0]);
+        let mut again = ContainerWriter::new("test", &serde_json::json!({})).expect("writer");
+        again.add_matrix("m", &back).expect("add");
+        again.add_f32("v", &[3], &[1.0, 2.0, 3.0]);
+        assert_eq!(
+            again.data_sha256(),
+            w.data_sha256(),
+            "written back unchanged"
+        );
+    }
+}

@@ -179,3 +179,41 @@ fn a_streamed_file_equals_the_in_memory_one_in_any_pieces() {
     let err = s.finish().expect_err("b missing");
     assert!(err.to_string().contains("tensor b"), "{err}");
 }
+
+/// A file read into owned memory interleaves its quantized matrices in place; what the
+/// accessors return is the file's content all the same.
+#[test]
+fn quantized_matrices_read_the_same_interleaved_or_not() {
+    let (cols, rows) = (64, 16);
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let mut blocks = Vec::new();
+    veil_kernels::format::quantize_q8_0(&values, &mut blocks);
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .tensor_raw("m", &[cols, rows], 8, blocks.clone());
+    let bytes = w.to_bytes();
+    let owned = GgufFile::from_bytes(bytes.clone()).expect("parse");
+    let shared = GgufFile::from_shared(veil_kernels::Bytes::from_vec(bytes)).expect("parse");
+    let (a, b) = (
+        owned.tensor_matrix("m", cols, rows).expect("matrix"),
+        shared.tensor_matrix("m", cols, rows).expect("matrix"),
+    );
+    assert!(a.is_packed() && !b.is_packed());
+    assert_eq!(
+        a.bytes(),
+        blocks.as_slice(),
+        "the file's blocks, row by row"
+    );
+    assert_eq!(b.bytes(), blocks.as_slice());
+    assert_eq!(
+        owned.tensor_f32("m").expect("f32"),
+        shared.tensor_f32("m").expect("f32")
+    );
+    let x: Vec<f32> = (0..cols).map(|i| i as f32 / 64.0).collect();
+    let (mut ya, mut yb) = (vec![0.0; rows], vec![0.0; rows]);
+    a.matmul(&x, 1, &mut ya, veil_kernels::Precision::Exact);
+    b.matmul(&x, 1, &mut yb, veil_kernels::Precision::Exact);
+    assert_eq!(ya, yb, "exact products do not depend on the layout");
+}
