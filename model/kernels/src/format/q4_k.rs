@@ -78,18 +78,42 @@ pub fn quantize(x: &[f32], out: &mut Vec<u8>) {
         }
         out.extend_from_slice(&packed);
         // The codes, against the scales as stored (rounded to f16 and 6 bits).
+        let header = &out[out.len() - HEADER_BYTES..];
+        let ranges = group_ranges(header);
         let mut q = [0u8; QK_K];
         for (g, group) in block.chunks_exact(32).enumerate() {
-            let (s, m) = scale_min(g, &packed);
-            let dl = d.to_f32() * f32::from(s);
-            let ml = dmin.to_f32() * f32::from(m);
-            let inv = if dl > 0.0 { 1.0 / dl } else { 0.0 };
             for (i, &v) in group.iter().enumerate() {
-                q[32 * g + i] = ((v + ml) * inv).round().clamp(0.0, 15.0) as u8;
+                q[32 * g + i] = code(ranges[g], v);
             }
         }
-        for c in 0..4 {
-            out.extend((0..32).map(|i| q[64 * c + i] | (q[64 * c + 32 + i] << 4)));
-        }
+        write_codes(&q, out);
+    }
+}
+
+/// The bytes before a super-block's codes: `d`, `dmin` and the packed scales.
+pub const HEADER_BYTES: usize = 16;
+
+/// The eight groups' step and offset `(d * s, dmin * m)` of the super-block whose header is
+/// `header` (its first [`HEADER_BYTES`] bytes): a code `q` of group `g` stands for
+/// `step * q - offset`.
+pub fn group_ranges(header: &[u8]) -> [(f32, f32); 8] {
+    let (d, dmin) = (f16_at(header, 0), f16_at(header, 2));
+    std::array::from_fn(|g| {
+        let (s, m) = scale_min(g, &header[4..16]);
+        (d * f32::from(s), dmin * f32::from(m))
+    })
+}
+
+/// The 4-bit code nearest to `v` in a group of range `(step, offset)`.
+pub fn code((step, offset): (f32, f32), v: f32) -> u8 {
+    let inv = if step > 0.0 { 1.0 / step } else { 0.0 };
+    ((v + offset) * inv).round().clamp(0.0, 15.0) as u8
+}
+
+/// Append a super-block's 256 codes (values in order) in Q4_K's nibble layout.
+pub fn write_codes(q: &[u8], out: &mut Vec<u8>) {
+    assert_eq!(q.len(), QK_K, "a super-block of codes");
+    for c in 0..4 {
+        out.extend((0..32).map(|i| q[64 * c + i] | (q[64 * c + 32 + i] << 4)));
     }
 }
