@@ -53,6 +53,8 @@ pub struct BenchArgs {
     /// exact one; see `veil encrypt --help`).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
     pub quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", help = crate::encrypt::CALIBRATION_HELP)]
+    pub calibration: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -73,6 +75,8 @@ pub struct ChildArgs {
     exact: bool,
     #[arg(long, default_value = "q8_0")]
     quant: ShardQuant,
+    #[arg(long)]
+    calibration: Option<String>,
 }
 
 /// One backend's figures.
@@ -137,6 +141,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(args.encrypted.then_some("--encrypted"))
             .args(args.exact.then_some("--exact"))
             .args(["--quant", args.quant.as_str()])
+            .args(
+                args.calibration
+                    .as_deref()
+                    .map(|c| ["--calibration", c])
+                    .into_iter()
+                    .flatten(),
+            )
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("cannot start the benchmark process")?;
@@ -242,7 +253,14 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
     let mut encrypted = if args.encrypted {
-        let e = encrypt_with_progress(&q, 3.min(q.weights.config.n_layers), 0, None, args.quant)?;
+        let e = encrypt_with_progress(
+            &q,
+            3.min(q.weights.config.n_layers),
+            0,
+            None,
+            args.quant,
+            args.calibration.as_deref(),
+        )?;
         Some(EncryptedLocal::with_precision(
             &e.client,
             &e.shards,

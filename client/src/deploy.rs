@@ -43,6 +43,8 @@ pub struct DeployArgs {
     /// whole blocks of 256), or f32 (exact: encrypted output equals the f32 model's).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
     pub quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", help = crate::encrypt::CALIBRATION_HELP)]
+    pub calibration: Option<String>,
     /// Re-place the stages of deployment D that have no live replica.
     #[arg(long, value_name = "D")]
     pub repair: Option<String>,
@@ -267,7 +269,14 @@ pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
-    let e = encrypt_with_progress(&bundle, stages, args.client_layers, None, args.quant)?;
+    let e = encrypt_with_progress(
+        &bundle,
+        stages,
+        args.client_layers,
+        None,
+        args.quant,
+        args.calibration.as_deref(),
+    )?;
     let id = format!("d-{}", &e.client.meta.key.fingerprint[..12]);
     let dir = Deployment::dir(&id)?;
     e.write(&dir)

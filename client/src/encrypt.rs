@@ -8,11 +8,12 @@ use clap::Args;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
+use veil_model::calibrate::{self, Calibration};
 use veil_model::crypto::{
-    client_path, encrypt_model_quant, shard_path, short_fingerprint, Encrypted, KeyOptions,
-    KeyShape, ModelKey, ShardQuant,
+    calibrates, client_path, encrypt_model_with, shard_path, short_fingerprint, Encrypted,
+    KeyOptions, KeyShape, ModelKey, ShardQuant,
 };
-use veil_model::PlainModel;
+use veil_model::{PlainModel, TextCodec};
 
 use crate::model_spec::ModelSpec;
 
@@ -33,6 +34,8 @@ pub struct EncryptArgs {
     /// whole blocks of 256), or f32 (exact: encrypted output equals the f32 model's).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
     pub quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", help = CALIBRATION_HELP)]
+    pub calibration: Option<String>,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -48,16 +51,61 @@ pub struct EncryptArgs {
     pub json: bool,
 }
 
+/// The `--calibration` option of every command that encrypts.
+pub const CALIBRATION_HELP: &str = "With 4-bit shards (q4_0, q4_k): a UTF-8 text whose activations \
+steer the rounding (GPTQ: each weight is rounded where it costs the layer's outputs least, \
+measured on the text in the key's basis; the layers are then encrypted one after another), \
+or `none` to round every weight to its nearest value. [default: a built-in text of about \
+2,000 tokens]";
+
+/// Calibration sequences are at most this long (tokens) ...
+const CALIBRATION_SEQ_LEN: usize = 512;
+/// ... and hold at most this many tokens in all.
+const CALIBRATION_MAX_TOKENS: usize = 4096;
+
+/// The calibration `--calibration` asks for when shards are stored as `quant`: `None` when
+/// the format does not calibrate or the option says `none`.
+pub fn calibration_for(
+    model: &PlainModel<'_>,
+    quant: ShardQuant,
+    option: Option<&str>,
+) -> Result<Option<Calibration>> {
+    if !calibrates(quant) {
+        if option.is_some_and(|o| o != "none") {
+            tracing::warn!("--calibration is ignored: {quant} shards round plainly");
+        }
+        return Ok(None);
+    }
+    let text = match option {
+        Some("none") => return Ok(None),
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the calibration text {path}"))?,
+        None => calibrate::DEFAULT_TEXT.to_string(),
+    };
+    let codec = TextCodec::new(model.text.clone())?;
+    let c = Calibration::from_text(&codec, &text, CALIBRATION_SEQ_LEN, CALIBRATION_MAX_TOKENS)
+        .context("the calibration text")?;
+    tracing::info!(
+        "4-bit rounding calibrated on {} tokens ({} sequences{})",
+        c.tokens(),
+        c.sequences.len(),
+        option.map(|p| format!(" of {p}")).unwrap_or_default()
+    );
+    Ok(Some(c))
+}
+
 /// Draw a key (seeded for tests) and encrypt `model` layer by layer, showing progress on
-/// stderr.
+/// stderr. `calibration` is the `--calibration` option ([`calibration_for`]).
 pub fn encrypt_with_progress<'a>(
     model: impl Into<PlainModel<'a>>,
     stages: usize,
     client_layers: usize,
     seed: Option<u64>,
     quant: ShardQuant,
+    calibration: Option<&str>,
 ) -> Result<Encrypted> {
     let model = model.into();
+    let calibration = calibration_for(&model, quant, calibration)?;
     let n_layers = model.weights.config().n_layers;
     let shape = KeyShape::of(model.weights.config());
     let mut rng = match seed {
@@ -74,10 +122,20 @@ pub fn encrypt_with_progress<'a>(
         Some(n_layers.saturating_sub(client_layers) as u64),
         "{msg} [{bar:30}] {pos}/{len} layers ({elapsed})",
     );
-    bar.set_message("encrypting");
-    let e = encrypt_model_quant(model, key, stages, client_layers, quant, &mut |done, _| {
-        bar.set_position(done as u64)
-    })?;
+    bar.set_message(if calibration.is_some() {
+        "encrypting (calibrated)"
+    } else {
+        "encrypting"
+    });
+    let e = encrypt_model_with(
+        model,
+        key,
+        stages,
+        client_layers,
+        quant,
+        calibration.as_ref(),
+        &mut |done, _| bar.set_position(done as u64),
+    )?;
     bar.finish_and_clear();
     Ok(e)
 }
@@ -115,6 +173,7 @@ pub fn run(args: EncryptArgs) -> Result<()> {
         args.client_layers,
         args.seed,
         args.quant,
+        args.calibration.as_deref(),
     )?;
     e.write(&args.out)
         .with_context(|| format!("cannot write into {}", args.out.display()))?;

@@ -41,6 +41,8 @@ pub struct GenerateArgs {
     /// exact one; see `veil encrypt --help`).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
     pub quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", help = crate::encrypt::CALIBRATION_HELP)]
+    pub calibration: Option<String>,
     /// Generate through the nodes of this deployment (see `veil deploy`).
     #[arg(long, conflicts_with_all = ["local", "encrypted"])]
     pub deployment: Option<String>,
@@ -164,7 +166,14 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     let spec = ModelSpec::parse(&args.model)?;
     if args.encrypted {
         let bundle = spec.load_quantized()?;
-        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None, args.quant)?;
+        let e = encrypt_with_progress(
+            &bundle,
+            args.stages,
+            args.client_layers,
+            None,
+            args.quant,
+            args.calibration.as_deref(),
+        )?;
         return Ok((bundle.text, encrypted(&e)?));
     }
     if compute.kind == BackendKind::Cpu {

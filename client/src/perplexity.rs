@@ -37,6 +37,8 @@ pub struct PerplexityArgs {
     /// With --encrypted: the shards' weight format (f32, q8_0, q4_0, q4_k).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
     pub quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", help = crate::encrypt::CALIBRATION_HELP)]
+    pub calibration: Option<String>,
     /// With --encrypted: stages to split the model into.
     #[arg(long, default_value_t = 3)]
     pub stages: usize,
@@ -94,7 +96,14 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         bar.set_position(done as u64);
     };
     let report = if args.encrypted {
-        let e = encrypt_with_progress(&bundle, args.stages, args.client_layers, None, args.quant)?;
+        let e = encrypt_with_progress(
+            &bundle,
+            args.stages,
+            args.client_layers,
+            None,
+            args.quant,
+            args.calibration.as_deref(),
+        )?;
         let mut enc = EncryptedLocal::with_precision(
             &e.client,
             &e.shards,

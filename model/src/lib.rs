@@ -4,6 +4,7 @@
 pub mod attack;
 pub mod bundle;
 pub mod cache;
+pub mod calibrate;
 pub mod chat;
 pub mod config;
 pub mod container;

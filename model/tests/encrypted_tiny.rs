@@ -444,3 +444,98 @@ fn bundles_from_before_quantized_shards_mean_f32_shards() {
     let meta: veil_model::crypto::ClientMeta = serde_json::from_value(v).expect("old meta");
     assert_eq!(meta.shard_dtype, "f32");
 }
+
+#[test]
+fn calibrated_4_bit_shards_follow_the_plaintext_model_more_closely() {
+    use veil_model::calibrate::{Calibration, DEFAULT_TEXT};
+    use veil_model::crypto::{encrypt_model_quant, encrypt_model_with, ShardQuant};
+    use veil_model::Compute;
+    let b = ModelBundle::tiny().expect("tiny");
+    let calibration = Calibration::from_text(&b.text, DEFAULT_TEXT, 96, 768).expect("calibration");
+    assert_eq!(calibration.sequences.len(), 8);
+    assert!(calibration.sequences.iter().all(|s| s.len() == 96));
+    // scored on other text than the calibration's
+    let ids = b
+        .text
+        .prompt_tokens(
+            "Rivers carve valleys over thousands of years; the water carries sand and stones \
+             downstream and leaves them where the current slows.",
+            false,
+        )
+        .expect("prompt");
+    let device = Compute::cpu().device;
+    let plain = LocalModel::new(&b.weights, &device, None)
+        .feed_all(&ids)
+        .expect("plain");
+    let mean_error = |e: &Encrypted| -> f64 {
+        let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
+        let got = enc.feed_all(&ids).expect("encrypted");
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for (a, p) in got.iter().zip(&plain) {
+            for (x, y) in a.iter().zip(p) {
+                sum += f64::from((x - y).abs());
+                n += 1;
+            }
+        }
+        sum / n as f64
+    };
+    let key = |seed| {
+        ModelKey::generate(
+            KeyShape::of(&b.weights.config),
+            KeyOptions::default(),
+            &mut ChaCha20Rng::seed_from_u64(seed),
+        )
+    };
+    for client_layers in [0, 1] {
+        let rounded = encrypt_model_quant(
+            &b,
+            key(9),
+            2,
+            client_layers,
+            ShardQuant::Q4_0,
+            &mut |_, _| {},
+        )
+        .expect("encrypt");
+        let mut seen = Vec::new();
+        let calibrated = encrypt_model_with(
+            &b,
+            key(9),
+            2,
+            client_layers,
+            ShardQuant::Q4_0,
+            Some(&calibration),
+            &mut |done, total| seen.push((done, total)),
+        )
+        .expect("calibrated");
+        // progress after every layer, in order
+        let n = b.weights.config.n_layers - client_layers;
+        assert_eq!(seen, (1..=n).map(|d| (d, n)).collect::<Vec<_>>());
+        let (r, c) = (mean_error(&rounded), mean_error(&calibrated));
+        eprintln!("client layers {client_layers}: mean |Δlogit| rounded {r:.4}, calibrated {c:.4}");
+        // the tiny model's random weights leave its inputs nearly uncorrelated, where GPTQ
+        // is close to plain rounding (measured 0.82x and 0.93x; SmolLM2's test measures a
+        // real model's gain)
+        assert!(c < 0.97 * r, "calibrated {c} against rounded {r}");
+        // the same key: only the rounding differs, and the result still reads back
+        assert_eq!(
+            calibrated.client.meta.key.fingerprint,
+            rounded.client.meta.key.fingerprint
+        );
+        let dir = tempfile::tempdir().expect("tmp");
+        calibrated.write(dir.path()).expect("write");
+        Encrypted::read(dir.path()).expect("read back");
+    }
+    // 8-bit and f32 shards round as before: a calibration changes nothing
+    for quant in [ShardQuant::Q8_0, ShardQuant::F32] {
+        let a = encrypt_model_quant(&b, key(9), 2, 0, quant, &mut |_, _| {}).expect("encrypt");
+        let c = encrypt_model_with(&b, key(9), 2, 0, quant, Some(&calibration), &mut |_, _| {})
+            .expect("encrypt");
+        for (x, y) in a.shards.iter().zip(&c.shards) {
+            assert_eq!(
+                x.to_writer().expect("w").data_sha256(),
+                y.to_writer().expect("w").data_sha256(),
+                "{quant}"
+            );
+        }
+    }
+}

@@ -72,6 +72,8 @@ struct NetOpts {
     /// The shards' weight format: q8_0 (default), q4_0, q4_k, or f32 (exact).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
     quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", help = veil_client::encrypt::CALIBRATION_HELP)]
+    calibration: Option<String>,
 }
 
 impl NetOpts {
@@ -89,6 +91,7 @@ impl NetOpts {
             keep: self.keep,
             client_layers: self.client_layers,
             quant: self.quant,
+            calibration: self.calibration.clone(),
         }
     }
 

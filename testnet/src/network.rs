@@ -33,6 +33,8 @@ pub struct NetworkOptions {
     pub client_layers: usize,
     /// The shards' weight format.
     pub quant: ShardQuant,
+    /// With 4-bit shards: the calibration text's path, `none`, or the built-in text (`None`).
+    pub calibration: Option<String>,
 }
 
 impl Default for NetworkOptions {
@@ -46,6 +48,7 @@ impl Default for NetworkOptions {
             keep: false,
             client_layers: 0,
             quant: ShardQuant::default(),
+            calibration: None,
         }
     }
 }
@@ -143,6 +146,7 @@ impl LocalNetwork {
             max_len: 1024,
             client_layers: opts.client_layers,
             quant: opts.quant,
+            calibration: opts.calibration.clone(),
             repair: None,
             // every node's ad is already known
             wait: 1,

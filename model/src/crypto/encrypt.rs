@@ -7,11 +7,16 @@ use rayon::prelude::*;
 use super::client::{ClientBundle, ClientMeta, StageRecord, CLIENT_VERSION};
 use super::key::ModelKey;
 use super::key_io::KeyMeta;
-use super::shard::{quantize_layer, Shard, ShardLayers, ShardMeta, ShardQuant, SHARD_VERSION};
+use super::shard::{
+    quantize_layer, quantize_layer_calibrated, Shard, ShardLayers, ShardMeta, ShardQuant,
+    SHARD_VERSION,
+};
 use super::transform::{check_coverage, encrypt_layer, plan_stages};
+use crate::calibrate::{gptq, Calibration, Calibrator};
 use crate::container::Container;
 use crate::source::PlainModel;
-use crate::{LayerWeights, ModelBundle, ModelError};
+use crate::{Compute, LayerWeights, ModelBundle, ModelError};
+use veil_kernels::GgmlType;
 
 /// The result of encrypting a model.
 #[derive(Debug, Clone)]
@@ -63,6 +68,30 @@ pub fn encrypt_model_quant<'a>(
     quant: ShardQuant,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
+    encrypt_model_with(model, key, n_stages, client_layers, quant, None, progress)
+}
+
+/// Whether shards stored as `quant` round their weights against calibration statistics when
+/// given a [`Calibration`] (the 4-bit formats; 8-bit rounding costs too little to matter).
+pub fn calibrates(quant: ShardQuant) -> bool {
+    quant
+        .ggml()
+        .is_some_and(|ty| ty != GgmlType::Q8_0 && gptq::supports(ty))
+}
+
+/// [`encrypt_model_quant`], with the 4-bit matrices rounded by GPTQ against the inputs that
+/// `calibration` produces in each encrypted layer (see [`crate::calibrate`]) when
+/// [`calibrates`]`(quant)`. The layers are then encrypted one after another (each one's
+/// inputs come from the one before), the products inside each in parallel.
+pub fn encrypt_model_with<'a>(
+    model: impl Into<PlainModel<'a>>,
+    key: ModelKey,
+    n_stages: usize,
+    client_layers: usize,
+    quant: ShardQuant,
+    calibration: Option<&Calibration>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Encrypted, ModelError> {
     let model = model.into();
     let w = model.weights;
     let config = w.config();
@@ -86,14 +115,49 @@ pub fn encrypt_model_quant<'a>(
     let encrypt = |l: usize| -> Result<LayerWeights, ModelError> {
         Ok(encrypt_layer(&*w.layer(l)?, &key.layers[l], &key.q, config))
     };
+    let device = Compute::cpu().device;
+    let mut calibrator = match calibration {
+        Some(c) if calibrates(quant) => Some(Calibrator::new(w, &key, client_layers, c, &device)?),
+        _ => None,
+    };
     for (stage, range) in ranges.into_iter().enumerate() {
         let mut on_layers = |n: usize| {
             done += n;
             progress(done, total);
         };
-        let layers = match quant.ggml() {
-            None => ShardLayers::F32(in_parallel(range.clone(), encrypt, &mut on_layers)?),
-            Some(ty) => ShardLayers::Quant(in_parallel(
+        let layers = match (quant.ggml(), calibrator.as_mut()) {
+            (None, _) => ShardLayers::F32(in_parallel(range.clone(), encrypt, &mut on_layers)?),
+            (Some(ty), Some(calibrator)) => {
+                // the transforms of as many layers as there are threads at once; then
+                // each is calibrated and rounded in order (its inputs come from the last)
+                let mut layers = Vec::with_capacity(range.len());
+                let all: Vec<usize> = range.clone().collect();
+                for chunk in all.chunks(rayon::current_num_threads().max(1)) {
+                    let t = std::time::Instant::now();
+                    let encrypted: Vec<LayerWeights> = chunk
+                        .par_iter()
+                        .map(|&l| encrypt(l))
+                        .collect::<Result<_, _>>()?;
+                    tracing::debug!("layers {chunk:?} encrypted in {:.1?}", t.elapsed());
+                    for (&l, layer) in chunk.iter().zip(encrypted) {
+                        let t = std::time::Instant::now();
+                        let stats = calibrator.stats(l, &layer, config)?;
+                        let t1 = t.elapsed();
+                        let q = quantize_layer_calibrated(&layer, l, config, ty, &stats, &device)?;
+                        let t2 = t.elapsed();
+                        calibrator.advance(l, &q, config)?;
+                        tracing::debug!(
+                            "layer {l}: calibration inputs {t1:.1?}, rounding {:.1?}, quantized pass {:.1?}",
+                            t2 - t1,
+                            t.elapsed() - t2
+                        );
+                        layers.push(q);
+                        on_layers(1);
+                    }
+                }
+                ShardLayers::Quant(layers)
+            }
+            (Some(ty), None) => ShardLayers::Quant(in_parallel(
                 range.clone(),
                 |l| quantize_layer(&encrypt(l)?, l, config, ty),
                 &mut on_layers,

@@ -12,10 +12,13 @@ mod transform;
 
 pub use client::{ClientBundle, ClientMeta, ClientModel, StageRecord};
 pub use encrypt::{
-    client_path, encrypt_model, encrypt_model_quant, encrypt_model_split, shard_path, Encrypted,
+    calibrates, client_path, encrypt_model, encrypt_model_quant, encrypt_model_split,
+    encrypt_model_with, shard_path, Encrypted,
 };
 pub use key::{short_fingerprint, HeadKey, KeyOptions, KeyShape, LayerKey, ModelKey};
 pub use key_io::KeyMeta;
 pub use pipeline::EncryptedLocal;
-pub use shard::{quantize_layer, Shard, ShardLayers, ShardMeta, ShardQuant};
+pub use shard::{
+    quantize_layer, quantize_layer_calibrated, Shard, ShardLayers, ShardMeta, ShardQuant,
+};
 pub use transform::{check_coverage, encrypt_layer, encrypt_layers, plan_stages};

@@ -6,9 +6,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use veil_kernels::{GgmlType, QMatrix};
 
+use crate::calibrate::{gptq, LayerStats};
 use crate::container::{Container, ContainerWriter};
 use crate::qweights::QuantLayer;
 use crate::{LayerWeights, LlamaConfig, Matrix, ModelError};
@@ -165,6 +167,43 @@ pub fn quantize_layer(
                 }
             ))
         })
+    }))
+}
+
+/// [`quantize_layer`] with the 4-bit matrices rounded by GPTQ against the second moments of
+/// their inputs (`stats`, measured in the key's basis by [`crate::calibrate::Calibrator`]):
+/// `wq`, `wk`, `wv` against the attention's, `w_gate`, `w_up` against the MLP's. Matrices
+/// stored in a format GPTQ does not round into are rounded plainly.
+pub fn quantize_layer_calibrated(
+    w: &LayerWeights,
+    l: usize,
+    config: &LlamaConfig,
+    ty: GgmlType,
+    stats: &LayerStats,
+    device: &Device,
+) -> Result<QuantLayer, ModelError> {
+    let names = matrices(l, config);
+    let matrices = layer_matrices(w);
+    let t = std::time::Instant::now();
+    let attn = gptq::InverseFactor::new(&stats.attn, gptq::DAMP)?;
+    let mlp = gptq::InverseFactor::new(&stats.mlp, gptq::DAMP)?;
+    tracing::debug!("layer {l}: inverse factors in {:.1?}", t.elapsed());
+    folded_layer(std::array::from_fn(|i| {
+        let t = matrices[i].transpose();
+        let ty = storage_type(i, ty);
+        let u = match i {
+            0..=2 => Some(&attn),
+            4 | 5 => Some(&mlp),
+            _ => None,
+        };
+        match u {
+            Some(u) if ty != GgmlType::Q8_0 && gptq::supports(ty) => {
+                gptq::quantize(ty, t.rows, t.cols, &t.data, u, device)
+            }
+            _ => QMatrix::quantize(ty, t.rows, t.cols, &t.data)
+                .map_err(|e| ModelError::Shard(e.to_string())),
+        }
+        .map_err(|e| ModelError::Shard(format!("cannot store `{}` as {ty}: {e}", names[i].0)))
     }))
 }
 
