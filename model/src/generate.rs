@@ -1,6 +1,7 @@
 //! The generation loop shared by every way of running a model (local plaintext, local
 //! encrypted, over the network): feed the prompt, then sample and feed one token at a time.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,8 @@ pub enum StopReason {
     MaxTokens,
     /// The context is full.
     ContextFull,
+    /// The caller stopped it (a stop sequence, a client that left).
+    Stopped,
 }
 
 /// The result of one generation.
@@ -85,6 +88,21 @@ pub fn generate(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation, ModelError> {
+    generate_until(model, tokenizer, prompt, params, &mut |piece| {
+        on_text(piece);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`generate`], stopped early when `on_text` breaks ([`StopReason::Stopped`]; no more
+/// text is passed after that, and no further token is fed).
+pub fn generate_until(
+    model: &mut dyn TokenModel,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation, ModelError> {
     if prompt.is_empty() {
         return Err(ModelError::Shape("the prompt has no tokens".into()));
     }
@@ -121,8 +139,11 @@ pub fn generate(
         out.token_times_s.push(start.elapsed().as_secs_f64());
         let piece = stream.push(tokenizer, token);
         if !piece.is_empty() {
-            on_text(&piece);
             out.text.push_str(&piece);
+            if on_text(&piece).is_break() {
+                out.stop = StopReason::Stopped;
+                return Ok(out);
+            }
         }
         if tokenizer.is_end_of_generation(token) {
             out.stop = StopReason::EndOfGeneration;
@@ -142,8 +163,10 @@ pub fn generate(
     }
     let rest = stream.finish();
     if !rest.is_empty() {
-        on_text(&rest);
         out.text.push_str(&rest);
+        if on_text(&rest).is_break() {
+            out.stop = StopReason::Stopped;
+        }
     }
     Ok(out)
 }
