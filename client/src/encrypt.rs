@@ -52,7 +52,8 @@ pub struct EncryptArgs {
 }
 
 /// The `--calibration` option of every command that encrypts.
-pub const CALIBRATION_HELP: &str = "With 4-bit shards (q4_0, q4_k): a UTF-8 text whose activations \
+pub const CALIBRATION_HELP: &str =
+    "With 4-bit shards (q4_0, q4_k): a UTF-8 text whose activations \
 steer the rounding (GPTQ: each weight is rounded where it costs the layer's outputs least, \
 measured on the text in the key's basis; the layers are then encrypted one after another), \
 or `none` to round every weight to its nearest value. [default: a built-in text of about \

@@ -16,4 +16,5 @@ pub mod peers;
 pub mod perplexity;
 pub mod progress;
 pub mod remote;
+pub mod serve;
 pub mod synth;

@@ -2,7 +2,7 @@
 //! deploys encrypted shards and generates through them.
 
 use veil_client::{
-    attack, bench, chat, deploy, encrypt, fetch, generate, peers, perplexity, synth,
+    attack, bench, chat, deploy, encrypt, fetch, generate, peers, perplexity, serve, synth,
 };
 
 use std::io::IsTerminal;
@@ -43,6 +43,9 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// Talk to a deployment interactively.
     Chat(chat::ChatArgs),
+    /// An OpenAI-compatible HTTP gateway (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health) to a deployment, or to a local model.
+    Serve(serve::ServeArgs),
     /// Perplexity of a model on a text (llama.cpp's definition) and, with --encrypted, of
     /// its encrypted pipeline beside it, with their top-1 agreement.
     Perplexity(perplexity::PerplexityArgs),
@@ -108,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Attack { command } => attack::run(command),
         Command::BenchChild(args) => bench::run_child(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

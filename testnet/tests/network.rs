@@ -783,3 +783,131 @@ fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (
     assert!(out.status.success(), "{log}");
     (String::from_utf8_lossy(&out.stdout).into_owned(), log)
 }
+
+/// `curl` a JSON body to the gateway at `base`; the parsed answer.
+fn curl_json(base: &str, path: &str, body: &Value) -> Value {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "120",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(["-d", &body.to_string(), &format!("{base}{path}")])
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn the_gateway_answers_through_a_deployment_as_generate_does() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(root.path(), 3, &NodeSettings::default()).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 3);
+    let id = deploy(&veil, &boot, 3);
+    let prompts = ["The river", "A small house", "Numbers: 1, 2, 3", "Once"];
+    let reference: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            veil.json(&[
+                "generate",
+                "--deployment",
+                &id,
+                "--bootstrap",
+                &boot,
+                "--raw",
+                "--prompt",
+                p,
+                "--max-tokens",
+                "8",
+                "--json",
+            ])["text"]
+                .as_str()
+                .expect("text")
+                .to_string()
+        })
+        .collect();
+    let bin = find_bin("veil").expect("veil binary");
+    let mut gateway = std::process::Command::new(bin)
+        .args(["serve", "--deployment", &id, "--bootstrap", &boot])
+        .args(["--listen", "127.0.0.1:0", "--parallel", "4"])
+        .env("VEIL_HOME", veil.home.path())
+        .env("VEIL_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the gateway");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(gateway.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("address");
+    let base = line.trim().to_string();
+    wait_until("the gateway to be ready", || {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("{base}/health"),
+            ])
+            .output()
+            .ok()?;
+        (out.stdout == b"200").then_some(())
+    });
+    let ask = |p: &str| {
+        let v = curl_json(
+            &base,
+            "/v1/completions",
+            &serde_json::json!({"prompt": p, "max_tokens": 8, "temperature": 0}),
+        );
+        assert_eq!(v["model"], id.as_str(), "{v}");
+        v["choices"][0]["text"].as_str().expect("text").to_string()
+    };
+    // one at a time, then all at once (concurrent node sessions, batched by the nodes)
+    let alone: Vec<String> = prompts.iter().map(|p| ask(p)).collect();
+    assert_eq!(alone, reference);
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().map(|p| s.spawn(|| ask(p))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(together, reference);
+    // a chat request through the same deployment
+    let chat = curl_json(
+        &base,
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    );
+    assert_eq!(chat["object"], "chat.completion", "{chat}");
+    assert!(chat["usage"]["completion_tokens"].as_u64() <= Some(4));
+    // every node session the gateway (and `generate`) opened is closed again
+    wait_until("every session to be closed", || {
+        let count = |f: &dyn Fn(&str) -> bool| -> usize {
+            nodes
+                .iter()
+                .map(|n| n.log().lines().filter(|l| f(l)).count())
+                .sum()
+        };
+        let opened = count(&|l| l.contains("opened on shard"));
+        let closed = count(&|l| l.contains("session ") && l.trim_end().ends_with(" closed"));
+        (opened >= 3 * (2 * prompts.len() + 1) && opened == closed).then_some(())
+    });
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    drop(nodes);
+}
