@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: installs what it needs, builds Veil with the wgpu
 # backend (the `wgpu` feature; the demo builds without it), fetches SmolLM2 (cached under
-# $VEIL_HOME, default ~/.veil), runs every test in release mode on the CPU and wgpu
+# $VEIL_HOME, default ~/.veil) and the `openai` Python package the gateway tests drive (under
+# ~/.cache/veil), runs every test in release mode on the CPU and wgpu
 # backends, then a short testnet bench and chaos run on SmolLM2 (their report goes to
 # $CARGO_TARGET_DIR/testnet-report). Every step runs even when an earlier one fails; the
 # failing tests and steps are listed at the end, and the exit status is non-zero if any.
@@ -40,6 +41,19 @@ cargo build --release --workspace --locked "${features[@]}"
 log "built in $(elapsed "$t")"
 log "fetching SmolLM2-135M-Instruct"
 "$CARGO_TARGET_DIR/release/veil" model fetch smollm2 >/dev/null
+# The official OpenAI Python client, which the gateway's tests drive (about 10 s, once).
+openai_version=3.57.0
+export VEIL_OPENAI_SITE="${VEIL_CACHE:-$HOME/.cache/veil}/openai-$openai_version"
+if [ ! -f "$VEIL_OPENAI_SITE/openai/__init__.py" ]; then
+  log "installing the openai Python package $openai_version into $VEIL_OPENAI_SITE"
+  rm -rf "$VEIL_OPENAI_SITE.partial"
+  if python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+    --target "$VEIL_OPENAI_SITE.partial" "openai==$openai_version"; then
+    mv "$VEIL_OPENAI_SITE.partial" "$VEIL_OPENAI_SITE"
+  else
+    log "could not install openai $openai_version: the gateway's client test will fail"
+  fi
+fi
 
 busy=()
 stop_busy() { if [ ${#busy[@]} -gt 0 ]; then kill "${busy[@]}" 2>/dev/null || true; fi; }

@@ -502,3 +502,28 @@ fn a_model_that_cannot_load_ends_the_gateway_with_the_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--local --model M, or --deployment D"));
 }
+
+#[test]
+fn the_official_openai_client_works() {
+    // scripts/test.sh installs the `openai` package and points VEIL_OPENAI_SITE at it
+    let site = std::env::var("VEIL_OPENAI_SITE").unwrap_or_default();
+    let server = start(&["--parallel", "4"]);
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/openai_client.py"
+        ))
+        .args([&format!("http://{}", server.addr), "tiny"])
+        .env("PYTHONPATH", &site)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'openai'"),
+        "the `openai` package is missing: run scripts/test.sh (it installs it), or set \
+         VEIL_OPENAI_SITE to a directory that holds it"
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
