@@ -116,6 +116,10 @@ struct UpArgs {
     /// Stop after the answer instead of keeping the network up.
     #[arg(long)]
     exit: bool,
+    /// Keep an OpenAI-compatible gateway (`veil serve`) to the deployment up on
+    /// 127.0.0.1:PORT (0: any free port); its URL is printed.
+    #[arg(long, value_name = "PORT", conflicts_with = "exit")]
+    serve: Option<u16>,
     /// Print one JSON object (answer, route, speed) instead of text.
     #[arg(long)]
     json: bool,
@@ -258,6 +262,20 @@ fn run_up(args: UpArgs) -> Result<()> {
     if args.exit {
         return Ok(());
     }
+    // kept until ctrl-c, which stops it with the nodes
+    let _gateway = match args.serve {
+        Some(port) => {
+            let g = up::start_gateway(&network, port)?;
+            println!(
+                "OpenAI-compatible gateway: {}/v1 (the key stays in this process tree), e.g.\n  \
+                 curl -s {}/v1/chat/completions -H 'Content-Type: application/json' -d \
+                 '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+                g.url, g.url
+            );
+            Some(g)
+        }
+        None => None,
+    };
     let _ = writeln!(std::io::stderr(), "{}", up::usage_hint(&network));
     loop {
         // ctrl-c is handled by the signal thread, which cleans up and exits.

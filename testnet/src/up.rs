@@ -110,3 +110,71 @@ pub fn usage_hint(network: &LocalNetwork) -> String {
         network.bootstrap
     )
 }
+
+/// A `veil serve` gateway to the testnet's deployment, run as a child process (stopped with
+/// the nodes on ctrl-c).
+#[derive(Debug)]
+pub struct Gateway {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        crate::cleanup::remove_process(self.child.id());
+    }
+}
+
+/// Start `veil serve --deployment` on `127.0.0.1:port` (0: any free port) and wait until it
+/// answers `/health`.
+pub fn start_gateway(network: &LocalNetwork, port: u16) -> Result<Gateway> {
+    use std::io::BufRead;
+    let bin = crate::cluster::find_bin("veil")?;
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--deployment", &network.deployment.id])
+        .args(["--bootstrap", &network.bootstrap])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("VEIL_HOME", network.root().join("client"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start the gateway (veil serve)")?;
+    crate::cleanup::add_process(child.id());
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("the gateway's stdout")?;
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("the gateway's address")?;
+    let gateway = Gateway {
+        url: line.trim().to_string(),
+        child,
+    };
+    if !gateway.url.starts_with("http://") {
+        anyhow::bail!("the gateway did not start (see its error above)");
+    }
+    let addr = gateway.url.trim_start_matches("http://").to_string();
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while health(&addr) != Some(200) {
+        if Instant::now() > deadline {
+            anyhow::bail!("the gateway at {} is not ready after 120 s", gateway.url);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(gateway)
+}
+
+/// The status of `GET /health` at `addr`, if it answers.
+fn health(addr: &str) -> Option<u16> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}

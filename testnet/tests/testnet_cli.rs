@@ -357,3 +357,64 @@ fn a_new_session_goes_to_the_least_loaded_replica() {
         assert_ne!(a.route(), b.route(), "b avoids the replica serving a");
     }
 }
+
+#[test]
+fn up_with_serve_keeps_a_gateway_to_the_deployment() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bin = find_bin("veil-testnet").expect("veil-testnet");
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let mut child = Command::new(bin)
+        .args(["up", "--model", "tiny", "--max-tokens", "4", "--serve", "0"])
+        .env("TMPDIR", tmp.path())
+        .env("VEIL_HOME", &home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("OpenAI-compatible gateway: "))
+        .expect("the gateway's line");
+    let url = line
+        .trim_start_matches("OpenAI-compatible gateway: ")
+        .split("/v1")
+        .next()
+        .expect("url")
+        .to_string();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "120",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+        ])
+        .arg(r#"{"messages":[{"role":"user","content":"Hello"}],"max_tokens":4}"#)
+        .arg(format!("{url}/v1/chat/completions"))
+        .output()
+        .expect("curl");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert!(
+        v["model"].as_str().is_some_and(|m| m.starts_with("d-")),
+        "{v}"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert_eq!(child.wait().expect("wait").code(), Some(130));
+    assert_clean(tmp.path());
+    // the gateway went with the nodes
+    let addr = url.trim_start_matches("http://");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "{addr} still answers"
+    );
+}
