@@ -305,6 +305,37 @@ fn chat_completions_whole_and_streamed_agree() {
     assert_eq!(comp["object"], "text_completion");
     assert!(comp["choices"][0]["text"].is_string());
     assert!(comp["usage"]["completion_tokens"].as_u64() <= Some(5));
+
+    // Prometheus metrics count what was served
+    let (status, headers, metrics) = http(&server.addr, "GET", "/metrics", &[], None);
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.contains("openmetrics")));
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+    };
+    assert!(
+        value("veil_prompt_tokens_total") >= (4 * p) as f64,
+        "{metrics}"
+    );
+    assert!(
+        value("veil_tokens_predicted_total") >= c as f64,
+        "{metrics}"
+    );
+    assert_eq!(value("veil_requests_processing"), 0.0);
+    assert_eq!(value("veil_requests_deferred"), 0.0);
+    assert!(value(r#"veil_requests_total{endpoint="completions",status="200"}"#) >= 1.0);
+    assert!(value(r#"veil_requests_total{endpoint="chat_completions",status="200"}"#) >= 3.0);
+    assert!(
+        value("veil_time_to_first_token_seconds_count") >= 4.0,
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 mod api;
 mod error;
+mod metrics;
 mod routes;
 mod stop;
 mod worker;
@@ -25,6 +26,7 @@ use crate::model_spec::ModelSpec;
 use crate::net::{Client, NetArgs};
 use crate::remote::RemotePipeline;
 pub use error::ApiError;
+pub use metrics::Metrics;
 pub use routes::{router, AppState, Ready, MAX_BODY_BYTES};
 pub use stop::StopMatcher;
 pub use worker::{Pool, Sessions};
@@ -101,6 +103,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         ready: OnceLock::new(),
         failed: OnceLock::new(),
+        metrics: Arc::new(Metrics::new()),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -121,7 +124,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let state = state.clone();
         std::thread::Builder::new()
             .name("veil-serve-load".into())
-            .spawn(move || match load(&args) {
+            .spawn(move || match load(&args, state.metrics.clone()) {
                 Ok(ready) => {
                     tracing::info!(
                         "ready: {} with {} positions per sequence",
@@ -157,7 +160,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// Load the model (or connect to the deployment) and start the workers.
-fn load(args: &ServeArgs) -> Result<Ready> {
+fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
     let precision = precision(args.exact);
     if let Some(id) = &args.deployment {
         let (client, bundle, deployment) = connect_deployment(id, &args.net)?;
@@ -178,7 +181,7 @@ fn load(args: &ServeArgs) -> Result<Ready> {
         let workers = (0..args.parallel)
             .map(|_| Box::new(RemoteSessions(shared.clone())) as Box<dyn Sessions>)
             .collect();
-        let pool = Pool::start(workers, codec.clone(), args.queue);
+        let pool = Pool::start(workers, codec.clone(), args.queue, metrics.clone());
         return Ok(Ready {
             pool,
             codec,
@@ -198,7 +201,7 @@ fn load(args: &ServeArgs) -> Result<Ready> {
         workers.push(Box::new(LocalSessions(model)));
     }
     let codec = Arc::new(bundle.text);
-    let pool = Pool::start(workers, codec.clone(), args.queue);
+    let pool = Pool::start(workers, codec.clone(), args.queue, metrics.clone());
     Ok(Ready {
         pool,
         codec,

@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,6 +22,7 @@ use veil_model::{GenerateParams, SamplingParams, TextCodec};
 
 use super::api::{ChatRequest, Common, CompletionRequest, ModelCard, Usage};
 use super::error::ApiError;
+use super::metrics::Metrics;
 use super::worker::{Event, Job, Pool};
 
 /// Request bodies above this are refused (413) before they are read whole.
@@ -47,6 +48,7 @@ pub struct AppState {
     pub ready: OnceLock<Ready>,
     /// Why loading failed, if it did.
     pub failed: OnceLock<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -72,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
@@ -102,6 +105,17 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         Ok(_) => Json(json!({"status": "ok"})).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -139,12 +153,35 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-async fn chat(
+/// Count the outcome of a request to `endpoint`.
+fn counted(state: &AppState, endpoint: &str, r: Result<Response, ApiError>) -> Response {
+    let r = r.unwrap_or_else(IntoResponse::into_response);
+    state.metrics.count(endpoint, r.status().as_u16());
+    r
+}
+
+async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let received = Instant::now();
+    let r = chat_inner(&state, body, received).await;
+    counted(&state, "chat_completions", r)
+}
+
+async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let received = Instant::now();
+    let r = completions_inner(&state, body, received).await;
+    counted(&state, "completions", r)
+}
+
+async fn chat_inner(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    received: Instant,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
-    check_model(&state, req.model.as_deref())?;
+    check_model(state, req.model.as_deref())?;
     let ready = state.ready()?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request(
@@ -175,15 +212,16 @@ async fn chat(
         .encode_prompt(&text)
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages".into())))?;
     let max = req.max_completion_tokens.or(req.common.max_tokens);
-    answer(&state, ready, Kind::Chat, prompt, req.common, max).await
+    answer(state, ready, Kind::Chat, prompt, req.common, max, received).await
 }
 
-async fn completions(
-    State(state): State<Arc<AppState>>,
+async fn completions_inner(
+    state: &AppState,
     body: Result<Bytes, BytesRejection>,
+    received: Instant,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
-    check_model(&state, req.model.as_deref())?;
+    check_model(state, req.model.as_deref())?;
     let ready = state.ready()?;
     let text = match &req.prompt {
         Value::String(s) => s.clone(),
@@ -202,7 +240,7 @@ async fn completions(
         .encode_prompt(&text)
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt".into())))?;
     let max = req.common.max_tokens;
-    answer(&state, ready, Kind::Text, prompt, req.common, max).await
+    answer(state, ready, Kind::Text, prompt, req.common, max, received).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +257,7 @@ async fn answer(
     prompt: Vec<u32>,
     common: Common,
     max_tokens: Option<u64>,
+    received: Instant,
 ) -> Result<Response, ApiError> {
     let bad = |msg: String, param: &str| ApiError::bad_request(msg, Some(param.into()));
     if let Some(n) = common.n {
@@ -280,6 +319,7 @@ async fn answer(
         prompt,
         params,
         stops,
+        received,
         events: tx,
     })?;
     let meta = Meta {

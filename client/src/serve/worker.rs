@@ -15,6 +15,7 @@ use veil_model::{GenerateParams, StopReason, TextCodec, TokenModel};
 
 use super::api::Usage;
 use super::error::ApiError;
+use super::metrics::{InFlight, Metrics};
 use super::stop::StopMatcher;
 
 /// How long a worker waits for a client that does not read its stream before it gives up
@@ -27,6 +28,8 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
     pub stops: Vec<String>,
+    /// When the request arrived (for the time to first token).
+    pub received: Instant,
     /// Where the answer goes, piece by piece; when the receiver is gone (the client
     /// disconnected), generation stops.
     pub events: tokio::sync::mpsc::Sender<Event>,
@@ -75,12 +78,18 @@ pub struct Pool {
     queue: usize,
     /// Requests queued or being answered.
     pub busy: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
 }
 
 impl Pool {
     /// Start one thread per `Sessions`; at most `queue` requests wait beyond those being
     /// answered.
-    pub fn start(workers: Vec<Box<dyn Sessions>>, codec: Arc<TextCodec>, queue: usize) -> Pool {
+    pub fn start(
+        workers: Vec<Box<dyn Sessions>>,
+        codec: Arc<TextCodec>,
+        queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Pool {
         let (tx, rx) = sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
         let busy = Arc::new(AtomicUsize::new(0));
@@ -88,6 +97,7 @@ impl Pool {
             let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
             let codec = codec.clone();
             let busy = busy.clone();
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("veil-serve-{i}"))
                 .spawn(move || loop {
@@ -96,21 +106,30 @@ impl Pool {
                         Err(_) => return,
                     };
                     let Ok(job) = job else { return };
-                    answer(sessions.as_mut(), &codec.tokenizer, job);
+                    let _in_flight = InFlight::start(&metrics);
+                    answer(sessions.as_mut(), &codec.tokenizer, &metrics, job);
                     busy.fetch_sub(1, Ordering::SeqCst);
                 })
                 .expect("spawn a gateway worker");
         }
-        Pool { tx, queue, busy }
+        Pool {
+            tx,
+            queue,
+            busy,
+            metrics,
+        }
     }
 
     /// Queue `job`, or refuse it at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
         self.busy.fetch_add(1, Ordering::SeqCst);
+        // counted before the hand-off: a worker may take it at once
+        self.metrics.deferred.inc();
         match self.tx.try_send(job) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.busy.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.deferred.dec();
                 Err(match e {
                     TrySendError::Full(_) => ApiError::busy(self.queue),
                     TrySendError::Disconnected(_) => {
@@ -143,11 +162,12 @@ fn send(events: &tokio::sync::mpsc::Sender<Event>, mut event: Event) -> bool {
 }
 
 /// Answer one job on a fresh sequence of `sessions`.
-fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, job: Job) {
+fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics, job: Job) {
     let Job {
         prompt,
         params,
         stops,
+        received,
         events,
     } = job;
     if events.is_closed() {
@@ -156,10 +176,17 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, job: Job) {
     let mut matcher = StopMatcher::new(stops);
     let mut stopped = false;
     let mut gone = false;
+    let mut first = true;
     let mut result = None;
     let opened = sessions.with_session(&mut |model| {
         let mut on_text = |piece: &str| {
             let (text, stop) = matcher.push(piece);
+            if first && !text.is_empty() {
+                first = false;
+                metrics
+                    .time_to_first_token
+                    .observe(received.elapsed().as_secs_f64());
+            }
             if !text.is_empty() && !send(&events, Event::Text(text)) {
                 gone = true;
                 return ControlFlow::Break(());
@@ -209,6 +236,13 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, job: Job) {
         if !rest.is_empty() && !send(&events, Event::Text(rest)) {
             return;
         }
+    }
+    metrics.prompt_tokens.inc_by(out.prompt_tokens.len() as u64);
+    metrics.tokens_predicted.inc_by(out.tokens.len() as u64);
+    if out.decode_steps > 0 {
+        metrics
+            .decode_tokens_per_s
+            .observe(out.decode_tokens_per_s());
     }
     let finish = if stopped || out.stop == StopReason::EndOfGeneration {
         Finish::Stop
@@ -291,6 +325,7 @@ mod tests {
                 prompt: vec![1, 2, 3],
                 params,
                 stops: Vec::new(),
+                received: Instant::now(),
                 events: tx,
             },
             rx,
@@ -319,7 +354,12 @@ mod tests {
             token,
             steps: steps.clone(),
         };
-        let pool = Pool::start(vec![Box::new(gated)], Arc::new(b.text), queue);
+        let pool = Pool::start(
+            vec![Box::new(gated)],
+            Arc::new(b.text),
+            queue,
+            Arc::new(Metrics::new()),
+        );
         (pool, started, go, steps)
     }
 

@@ -1,0 +1,130 @@
+//! `GET /metrics`: the gateway's Prometheus metrics (prometheus-client, the crate and version
+//! libp2p's own metrics use). Names follow llama.cpp's server where they mean the same, so
+//! its dashboards carry over: `veil_prompt_tokens_total`, `veil_tokens_predicted_total`,
+//! `veil_requests_processing`, `veil_requests_deferred`.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Request outcomes by endpoint and status code.
+type Labels = Vec<(String, String)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub prompt_tokens: Counter,
+    pub tokens_predicted: Counter,
+    /// Requests being answered.
+    pub processing: Gauge<i64, AtomicI64>,
+    /// Requests waiting for a worker.
+    pub deferred: Gauge<i64, AtomicI64>,
+    pub requests: Family<Labels, Counter>,
+    /// From the request's arrival to its first piece of text.
+    pub time_to_first_token: Histogram,
+    /// Generated tokens per second of each answer, after its first token.
+    pub decode_tokens_per_s: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("veil");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            prompt_tokens: Counter::default(),
+            tokens_predicted: Counter::default(),
+            processing: Gauge::default(),
+            deferred: Gauge::default(),
+            requests: Family::default(),
+            time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            decode_tokens_per_s: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
+        };
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "tokens_predicted",
+            "Tokens generated",
+            m.tokens_predicted.clone(),
+        );
+        registry.register(
+            "requests_processing",
+            "Requests being answered",
+            m.processing.clone(),
+        );
+        registry.register(
+            "requests_deferred",
+            "Requests waiting in the queue",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests answered, by endpoint and HTTP status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From a request's arrival to its first text",
+            m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "decode_tokens_per_second",
+            "Generation speed of each answer after its first token",
+            m.decode_tokens_per_s.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        m
+    }
+
+    pub fn count(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&vec![
+                ("endpoint".into(), endpoint.into()),
+                ("status".into(), status.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // writing into a String cannot fail
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Moves a request from deferred to processing when a worker takes it, and out when done.
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    metrics: &'a Metrics,
+}
+
+impl<'a> InFlight<'a> {
+    pub fn start(metrics: &'a Metrics) -> Self {
+        metrics.deferred.dec();
+        metrics.processing.inc();
+        InFlight { metrics }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.processing.dec();
+    }
+}
