@@ -46,6 +46,10 @@ request_timeout_s = 60
 # Append every request this node receives to this file (audits and tests).
 # record_traffic = "traffic.bin"
 
+# Serve Prometheus metrics (sessions, steps, batches, step latency, memory, requests by
+# outcome) on http://ADDRESS/metrics. Off unless set; keep it on a private address.
+# metrics_listen = "127.0.0.1:9101"
+
 # Artificial delay added to every inference step, in milliseconds: simulates a slower
 # machine (tests, latency experiments). Leave at 0 in production.
 step_delay_ms = 0
@@ -68,6 +72,7 @@ pub struct NodeConfig {
     pub request_timeout_s: u64,
     pub record_traffic: Option<PathBuf>,
     pub step_delay_ms: u64,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -92,6 +97,7 @@ struct Partial {
     request_timeout_s: Option<u64>,
     record_traffic: Option<PathBuf>,
     step_delay_ms: Option<u64>,
+    metrics_listen: Option<String>,
 }
 
 /// Parse a configuration; missing keys take the documented defaults, relative paths are
@@ -121,6 +127,12 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
         request_timeout_s: p.request_timeout_s.unwrap_or(60),
         record_traffic: p.record_traffic.map(resolve),
         step_delay_ms: p.step_delay_ms.unwrap_or(0),
+        metrics_listen: match p.metrics_listen {
+            Some(a) => Some(a.parse().map_err(|_| {
+                format!("metrics_listen must be an address such as \"127.0.0.1:9101\", not `{a}`")
+            })?),
+            None => None,
+        },
     };
     if !matches!(c.backend.as_str(), "auto" | "wgpu" | "cpu") {
         return Err(format!(
@@ -166,5 +178,13 @@ mod tests {
             .expect_err("typo")
             .contains("max_sesions"));
         assert!(parse_config("ad_ttl_s = 5\nad_interval_s = 10", None).is_err());
+        assert!(parse_config("metrics_listen = \"localhost\"", None)
+            .expect_err("no port")
+            .contains("localhost"));
+        let m = parse_config("metrics_listen = \"127.0.0.1:9101\"", None).expect("metrics");
+        assert_eq!(
+            m.metrics_listen,
+            Some("127.0.0.1:9101".parse().expect("addr"))
+        );
     }
 }

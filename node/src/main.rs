@@ -3,6 +3,7 @@
 
 mod config;
 mod engine;
+mod metrics;
 mod server;
 mod store;
 

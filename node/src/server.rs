@@ -20,6 +20,7 @@ use veil_protocol::{
 
 use crate::config::NodeConfig;
 use crate::engine::{self, Job, Limits, StatusBoard};
+use crate::metrics::NodeMetrics;
 use crate::store::{ShardStore, StoreError};
 
 /// Appends what peers send to a file, for audits: a tag byte (1 inference, 2 upload), the
@@ -66,6 +67,7 @@ struct Node {
     compute: Compute,
     throughput_gflops: f64,
     recorder: Option<TrafficRecorder>,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// Run a node until ctrl-c or SIGTERM.
@@ -125,6 +127,11 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         }),
         None => None,
     };
+    let metrics = Arc::new(NodeMetrics::new(board.clone()));
+    if let Some(addr) = config.metrics_listen {
+        let bound = crate::metrics::serve(addr, metrics.clone()).await?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     tracing::info!("peer id {}", identity.peer_id());
     let mut node = Node {
         config,
@@ -140,6 +147,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         compute,
         throughput_gflops,
         recorder,
+        metrics,
     };
     node.bootstrap().await;
     node.serve(&mut events).await
@@ -249,6 +257,14 @@ impl Node {
                 let network = self.network.clone();
                 let traffic = self.traffic.clone();
                 let started = self.started;
+                let metrics = self.metrics.clone();
+                let arrived = Instant::now();
+                let kind = match &request {
+                    InferRequest::Stats => "stats",
+                    InferRequest::Open { .. } => "open",
+                    InferRequest::Step { .. } => "step",
+                    InferRequest::Close { .. } => "close",
+                };
                 traffic
                     .received
                     .fetch_add(encoded_len(&request), Ordering::Relaxed);
@@ -267,9 +283,9 @@ impl Node {
                                 bytes_sent: traffic.sent.load(Ordering::Relaxed),
                                 uptime_ms: started.elapsed().as_millis() as u64,
                             };
-                            let _ = network
-                                .respond_infer(channel, InferResponse::Stats(stats))
-                                .await;
+                            let response = InferResponse::Stats(stats);
+                            metrics.answered(kind, &response, arrived.elapsed());
+                            let _ = network.respond_infer(channel, response).await;
                             return;
                         }
                         InferRequest::Open {
@@ -307,6 +323,7 @@ impl Node {
                             message: "the engine stopped".into(),
                         },
                     };
+                    metrics.answered(kind, &response, arrived.elapsed());
                     traffic
                         .sent
                         .fetch_add(encoded_len(&response), Ordering::Relaxed);

@@ -25,6 +25,8 @@ pub struct NodeSettings {
     pub session_idle_timeout_s: u64,
     /// TCP port of the first node; node `i` listens on `base_port + i` (0: any free port).
     pub base_port: u16,
+    /// Serve Prometheus metrics on a free loopback port (`metrics on http://…` in the log).
+    pub metrics: bool,
 }
 
 impl Default for NodeSettings {
@@ -40,6 +42,7 @@ impl Default for NodeSettings {
             quic: false,
             session_idle_timeout_s: 300,
             base_port: 0,
+            metrics: false,
         }
     }
 }
@@ -97,9 +100,14 @@ impl NodeProcess {
         } else {
             ""
         };
+        let metrics = if settings.metrics {
+            "metrics_listen = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
         let config = format!(
             "backend = \"{}\"\nmemory_limit_mib = {}\nad_interval_s = {}\nad_ttl_s = {}\n\
-             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}",
+             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}{metrics}",
             settings.backend,
             settings.memory_limit_mib,
             settings.ad_interval_s,

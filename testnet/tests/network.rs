@@ -809,7 +809,11 @@ fn curl_json(base: &str, path: &str, body: &Value) -> Value {
 #[test]
 fn the_gateway_answers_through_a_deployment_as_generate_does() {
     let root = tempfile::tempdir().expect("tempdir");
-    let nodes = start_nodes(root.path(), 3, &NodeSettings::default()).expect("nodes");
+    let settings = NodeSettings {
+        metrics: true,
+        ..NodeSettings::default()
+    };
+    let nodes = start_nodes(root.path(), 3, &settings).expect("nodes");
     let boot = addr(&nodes[0]);
     let veil = Veil::new();
     wait_for_ads(&veil, &boot, 3);
@@ -907,6 +911,37 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
         let closed = count(&|l| l.contains("session ") && l.trim_end().ends_with(" closed"));
         (opened >= 3 * (2 * prompts.len() + 1) && opened == closed).then_some(())
     });
+    // each node's Prometheus metrics count what it served
+    let mut steps = 0.0;
+    for n in &nodes {
+        let log = n.log();
+        let url = log
+            .lines()
+            .find_map(|l| l.split("metrics on ").nth(1))
+            .expect("the metrics address in the log")
+            .trim()
+            .to_string();
+        let out = Command::new("curl")
+            .args(["-sS", &url])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in\n{text}"))
+        };
+        assert_eq!(value("veil_node_sessions_active"), 0.0, "{text}");
+        assert!(value("veil_node_shards_loaded") >= 1.0, "{text}");
+        assert!(value("veil_node_batches_total") <= value("veil_node_steps_total"));
+        assert!(value("veil_node_step_seconds_count") >= 1.0, "{text}");
+        let ok_steps = value(r#"veil_node_requests_total{kind="step",outcome="ok"}"#);
+        assert_eq!(ok_steps, value("veil_node_steps_total"), "{text}");
+        steps += ok_steps;
+    }
+    assert!(steps > 0.0);
     let _ = gateway.kill();
     let _ = gateway.wait();
     drop(nodes);
