@@ -558,3 +558,45 @@ fn the_official_openai_client_works() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
+
+#[test]
+fn ctrl_c_lets_the_answers_in_flight_finish() {
+    let mut server = start(&["--ctx", "4096"]);
+    let addr = server.addr.clone();
+    let body = chat("Go on.", json!({"max_tokens": 3000, "stream": true})).to_string();
+    let answer = std::thread::spawn(move || {
+        let r = http(
+            &addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            Some(body.as_bytes()),
+        );
+        (r, Instant::now())
+    });
+    // wait until the request is being answered, then interrupt the gateway
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let metrics = http(&server.addr, "GET", "/metrics", &[], None).2;
+        if metrics.contains("veil_requests_processing 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let killed = Instant::now();
+    let ((code, _, text), finished) = answer.join().expect("request thread");
+    // the answer was still streaming when the signal came (3,000 tokens take far longer
+    // than the polling above)
+    assert!(finished > killed, "the answer ended before the signal");
+    assert_eq!(code, 200);
+    let events = sse(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+}
