@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub gen_tokens: usize,
     /// Skip the single-process baselines.
     pub no_baselines: bool,
+    /// Measure every level again through a `veil serve` gateway.
+    pub gateway: bool,
 }
 
 /// The session counts measured for a maximum of `max`: powers of two below it, then `max`.
@@ -97,6 +99,9 @@ pub struct BenchReport {
     pub deploy_s: f64,
     pub levels: Vec<Level>,
     pub baselines: Vec<Baseline>,
+    /// The same levels through the OpenAI-compatible gateway (`--gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<crate::gateway_bench::GatewayReport>,
 }
 
 impl BenchReport {
@@ -390,6 +395,16 @@ pub fn run(network: &LocalNetwork, opts: &BenchOptions, model: &str) -> Result<B
         levels_done.push(level);
     }
     drop(client);
+    let gateway = if opts.gateway {
+        Some(crate::gateway_bench::measure(
+            network,
+            &prompts,
+            opts.gen_tokens,
+            &levels_done,
+        )?)
+    } else {
+        None
+    };
     let baselines = if opts.no_baselines {
         Vec::new()
     } else {
@@ -409,6 +424,7 @@ pub fn run(network: &LocalNetwork, opts: &BenchOptions, model: &str) -> Result<B
         deploy_s: network.deploy_s,
         levels: levels_done,
         baselines,
+        gateway,
     })
 }
 

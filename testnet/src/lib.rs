@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chaos;
 pub mod cleanup;
 pub mod cluster;
+pub mod gateway_bench;
 pub mod load;
 pub mod network;
 pub mod report;

@@ -141,6 +141,11 @@ struct BenchArgs {
     /// Skip the single-process plaintext and encrypted baselines.
     #[arg(long)]
     no_baselines: bool,
+    /// Also run every level through an OpenAI-compatible gateway (`veil serve`) and report
+    /// its tokens/s against the in-process client's, the time to first token it adds, and
+    /// its memory per idle connection.
+    #[arg(long)]
+    gateway: bool,
     /// Write the full results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -293,6 +298,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         no_baselines: args.no_baselines,
+        gateway: args.gateway,
     };
     let r = bench::run(&network, &opts, &args.net.model)?;
     drop(network);

@@ -71,6 +71,28 @@ pub fn markdown(r: &BenchReport) -> String {
             );
         }
     }
+    if let Some(g) = &r.gateway {
+        s.push_str(
+            "\n| through the gateway (`veil serve`, HTTP + SSE) | tokens/s | vs in-process | \
+             TTFT p50 ms | added TTFT ms |\n|---|---|---|---|---|\n",
+        );
+        for l in &g.levels {
+            let _ = writeln!(
+                s,
+                "| {} session(s) | {:.1} | {} | {:.0} | {:+.1} |",
+                l.sessions,
+                l.tokens_per_s,
+                ratio(l.tokens_per_s, Some(l.in_process_tokens_per_s)),
+                l.time_to_first_token.p50_ms,
+                l.time_to_first_token.p50_ms - l.in_process_ttft_p50_ms
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nAn idle connection costs the gateway {:.1} KiB of resident memory.",
+            g.idle_connection_bytes / 1024.0
+        );
+    }
     if let Some(top) = r.levels.last() {
         let _ = writeln!(
             s,

@@ -131,12 +131,18 @@ impl Drop for Gateway {
 /// Start `veil serve --deployment` on `127.0.0.1:port` (0: any free port) and wait until it
 /// answers `/health`.
 pub fn start_gateway(network: &LocalNetwork, port: u16) -> Result<Gateway> {
+    start_gateway_with(network, port, 4)
+}
+
+/// [`start_gateway`] answering `parallel` requests at once.
+pub fn start_gateway_with(network: &LocalNetwork, port: u16, parallel: usize) -> Result<Gateway> {
     use std::io::BufRead;
     let bin = crate::cluster::find_bin("veil")?;
     let mut child = std::process::Command::new(bin)
         .args(["serve", "--deployment", &network.deployment.id])
         .args(["--bootstrap", &network.bootstrap])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--parallel", &parallel.to_string()])
         .env("VEIL_HOME", network.root().join("client"))
         .stdout(std::process::Stdio::piped())
         .spawn()

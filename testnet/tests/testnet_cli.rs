@@ -171,10 +171,25 @@ fn bench_reports_throughput_latency_and_baselines_and_feeds_the_simulator() {
             &report.display().to_string(),
             "--json",
             &json.display().to_string(),
+            "--gateway",
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("JSON");
+    // the same levels through the gateway: every token arrives, with its figures beside
+    let gateway = &v["gateway"];
+    let glevels = gateway["levels"].as_array().expect("gateway levels");
+    assert_eq!(glevels.len(), 3, "{gateway}");
+    for g in glevels {
+        let n = g["sessions"].as_u64().expect("n");
+        assert_eq!(g["tokens"].as_u64(), Some(10 * n), "{g}");
+        assert!(g["tokens_per_s"].as_f64() > Some(0.0));
+        assert!(g["in_process_tokens_per_s"].as_f64() > Some(0.0));
+        assert!(g["time_to_first_token"]["p50_ms"].as_f64() > Some(0.0));
+    }
+    assert!(gateway["idle_connection_bytes"].as_f64() >= Some(0.0));
+    let md = std::fs::read_to_string(report.join("bench.md")).expect("bench.md");
+    assert!(md.contains("through the gateway"), "{md}");
     let levels = v["levels"].as_array().expect("levels");
     let sessions: Vec<u64> = levels
         .iter()
