@@ -843,7 +843,14 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
     let bin = find_bin("veil").expect("veil binary");
     let mut gateway = std::process::Command::new(bin)
         .args(["serve", "--deployment", &id, "--bootstrap", &boot])
-        .args(["--listen", "127.0.0.1:0", "--parallel", "4"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--parallel",
+            "4",
+            "--request-timeout",
+            "5",
+        ])
         .env("VEIL_HOME", veil.home.path())
         .env("VEIL_LOG", "info")
         .stdout(std::process::Stdio::piped())
@@ -942,7 +949,38 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
         steps += ok_steps;
     }
     assert!(steps > 0.0);
+    // with every node gone, a request is a 503 in OpenAI's shape, not a hang or a 500
+    let mut nodes = nodes;
+    for n in &mut nodes {
+        n.kill();
+    }
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "300",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args([
+            "-d",
+            r#"{"prompt": "anyone?", "max_tokens": 4}"#,
+            &format!("{base}/v1/completions"),
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    assert_eq!(code, "503", "{text}");
+    let v: Value = serde_json::from_str(body).expect("JSON error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     let _ = gateway.kill();
     let _ = gateway.wait();
-    drop(nodes);
 }
