@@ -4,6 +4,7 @@
 #  - with VEIL_WGPU=1: Mesa's software Vulkan driver, so that burn's wgpu backend runs
 #    without a GPU
 #  - Python 3 with pip, which `veil model fetch` uses to download SmolLM2
+#  - curl, for the gateway's examples and tests
 set -euo pipefail
 
 log() { printf '\033[1m[veil]\033[0m %s\n' "$*" >&2; }
@@ -25,6 +26,8 @@ if [ "${VEIL_WGPU:-0}" = 1 ]; then
   ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || need_apt+=(libvulkan1)
 fi
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# the gateway's README examples and tests use curl
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_apt[*]} with apt-get"
