@@ -27,7 +27,7 @@ pub struct GenerateArgs {
     /// this process), or with --shards use the deployment written by `veil encrypt`.
     #[arg(long)]
     pub encrypted: bool,
-    /// Directory written by `veil encrypt` (client.veil and shard-<i>.veil).
+    /// Directory written by `veil encrypt` (`client.veil` and `shard-<i>.veil`).
     #[arg(long, requires = "encrypted")]
     pub shards: Option<std::path::PathBuf>,
     /// Stages to split the model into with --encrypted (without --shards).

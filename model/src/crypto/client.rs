@@ -262,7 +262,7 @@ impl ClientBundle {
 /// tables: `E' = E Q` and `W' = Q^T diag(gf) Wout`, so encoding is a row lookup and
 /// decoding costs what the plaintext head costs. With client layers, encoding runs them in
 /// plaintext on `E` and rotates their output by `Q` instead. With quantized shards both
-/// tables are quantized to [`CLIENT_TABLE_TYPE`] and the head runs on the CPU's kernels:
+/// tables are quantized to `CLIENT_TABLE_TYPE` and the head runs on the CPU's kernels:
 /// in f32 the head alone would read more bytes per token than a 1B model's layers.
 #[derive(Debug, Clone)]
 pub struct ClientModel {

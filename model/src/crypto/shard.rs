@@ -145,7 +145,7 @@ pub fn storage_type(i: usize, ty: GgmlType) -> GgmlType {
 }
 
 /// Re-quantize the encrypted f32 layer `l` (`[in, out]` matrices, gains folded) to `ty`
-/// (see [`storage_type`]), row by row in GGUF's `[out, in]` layout.
+/// (see `storage_type`), row by row in GGUF's `[out, in]` layout.
 pub fn quantize_layer(
     w: &LayerWeights,
     l: usize,
