@@ -20,7 +20,7 @@ pub const ADS_TOPIC: &str = "veil/ads/1";
 pub mod limits {
     /// Inference: a prefill of up to 8192 positions of width 1024, f32.
     pub const INFER: usize = 36 << 20;
-    /// Upload chunks carry at most [`UPLOAD_CHUNK`] bytes.
+    /// Upload chunks carry at most [`UPLOAD_CHUNK`](super::UPLOAD_CHUNK) bytes.
     pub const UPLOAD_REQUEST: usize = super::UPLOAD_CHUNK + (64 << 10);
     pub const UPLOAD_RESPONSE: usize = 64 << 10;
     pub const DIRECTORY_REQUEST: usize = 1 << 10;
