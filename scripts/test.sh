@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: installs what it needs, builds Veil with the wgpu
 # backend (the `wgpu` feature; the demo builds without it), fetches SmolLM2 (cached under
-# $VEIL_HOME, default ~/.veil) and the `openai` Python package the gateway tests drive (under
-# ~/.cache/veil), runs every test in release mode on the CPU and wgpu
+# $VEIL_HOME, default ~/.veil), the `openai` and `selenium` Python packages and Debian's
+# chromium that the gateway tests drive, runs every test in release mode on the CPU and wgpu
 # backends, then a short testnet bench and chaos run on SmolLM2 (their report goes to
 # $CARGO_TARGET_DIR/testnet-report). Every step runs even when an earlier one fails; the
 # failing tests and steps are listed at the end, and the exit status is non-zero if any.
@@ -52,6 +52,30 @@ if [ ! -f "$VEIL_OPENAI_SITE/openai/__init__.py" ]; then
     mv "$VEIL_OPENAI_SITE.partial" "$VEIL_OPENAI_SITE"
   else
     log "could not install openai $openai_version: the gateway's client test will fail"
+  fi
+fi
+# A headless browser for the gateway page's test: Debian's chromium and its driver (apt,
+# once), and selenium to drive them (pip, about 5 s).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium and chromium-driver with apt-get (once)"
+    { sudo_cmd apt-get update -qq &&
+      sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } ||
+      log "could not install chromium: the gateway page's browser test will fail"
+  else
+    log "no apt-get: install chromium and its chromedriver for the gateway page's browser test"
+  fi
+fi
+selenium_version=4.38.0
+export VEIL_SELENIUM_SITE="${VEIL_CACHE:-$HOME/.cache/veil}/selenium-$selenium_version"
+if [ ! -f "$VEIL_SELENIUM_SITE/selenium/__init__.py" ]; then
+  log "installing the selenium Python package $selenium_version into $VEIL_SELENIUM_SITE"
+  rm -rf "$VEIL_SELENIUM_SITE.partial"
+  if python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+    --target "$VEIL_SELENIUM_SITE.partial" "selenium==$selenium_version"; then
+    mv "$VEIL_SELENIUM_SITE.partial" "$VEIL_SELENIUM_SITE"
+  else
+    log "could not install selenium $selenium_version: the gateway page's browser test will fail"
   fi
 fi
 

@@ -600,3 +600,60 @@ fn ctrl_c_lets_the_answers_in_flight_finish() {
     let exit = server.child.wait().expect("wait");
     assert!(exit.success(), "{exit:?}");
 }
+
+#[test]
+fn the_page_is_served_whole_from_the_binary() {
+    let server = start(&["--api-key", "k"]);
+    // the page itself needs no key (its requests carry the one the user types)
+    let (status, headers, page) = http(&server.addr, "GET", "/", &[], None);
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.starts_with("text/html")));
+    assert!(page.contains("<title>Veil</title>") && page.contains("/v1/chat/completions"));
+    // nothing is loaded from elsewhere: no CDN, no remote fonts
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "external URL in the page"
+    );
+}
+
+#[test]
+fn the_page_chats_in_a_headless_browser() {
+    // scripts/test.sh installs chromium, chromedriver and selenium (VEIL_SELENIUM_SITE)
+    let site = std::env::var("VEIL_SELENIUM_SITE").unwrap_or_default();
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists()
+            && std::path::Path::new("/usr/bin/chromedriver").exists(),
+        "chromium and chromedriver are missing: run scripts/test.sh (it installs them)"
+    );
+    let server = start(&[]);
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("veil-page.png");
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/browser.py"
+        ))
+        .args([
+            &format!("http://{}", server.addr),
+            shot.to_str().expect("utf-8"),
+        ])
+        .env("PYTHONPATH", &site)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'selenium'"),
+        "selenium is missing: run scripts/test.sh, or set VEIL_SELENIUM_SITE"
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("{stdout}screenshot: {}", shot.display());
+}

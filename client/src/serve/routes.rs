@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
@@ -77,6 +77,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .merge(api)
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
@@ -98,6 +99,11 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
         }
     }
     next.run(req).await
+}
+
+/// The chat page: one self-contained file (no CDN), talking to this gateway's API.
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
