@@ -41,19 +41,25 @@ cargo build --release --workspace --locked "${features[@]}"
 log "built in $(elapsed "$t")"
 log "fetching SmolLM2-135M-Instruct"
 "$CARGO_TARGET_DIR/release/veil" model fetch smollm2 >/dev/null
-# The official OpenAI Python client, which the gateway's tests drive (about 10 s, once).
-openai_version=3.57.0
-export VEIL_OPENAI_SITE="${VEIL_CACHE:-$HOME/.cache/veil}/openai-$openai_version"
-if [ ! -f "$VEIL_OPENAI_SITE/openai/__init__.py" ]; then
-  log "installing the openai Python package $openai_version into $VEIL_OPENAI_SITE"
-  rm -rf "$VEIL_OPENAI_SITE.partial"
-  if python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
-    --target "$VEIL_OPENAI_SITE.partial" "openai==$openai_version"; then
-    mv "$VEIL_OPENAI_SITE.partial" "$VEIL_OPENAI_SITE"
-  else
-    log "could not install openai $openai_version: the gateway's client test will fail"
+# pip_site PACKAGE VERSION: install a Python package once into ~/.cache/veil/PACKAGE-VERSION
+# and print that directory (a failed install is logged; the tests that need it then fail).
+pip_site() {
+  local site="${VEIL_CACHE:-$HOME/.cache/veil}/$1-$2"
+  if [ ! -f "$site/$1/__init__.py" ]; then
+    log "installing the $1 Python package $2 into $site"
+    rm -rf "$site.partial"
+    if PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+      --target "$site.partial" "$1==$2" >&2; then
+      mv "$site.partial" "$site"
+    else
+      log "could not install $1 $2: the gateway tests that use it will fail"
+    fi
   fi
-fi
+  printf '%s\n' "$site"
+}
+# The official OpenAI Python client, which the gateway's tests drive (about 10 s, once).
+VEIL_OPENAI_SITE=$(pip_site openai 3.57.0)
+export VEIL_OPENAI_SITE
 # A headless browser for the gateway page's test: Debian's chromium and its driver (apt,
 # once), and selenium to drive them (pip, about 5 s).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
@@ -66,18 +72,8 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     log "no apt-get: install chromium and its chromedriver for the gateway page's browser test"
   fi
 fi
-selenium_version=4.38.0
-export VEIL_SELENIUM_SITE="${VEIL_CACHE:-$HOME/.cache/veil}/selenium-$selenium_version"
-if [ ! -f "$VEIL_SELENIUM_SITE/selenium/__init__.py" ]; then
-  log "installing the selenium Python package $selenium_version into $VEIL_SELENIUM_SITE"
-  rm -rf "$VEIL_SELENIUM_SITE.partial"
-  if python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
-    --target "$VEIL_SELENIUM_SITE.partial" "selenium==$selenium_version"; then
-    mv "$VEIL_SELENIUM_SITE.partial" "$VEIL_SELENIUM_SITE"
-  else
-    log "could not install selenium $selenium_version: the gateway page's browser test will fail"
-  fi
-fi
+VEIL_SELENIUM_SITE=$(pip_site selenium 4.38.0)
+export VEIL_SELENIUM_SITE
 
 busy=()
 stop_busy() { if [ ${#busy[@]} -gt 0 ]; then kill "${busy[@]}" 2>/dev/null || true; fi; }

@@ -160,6 +160,24 @@ fn sse(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// Run `tests/data/SCRIPT` with `args`, Python packages from `site`: success, stdout, stderr.
+fn python(script: &str, args: &[&str], site: &str) -> (bool, String, String) {
+    let out = Command::new("python3")
+        .arg(format!(
+            "{}/tests/data/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(args)
+        .env("PYTHONPATH", site)
+        .output()
+        .expect("run python3");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn chat(content: &str, extra: Value) -> Value {
     let mut v = json!({
         "model": "tiny",
@@ -539,23 +557,17 @@ fn the_official_openai_client_works() {
     // scripts/test.sh installs the `openai` package and points VEIL_OPENAI_SITE at it
     let site = std::env::var("VEIL_OPENAI_SITE").unwrap_or_default();
     let server = start(&["--parallel", "4"]);
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/openai_client.py"
-        ))
-        .args([&format!("http://{}", server.addr), "tiny"])
-        .env("PYTHONPATH", &site)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (ok, stdout, stderr) = python(
+        "openai_client.py",
+        &[&format!("http://{}", server.addr), "tiny"],
+        &site,
+    );
     assert!(
         !stderr.contains("No module named 'openai'"),
         "the `openai` package is missing: run scripts/test.sh (it installs it), or set \
          VEIL_OPENAI_SITE to a directory that holds it"
     );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
 
@@ -629,25 +641,13 @@ fn the_page_chats_in_a_headless_browser() {
     );
     let server = start(&[]);
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("veil-page.png");
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/browser.py"
-        ))
-        .args([
-            &format!("http://{}", server.addr),
-            shot.to_str().expect("utf-8"),
-        ])
-        .env("PYTHONPATH", &site)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let url = format!("http://{}", server.addr);
+    let (ok, stdout, stderr) = python("browser.py", &[&url, shot.to_str().expect("utf-8")], &site);
     assert!(
         !stderr.contains("No module named 'selenium'"),
         "selenium is missing: run scripts/test.sh, or set VEIL_SELENIUM_SITE"
     );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
     let png = std::fs::read(&shot).expect("the screenshot");
     assert!(
