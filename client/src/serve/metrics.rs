@@ -4,7 +4,6 @@
 //! `veil_requests_processing`, `veil_requests_deferred`.
 
 use std::sync::atomic::AtomicI64;
-use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -18,7 +17,7 @@ type Labels = Vec<(String, String)>;
 
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Registry,
     pub prompt_tokens: Counter,
     pub tokens_predicted: Counter,
     /// Requests being answered.
@@ -42,7 +41,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("veil");
         let m = Metrics {
-            registry: Mutex::new(Registry::default()),
+            registry: Registry::default(),
             prompt_tokens: Counter::default(),
             tokens_predicted: Counter::default(),
             processing: Gauge::default(),
@@ -86,8 +85,7 @@ impl Metrics {
             "Generation speed of each answer after its first token",
             m.decode_tokens_per_s.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
-        m
+        Metrics { registry, ..m }
     }
 
     pub fn count(&self, endpoint: &str, status: u16) {
@@ -102,9 +100,8 @@ impl Metrics {
     /// Prometheus' text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         // writing into a String cannot fail
-        let _ = encode(&mut out, &registry);
+        let _ = encode(&mut out, &self.registry);
         out
     }
 }

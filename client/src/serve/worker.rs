@@ -3,7 +3,6 @@
 //! on a deployment's nodes, which batch concurrent sessions' steps).
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,8 +75,6 @@ pub trait Sessions: Send + 'static {
 pub struct Pool {
     tx: SyncSender<Job>,
     queue: usize,
-    /// Requests queued or being answered.
-    pub busy: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
 
@@ -92,11 +89,9 @@ impl Pool {
     ) -> Pool {
         let (tx, rx) = sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
-        let busy = Arc::new(AtomicUsize::new(0));
         for (i, mut sessions) in workers.into_iter().enumerate() {
             let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
             let codec = codec.clone();
-            let busy = busy.clone();
             let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("veil-serve-{i}"))
@@ -108,27 +103,19 @@ impl Pool {
                     let Ok(job) = job else { return };
                     let _in_flight = InFlight::start(&metrics);
                     answer(sessions.as_mut(), &codec.tokenizer, &metrics, job);
-                    busy.fetch_sub(1, Ordering::SeqCst);
                 })
                 .expect("spawn a gateway worker");
         }
-        Pool {
-            tx,
-            queue,
-            busy,
-            metrics,
-        }
+        Pool { tx, queue, metrics }
     }
 
     /// Queue `job`, or refuse it at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
-        self.busy.fetch_add(1, Ordering::SeqCst);
         // counted before the hand-off: a worker may take it at once
         self.metrics.deferred.inc();
         match self.tx.try_send(job) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.busy.fetch_sub(1, Ordering::SeqCst);
                 self.metrics.deferred.dec();
                 Err(match e {
                     TrySendError::Full(_) => ApiError::busy(self.queue),
@@ -260,6 +247,7 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics,
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc::{channel, Sender};
 
     use veil_model::{ModelBundle, ModelError, SamplingParams};
@@ -332,14 +320,19 @@ mod tests {
         )
     }
 
-    fn pool(
-        queue: usize,
-    ) -> (
+    /// A pool of one gated worker: what it announces, its go-ahead, its step count.
+    type Gate = (
         Pool,
         std::sync::mpsc::Receiver<()>,
         Sender<()>,
         Arc<AtomicUsize>,
-    ) {
+    );
+
+    fn pool(queue: usize) -> Gate {
+        pool_with(queue, Arc::new(Metrics::new()))
+    }
+
+    fn pool_with(queue: usize, metrics: Arc<Metrics>) -> Gate {
         let b = ModelBundle::tiny().expect("tiny");
         let vocab = b.weights.config.vocab_size;
         // a token that decodes to text
@@ -354,18 +347,14 @@ mod tests {
             token,
             steps: steps.clone(),
         };
-        let pool = Pool::start(
-            vec![Box::new(gated)],
-            Arc::new(b.text),
-            queue,
-            Arc::new(Metrics::new()),
-        );
+        let pool = Pool::start(vec![Box::new(gated)], Arc::new(b.text), queue, metrics);
         (pool, started, go, steps)
     }
 
     #[test]
     fn a_full_queue_refuses_at_once_with_429() {
-        let (pool, started, go, _) = pool(1);
+        let metrics = Arc::new(Metrics::new());
+        let (pool, started, go, _) = pool_with(1, metrics.clone());
         let (a, _ra) = job(2, 64);
         pool.submit(a).expect("first");
         started.recv().expect("the worker took the first request");
@@ -375,7 +364,8 @@ mod tests {
         let e = pool.submit(c).expect_err("third");
         assert_eq!(e.status.as_u16(), 429);
         assert_eq!(e.retry_after, Some(1));
-        assert_eq!(pool.busy.load(Ordering::SeqCst), 2);
+        // one being answered, one waiting
+        assert_eq!(metrics.processing.get() + metrics.deferred.get(), 2);
         go.send(()).expect("go");
         go.send(()).expect("go");
     }
