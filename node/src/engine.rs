@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Distribution, Tensor};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::{mpsc, oneshot};
 use veil_model::cache::KvCache;
 use veil_model::StageRunner;
@@ -56,23 +57,43 @@ pub struct Status {
 }
 
 /// The engine's latest [`Status`], readable at any time without queueing behind its work
-/// (ads and the least-loaded routing of clients ask while the engine is busy).
-#[derive(Debug, Clone, Default)]
-pub struct StatusBoard(Arc<Mutex<Status>>);
+/// (ads and the least-loaded routing of clients ask while the engine is busy), and the sizes
+/// of its forward passes as a histogram (sessions' steps per pass).
+#[derive(Debug, Clone)]
+pub struct StatusBoard {
+    status: Arc<Mutex<Status>>,
+    batch_sizes: Histogram,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        StatusBoard {
+            status: Arc::default(),
+            // 1, 2, 4, … 128 sessions' steps per forward pass
+            batch_sizes: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+        }
+    }
+}
 
 impl StatusBoard {
     pub fn get(&self) -> Status {
         *self
-            .0
+            .status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn set(&self, status: Status) {
         *self
-            .0
+            .status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+    }
+
+    /// Sessions' steps per forward pass, one observation per pass (shared: the metrics
+    /// registry holds a clone).
+    pub fn batch_sizes(&self) -> &Histogram {
+        &self.batch_sizes
     }
 }
 
@@ -464,6 +485,7 @@ impl Engine {
             match result {
                 Ok(outputs) => {
                     self.batches += 1;
+                    self.board.batch_sizes.observe(outputs.len() as f64);
                     self.steps += outputs.len() as u64;
                     for ((_, _, t, reply), out) in group.into_iter().zip(outputs) {
                         let hidden = TensorFrame::from_f32(&[t, d], &out);

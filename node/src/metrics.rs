@@ -100,6 +100,11 @@ impl NodeMetrics {
         );
         r.register("shards_loaded", "Shards in memory", m.shards_loaded.clone());
         r.register(
+            "batch_size",
+            "Sessions' steps per forward pass (the engine batches concurrent sessions' steps)",
+            m.board.batch_sizes().clone(),
+        );
+        r.register(
             "largest_batch",
             "Most sessions' steps run in one forward pass so far",
             m.largest_batch.clone(),
