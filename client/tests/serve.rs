@@ -21,17 +21,18 @@ impl Drop for Server {
     }
 }
 
+/// `veil serve --local --model tiny` with `extra` flags, once it is ready.
 fn start(extra: &[&str]) -> Server {
+    let mut args = vec!["--model", "tiny"];
+    args.extend_from_slice(extra);
+    start_model(&args)
+}
+
+/// `veil serve --local` with `args` (which name the model), once it is ready.
+fn start_model(args: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args([
-            "serve",
-            "--local",
-            "--model",
-            "tiny",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
+        .args(["serve", "--local", "--listen", "127.0.0.1:0"])
+        .args(args)
         .env("VEIL_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -471,8 +472,65 @@ fn an_api_key_is_required_when_set() {
             assert!(t.contains("invalid_api_key"), "{t}");
         }
     }
-    // health stays open (load balancers probe it)
+    // health stays open (load balancers probe it); the network view and metrics do not
     assert_eq!(http(&server.addr, "GET", "/health", &[], None).0, 200);
+    for path in ["/api/network", "/metrics"] {
+        assert_eq!(http(&server.addr, "GET", path, &[], None).0, 401, "{path}");
+        let auth = [("Authorization", "Bearer s3cret")];
+        assert_eq!(
+            http(&server.addr, "GET", path, &auth, None).0,
+            200,
+            "{path}"
+        );
+    }
+}
+
+/// `GET /api/network` as JSON.
+fn network_view(server: &Server) -> Value {
+    let (status, _, text) = http(&server.addr, "GET", "/api/network", &[], None);
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).expect("JSON view")
+}
+
+#[test]
+fn the_network_view_and_each_answer_say_where_the_stages_ran() {
+    let plain = start(&[]);
+    let view = network_view(&plain);
+    assert_eq!(view["mode"], "local", "{view}");
+    assert_eq!(view["stages"].as_array().map(Vec::len), Some(1), "{view}");
+    assert_eq!(view["stages"][0]["layers"], json!([0, 4]), "{view}");
+    let ask = json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0});
+    let (status, whole) = post(&plain, "/v1/completions", &ask);
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["veil"], json!({"route": ["local"], "failovers": 0}));
+
+    // encrypted stages in this process (exact f32 shards): the same answer, through two
+    // stages that cover the model's layers in order
+    let encrypted = start(&["--encrypted", "--stages", "2", "--quant", "f32"]);
+    let view = network_view(&encrypted);
+    assert_eq!(view["mode"], "local-encrypted", "{view}");
+    let key = view["key"].as_str().expect("key fingerprint");
+    assert!(
+        key.len() >= 8 && key.chars().all(|c| c.is_ascii_hexdigit()),
+        "{key}"
+    );
+    let stages = view["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 2, "{view}");
+    assert_eq!(stages[0]["layers"][0], 0);
+    assert_eq!(stages[0]["layers"][1], stages[1]["layers"][0]);
+    assert_eq!(stages[1]["layers"][1], 4);
+    let (status, enc) = post(&encrypted, "/v1/completions", &ask);
+    assert_eq!(status, 200, "{enc}");
+    assert_eq!(enc["choices"][0]["text"], whole["choices"][0]["text"]);
+    let route = json!(["local stage 0", "local stage 1"]);
+    assert_eq!(enc["veil"]["route"], route, "{enc}");
+    // streamed, the route rides on the chunk that ends the answer
+    let (chunks, _) = streamed_text(&encrypted, &chat("hi", json!({"stream": true})));
+    let last = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .expect("a finishing chunk");
+    assert_eq!(last["veil"]["route"], route, "{last}");
 }
 
 #[test]
@@ -639,10 +697,17 @@ fn the_page_chats_in_a_headless_browser() {
             && std::path::Path::new("/usr/bin/chromedriver").exists(),
         "chromium and chromedriver are missing: run scripts/test.sh (it installs them)"
     );
-    let server = start(&[]);
+    // SmolLM2 (scripts/test.sh fetches it): fast enough to chat, slow enough that a long
+    // answer is still streaming when the Stop button is clicked; encrypted in two stages in
+    // this process, so the page shows a route
+    let server = start_model(&["--model", "smollm2", "--encrypted", "--stages", "2"]);
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("veil-page.png");
     let url = format!("http://{}", server.addr);
-    let (ok, stdout, stderr) = python("browser.py", &[&url, shot.to_str().expect("utf-8")], &site);
+    let (ok, stdout, stderr) = python(
+        "browser.py",
+        &[&url, shot.to_str().expect("utf-8"), "2"],
+        &site,
+    );
     assert!(
         !stderr.contains("No module named 'selenium'"),
         "selenium is missing: run scripts/test.sh, or set VEIL_SELENIUM_SITE"

@@ -898,6 +898,50 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
             .collect()
     });
     assert_eq!(together, reference);
+    // the network view: every stage of the deployment with its replica, whose capacity ad
+    // (from the bootstrap's directory) and stats answer it shows
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", &format!("{base}/api/network")])
+        .output()
+        .expect("curl");
+    let view: Value = serde_json::from_slice(&out.stdout).expect("the view as JSON");
+    assert_eq!(view["mode"], "deployment", "{view}");
+    assert_eq!(view["model"], id.as_str(), "{view}");
+    let stages = view["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 3, "{view}");
+    for s in stages {
+        let r = &s["replicas"][0];
+        assert_eq!(r["reachable"], true, "{view}");
+        assert!(
+            r["backend"].is_string() && r["uptime_s"].as_f64() > Some(0.0),
+            "{view}"
+        );
+    }
+    // each answer names the replica that served each stage
+    let v = curl_json(
+        &base,
+        "/v1/completions",
+        &serde_json::json!({"prompt": "Once", "max_tokens": 2}),
+    );
+    let route = v["veil"]["route"].as_array().expect("route").clone();
+    assert_eq!(route.len(), 3, "{v}");
+    for (peer, s) in route.iter().zip(stages) {
+        let replicas = s["replicas"].as_array().expect("replicas");
+        assert!(replicas.iter().any(|r| &r["peer"] == peer), "{v} vs {view}");
+    }
+    assert_eq!(v["veil"]["failovers"], 0, "{v}");
+    // the gateway counts its traffic to the nodes
+    let out = Command::new("curl")
+        .args(["-sS", &format!("{base}/metrics")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let sent: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("veil_node_bytes_sent_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bytes sent in\n{text}"));
+    assert!(sent > 0.0, "{text}");
     // a chat request through the same deployment
     let chat = curl_json(
         &base,
@@ -946,6 +990,13 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
         assert!(value("veil_node_step_seconds_count") >= 1.0, "{text}");
         let ok_steps = value(r#"veil_node_requests_total{kind="step",outcome="ok"}"#);
         assert_eq!(ok_steps, value("veil_node_steps_total"), "{text}");
+        // one batch-size observation per forward pass, summing to the steps
+        assert_eq!(
+            value("veil_node_batch_size_count"),
+            value("veil_node_batches_total"),
+            "{text}"
+        );
+        assert_eq!(value("veil_node_batch_size_sum"), ok_steps, "{text}");
         steps += ok_steps;
     }
     assert!(steps > 0.0);

@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::worker::Served;
+
 /// Request outcomes by endpoint and status code.
 type Labels = Vec<(String, String)>;
 
@@ -29,6 +31,13 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     /// Generated tokens per second of each answer, after its first token.
     pub decode_tokens_per_s: Histogram,
+    /// Stages that moved to another replica in the middle of an answer.
+    pub failovers: Counter,
+    /// Bytes sent to nodes and received from them (hidden states and protocol).
+    pub node_bytes_sent: Counter,
+    pub node_bytes_received: Counter,
+    /// This process's resident memory, read when scraped.
+    resident_bytes: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -49,6 +58,10 @@ impl Metrics {
             requests: Family::default(),
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             decode_tokens_per_s: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
+            failovers: Counter::default(),
+            node_bytes_sent: Counter::default(),
+            node_bytes_received: Counter::default(),
+            resident_bytes: Gauge::default(),
         };
         registry.register(
             "prompt_tokens",
@@ -85,7 +98,34 @@ impl Metrics {
             "Generation speed of each answer after its first token",
             m.decode_tokens_per_s.clone(),
         );
+        registry.register(
+            "failovers",
+            "Stages moved to another replica during an answer",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "node_bytes_sent",
+            "Bytes of requests sent to nodes",
+            m.node_bytes_sent.clone(),
+        );
+        registry.register(
+            "node_bytes_received",
+            "Bytes of answers received from nodes",
+            m.node_bytes_received.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the gateway process",
+            m.resident_bytes.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Count who served an answer.
+    pub fn served(&self, served: &Served) {
+        self.failovers.inc_by(u64::from(served.failovers));
+        self.node_bytes_sent.inc_by(served.bytes_sent);
+        self.node_bytes_received.inc_by(served.bytes_received);
     }
 
     pub fn count(&self, endpoint: &str, status: u16) {
@@ -99,11 +139,23 @@ impl Metrics {
 
     /// Prometheus' text format.
     pub fn render(&self) -> String {
+        if let Some(rss) = resident_bytes() {
+            self.resident_bytes
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // writing into a String cannot fail
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// This process's resident memory (Linux: `VmRSS` of `/proc/self/status`; `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Moves a request from deferred to processing when a worker takes it, and out when done.

@@ -8,6 +8,7 @@
 mod api;
 mod error;
 mod metrics;
+mod network;
 mod routes;
 mod stop;
 mod worker;
@@ -15,21 +16,25 @@ mod worker;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use veil_model::crypto::ClientModel;
+use veil_model::crypto::{short_fingerprint, ClientModel, EncryptedLocal, ShardQuant};
 use veil_model::{LocalModel, TextCodec, TokenModel};
 
 use crate::deployment::Deployment;
+use crate::encrypt::encrypt_with_progress;
 use crate::generate::{connect_deployment, precision};
 use crate::model_spec::ModelSpec;
 use crate::net::{Client, NetArgs};
 use crate::remote::RemotePipeline;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use network::{ReplicaView, Source, StageView, View};
 pub use routes::{router, AppState, Ready, MAX_BODY_BYTES};
 pub use stop::StopMatcher;
-pub use worker::{Pool, Sessions};
+pub use worker::{Pool, PoolOptions, Served, Sessions, SLOW_CLIENT_TIMEOUT};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -43,6 +48,29 @@ pub struct ServeArgs {
     /// With --local: smollm2, tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
+    /// With --local: encrypt the model with a fresh key at start and answer through its
+    /// encrypted stages, all in this process (what a deployment's nodes compute, without a
+    /// network).
+    #[arg(long, requires = "local")]
+    pub encrypted: bool,
+    /// With --encrypted: stages to split the model into.
+    #[arg(long, default_value_t = 3, requires = "encrypted")]
+    pub stages: usize,
+    /// With --encrypted: layers the gateway runs itself in plaintext before the first stage.
+    #[arg(long, default_value_t = 0, requires = "encrypted")]
+    pub client_layers: usize,
+    /// With --encrypted: the shards' weight format, q8_0 (default), q4_0, q4_k or f32 (see
+    /// `veil encrypt --help`).
+    #[arg(
+        long,
+        default_value = "q8_0",
+        value_name = "FORMAT",
+        requires = "encrypted"
+    )]
+    pub quant: ShardQuant,
+    #[arg(long, value_name = "FILE|none", requires = "encrypted",
+          help = crate::encrypt::CALIBRATION_HELP)]
+    pub calibration: Option<String>,
     /// Address to listen on. Port 0 picks a free one; the address is printed on stdout.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -57,6 +85,10 @@ pub struct ServeArgs {
     /// Requests that may wait beyond those being answered; more get 429 with Retry-After.
     #[arg(long, default_value_t = 32)]
     pub queue: usize,
+    /// Seconds a worker waits for a client that stopped reading its stream before it drops
+    /// the request and frees its sequence (and node sessions).
+    #[arg(long, default_value_t = SLOW_CLIENT_TIMEOUT.as_secs(), value_name = "SECONDS")]
+    pub slow_client_timeout: u64,
     /// Positions per sequence, prompt and answer together [default: the model's context,
     /// at most 4096].
     #[arg(long)]
@@ -162,8 +194,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
 /// Load the model (or connect to the deployment) and start the workers.
 fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
     let precision = precision(args.exact);
+    let options = PoolOptions {
+        queue: args.queue,
+        slow_client_timeout: Duration::from_secs(args.slow_client_timeout.max(1)),
+    };
     if let Some(id) = &args.deployment {
         let (client, bundle, deployment) = connect_deployment(id, &args.net)?;
+        let network = Source::Nodes(Box::new(network::Nodes::new(
+            client.runtime.handle().clone(),
+            client.network.clone(),
+            client.bootstrap_peers.clone(),
+            deployment.clone(),
+            short_fingerprint(&bundle.meta.key.fingerprint).to_string(),
+            bundle.meta.client_layers,
+        )));
         let codec = Arc::new(TextCodec::new(bundle.meta.text.clone())?);
         let context = args
             .ctx
@@ -181,19 +225,69 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
         let workers = (0..args.parallel)
             .map(|_| Box::new(RemoteSessions(shared.clone())) as Box<dyn Sessions>)
             .collect();
-        let pool = Pool::start(workers, codec.clone(), args.queue, metrics.clone());
+        let pool = Pool::start(workers, codec.clone(), options, metrics.clone());
         return Ok(Ready {
             pool,
             codec,
             context,
+            network: Arc::new(network),
         });
     }
     let bundle = ModelSpec::parse(&args.model)?.load_quantized()?;
+    let device = veil_model::Compute::cpu().device;
+    let model_id = local_id(&args.model);
+    if args.encrypted {
+        let e = encrypt_with_progress(
+            &bundle,
+            args.stages,
+            args.client_layers,
+            None,
+            args.quant,
+            args.calibration.as_deref(),
+        )?;
+        let context = args
+            .ctx
+            .unwrap_or(DEFAULT_CTX)
+            .min(e.client.meta.config.max_seq_len);
+        let mut layers: Vec<(usize, usize)> = e.shards.iter().map(|s| s.meta.layers).collect();
+        layers.sort_unstable();
+        let mut workers: Vec<Box<dyn Sessions>> = Vec::with_capacity(args.parallel);
+        for _ in 0..args.parallel {
+            // the shards' blocks are shared; each worker has its own caches
+            let model = EncryptedLocal::with_precision(
+                &e.client,
+                &e.shards,
+                &device,
+                Some(context),
+                precision,
+            )?;
+            workers.push(Box::new(EncryptedSessions {
+                model,
+                stages: layers.len(),
+            }));
+        }
+        let view = network::local_view(
+            "local-encrypted",
+            &model_id,
+            Some(short_fingerprint(&e.client.meta.key.fingerprint).to_string()),
+            e.client.meta.client_layers,
+            &layers,
+            "cpu",
+        );
+        let codec = Arc::new(bundle.text);
+        let pool = Pool::start(workers, codec.clone(), options, metrics.clone());
+        return Ok(Ready {
+            pool,
+            codec,
+            context,
+            network: Arc::new(Source::Fixed(view)),
+        });
+    }
     let context = args
         .ctx
         .unwrap_or(DEFAULT_CTX)
         .min(bundle.weights.config.max_seq_len);
-    let device = veil_model::Compute::cpu().device;
+    let n_layers = bundle.weights.config.n_layers;
     let mut workers: Vec<Box<dyn Sessions>> = Vec::with_capacity(args.parallel);
     for _ in 0..args.parallel {
         // the weights' blocks are shared; each worker has its own cache
@@ -201,11 +295,13 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
         workers.push(Box::new(LocalSessions(model)));
     }
     let codec = Arc::new(bundle.text);
-    let pool = Pool::start(workers, codec.clone(), args.queue, metrics.clone());
+    let pool = Pool::start(workers, codec.clone(), options, metrics.clone());
+    let view = network::local_view("local", &model_id, None, 0, &[(0, n_layers)], "cpu");
     Ok(Ready {
         pool,
         codec,
         context,
+        network: Arc::new(Source::Fixed(view)),
     })
 }
 
@@ -213,11 +309,34 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
 struct LocalSessions(LocalModel);
 
 impl Sessions for LocalSessions {
-    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> Result<()> {
+    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> Result<Served> {
         self.0.reset();
         f(&mut self.0);
         self.0.reset();
-        Ok(())
+        Ok(Served {
+            route: vec!["local".into()],
+            ..Served::default()
+        })
+    }
+}
+
+/// Encrypted stages in this process: one sequence at a time, caches cleared per request.
+struct EncryptedSessions {
+    model: EncryptedLocal,
+    stages: usize,
+}
+
+impl Sessions for EncryptedSessions {
+    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> Result<Served> {
+        self.model.reset();
+        f(&mut self.model);
+        self.model.reset();
+        Ok(Served {
+            route: (0..self.stages)
+                .map(|i| format!("local stage {i}"))
+                .collect(),
+            ..Served::default()
+        })
     }
 }
 
@@ -234,7 +353,7 @@ struct Remote {
 struct RemoteSessions(Arc<Remote>);
 
 impl Sessions for RemoteSessions {
-    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> Result<()> {
+    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> Result<Served> {
         let r = &self.0;
         let mut pipeline = RemotePipeline::with_client(
             r.client.runtime.handle().clone(),
@@ -245,7 +364,13 @@ impl Sessions for RemoteSessions {
             r.precision,
         )?;
         f(&mut pipeline);
+        let served = Served {
+            route: pipeline.route(),
+            failovers: pipeline.stats.failovers,
+            bytes_sent: pipeline.stats.bytes_sent,
+            bytes_received: pipeline.stats.bytes_received,
+        };
         pipeline.close();
-        Ok(())
+        Ok(served)
     }
 }

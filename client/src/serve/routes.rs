@@ -23,6 +23,7 @@ use veil_model::{GenerateParams, SamplingParams, TextCodec};
 use super::api::{ChatRequest, Common, CompletionRequest, ModelCard, Usage};
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::network::{Source, View};
 use super::worker::{Event, Job, Pool};
 
 /// Request bodies above this are refused (413) before they are read whole.
@@ -37,6 +38,8 @@ pub struct Ready {
     pub codec: Arc<TextCodec>,
     /// Positions per sequence (prompt and answer).
     pub context: usize,
+    /// Where the stages run (`GET /api/network`).
+    pub network: Arc<Source>,
 }
 
 #[derive(Debug)]
@@ -75,6 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
+        .route("/api/network", get(network))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(page))
@@ -122,6 +126,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// Where each stage runs and how its nodes are doing (Veil's own; not part of OpenAI's API).
+async fn network(State(state): State<Arc<AppState>>) -> Result<Json<View>, ApiError> {
+    let source = state.ready()?.network.clone();
+    // asking the nodes blocks for up to a few seconds
+    tokio::task::spawn_blocking(move || source.view())
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::internal(format!("the network view failed: {e}")))
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -365,8 +379,14 @@ async fn answer(
     loop {
         match event {
             Event::Text(t) => text.push_str(&t),
-            Event::Done { finish, usage } => {
-                return Ok(Json(meta.whole(&text, finish.as_str(), usage)).into_response())
+            Event::Done {
+                finish,
+                usage,
+                served,
+            } => {
+                let mut v = meta.whole(&text, finish.as_str(), usage);
+                v["veil"] = json!(served);
+                return Ok(Json(v).into_response());
             }
             Event::Failed(e) => return Err(e),
         }
@@ -465,17 +485,21 @@ fn stream_events(
                     Event::Text(t) => {
                         vec![data(&meta.chunk(meta.text_delta(&t), None, include_usage))]
                     }
-                    Event::Done { finish, usage } => {
+                    Event::Done {
+                        finish,
+                        usage,
+                        served,
+                    } => {
                         *done = true;
                         let empty = match meta.kind {
                             Kind::Chat => json!({}),
                             Kind::Text => json!(""),
                         };
-                        let mut v = vec![data(&meta.chunk(
-                            empty,
-                            Some(finish.as_str()),
-                            include_usage,
-                        ))];
+                        // who served the answer, beside OpenAI's fields (clients ignore
+                        // fields they do not know)
+                        let mut last = meta.chunk(empty, Some(finish.as_str()), include_usage);
+                        last["veil"] = json!(served);
+                        let mut v = vec![data(&last)];
                         if include_usage {
                             let mut u = meta.chunk(json!({}), None, true);
                             u["choices"] = json!([]);

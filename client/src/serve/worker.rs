@@ -7,6 +7,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use tokio::sync::mpsc::error::TrySendError as EventSendError;
 use veil_model::generate::generate_until;
 use veil_model::tokenizer::Tokenizer;
@@ -17,8 +18,8 @@ use super::error::ApiError;
 use super::metrics::{InFlight, Metrics};
 use super::stop::StopMatcher;
 
-/// How long a worker waits for a client that does not read its stream before it gives up
-/// on the request (and frees its sequence).
+/// How long a worker waits by default for a client that does not read its stream before it
+/// gives up on the request (and frees its sequence); `veil serve --slow-client-timeout`.
 pub const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One request for the model.
@@ -59,15 +60,50 @@ pub enum Event {
     Done {
         finish: Finish,
         usage: Usage,
+        served: Served,
     },
     Failed(ApiError),
+}
+
+/// Who computed an answer: shown with it (the `veil` field of a response) and counted in
+/// the gateway's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Served {
+    /// Per stage, what served it at the end of the answer: a node's peer id, or
+    /// `local` / `local stage I` in this process.
+    pub route: Vec<String>,
+    /// Stages that moved to another replica during the answer.
+    pub failovers: u32,
+    /// Bytes of requests sent to nodes and of their answers (zero in this process).
+    #[serde(skip)]
+    pub bytes_sent: u64,
+    #[serde(skip)]
+    pub bytes_received: u64,
 }
 
 /// A source of fresh sequences: one per request.
 pub trait Sessions: Send + 'static {
     /// Run `f` on a fresh sequence (empty cache), then release it (for a deployment: close
-    /// its node sessions).
-    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> anyhow::Result<()>;
+    /// its node sessions); says who served it.
+    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> anyhow::Result<Served>;
+}
+
+/// How the workers treat their clients.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    /// Requests that may wait beyond those being answered.
+    pub queue: usize,
+    /// How long a worker waits for a client that does not read its stream.
+    pub slow_client_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            queue: 32,
+            slow_client_timeout: SLOW_CLIENT_TIMEOUT,
+        }
+    }
 }
 
 /// The queue in front of the workers.
@@ -79,14 +115,16 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Start one thread per `Sessions`; at most `queue` requests wait beyond those being
-    /// answered.
+    /// Start one thread per `Sessions`; at most `options.queue` requests wait beyond those
+    /// being answered.
     pub fn start(
         workers: Vec<Box<dyn Sessions>>,
         codec: Arc<TextCodec>,
-        queue: usize,
+        options: PoolOptions,
         metrics: Arc<Metrics>,
     ) -> Pool {
+        let queue = options.queue;
+        let timeout = options.slow_client_timeout;
         let (tx, rx) = sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
         for (i, mut sessions) in workers.into_iter().enumerate() {
@@ -102,7 +140,12 @@ impl Pool {
                     };
                     let Ok(job) = job else { return };
                     let _in_flight = InFlight::start(&metrics);
-                    answer(sessions.as_mut(), &codec.tokenizer, &metrics, job);
+                    let ctx = Ctx {
+                        tokenizer: &codec.tokenizer,
+                        metrics: &metrics,
+                        timeout,
+                    };
+                    answer(sessions.as_mut(), &ctx, job);
                 })
                 .expect("spawn a gateway worker");
         }
@@ -128,10 +171,17 @@ impl Pool {
     }
 }
 
-/// Send `event`, waiting for a slow reader at most [`SLOW_CLIENT_TIMEOUT`]; false when the
-/// client is gone or too slow.
-fn send(events: &tokio::sync::mpsc::Sender<Event>, mut event: Event) -> bool {
-    let deadline = Instant::now() + SLOW_CLIENT_TIMEOUT;
+/// What a worker answers with.
+struct Ctx<'a> {
+    tokenizer: &'a Tokenizer,
+    metrics: &'a Metrics,
+    timeout: Duration,
+}
+
+/// Send `event`, waiting for a slow reader at most `timeout`; false when the client is gone
+/// or too slow.
+fn send(events: &tokio::sync::mpsc::Sender<Event>, mut event: Event, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
     loop {
         match events.try_send(event) {
             Ok(()) => return true,
@@ -149,7 +199,8 @@ fn send(events: &tokio::sync::mpsc::Sender<Event>, mut event: Event) -> bool {
 }
 
 /// Answer one job on a fresh sequence of `sessions`.
-fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics, job: Job) {
+fn answer(sessions: &mut dyn Sessions, ctx: &Ctx<'_>, job: Job) {
+    let (tokenizer, metrics, timeout) = (ctx.tokenizer, ctx.metrics, ctx.timeout);
     let Job {
         prompt,
         params,
@@ -174,7 +225,7 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics,
                     .time_to_first_token
                     .observe(received.elapsed().as_secs_f64());
             }
-            if !text.is_empty() && !send(&events, Event::Text(text)) {
+            if !text.is_empty() && !send(&events, Event::Text(text), timeout) {
                 gone = true;
                 return ControlFlow::Break(());
             }
@@ -192,6 +243,9 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics,
             &mut on_text,
         ));
     });
+    if let Ok(served) = &opened {
+        metrics.served(served);
+    }
     if gone {
         tracing::debug!("a client disconnected; its generation was stopped");
         return;
@@ -204,23 +258,26 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics,
                 Event::Failed(ApiError::unavailable(format!(
                     "no sequence to answer with: {e:#}"
                 ))),
+                timeout,
             );
             return;
         }
-        (Ok(()), Some(Ok(out))) => out,
-        (Ok(()), Some(Err(e))) => {
+        (Ok(served), Some(Ok(out))) => (served, out),
+        (Ok(_), Some(Err(e))) => {
             tracing::warn!("generation failed: {e}");
             send(
                 &events,
                 Event::Failed(ApiError::unavailable(format!("generation failed: {e}"))),
+                timeout,
             );
             return;
         }
-        (Ok(()), None) => return,
+        (Ok(_), None) => return,
     };
+    let (served, out) = out;
     if !stopped {
         let rest = matcher.finish();
-        if !rest.is_empty() && !send(&events, Event::Text(rest)) {
+        if !rest.is_empty() && !send(&events, Event::Text(rest), timeout) {
             return;
         }
     }
@@ -241,7 +298,9 @@ fn answer(sessions: &mut dyn Sessions, tokenizer: &Tokenizer, metrics: &Metrics,
         Event::Done {
             finish,
             usage: Usage::new(out.prompt_tokens.len(), out.tokens.len()),
+            served,
         },
+        timeout,
     );
 }
 
@@ -288,7 +347,10 @@ mod tests {
     }
 
     impl Sessions for Gated {
-        fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> anyhow::Result<()> {
+        fn with_session(
+            &mut self,
+            f: &mut dyn FnMut(&mut dyn TokenModel),
+        ) -> anyhow::Result<Served> {
             let _ = self.started.send(());
             let _ = self.go.lock().expect("lock").recv();
             f(&mut Fixed {
@@ -297,7 +359,10 @@ mod tests {
                 position: 0,
                 steps: self.steps.clone(),
             });
-            Ok(())
+            Ok(Served {
+                route: vec!["gated".into()],
+                ..Served::default()
+            })
         }
     }
 
@@ -333,6 +398,14 @@ mod tests {
     }
 
     fn pool_with(queue: usize, metrics: Arc<Metrics>) -> Gate {
+        let options = PoolOptions {
+            queue,
+            ..PoolOptions::default()
+        };
+        pool_with_options(options, metrics)
+    }
+
+    fn pool_with_options(options: PoolOptions, metrics: Arc<Metrics>) -> Gate {
         let b = ModelBundle::tiny().expect("tiny");
         let vocab = b.weights.config.vocab_size;
         // a token that decodes to text
@@ -347,7 +420,7 @@ mod tests {
             token,
             steps: steps.clone(),
         };
-        let pool = Pool::start(vec![Box::new(gated)], Arc::new(b.text), queue, metrics);
+        let pool = Pool::start(vec![Box::new(gated)], Arc::new(b.text), options, metrics);
         (pool, started, go, steps)
     }
 
@@ -388,8 +461,14 @@ mod tests {
         go.send(()).expect("go");
         let mut finish = None;
         while let Some(e) = rb.blocking_recv() {
-            if let Event::Done { finish: f, usage } = e {
+            if let Event::Done {
+                finish: f,
+                usage,
+                served,
+            } = e
+            {
                 assert_eq!(usage.completion_tokens, 3);
+                assert_eq!(served.route, ["gated"]);
                 finish = Some(f);
             }
         }
@@ -400,5 +479,41 @@ mod tests {
             "{} steps",
             steps.load(Ordering::SeqCst)
         );
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_dropped_after_the_timeout() {
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_millis(300);
+        let options = PoolOptions {
+            queue: 4,
+            slow_client_timeout: timeout,
+        };
+        let (pool, started, go, steps) = pool_with_options(options, metrics.clone());
+        // a client that never reads: room for one piece, then its buffer stays full
+        let (a, _stalled) = job(5_000, 1);
+        pool.submit(a).expect("submit");
+        started.recv().expect("started");
+        go.send(()).expect("go");
+        let held = Instant::now();
+        // a request queued behind it on the only worker
+        let (b, mut rb) = job(3, 64);
+        pool.submit(b).expect("submit");
+        started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the worker let go of the stalled request");
+        assert!(held.elapsed() >= timeout, "{:?}", held.elapsed());
+        go.send(()).expect("go");
+        let mut answered = 0;
+        while let Some(e) = rb.blocking_recv() {
+            if let Event::Done { usage, .. } = e {
+                answered = usage.completion_tokens;
+            }
+        }
+        assert_eq!(answered, 3);
+        // the stalled generation went no further than its full buffer allowed
+        let n = steps.load(Ordering::SeqCst);
+        assert!(n < 10, "{n} steps");
+        assert_eq!(metrics.processing.get(), 0);
     }
 }
