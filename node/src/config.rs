@@ -46,8 +46,9 @@ request_timeout_s = 60
 # Append every request this node receives to this file (audits and tests).
 # record_traffic = "traffic.bin"
 
-# Serve Prometheus metrics (sessions, steps, batches, step latency, memory, requests by
-# outcome) on http://ADDRESS/metrics. Off unless set; keep it on a private address.
+# Serve Prometheus metrics (sessions, steps, batch sizes, step latency, memory, requests by
+# outcome, and libp2p's own: connections, Kademlia, gossipsub, identify, ping) on
+# http://ADDRESS/metrics. Off unless set; keep it on a private address.
 # metrics_listen = "127.0.0.1:9101"
 
 # Artificial delay added to every inference step, in milliseconds: simulates a slower

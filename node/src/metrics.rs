@@ -127,6 +127,11 @@ impl NodeMetrics {
         NodeMetrics { registry, ..m }
     }
 
+    /// The registry, to add more metrics before serving (libp2p's own).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Count an answered request of `kind` that took `took`.
     pub fn answered(&self, kind: &str, response: &InferResponse, took: Duration) {
         self.requests

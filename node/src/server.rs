@@ -109,7 +109,11 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         request_timeout: Duration::from_secs(config.request_timeout_s),
         ..NetConfig::default()
     };
-    let (network, mut events, event_loop) = network::new(&identity, &net_config)?;
+    // libp2p's own metrics join the node's registry when metrics are served
+    let mut metrics = NodeMetrics::new(board.clone());
+    let registry = config.metrics_listen.map(|_| metrics.registry_mut());
+    let (network, mut events, event_loop) =
+        network::new_with_metrics(&identity, &net_config, registry)?;
     tokio::spawn(event_loop.run());
     for addr in &config.listen {
         let addr: Multiaddr = addr
@@ -127,7 +131,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         }),
         None => None,
     };
-    let metrics = Arc::new(NodeMetrics::new(board.clone()));
+    let metrics = Arc::new(metrics);
     if let Some(addr) = config.metrics_listen {
         let bound = crate::metrics::serve(addr, metrics.clone()).await?;
         tracing::info!("metrics on http://{bound}/metrics");

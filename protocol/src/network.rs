@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::metrics::{Metrics, Recorder, Registry};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
@@ -231,12 +232,24 @@ pub struct EventLoop {
     pending_upload: HashMap<OutboundRequestId, Reply<UploadResponse>>,
     pending_directory: HashMap<OutboundRequestId, Reply<DirectoryResponse>>,
     serve: bool,
+    /// libp2p's own metrics (connections, kad, gossipsub, identify, ping), when asked for.
+    metrics: Option<Metrics>,
 }
 
 /// Build the swarm (TCP with noise and yamux, and QUIC) and the handle.
 pub fn new(
     identity: &Identity,
     config: &NetConfig,
+) -> Result<(Network, mpsc::Receiver<Event>, EventLoop), ProtocolError> {
+    new_with_metrics(identity, config, None)
+}
+
+/// [`new`], recording libp2p's own metrics (swarm connections, Kademlia, gossipsub, identify,
+/// ping) into `registry` under the `libp2p` prefix when one is given.
+pub fn new_with_metrics(
+    identity: &Identity,
+    config: &NetConfig,
+    registry: Option<&mut Registry>,
 ) -> Result<(Network, mpsc::Receiver<Event>, EventLoop), ProtocolError> {
     let net = |e: String| ProtocolError::Network(e);
     let request_timeout = config.request_timeout;
@@ -281,6 +294,7 @@ pub fn new(
         pending_upload: HashMap::new(),
         pending_directory: HashMap::new(),
         serve: config.serve,
+        metrics: registry.map(Metrics::new),
     };
     Ok((handle, ev_rx, event_loop))
 }
@@ -412,6 +426,18 @@ impl EventLoop {
     }
 
     async fn on_swarm_event(&mut self, event: SwarmEvent<VeilBehaviourEvent>) {
+        if let Some(m) = &self.metrics {
+            m.record(&event);
+            if let SwarmEvent::Behaviour(e) = &event {
+                match e {
+                    VeilBehaviourEvent::Identify(e) => m.record(e),
+                    VeilBehaviourEvent::Kad(e) => m.record(e),
+                    VeilBehaviourEvent::Gossipsub(e) => m.record(e),
+                    VeilBehaviourEvent::Ping(e) => m.record(e),
+                    _ => {}
+                }
+            }
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!("listening on {address}/p2p/{}", self.swarm.local_peer_id());

@@ -997,6 +997,11 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
             "{text}"
         );
         assert_eq!(value("veil_node_batch_size_sum"), ok_steps, "{text}");
+        // libp2p's own metrics share the registry (every node was dialled by the gateway)
+        assert!(
+            text.contains("veil_node_libp2p_swarm_connections_incoming_total{"),
+            "{text}"
+        );
         steps += ok_steps;
     }
     assert!(steps > 0.0);
