@@ -950,6 +950,32 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
     );
     assert_eq!(chat["object"], "chat.completion", "{chat}");
     assert!(chat["usage"]["completion_tokens"].as_u64() <= Some(4));
+    // the official `openai` package through the deployment (scripts/test.sh installs it and
+    // sets VEIL_OPENAI_SITE): whole, streamed, usage, stops, errors, 8 concurrent streams
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../client/tests/data/openai_client.py"
+    );
+    let out = Command::new("python3")
+        .args([script, &base, &id])
+        .env(
+            "PYTHONPATH",
+            std::env::var("VEIL_OPENAI_SITE").unwrap_or_default(),
+        )
+        .output()
+        .expect("run python3");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !stderr.contains("No module named 'openai'"),
+        "the `openai` package is missing: run scripts/test.sh, or set VEIL_OPENAI_SITE"
+    );
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "{stdout}\n{stderr}"
+    );
     // every node session the gateway (and `generate`) opened is closed again
     wait_until("every session to be closed", || {
         let count = |f: &dyn Fn(&str) -> bool| -> usize {
