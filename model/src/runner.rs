@@ -68,8 +68,9 @@ impl LocalModel {
     /// Feed `ids` and return the logits of every new position, `[t][vocab]`.
     pub fn feed_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
         let (model, cache, rope) = (&self.model, &mut self.cache, &self.rope);
-        let logits = veil_kernels::on_workers(|| model.forward(ids, cache, rope, true))?;
-        let flat = tensor_to_vec(logits)?;
+        // read back on the computing thread (see `StageRunner::forward_host_with`)
+        let flat =
+            veil_kernels::on_workers(|| tensor_to_vec(model.forward(ids, cache, rope, true)?))?;
         Ok(flat
             .chunks(self.config.vocab_size)
             .map(<[f32]>::to_vec)

@@ -137,9 +137,18 @@ impl StageRunner {
                 &self.device,
             ));
         }
-        self.forward_with(tensors, caches, exact)?
-            .into_iter()
-            .map(tensor_to_vec)
-            .collect()
+        // read back on the thread that computed: wgpu (cubecl) queues work per thread, and a
+        // read from another thread does not wait for it (it returned stale values)
+        let stage = match &self.exact {
+            Some(e) if exact => e,
+            _ => &self.stage,
+        };
+        veil_kernels::on_workers(|| {
+            stage
+                .forward(tensors, caches, &self.rope)?
+                .into_iter()
+                .map(tensor_to_vec)
+                .collect()
+        })
     }
 }
