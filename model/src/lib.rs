@@ -13,6 +13,7 @@ pub mod device;
 mod error;
 pub mod generate;
 pub mod gguf;
+pub mod integrity;
 pub mod matrix;
 pub mod nn;
 pub mod perplexity;

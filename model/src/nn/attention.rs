@@ -148,6 +148,28 @@ impl Attention {
         probe: &mut dyn Probe,
     ) -> Tensor<2> {
         let [t, heads, h] = q.dims();
+        if t > 1 && !probe.active() && q.device() == Device::flex() {
+            // On the CPU, each row as the decode step at its position computes it (over
+            // exactly the keys it sees, no mask): a row's answer then does not depend on how
+            // many rows share its step, so a verifier's catch-up in one prefill reproduces a
+            // node's step-by-step answers to the bit (`model/tests/integrity.rs`). It also
+            // skips the masked half of a prompt's scores. (On wgpu, one launch per row would
+            // cost more than it saves; a GPU's answers are compared with a tolerance.)
+            let rows: Vec<Tensor<2>> = (0..t)
+                .map(|i| {
+                    let seen = start + i + 1;
+                    self.attend(
+                        q.clone().narrow(0, i, 1),
+                        keys.clone().narrow(1, 0, seen),
+                        values.clone().narrow(1, 0, seen),
+                        start + i,
+                        layer,
+                        probe,
+                    )
+                })
+                .collect();
+            return Tensor::cat(rows, 0);
+        }
         let [groups, s, _] = keys.dims();
         let r = heads / groups;
         // Query heads g*r .. g*r+r read kv head g: group them as [G, r t, h].
