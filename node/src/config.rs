@@ -54,6 +54,12 @@ request_timeout_s = 60
 # Artificial delay added to every inference step, in milliseconds: simulates a slower
 # machine (tests, latency experiments). Leave at 0 in production.
 step_delay_ms = 0
+
+# Testnet only: corrupt this fraction of answers on purpose (noise, zeros, skip-layers or
+# replay-stale), to measure clients' verification (`veil-testnet --byzantine`). Clients
+# that verify will catch the node, record signed proof of it, and stop using it.
+# lie_mode = "noise"
+# lie_rate = 0.1
 "#;
 
 /// A node's configuration.
@@ -74,6 +80,9 @@ pub struct NodeConfig {
     pub record_traffic: Option<PathBuf>,
     pub step_delay_ms: u64,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Testnet only: how and how often this node lies.
+    #[serde(skip)]
+    pub lie: Option<(crate::lie::LieMode, f64)>,
 }
 
 impl Default for NodeConfig {
@@ -99,6 +108,8 @@ struct Partial {
     record_traffic: Option<PathBuf>,
     step_delay_ms: Option<u64>,
     metrics_listen: Option<String>,
+    lie_mode: Option<String>,
+    lie_rate: Option<f64>,
 }
 
 /// Parse a configuration; missing keys take the documented defaults, relative paths are
@@ -133,6 +144,17 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
                 format!("metrics_listen must be an address such as \"127.0.0.1:9101\", not `{a}`")
             })?),
             None => None,
+        },
+        lie: match (p.lie_mode, p.lie_rate) {
+            (None, None) => None,
+            (Some(mode), rate) => {
+                let rate = rate.unwrap_or(1.0);
+                if !(0.0..=1.0).contains(&rate) {
+                    return Err(format!("lie_rate must be within [0, 1], not {rate}"));
+                }
+                Some((mode.parse()?, rate))
+            }
+            (None, Some(_)) => return Err("lie_rate needs a lie_mode".into()),
         },
     };
     if !matches!(c.backend.as_str(), "auto" | "wgpu" | "cpu") {

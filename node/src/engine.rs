@@ -11,9 +11,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::{mpsc, oneshot};
 use veil_model::cache::KvCache;
 use veil_model::StageRunner;
+use veil_protocol::receipt::frame_hash;
 use veil_protocol::wire::{ErrorCode, InferResponse, SessionId, ShardId, TensorFrame};
-use veil_protocol::PeerId;
+use veil_protocol::{Identity, InputChain, PeerId, Statement};
 
+use crate::lie::{Liar, LieMode};
 use crate::store::ShardStore;
 
 /// Work for the engine.
@@ -105,6 +107,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Added to every batch of steps (see the `step_delay_ms` setting).
     pub step_delay: Duration,
+    /// Testnet only: corrupt this fraction of answers this way (`lie_mode`, `lie_rate`).
+    pub lie: Option<(LieMode, f64)>,
 }
 
 struct Loaded {
@@ -120,6 +124,10 @@ struct Session {
     cache: KvCache,
     reserved: u64,
     last_used: Instant,
+    /// Every input row so far, committed (receipts sign it).
+    chain: InputChain,
+    /// The last row of the previous answer (what a `replay-stale` liar repeats).
+    previous: Option<Vec<f32>>,
 }
 
 struct Engine {
@@ -133,6 +141,9 @@ struct Engine {
     steps: u64,
     batches: u64,
     board: StatusBoard,
+    /// Signs every answer's receipt.
+    identity: Identity,
+    liar: Option<Liar>,
 }
 
 /// A step that passed validation: session, input rows, row count, where to answer.
@@ -150,9 +161,10 @@ pub fn spawn(
     device: Device,
     store: Arc<ShardStore>,
     limits: Limits,
+    identity: Identity,
 ) -> (mpsc::Sender<Job>, StatusBoard) {
     let (tx, rx) = mpsc::channel(1024);
-    let engine = Engine::new(device, store, limits);
+    let engine = Engine::new(device, store, limits, identity);
     let board = engine.board.clone();
     std::thread::Builder::new()
         .name("veil-engine".into())
@@ -178,8 +190,14 @@ pub fn self_benchmark(device: &Device, budget: Duration) -> f64 {
 }
 
 impl Engine {
-    fn new(device: Device, store: Arc<ShardStore>, limits: Limits) -> Self {
+    fn new(device: Device, store: Arc<ShardStore>, limits: Limits, identity: Identity) -> Self {
+        let liar = limits.lie.map(|(mode, rate)| {
+            tracing::warn!("this node lies on purpose: {mode:?} on {rate} of its answers");
+            Liar::new(mode, rate, rand::random())
+        });
         Engine {
+            identity,
+            liar,
             device,
             store,
             limits,
@@ -394,6 +412,8 @@ impl Engine {
                 cache,
                 reserved: kv_bytes,
                 last_used: Instant::now(),
+                chain: InputChain::new(&shard),
+                previous: None,
             },
         );
         tracing::info!(
@@ -407,6 +427,7 @@ impl Engine {
         InferResponse::Opened {
             session,
             layers: (meta.layers.0 as u32, meta.layers.1 as u32),
+            gpu: self.device != Device::flex(),
         }
     }
 
@@ -487,9 +508,27 @@ impl Engine {
                     self.batches += 1;
                     self.board.batch_sizes.observe(outputs.len() as f64);
                     self.steps += outputs.len() as u64;
-                    for ((_, _, t, reply), out) in group.into_iter().zip(outputs) {
+                    for ((id, input, t, reply), mut out) in group.into_iter().zip(outputs) {
+                        let Some((_, s)) = taken.iter_mut().find(|(k, _)| *k == id) else {
+                            continue;
+                        };
+                        if let Some(liar) = &mut self.liar {
+                            liar.apply(&input, &mut out, s.previous.as_deref(), d);
+                        }
+                        s.previous = Some(out[(t - 1) * d..].to_vec());
+                        let first_row = s.chain.rows();
+                        s.chain.push_rows(&input, d);
                         let hidden = TensorFrame::from_f32(&[t, d], &out);
-                        let _ = reply.send(InferResponse::Hidden { hidden });
+                        let receipt = Statement {
+                            session: id,
+                            shard,
+                            first_row,
+                            rows: t as u32,
+                            input_chain: s.chain.hash(),
+                            output_hash: frame_hash(&hidden),
+                        }
+                        .sign(&self.identity);
+                        let _ = reply.send(InferResponse::Hidden { hidden, receipt });
                     }
                 }
                 Err(e) => {
@@ -568,7 +607,12 @@ mod tests {
             .try_into()
             .expect("32");
         writer.write(&store.path(&shard_id), false).expect("write");
-        let engine = Engine::new(Compute::cpu().device, Arc::new(store), limits);
+        let engine = Engine::new(
+            Compute::cpu().device,
+            Arc::new(store),
+            limits,
+            veil_protocol::Identity::from_secret([9; 32]),
+        );
         let board = engine.board.clone();
         let (jobs, rx) = mpsc::channel(1024);
         Fixture {
@@ -588,6 +632,7 @@ mod tests {
             max_sessions: 8,
             idle_timeout: Duration::from_secs(60),
             step_delay: Duration::ZERO,
+            lie: None,
         }
     }
 
@@ -669,7 +714,7 @@ mod tests {
 
     fn hidden(r: InferResponse) -> Vec<f32> {
         match r {
-            InferResponse::Hidden { hidden } => hidden.to_f32().expect("tensor").1,
+            InferResponse::Hidden { hidden, .. } => hidden.to_f32().expect("tensor").1,
             other => panic!("expected hidden states, got {other:?}"),
         }
     }
@@ -857,6 +902,61 @@ mod tests {
 
     fn hidden_len(rx: oneshot::Receiver<InferResponse>) -> usize {
         hidden(rx.blocking_recv().expect("reply")).len()
+    }
+
+    /// Each answer carries the node's receipt: its signature over the session, the rows so
+    /// far (the chain a client computes from what it sent) and the answer.
+    #[test]
+    fn every_answer_is_signed_over_its_inputs_and_itself() {
+        let f = fixture(limits());
+        let s = [4u8; 16];
+        assert!(matches!(open(&f, s), InferResponse::Opened { .. }));
+        let node = veil_protocol::Identity::from_secret([9; 32]).peer_id();
+        let mut chain = InputChain::new(&f.shard_id);
+        for (seed, t) in [(1, 3), (2, 1), (3, 2)] {
+            let x = rows(seed, t, f.d);
+            let first_row = chain.rows();
+            chain.push_rows(&x, f.d);
+            let InferResponse::Hidden { hidden, receipt } =
+                step(&f, s, &x).blocking_recv().expect("reply")
+            else {
+                panic!("expected hidden states");
+            };
+            let expect = Statement {
+                session: s,
+                shard: f.shard_id,
+                first_row,
+                rows: t as u32,
+                input_chain: chain.hash(),
+                output_hash: frame_hash(&hidden),
+            };
+            receipt
+                .check(&node, &expect, &hidden)
+                .expect("a valid receipt");
+        }
+    }
+
+    /// A lying node (testnet only) corrupts its answers, and signs them all the same.
+    #[test]
+    fn a_liar_signs_its_lies() {
+        let f = fixture(Limits {
+            lie: Some((LieMode::Zeros, 1.0)),
+            ..limits()
+        });
+        let s = [6u8; 16];
+        assert!(matches!(open(&f, s), InferResponse::Opened { .. }));
+        let x = rows(1, 2, f.d);
+        let InferResponse::Hidden { hidden, receipt } =
+            step(&f, s, &x).blocking_recv().expect("reply")
+        else {
+            panic!("expected hidden states");
+        };
+        assert!(hidden.to_f32().expect("tensor").1.iter().all(|v| *v == 0.0));
+        assert_eq!(receipt.output_hash, frame_hash(&hidden));
+        assert_eq!(
+            receipt.signer().expect("signed"),
+            veil_protocol::Identity::from_secret([9; 32]).peer_id()
+        );
     }
 
     #[test]

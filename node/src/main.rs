@@ -3,6 +3,7 @@
 
 mod config;
 mod engine;
+mod lie;
 mod metrics;
 mod server;
 mod store;

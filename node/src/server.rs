@@ -102,7 +102,9 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
             max_sessions: config.max_sessions,
             idle_timeout: Duration::from_secs(config.session_idle_timeout_s),
             step_delay: Duration::from_millis(config.step_delay_ms),
+            lie: config.lie,
         },
+        identity.clone(),
     );
     let net_config = NetConfig {
         serve: true,

@@ -11,6 +11,8 @@ pub enum ProtocolError {
     TooLarge { size: usize, limit: usize },
     #[error("capacity ad rejected: {0}")]
     BadAd(String),
+    #[error("receipt rejected: {0}")]
+    BadReceipt(String),
     #[error("network: {0}")]
     Network(String),
     #[error("request to {peer} failed: {reason}")]

@@ -8,12 +8,14 @@ pub mod codec;
 mod error;
 pub mod identity;
 pub mod network;
+pub mod receipt;
 pub mod wire;
 
 pub use ad::{AdBook, CapacityAd, SignedAd};
 pub use error::ProtocolError;
 pub use identity::Identity;
 pub use network::{Event, NetConfig, Network};
+pub use receipt::{InputChain, Receipt, Statement};
 
 /// Version of the Veil protocol family; part of every libp2p protocol name.
 pub const PROTOCOL_VERSION: &str = "0.1.0";

@@ -4,6 +4,7 @@
 use bincode::{Decode, Encode};
 
 use crate::ad::SignedAd;
+use crate::receipt::Receipt;
 use crate::ProtocolError;
 
 /// A client-chosen random id of an inference session.
@@ -128,10 +129,15 @@ pub enum InferResponse {
         session: SessionId,
         /// First layer and one past the last.
         layers: (u32, u32),
+        /// Whether the node computes on a GPU, whose answers round differently from a CPU's
+        /// (a verifier compares them with a wider tolerance).
+        gpu: bool,
     },
-    /// Hidden states `[t, d]` after the shard's last layer.
+    /// Hidden states `[t, d]` after the shard's last layer, with the node's signed
+    /// receipt for them.
     Hidden {
         hidden: TensorFrame,
+        receipt: Receipt,
     },
     Closed,
     Stats(NodeStats),

@@ -25,7 +25,19 @@ fn samples() -> Vec<Vec<u8>> {
         })
         .expect("encode"),
         encode(&InferRequest::Close { session: [2; 16] }).expect("encode"),
-        encode(&InferResponse::Hidden { hidden }).expect("encode"),
+        encode(&InferResponse::Hidden {
+            receipt: veil_protocol::Statement {
+                session: [1; 16],
+                shard: [9; 32],
+                first_row: 0,
+                rows: 1,
+                input_chain: [5; 32],
+                output_hash: veil_protocol::receipt::frame_hash(&hidden),
+            }
+            .sign(&veil_protocol::Identity::generate()),
+            hidden,
+        })
+        .expect("encode"),
         encode(&InferResponse::Error {
             code: ErrorCode::Busy,
             message: "full".into(),
