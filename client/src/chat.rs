@@ -34,6 +34,9 @@ pub struct ChatArgs {
     pub top_p: f32,
     #[arg(long)]
     pub seed: Option<u64>,
+    #[arg(long, value_name = "RATE", value_parser = crate::verify::parse_rate,
+          help = crate::verify::VERIFY_HELP)]
+    pub verify: Option<f64>,
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
@@ -51,15 +54,26 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let (client, bundle, deployment) = connect_deployment(&args.deployment, &args.net)?;
     let text = TextCodec::new(bundle.meta.text.clone())?;
     let context = bundle.meta.config.max_seq_len;
-    let make = || {
-        RemotePipeline::new(
+    let verification = crate::verify::verification_for(&deployment, args.verify)?;
+    let make = || -> Result<RemotePipeline> {
+        let mut p = RemotePipeline::new(
             client.runtime.handle().clone(),
             client.network.clone(),
             &bundle,
             &deployment,
             context,
             veil_model::Precision::Fast,
-        )
+        )?;
+        crate::verify::prepare(&mut p, verification.clone())?;
+        Ok(p)
+    };
+    // what each pipeline learned of its nodes, recorded when it closes
+    let finish = |mut p: RemotePipeline| {
+        p.close();
+        crate::generate::report_detections(&p.stats.audit);
+        if let Err(e) = crate::verify::record(&p, &deployment.id) {
+            tracing::warn!("{e:#}");
+        }
     };
     let mut pipeline = make()?;
     let mut messages: Vec<ChatMessage> = args
@@ -86,7 +100,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         if line == "/reset" {
             messages.retain(|m| m.role == "system");
             fed.clear();
-            drop(pipeline);
+            finish(pipeline);
             pipeline = make()?;
             continue;
         }
@@ -95,7 +109,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let common = fed.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
         if common < fed.len() {
             // The template re-rendered earlier turns differently: start the sessions over.
-            drop(pipeline);
+            finish(pipeline);
             pipeline = make()?;
             fed.clear();
         }
@@ -111,5 +125,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
         debug_assert_eq!(fed.len(), pipeline.position());
         messages.push(ChatMessage::new("assistant", answer.text.trim()));
     }
+    finish(pipeline);
     Ok(())
 }

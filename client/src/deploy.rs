@@ -51,6 +51,10 @@ pub struct DeployArgs {
     /// Seconds to wait for capacity ads.
     #[arg(long, default_value_t = 5)]
     pub wait: u64,
+    /// The deployment's default `--verify` rate for `generate`, `chat` and `serve`.
+    #[arg(long, value_name = "RATE", value_parser = crate::verify::parse_rate,
+          help = crate::verify::VERIFY_HELP)]
+    pub verify: Option<f64>,
 }
 
 /// One node as the planner sees it.
@@ -158,10 +162,22 @@ pub async fn upload(
     }
 }
 
+/// The nodes that advertise capacity, less those this client caught answering wrongly.
 fn candidates(client: &mut Client, wait: u64) -> Vec<Candidate> {
     let book = client.discover(Duration::from_secs(wait), usize::MAX);
+    let reputation = crate::verify::Reputation::load().unwrap_or_else(|e| {
+        tracing::warn!("{e:#}");
+        crate::verify::Reputation::default()
+    });
     book.ads(now_ms())
         .into_iter()
+        .filter(|(peer, _)| {
+            let caught = reputation.caught(peer);
+            if caught {
+                tracing::warn!("leaving out {peer}: it was caught answering wrongly before");
+            }
+            !caught
+        })
         .map(|(peer, ad)| Candidate { peer, ad })
         .collect()
 }
@@ -383,6 +399,7 @@ fn place_and_upload(
         key_fingerprint: e.client.meta.key.fingerprint.clone(),
         created_ms: previous.as_ref().map_or_else(now_ms, |p| p.created_ms),
         bootstrap: args.net.bootstrap.clone(),
+        verify: args.verify.or(previous.as_ref().and_then(|p| p.verify)),
         stages,
     };
     d.save()?;

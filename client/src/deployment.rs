@@ -28,7 +28,7 @@ pub struct StagePlacement {
 }
 
 /// Where a deployment lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
     pub id: String,
     pub model: String,
@@ -36,6 +36,9 @@ pub struct Deployment {
     pub created_ms: u64,
     /// The bootstrap addresses used at deploy time (a default for later commands).
     pub bootstrap: Vec<String>,
+    /// `veil deploy --verify`: the default verification rate of later commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<f64>,
     pub stages: Vec<StagePlacement>,
 }
 

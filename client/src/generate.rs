@@ -46,6 +46,9 @@ pub struct GenerateArgs {
     /// Generate through the nodes of this deployment (see `veil deploy`).
     #[arg(long, conflicts_with_all = ["local", "encrypted"])]
     pub deployment: Option<String>,
+    #[arg(long, value_name = "RATE", requires = "deployment",
+          value_parser = crate::verify::parse_rate, help = crate::verify::VERIFY_HELP)]
+    pub verify: Option<f64>,
     #[command(flatten)]
     pub net: NetArgs,
     /// Model: smollm2, tiny, or a .gguf path.
@@ -118,6 +121,7 @@ struct NetworkFigures {
     bytes_sent: u64,
     bytes_received: u64,
     failovers: u32,
+    verification: crate::remote::AuditStats,
 }
 
 /// Parse `--backend` and pick the device, printing a one-line notice on fallback.
@@ -192,6 +196,23 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     Ok((bundle.text, Box::new(model)))
 }
 
+/// Say on stderr which nodes were caught answering wrongly.
+pub fn report_detections(audit: &crate::remote::AuditStats) {
+    for d in &audit.detections {
+        tracing::warn!(
+            "caught {} answering wrongly on stage {} (from position {}, relative error {:.3}); \
+             its answers were discarded and it is recorded in {}",
+            d.peer,
+            d.stage,
+            d.row,
+            d.error,
+            crate::verify::Reputation::path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// Load a deployment's secret bundle and connect to its nodes.
 pub fn connect_deployment(id: &str, net: &NetArgs) -> Result<(Client, ClientBundle, Deployment)> {
     let deployment = Deployment::load(id)?;
@@ -231,10 +252,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             bundle.meta.config.max_seq_len,
             precision(args.exact),
         )?;
+        crate::verify::prepare(
+            &mut pipeline,
+            crate::verify::verification_for(&deployment, args.verify)?,
+        )?;
         let out = run_generation(&args, &params, &text, &mut pipeline)?;
         let route = pipeline.route();
-        let stats = pipeline.stats;
+        // closing checks what is still unchecked
         pipeline.close();
+        crate::verify::record(&pipeline, id)?;
+        let stats = pipeline.stats.clone();
+        report_detections(&stats.audit);
         let extra = Extra {
             backend: "network".into(),
             route: Some(route),
@@ -242,6 +270,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 bytes_sent: stats.bytes_sent,
                 bytes_received: stats.bytes_received,
                 failovers: stats.failovers,
+                verification: stats.audit,
             }),
         };
         drop(pipeline);

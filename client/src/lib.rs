@@ -18,3 +18,4 @@ pub mod progress;
 pub mod remote;
 pub mod serve;
 pub mod synth;
+pub mod verify;

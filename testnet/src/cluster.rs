@@ -27,6 +27,18 @@ pub struct NodeSettings {
     pub base_port: u16,
     /// Serve Prometheus metrics on a free loopback port (`metrics on http://…` in the log).
     pub metrics: bool,
+    /// Byzantine nodes: the last `nodes` of the network corrupt a fraction of their answers.
+    pub byzantine: Option<Byzantine>,
+}
+
+/// How the testnet's lying nodes lie (`lie_mode` / `lie_rate` in their `node.toml`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Byzantine {
+    pub nodes: usize,
+    /// noise, zeros, skip-layers or replay-stale.
+    pub mode: String,
+    /// Fraction of answers corrupted.
+    pub rate: f64,
 }
 
 impl Default for NodeSettings {
@@ -43,6 +55,7 @@ impl Default for NodeSettings {
             session_idle_timeout_s: 300,
             base_port: 0,
             metrics: false,
+            byzantine: None,
         }
     }
 }
@@ -82,6 +95,17 @@ pub fn find_bin(name: &str) -> Result<PathBuf> {
 impl NodeProcess {
     /// `veil-node init` in `data_dir` and write its configuration.
     pub fn init(bin: &Path, name: &str, data_dir: &Path, settings: &NodeSettings) -> Result<Self> {
+        Self::init_lying(bin, name, data_dir, settings, None)
+    }
+
+    /// [`NodeProcess::init`] for a node that lies as `lie` says (mode, rate).
+    pub fn init_lying(
+        bin: &Path,
+        name: &str,
+        data_dir: &Path,
+        settings: &NodeSettings,
+        lie: Option<(&str, f64)>,
+    ) -> Result<Self> {
         let out = Command::new(bin)
             .args(["init", "--data-dir"])
             .arg(data_dir)
@@ -105,9 +129,12 @@ impl NodeProcess {
         } else {
             ""
         };
+        let lie = lie.map_or(String::new(), |(mode, rate)| {
+            format!("lie_mode = \"{mode}\"\nlie_rate = {rate}\n")
+        });
         let config = format!(
             "backend = \"{}\"\nmemory_limit_mib = {}\nad_interval_s = {}\nad_ttl_s = {}\n\
-             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}{metrics}",
+             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}{metrics}{lie}",
             settings.backend,
             settings.memory_limit_mib,
             settings.ad_interval_s,
@@ -272,7 +299,12 @@ pub fn start_nodes(root: &Path, n: usize, settings: &NodeSettings) -> Result<Vec
     for i in 0..n {
         let dir = root.join(format!("node-{i}"));
         std::fs::create_dir_all(&dir)?;
-        let mut node = NodeProcess::init(&bin, &format!("node-{i}"), &dir, settings)?;
+        let lie = settings
+            .byzantine
+            .as_ref()
+            .filter(|b| i + b.nodes >= n)
+            .map(|b| (b.mode.as_str(), b.rate));
+        let mut node = NodeProcess::init_lying(&bin, &format!("node-{i}"), &dir, settings, lie)?;
         if settings.base_port != 0 {
             node.port = settings
                 .base_port

@@ -211,7 +211,7 @@ impl LoadClient {
         };
         let route = pipeline.route();
         pipeline.close();
-        Ok((g, route, pipeline.stats))
+        Ok((g, route, pipeline.stats.clone()))
     }
 
     /// Work counters of every node (`None` where a node did not answer).

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use veil_model::crypto::ShardQuant;
 use veil_testnet::bench::{self, BenchOptions, BenchReport};
 use veil_testnet::chaos::{self, ChaosOptions};
-use veil_testnet::cluster::NodeSettings;
+use veil_testnet::cluster::{Byzantine, NodeSettings};
 use veil_testnet::network::{LocalNetwork, NetworkOptions};
 use veil_testnet::sim::{self, Relay, Routing, SimParams};
 use veil_testnet::{cleanup, report, up};
@@ -74,6 +74,21 @@ struct NetOpts {
     quant: ShardQuant,
     #[arg(long, value_name = "FILE|none", help = veil_client::encrypt::CALIBRATION_HELP)]
     calibration: Option<String>,
+    /// Make the last K nodes byzantine: they corrupt answers on purpose (see --lie).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    byzantine: usize,
+    /// How byzantine nodes lie: noise (a tenth of each row's RMS added), zeros, skip-layers
+    /// (the input returned) or replay-stale (the previous answer repeated).
+    #[arg(long, value_name = "MODE", default_value = "noise",
+          value_parser = ["noise", "zeros", "skip-layers", "replay-stale"])]
+    lie: String,
+    /// Fraction of their answers byzantine nodes corrupt.
+    #[arg(long, value_name = "R", default_value_t = 0.1,
+          value_parser = veil_client::verify::parse_rate)]
+    lie_rate: f64,
+    /// The deployment's default verification rate (`veil deploy --verify`).
+    #[arg(long, value_name = "RATE", value_parser = veil_client::verify::parse_rate)]
+    verify: Option<f64>,
 }
 
 impl NetOpts {
@@ -86,12 +101,18 @@ impl NetOpts {
             node: NodeSettings {
                 base_port: self.base_port.unwrap_or(0),
                 step_delay_ms: self.step_delay_ms,
+                byzantine: (self.byzantine > 0).then(|| Byzantine {
+                    nodes: self.byzantine,
+                    mode: self.lie.clone(),
+                    rate: self.lie_rate,
+                }),
                 ..NodeSettings::default()
             },
             keep: self.keep,
             client_layers: self.client_layers,
             quant: self.quant,
             calibration: self.calibration.clone(),
+            verify: self.verify,
         }
     }
 

@@ -35,6 +35,8 @@ pub struct NetworkOptions {
     pub quant: ShardQuant,
     /// With 4-bit shards: the calibration text's path, `none`, or the built-in text (`None`).
     pub calibration: Option<String>,
+    /// The deployment's default verification rate (`veil deploy --verify`).
+    pub verify: Option<f64>,
 }
 
 impl Default for NetworkOptions {
@@ -49,6 +51,7 @@ impl Default for NetworkOptions {
             client_layers: 0,
             quant: ShardQuant::default(),
             calibration: None,
+            verify: None,
         }
     }
 }
@@ -71,6 +74,15 @@ impl NetworkOptions {
         }
         if self.replicas == 0 {
             bail!("--replicas must be at least 1");
+        }
+        if let Some(b) = &self.node.byzantine {
+            if b.nodes >= self.nodes {
+                bail!(
+                    "--byzantine {} leaves no honest node among {}",
+                    b.nodes,
+                    self.nodes
+                );
+            }
         }
         Ok(stages)
     }
@@ -150,6 +162,7 @@ impl LocalNetwork {
             repair: None,
             // every node's ad is already known
             wait: 1,
+            verify: opts.verify,
         })
         .context("deployment failed")?;
         let deploy_s = started.elapsed().as_secs_f64();

@@ -27,6 +27,8 @@ pub struct UpReport {
     pub bootstrap: String,
     pub deployment: String,
     pub key_fingerprint: String,
+    /// What checking the nodes found (the deployment's `--verify` rate).
+    pub verification: veil_client::remote::AuditStats,
 }
 
 /// Run `prompt` (chat-templated) through the network, streaming the answer to `out`.
@@ -44,6 +46,10 @@ pub fn ask(
         &network.deployment,
         network.bundle.meta.config.max_seq_len,
         veil_model::Precision::Fast,
+    )?;
+    veil_client::verify::prepare(
+        &mut pipeline,
+        veil_client::verify::verification_for(&network.deployment, None)?,
     )?;
     let ids = network.text.prompt_tokens(prompt, false)?;
     let params = GenerateParams {
@@ -79,6 +85,8 @@ pub fn ask(
         .collect();
     let bytes = pipeline.stats.bytes_sent + pipeline.stats.bytes_received;
     pipeline.close();
+    veil_client::generate::report_detections(&pipeline.stats.audit);
+    veil_client::verify::record(&pipeline, &network.deployment.id)?;
     Ok(UpReport {
         text: g.text.clone(),
         tokens: g.tokens.len(),
@@ -93,6 +101,7 @@ pub fn ask(
         bootstrap: network.bootstrap.clone(),
         deployment: network.deployment.id.clone(),
         key_fingerprint: network.deployment.key_fingerprint.clone(),
+        verification: pipeline.stats.audit.clone(),
     })
 }
 

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use veil_testnet::cluster::{find_bin, start_nodes, NodeProcess, NodeSettings};
+use veil_testnet::cluster::{find_bin, start_nodes, Byzantine, NodeProcess, NodeSettings};
 
 struct Veil {
     home: tempfile::TempDir,
@@ -1065,4 +1065,88 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
     );
     let _ = gateway.kill();
     let _ = gateway.wait();
+}
+
+/// A node that lies (testnet-only `lie_mode`) is caught by re-execution on the other replica,
+/// settled by recomputing the stage from the deployment's own shard, and its answers are
+/// replaced: the user gets exactly the honest tokens, only the liar is accused, the client
+/// records it, and the next generation leaves it out.
+#[test]
+fn a_lying_node_is_caught_and_its_answers_replaced() {
+    for mode in ["zeros", "noise", "skip-layers", "replay-stale"] {
+        let root = tempfile::tempdir().expect("tempdir");
+        let settings = NodeSettings {
+            byzantine: Some(Byzantine {
+                nodes: 1,
+                mode: mode.into(),
+                rate: 1.0,
+            }),
+            ..NodeSettings::default()
+        };
+        let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+        let (honest, liar) = (nodes[0].peer_id.clone(), nodes[1].peer_id.clone());
+        let veil = Veil::new();
+        let boot = addr(&nodes[0]);
+        wait_for_ads(&veil, &boot, 2);
+        let id = deploy(&veil, &boot, 1);
+        let prompt = "Tell me about rivers.";
+        let reference = local_tokens(&veil, prompt, 8);
+        let out = veil.json(&[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--verify",
+            "1",
+            "--json",
+        ]);
+        assert_eq!(out["tokens"], reference, "{mode}: {out}");
+        let v = &out["network"]["verification"];
+        let caught: Vec<&str> = v["detections"]
+            .as_array()
+            .expect("detections")
+            .iter()
+            .map(|d| d["peer"].as_str().expect("peer"))
+            .collect();
+        assert_eq!(caught, [liar.as_str()], "{mode}: {v}");
+        assert_eq!(out["route"], serde_json::json!([honest]), "{mode}: {out}");
+        // the client remembers, with the liar's signed receipts as evidence
+        let book: Value = serde_json::from_str(
+            &std::fs::read_to_string(veil.home.path().join("reputation.json")).expect("record"),
+        )
+        .expect("JSON");
+        let record = &book["peers"][&liar]["caught"][0];
+        assert_eq!(record["deployment"], id.as_str(), "{book}");
+        assert!(
+            !record["receipts"].as_array().expect("receipts").is_empty(),
+            "{book}"
+        );
+        assert!(book["peers"][&honest]["caught"]
+            .as_array()
+            .is_none_or(Vec::is_empty));
+        // later generations leave the liar out (and so say nothing is left to re-execute)
+        let again = veil.json(&[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--json",
+        ]);
+        assert_eq!(again["tokens"], reference, "{mode}");
+        assert_eq!(again["route"], serde_json::json!([honest]), "{mode}");
+        let again = &again["network"]["verification"];
+        assert!(again["detections"].as_array().is_some_and(Vec::is_empty));
+        assert_eq!(again["unverifiable"], serde_json::json!([0]), "{again}");
+        drop(nodes);
+    }
 }

@@ -1,8 +1,14 @@
 //! Generation through a deployment's nodes: the client encodes, each stage's node runs its
 //! shard, the client decodes. Every stage keeps the encrypted inputs it was sent, so that
 //! when a node fails or times out the stage moves to a replica, which rebuilds its KV cache
-//! by replaying them, and generation goes on with the same result.
+//! by replaying them, and generation goes on with the same result. Every answer carries the
+//! node's signed receipt, checked here; with verification on, `check` re-executes a
+//! stage's rows on a second replica and settles disagreements (see `audit`).
 
+mod audit;
+mod check;
+
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,8 +18,12 @@ use tokio::runtime::Handle;
 use veil_model::crypto::{ClientBundle, ClientModel};
 use veil_model::nn::tensor_to_vec;
 use veil_model::{ModelError, Precision, TokenModel};
+use veil_protocol::receipt::frame_hash;
 use veil_protocol::wire::{ErrorCode, InferRequest, InferResponse, SessionId, TensorFrame};
-use veil_protocol::{Multiaddr, Network, PeerId};
+use veil_protocol::{InputChain, Multiaddr, Network, PeerId, Receipt, Statement};
+
+use audit::StageAudit;
+pub use audit::{AuditStats, Detection, Verification, DEFAULT_RATE};
 
 use crate::deployment::Deployment;
 
@@ -37,6 +47,10 @@ struct RemoteStage {
     /// tokens after it in one step would round differently, and quantized products can
     /// turn that into another token).
     steps: Vec<usize>,
+    /// The commitment to `history` that receipts sign.
+    chain: InputChain,
+    /// What verification keeps of this stage.
+    audit: StageAudit,
 }
 
 /// A node answered that it does not know the session (it expired).
@@ -51,12 +65,13 @@ impl std::fmt::Display for SessionLost {
 
 impl std::error::Error for SessionLost {}
 
-/// Traffic and failover counters of a remote generation.
-#[derive(Debug, Clone, Copy, Default)]
+/// Traffic, failover and verification counters of a remote generation.
+#[derive(Debug, Clone, Default)]
 pub struct RemoteStats {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub failovers: u32,
+    pub audit: AuditStats,
 }
 
 /// A deployment used as a [`TokenModel`].
@@ -73,6 +88,9 @@ pub struct RemotePipeline {
     /// Whether nodes keep f32 activations for this pipeline's sessions.
     exact: bool,
     pub stats: RemoteStats,
+    verification: Verification,
+    /// Stages recomputed here to settle disputes, loaded on first need.
+    referees: HashMap<usize, veil_model::StageRunner>,
 }
 
 fn to_model_error(e: anyhow::Error) -> ModelError {
@@ -137,12 +155,14 @@ impl RemotePipeline {
                 layers: s.layers,
                 shard,
                 dead: vec![false; replicas.len()],
+                audit: StageAudit::new(n_replicas),
                 replicas,
                 current: None,
                 last: 0,
                 first: rand::random::<usize>() % n_replicas,
                 history: Vec::new(),
                 steps: Vec::new(),
+                chain: InputChain::new(&shard),
             });
         }
         let (d_model, max_seq_len) = (client.config.d_model, client.config.max_seq_len);
@@ -157,7 +177,27 @@ impl RemotePipeline {
             position: 0,
             exact: precision == Precision::Exact,
             stats: RemoteStats::default(),
+            verification: Verification::default(),
+            referees: HashMap::new(),
         })
+    }
+
+    /// Check the nodes' answers as `v` says (off by default).
+    pub fn set_verification(&mut self, v: Verification) {
+        self.verification = v;
+    }
+
+    /// Leave out replicas that `distrusted` names (peers with proof of lying against them),
+    /// unless that would leave a stage with none.
+    pub fn avoid(&mut self, distrusted: &dyn Fn(&PeerId) -> bool) {
+        for s in &mut self.stages {
+            let bad: Vec<bool> = s.replicas.iter().map(distrusted).collect();
+            if bad.iter().any(|b| !b) {
+                for (dead, bad) in s.dead.iter_mut().zip(bad) {
+                    *dead |= bad;
+                }
+            }
+        }
     }
 
     /// The peer serving each stage now.
@@ -253,6 +293,12 @@ impl RemotePipeline {
     }
 
     fn open_on(&mut self, i: usize, r: usize) -> Result<()> {
+        self.open_replaying(i, r).map(|_| ())
+    }
+
+    /// Open a session for stage `i` on replica `r` and replay the stage's history in its
+    /// steps; returns the replica's answers to the replayed steps (rows, answer, receipt).
+    fn open_replaying(&mut self, i: usize, r: usize) -> Result<Vec<(usize, Vec<f32>, Receipt)>> {
         let s = &self.stages[i];
         let peer = s.replicas[r];
         let mut session = [0u8; 16];
@@ -263,16 +309,17 @@ impl RemotePipeline {
             max_len: self.context as u32,
             exact: self.exact,
         };
-        match self.request(peer, open)? {
-            InferResponse::Opened { .. } => {}
+        let gpu = match self.request(peer, open)? {
+            InferResponse::Opened { gpu, .. } => gpu,
             InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
             other => bail!("{peer}: unexpected answer {other:?}"),
-        }
+        };
         self.stages[i].current = Some((r, session));
         self.stages[i].last = r;
+        self.stages[i].audit.primary_gpu = gpu;
         let history = std::mem::take(&mut self.stages[i].history);
         if history.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let t = history.len() / self.d_model;
         tracing::info!(
@@ -281,11 +328,14 @@ impl RemotePipeline {
             self.stages[i].steps.len()
         );
         let steps = self.stages[i].steps.clone();
-        let mut result = Ok(());
+        let mut result = Ok(Vec::with_capacity(steps.len()));
+        let mut chain = InputChain::new(&self.stages[i].shard);
         let mut at = 0;
         for rows in steps {
             let chunk = &history[at * self.d_model..(at + rows) * self.d_model];
+            let first_row = at as u64;
             at += rows;
+            chain.push_rows(chunk, self.d_model);
             let frame = TensorFrame::from_f32(&[rows, self.d_model], chunk);
             let r = self.request(
                 peer,
@@ -294,26 +344,57 @@ impl RemotePipeline {
                     hidden: frame,
                 },
             );
-            result = match r {
-                Ok(InferResponse::Hidden { .. }) => Ok(()),
+            let expect = Statement {
+                session,
+                shard: self.stages[i].shard,
+                first_row,
+                rows: rows as u32,
+                input_chain: chain.hash(),
+                output_hash: [0; 32],
+            };
+            let answer = match r {
+                Ok(InferResponse::Hidden { hidden, receipt }) => {
+                    checked_answer(peer, &expect, hidden, receipt, rows, self.d_model)
+                }
                 Ok(InferResponse::Error { message, .. }) => Err(anyhow!("{peer}: {message}")),
                 Ok(other) => Err(anyhow!("{peer}: unexpected answer {other:?}")),
                 Err(e) => Err(e),
             };
-            if result.is_err() {
-                break;
+            match (answer, &mut result) {
+                (Ok(a), Ok(out)) => out.push(a),
+                (Err(e), _) => {
+                    result = Err(e);
+                    break;
+                }
+                _ => {}
             }
         }
         self.stages[i].history = history;
         result
     }
 
-    /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed.
+    /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed, and check
+    /// the answer when verification picks this step.
     fn stage_step(&mut self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
+        let pending = self.start_check(i, x)?;
+        let y = self.primary_step(i, x);
+        match (pending, y) {
+            (None, y) => y,
+            (Some(p), Ok(y)) => self.settle(i, p, y, x.len() / self.d_model),
+            (Some(p), Err(e)) => {
+                // the verifier computed a step that did not happen
+                self.drop_verifier(i, p.verifier);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`RemotePipeline::stage_step`] without the check.
+    fn primary_step(&mut self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
         let t = x.len() / self.d_model;
         let mut reopened = false;
         loop {
-            let attempt = (|| -> Result<Vec<f32>> {
+            let attempt = (|| -> Result<(usize, Vec<f32>, Receipt)> {
                 if self.stages[i].current.is_none() {
                     self.connect(i)?;
                 }
@@ -322,6 +403,16 @@ impl RemotePipeline {
                     .ok_or_else(|| anyhow!("no session"))?;
                 let peer = self.stages[i].replicas[r];
                 let frame = TensorFrame::from_f32(&[t, self.d_model], x);
+                let mut chain = self.stages[i].chain.clone();
+                chain.push_rows(x, self.d_model);
+                let expect = Statement {
+                    session,
+                    shard: self.stages[i].shard,
+                    first_row: (self.stages[i].history.len() / self.d_model) as u64,
+                    rows: t as u32,
+                    input_chain: chain.hash(),
+                    output_hash: [0; 32],
+                };
                 match self.request(
                     peer,
                     InferRequest::Step {
@@ -329,12 +420,10 @@ impl RemotePipeline {
                         hidden: frame,
                     },
                 )? {
-                    InferResponse::Hidden { hidden } => {
-                        let (shape, values) = hidden.to_f32()?;
-                        if shape != [t, self.d_model] {
-                            bail!("{peer} answered with shape {shape:?}");
-                        }
-                        Ok(values)
+                    InferResponse::Hidden { hidden, receipt } => {
+                        let (_, values, receipt) =
+                            checked_answer(peer, &expect, hidden, receipt, t, self.d_model)?;
+                        Ok((r, values, receipt))
                     }
                     InferResponse::Error {
                         code: ErrorCode::ContextFull,
@@ -353,9 +442,14 @@ impl RemotePipeline {
                 }
             })();
             match attempt {
-                Ok(y) => {
-                    self.stages[i].history.extend_from_slice(x);
-                    self.stages[i].steps.push(t);
+                Ok((r, y, receipt)) => {
+                    let s = &mut self.stages[i];
+                    s.history.extend_from_slice(x);
+                    s.steps.push(t);
+                    s.chain.push_rows(x, self.d_model);
+                    if self.verification.rate > 0.0 {
+                        s.audit.answered(r, &y, t, receipt);
+                    }
                     return Ok(y);
                 }
                 Err(e) if e.downcast_ref::<ModelError>().is_some() => return Err(e),
@@ -387,9 +481,23 @@ impl RemotePipeline {
         }
     }
 
-    /// Close every open session (best effort).
+    /// Check what is still unchecked (with verification on), then close every open session
+    /// (best effort).
     pub fn close(&mut self) {
+        if self.verification.rate > 0.0 {
+            for i in 0..self.stages.len() {
+                if let Err(e) = self.final_check(i) {
+                    tracing::warn!(
+                        "stage {}: the last check failed: {e:#}",
+                        self.stages[i].stage
+                    );
+                }
+            }
+        }
         for i in 0..self.stages.len() {
+            if let Some(v) = self.stages[i].audit.verifier.take() {
+                self.close_session(self.stages[i].replicas[v.replica], v.session);
+            }
             if let Some((r, session)) = self.stages[i].current.take() {
                 let peer = self.stages[i].replicas[r];
                 let fut = self.network.infer(peer, InferRequest::Close { session });
@@ -418,6 +526,30 @@ impl RemotePipeline {
         let hidden = Tensor::<2>::from_data(TensorData::new(last, [1, self.d_model]), &device);
         Ok(tensor_to_vec(self.client.decode(hidden))?)
     }
+}
+
+/// The answer of `peer` to a step of `rows` rows, checked: shape, values, and its receipt
+/// against `expect` (whose output hash is taken from the answer itself).
+fn checked_answer(
+    peer: PeerId,
+    expect: &Statement,
+    hidden: TensorFrame,
+    receipt: Receipt,
+    rows: usize,
+    d: usize,
+) -> Result<(usize, Vec<f32>, Receipt)> {
+    let (shape, values) = hidden.to_f32()?;
+    if shape != [rows, d] {
+        bail!("{peer} answered with shape {shape:?}");
+    }
+    let expect = Statement {
+        output_hash: frame_hash(&hidden),
+        ..*expect
+    };
+    receipt
+        .check(&peer, &expect, &hidden)
+        .with_context(|| format!("{peer}'s answer"))?;
+    Ok((rows, values, receipt))
 }
 
 impl TokenModel for RemotePipeline {

@@ -96,6 +96,9 @@ pub struct ServeArgs {
     /// f32 activations (see `veil generate --exact`).
     #[arg(long)]
     pub exact: bool,
+    #[arg(long, value_name = "RATE", requires = "deployment",
+          value_parser = crate::verify::parse_rate, help = crate::verify::VERIFY_HELP)]
+    pub verify: Option<f64>,
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -215,12 +218,14 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
             .min(bundle.meta.config.max_seq_len);
         let device = veil_model::Compute::cpu().device;
         let tables = ClientModel::with_precision(&bundle, &device, precision)?;
+        let verification = crate::verify::verification_for(&deployment, args.verify)?;
         let shared = Arc::new(Remote {
             client,
             deployment,
             tables,
             context,
             precision,
+            verification,
         });
         let workers = (0..args.parallel)
             .map(|_| Box::new(RemoteSessions(shared.clone())) as Box<dyn Sessions>)
@@ -347,6 +352,7 @@ struct Remote {
     tables: ClientModel,
     context: usize,
     precision: veil_model::Precision,
+    verification: crate::remote::Verification,
 }
 
 /// New node sessions per request, closed after it.
@@ -363,14 +369,28 @@ impl Sessions for RemoteSessions {
             r.context,
             r.precision,
         )?;
+        crate::verify::prepare(&mut pipeline, r.verification.clone())?;
         f(&mut pipeline);
-        let served = Served {
-            route: pipeline.route(),
-            failovers: pipeline.stats.failovers,
-            bytes_sent: pipeline.stats.bytes_sent,
-            bytes_received: pipeline.stats.bytes_received,
-        };
+        let route = pipeline.route();
+        // closing runs the last checks first (with verification on)
         pipeline.close();
-        Ok(served)
+        crate::generate::report_detections(&pipeline.stats.audit);
+        if let Err(e) = crate::verify::record(&pipeline, &r.deployment.id) {
+            tracing::warn!("{e:#}");
+        }
+        let stats = &pipeline.stats;
+        Ok(Served {
+            route,
+            failovers: stats.failovers,
+            bytes_sent: stats.bytes_sent,
+            bytes_received: stats.bytes_received,
+            checks: stats.audit.checks,
+            caught: stats
+                .audit
+                .detections
+                .iter()
+                .map(|d| d.peer.clone())
+                .collect(),
+        })
     }
 }

@@ -74,6 +74,11 @@ pub struct Served {
     pub route: Vec<String>,
     /// Stages that moved to another replica during the answer.
     pub failovers: u32,
+    /// Checks of the nodes' answers by re-execution during the answer.
+    pub checks: u32,
+    /// Nodes caught answering wrongly (their answers were replaced by correct ones).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub caught: Vec<String>,
     /// Bytes of requests sent to nodes and of their answers (zero in this process).
     #[serde(skip)]
     pub bytes_sent: u64,
@@ -514,6 +519,11 @@ mod tests {
         // the stalled generation went no further than its full buffer allowed
         let n = steps.load(Ordering::SeqCst);
         assert!(n < 10, "{n} steps");
-        assert_eq!(metrics.processing.get(), 0);
+        // and the worker is free again (it lets go just after its last event)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metrics.processing.get() != 0 {
+            assert!(Instant::now() < deadline, "the worker never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

@@ -1,0 +1,475 @@
+//! The pipeline's side of verification (see `audit`): starting a check beside a step,
+//! comparing, settling a dispute with a referee, and repairing the stages after a liar.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::{Rng, RngCore};
+use tokio::task::JoinHandle;
+use veil_model::crypto::Shard;
+use veil_protocol::wire::{InferRequest, InferResponse, SessionId, TensorFrame};
+use veil_protocol::{InputChain, Network, PeerId, Receipt};
+
+use super::audit::{disagreement, largest, tolerance, Detection, Verifier};
+use super::RemotePipeline;
+
+/// Rows per request when a verifier or referee catches up (a frame stays far below the
+/// protocol's limit).
+const ROWS_PER_REQUEST: usize = 256;
+
+/// What a node answered wrongly: from which row, by how much, and its receipts.
+struct Wrong {
+    row: usize,
+    error: f32,
+    receipts: Vec<Receipt>,
+}
+
+/// A check under way: the verifier, and its answers to the rows from `verifier.rows` on.
+pub(super) struct Pending {
+    pub verifier: Verifier,
+    task: JoinHandle<Result<(Vec<f32>, Vec<Receipt>)>>,
+}
+
+/// Send `rows` (`[n, d]`) to `session` on `peer` in requests of at most
+/// [`ROWS_PER_REQUEST`] rows; returns the answers, in order, and their receipts.
+async fn send_rows(
+    network: Network,
+    peer: PeerId,
+    session: SessionId,
+    rows: Vec<f32>,
+    d: usize,
+) -> Result<(Vec<f32>, Vec<Receipt>)> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut receipts = Vec::new();
+    for chunk in rows.chunks(ROWS_PER_REQUEST * d) {
+        let t = chunk.len() / d;
+        let hidden = TensorFrame::from_f32(&[t, d], chunk);
+        match network
+            .infer(peer, InferRequest::Step { session, hidden })
+            .await?
+        {
+            InferResponse::Hidden { hidden, receipt } => {
+                if receipt.signer().ok() != Some(peer) {
+                    bail!("{peer} signed its answer wrongly");
+                }
+                let (shape, values) = hidden.to_f32()?;
+                if shape != [t, d] {
+                    bail!("{peer} answered with shape {shape:?}");
+                }
+                out.extend_from_slice(&values);
+                receipts.push(receipt);
+            }
+            InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+            other => bail!("{peer}: unexpected answer {other:?}"),
+        }
+    }
+    Ok((out, receipts))
+}
+
+impl RemotePipeline {
+    /// Whether to check stage `i`'s next step; if so, start the verifier on every row since
+    /// its last check plus `x`.
+    pub(super) fn start_check(&mut self, i: usize, x: &[f32]) -> Result<Option<Pending>> {
+        let rate = self.verification.rate;
+        if rate <= 0.0 || (rate < 1.0 && !rand::thread_rng().gen_bool(rate)) {
+            return Ok(None);
+        }
+        if self.stages[i].current.is_none() {
+            self.connect(i)?;
+        }
+        let Some(verifier) = self.verifier(i) else {
+            self.stats.audit.skipped += 1;
+            return Ok(None);
+        };
+        let d = self.d_model;
+        let mut rows = self.stages[i].history[verifier.rows * d..].to_vec();
+        rows.extend_from_slice(x);
+        let peer = self.stages[i].replicas[verifier.replica];
+        self.stats.bytes_sent += (rows.len() * 4) as u64;
+        let task = self.handle.spawn(send_rows(
+            self.network.clone(),
+            peer,
+            verifier.session,
+            rows,
+            d,
+        ));
+        Ok(Some(Pending { verifier, task }))
+    }
+
+    /// Stage `i`'s verifier, opened on another live replica when it has none.
+    fn verifier(&mut self, i: usize) -> Option<Verifier> {
+        if let Some(v) = self.stages[i].audit.verifier {
+            return Some(v);
+        }
+        loop {
+            let s = &self.stages[i];
+            let primary = s.current.map(|(r, _)| r);
+            let candidates: Vec<usize> = (0..s.replicas.len())
+                .map(|k| (s.first + 1 + k) % s.replicas.len())
+                .filter(|&k| !s.dead[k] && Some(k) != primary)
+                .collect();
+            let Some(&r) = candidates.first() else {
+                let s = &mut self.stages[i];
+                if !s.audit.warned {
+                    s.audit.warned = true;
+                    self.stats.audit.unverifiable.push(s.stage);
+                    tracing::warn!(
+                        "stage {} has no second live replica: verification by re-execution is \
+                         unavailable for it",
+                        s.stage
+                    );
+                }
+                return None;
+            };
+            let peer = s.replicas[r];
+            let mut session = [0u8; 16];
+            rand::thread_rng().fill_bytes(&mut session);
+            let open = InferRequest::Open {
+                session,
+                shard: s.shard,
+                max_len: self.context as u32,
+                exact: self.exact,
+            };
+            match self.request(peer, open) {
+                Ok(InferResponse::Opened { gpu, .. }) => {
+                    let v = Verifier {
+                        replica: r,
+                        session,
+                        rows: 0,
+                        gpu,
+                    };
+                    self.stages[i].audit.verifier = Some(v);
+                    return Some(v);
+                }
+                other => {
+                    tracing::warn!(
+                        "stage {}: {peer} cannot verify ({other:?})",
+                        self.stages[i].stage
+                    );
+                    self.stages[i].dead[r] = true;
+                }
+            }
+        }
+    }
+
+    /// Forget stage `i`'s verifier (its session no longer matches the stage's rows).
+    pub(super) fn drop_verifier(&mut self, i: usize, v: Verifier) {
+        self.stages[i].audit.verifier = None;
+        self.close_session(self.stages[i].replicas[v.replica], v.session);
+    }
+
+    pub(super) fn close_session(&self, peer: PeerId, session: SessionId) {
+        let fut = self.network.infer(peer, InferRequest::Close { session });
+        let _ = self
+            .handle
+            .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(2), fut).await });
+    }
+
+    /// Compare the verifier's answers with the primary's (`y` answered the step of `t`
+    /// rows); returns the answer to use.
+    pub(super) fn settle(
+        &mut self,
+        i: usize,
+        p: Pending,
+        y: Vec<f32>,
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        let v = p.verifier;
+        let (out, receipts) = match self.handle.block_on(p.task) {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                tracing::warn!("stage {}: the verifier failed: {e:#}", self.stages[i].stage);
+                self.stages[i].dead[v.replica] = true;
+                self.stats.audit.skipped += 1;
+                self.stages[i].audit.verifier = None;
+                return Ok(y);
+            }
+            Err(e) => bail!("the check of stage {i} stopped: {e}"),
+        };
+        self.stats.bytes_received += (out.len() * 4) as u64;
+        let d = self.d_model;
+        let rows = self.stages[i].history.len() / d;
+        if self.stages[i].current.map(|(r, _)| r) == Some(v.replica) {
+            // the stage failed over to the verifier's node: no independent check
+            self.drop_verifier(i, v);
+            self.stats.audit.skipped += 1;
+            return Ok(y);
+        }
+        self.stages[i].audit.verifier = Some(Verifier { rows, ..v });
+        let audit = &self.stages[i].audit;
+        let from = audit.checked;
+        let theirs = &out[(from - v.rows) * d..];
+        let tol = tolerance(audit.primary_gpu, v.gpu);
+        if disagreement(&audit.unchecked, theirs, d, tol).is_none() {
+            self.stats.audit.checks += 1;
+            self.confirmed(i, rows);
+            return Ok(y);
+        }
+        let verifier_rows = out[(from - v.rows) * d..].to_vec();
+        self.dispute(i, v, (&verifier_rows, receipts), t)
+            .map(|c| c.unwrap_or(y))
+    }
+
+    /// At the end of a generation: check stage `i`'s rows not checked yet.
+    pub(super) fn final_check(&mut self, i: usize) -> Result<()> {
+        let d = self.d_model;
+        let rows = self.stages[i].history.len() / d;
+        if self.stages[i].audit.checked >= rows || self.stages[i].current.is_none() {
+            return Ok(());
+        }
+        let Some(v) = self.verifier(i) else {
+            return Ok(());
+        };
+        let catch_up = self.stages[i].history[v.rows * d..].to_vec();
+        let peer = self.stages[i].replicas[v.replica];
+        let task = self.handle.spawn(send_rows(
+            self.network.clone(),
+            peer,
+            v.session,
+            catch_up,
+            d,
+        ));
+        self.settle(i, Pending { verifier: v, task }, Vec::new(), 0)
+            .map(|_| ())
+    }
+
+    /// The primary's and the verifier's answers to stage `i`'s rows `checked..` disagree:
+    /// ask a referee, convict whoever differs from it, and carry on with correct answers.
+    /// Returns the correct answer to the current step of `t` rows when the primary's was
+    /// wrong.
+    fn dispute(
+        &mut self,
+        i: usize,
+        v: Verifier,
+        (verifier_rows, verifier_receipts): (&[f32], Vec<Receipt>),
+        t: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        self.stats.audit.disputes += 1;
+        let d = self.d_model;
+        let rows = self.stages[i].history.len() / d;
+        let from = self.stages[i].audit.checked;
+        let (referee, truth, referee_gpu) = self.referee(i, v.replica).with_context(|| {
+            format!(
+                "stage {}: two replicas disagree and nothing can settle it",
+                self.stages[i].stage
+            )
+        })?;
+        let truth = &truth[from * d..];
+        // the verifier: one session, one node
+        let tol = tolerance(v.gpu, referee_gpu);
+        if let Some((k, _)) = disagreement(verifier_rows, truth, d, tol) {
+            let wrong = Wrong {
+                row: from + k,
+                error: largest(verifier_rows, truth, d),
+                receipts: verifier_receipts,
+            };
+            self.convict(i, v.replica, wrong, &referee);
+            self.stages[i].audit.verifier = None;
+        }
+        // the primary's answers, step by step (a failover may have changed who gave them)
+        let audit = &self.stages[i].audit;
+        let tol = tolerance(audit.primary_gpu, referee_gpu);
+        let mut liars: Vec<(usize, usize, f32, Vec<Receipt>)> = Vec::new();
+        let mut first_bad: Option<usize> = None;
+        let mut at = 0;
+        for (replica, n, receipt) in &audit.steps {
+            let (ours, right) = (
+                &audit.unchecked[at * d..(at + n) * d],
+                &truth[at * d..(at + n) * d],
+            );
+            if let Some((k, _)) = disagreement(ours, right, d, tol) {
+                let row = from + at + k;
+                first_bad = Some(first_bad.map_or(row, |f| f.min(row)));
+                match liars.iter_mut().find(|l| l.0 == *replica) {
+                    Some(l) => {
+                        l.2 = l.2.max(largest(ours, right, d));
+                        l.3.push(receipt.clone());
+                    }
+                    None => liars.push((
+                        *replica,
+                        row,
+                        largest(ours, right, d),
+                        vec![receipt.clone()],
+                    )),
+                }
+            }
+            at += n;
+        }
+        let Some(first_bad) = first_bad else {
+            // the primary agrees with the referee
+            self.confirmed(i, rows);
+            return Ok(None);
+        };
+        for (replica, row, error, receipts) in liars {
+            let wrong = Wrong {
+                row,
+                error,
+                receipts,
+            };
+            self.convict(i, replica, wrong, &referee);
+        }
+        if let Some((r, session)) = self.stages[i].current {
+            if self.stages[i].dead[r] {
+                self.stages[i].current = None;
+                self.close_session(self.stages[i].replicas[r], session);
+                // an honest verifier holds every row: it carries the stage on
+                if let Some(v) = self.stages[i].audit.verifier.take() {
+                    self.stages[i].current = Some((v.replica, v.session));
+                    self.stages[i].last = v.replica;
+                    self.stages[i].audit.primary_gpu = v.gpu;
+                }
+            }
+        }
+        let truth = truth.to_vec();
+        self.stages[i].audit.agreed(rows);
+        // later stages were fed the wrong rows before this step: recompute them
+        // (at the end of a generation, t = 0, nothing more will be computed from them)
+        let sent = rows - t;
+        if t > 0 && first_bad < sent && i + 1 < self.stages.len() {
+            let fixed = truth[(first_bad - from) * d..(sent - from) * d].to_vec();
+            self.repair(i + 1, first_bad, fixed)?;
+            self.stats.audit.rows_repaired += (sent - first_bad) as u64;
+        }
+        Ok(Some(truth[(rows - t - from) * d..].to_vec()))
+    }
+
+    /// Stage `i`'s unchecked answers (up to row `rows`) agreed with a re-execution.
+    fn confirmed(&mut self, i: usize, rows: usize) {
+        let s = &self.stages[i];
+        let stats = &mut self.stats.audit;
+        for (replica, n, _) in &s.audit.steps {
+            *stats
+                .verified
+                .entry(s.replicas[*replica].to_string())
+                .or_default() += *n as u64;
+            stats.rows_verified += *n as u64;
+        }
+        self.stages[i].audit.agreed(rows);
+    }
+
+    fn convict(&mut self, i: usize, replica: usize, wrong: Wrong, referee: &str) {
+        let s = &mut self.stages[i];
+        s.dead[replica] = true;
+        let peer = s.replicas[replica];
+        tracing::warn!(
+            "stage {}: {peer} answered wrongly from position {} (relative error {:.3}, \
+             settled by {referee}); it is no longer used",
+            s.stage,
+            wrong.row,
+            wrong.error
+        );
+        self.stats.audit.detections.push(Detection {
+            stage: s.stage,
+            peer: peer.to_string(),
+            row: wrong.row,
+            error: wrong.error,
+            steps_answered: s.audit.answered.get(replica).copied().unwrap_or(0),
+            referee: referee.to_string(),
+            receipts: wrong.receipts,
+        });
+    }
+
+    /// The correct answers to every row of stage `i`: recomputed here from the deployment's
+    /// own shard when it is at hand, else from a replica other than the two that disagree.
+    /// Returns who computed them, the answers and whether on a GPU.
+    fn referee(&mut self, i: usize, verifier: usize) -> Result<(String, Vec<f32>, bool)> {
+        let (d, exact) = (self.d_model, self.exact);
+        let rows = self.stages[i].history.clone();
+        if let Some(runner) = self.local_referee(i)? {
+            let mut cache = runner.new_cache(rows.len() / d);
+            let out = runner
+                .forward_host_with(&[&rows], &mut [&mut cache], exact)?
+                .remove(0);
+            return Ok(("local".into(), out, false));
+        }
+        let s = &self.stages[i];
+        let primary = s.current.map(|(r, _)| r);
+        let third = (0..s.replicas.len())
+            .find(|&k| !s.dead[k] && Some(k) != primary && k != verifier)
+            .ok_or_else(|| anyhow!("no local copy of the shard and no third replica"))?;
+        let peer = s.replicas[third];
+        let mut session = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut session);
+        let open = InferRequest::Open {
+            session,
+            shard: s.shard,
+            max_len: self.context as u32,
+            exact: self.exact,
+        };
+        let gpu = match self.request(peer, open)? {
+            InferResponse::Opened { gpu, .. } => gpu,
+            other => bail!("{peer} cannot referee: {other:?}"),
+        };
+        let out = self
+            .handle
+            .block_on(send_rows(self.network.clone(), peer, session, rows, d));
+        self.close_session(peer, session);
+        Ok((peer.to_string(), out?.0, gpu))
+    }
+
+    /// Stage `i` as computed here, when the deployment's directory holds its shard.
+    fn local_referee(&mut self, i: usize) -> Result<Option<&veil_model::StageRunner>> {
+        let stage = self.stages[i].stage;
+        if !self.referees.contains_key(&stage) {
+            let Some(dir) = &self.verification.shards else {
+                return Ok(None);
+            };
+            let path = dir.join(format!("shard-{stage}.veil"));
+            if !path.exists() {
+                return Ok(None);
+            }
+            let shard =
+                Shard::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let device = veil_model::Compute::cpu().device;
+            let runner = veil_model::StageRunner::new(&shard, &device)?;
+            self.referees.insert(stage, runner);
+        }
+        Ok(self.referees.get(&stage))
+    }
+
+    /// Stages `j..` were fed wrong rows from `row` on: give stage `j` the correct ones
+    /// (`fixed`, up to the rows it has), replay it, and pass its new answers on.
+    fn repair(&mut self, j: usize, row: usize, mut fixed: Vec<f32>) -> Result<()> {
+        let d = self.d_model;
+        for j in j..self.stages.len() {
+            let s = &mut self.stages[j];
+            let end = row * d + fixed.len();
+            s.history[row * d..end].copy_from_slice(&fixed);
+            let mut chain = InputChain::new(&s.shard);
+            chain.push_rows(&s.history, d);
+            s.chain = chain;
+            if let Some(v) = s.audit.verifier.take() {
+                self.close_session(self.stages[j].replicas[v.replica], v.session);
+            }
+            if let Some((r, session)) = self.stages[j].current.take() {
+                self.close_session(self.stages[j].replicas[r], session);
+            }
+            tracing::info!(
+                "stage {}: recomputing from position {row} after a wrong answer upstream",
+                self.stages[j].stage
+            );
+            let s = &self.stages[j];
+            let r = if s.dead[s.last] {
+                (0..s.replicas.len())
+                    .find(|&k| !s.dead[k])
+                    .ok_or_else(|| anyhow!("stage {} has no live replica left", s.stage))?
+            } else {
+                s.last
+            };
+            let replayed = self.open_replaying(j, r)?;
+            let replica = self.stages[j].last;
+            let audit = &mut self.stages[j].audit;
+            audit.checked = 0;
+            audit.unchecked.clear();
+            audit.steps.clear();
+            let mut answers = Vec::with_capacity(self.stages[j].history.len());
+            for (n, a, receipt) in replayed {
+                answers.extend_from_slice(&a);
+                if self.verification.rate > 0.0 {
+                    self.stages[j].audit.unchecked.extend_from_slice(&a);
+                    self.stages[j].audit.steps.push((replica, n, receipt));
+                }
+            }
+            fixed = answers[row * d..end].to_vec();
+        }
+        Ok(())
+    }
+}
