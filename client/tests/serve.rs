@@ -502,7 +502,10 @@ fn the_network_view_and_each_answer_say_where_the_stages_ran() {
     let ask = json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0});
     let (status, whole) = post(&plain, "/v1/completions", &ask);
     assert_eq!(status, 200, "{whole}");
-    assert_eq!(whole["veil"], json!({"route": ["local"], "failovers": 0}));
+    assert_eq!(
+        whole["veil"],
+        json!({"route": ["local"], "failovers": 0, "checks": 0})
+    );
 
     // encrypted stages in this process (exact f32 shards): the same answer, through two
     // stages that cover the model's layers in order

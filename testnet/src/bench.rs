@@ -452,6 +452,7 @@ mod tests {
             bytes_sent: 0,
             bytes_received: 0,
             failovers: 0,
+            audit: Default::default(),
             error,
         };
         let (gaps, ttft) = latencies(&[

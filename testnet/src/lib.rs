@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod cleanup;
 pub mod cluster;
 pub mod gateway_bench;
+pub mod integrity;
 pub mod load;
 pub mod network;
 pub mod report;

@@ -77,6 +77,8 @@ pub struct SessionResult {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub failovers: u32,
+    /// What checking the nodes found (with verification on).
+    pub audit: veil_client::remote::AuditStats,
     pub error: Option<String>,
 }
 
@@ -92,6 +94,7 @@ impl SessionResult {
             bytes_sent: 0,
             bytes_received: 0,
             failovers: 0,
+            audit: Default::default(),
             error: Some(format!("{e:#}")),
         }
     }
@@ -102,6 +105,9 @@ pub struct LoadClient {
     client: Client,
     model: ClientModel,
     net: Arc<NetworkView>,
+    /// How sessions check the nodes (off unless set); no record of nodes is kept between
+    /// sessions, so that each is an independent trial.
+    pub verification: veil_client::remote::Verification,
 }
 
 /// What sessions need to know of the network.
@@ -124,6 +130,7 @@ impl LoadClient {
                 text: TextCodec::new(network.bundle.meta.text.clone())?,
                 context: network.bundle.meta.config.max_seq_len,
             }),
+            verification: Default::default(),
         })
     }
 
@@ -161,6 +168,7 @@ impl LoadClient {
                                         bytes_sent: stats.bytes_sent,
                                         bytes_received: stats.bytes_received,
                                         failovers: stats.failovers,
+                                        audit: stats.audit,
                                         error: None,
                                     },
                                     Err(e) => SessionResult::failed(
@@ -196,6 +204,7 @@ impl LoadClient {
             self.net.context,
             veil_model::Precision::Fast,
         )?;
+        pipeline.set_verification(self.verification.clone());
         let g = {
             let mut metered = Metered {
                 inner: &mut pipeline,

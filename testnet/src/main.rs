@@ -11,6 +11,7 @@ use veil_model::crypto::ShardQuant;
 use veil_testnet::bench::{self, BenchOptions, BenchReport};
 use veil_testnet::chaos::{self, ChaosOptions};
 use veil_testnet::cluster::{Byzantine, NodeSettings};
+use veil_testnet::integrity::{self, IntegrityOptions};
 use veil_testnet::network::{LocalNetwork, NetworkOptions};
 use veil_testnet::sim::{self, Relay, Routing, SimParams};
 use veil_testnet::{cleanup, report, up};
@@ -173,6 +174,13 @@ struct BenchArgs {
     /// Write bench.md, bench.json and SVG charts into this directory.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
+    /// With --byzantine: the verification rates to compare (0 is the cost baseline).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.05,0.2,1",
+          value_parser = veil_client::verify::parse_rate)]
+    verify_rates: Vec<f64>,
+    /// With --byzantine: generations per verification rate (run --sessions at a time).
+    #[arg(long, default_value_t = 16)]
+    trials: usize,
 }
 
 #[derive(Args, Debug)]
@@ -314,6 +322,34 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         bail!("--sessions and --gen-tokens must be at least 1");
     }
     let network = args.net.start()?;
+    if args.net.byzantine > 0 {
+        // lying nodes: measure verification instead of throughput
+        let liars = network
+            .nodes
+            .iter()
+            .rev()
+            .take(args.net.byzantine)
+            .map(|n| n.peer_id.clone())
+            .collect();
+        let opts = IntegrityOptions {
+            rates: args.verify_rates.clone(),
+            trials: args.trials.max(1),
+            sessions: args.sessions,
+            prompt_tokens: args.prompt_tokens,
+            gen_tokens: args.gen_tokens,
+            liars,
+            lie: args.net.lie.clone(),
+            lie_rate: args.net.lie_rate,
+        };
+        let r = integrity::run(&network, &opts, &args.net.model)?;
+        drop(network);
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&r)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        print!("{}", integrity::markdown(&r));
+        return Ok(());
+    }
     let opts = BenchOptions {
         sessions: args.sessions,
         prompt_tokens: args.prompt_tokens,

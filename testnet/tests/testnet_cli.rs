@@ -388,10 +388,16 @@ fn up_with_serve_keeps_a_gateway_to_the_deployment() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
+    // keep reading stdout to the end: a closed pipe would make the harness's later prints fail
+    let (tx, rx) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().expect("stdout");
-    let line = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let line = rx
+        .iter()
         .find(|l| l.starts_with("OpenAI-compatible gateway: "))
         .expect("the gateway's line");
     let url = line

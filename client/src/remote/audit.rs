@@ -61,6 +61,8 @@ pub struct AuditStats {
     pub rows_verified: u64,
     /// The same per peer (who gave the answers).
     pub verified: std::collections::BTreeMap<String, u64>,
+    /// Steps each peer answered as a stage's primary.
+    pub answered: std::collections::BTreeMap<String, u64>,
     /// Checks where the answers disagreed (each settled by a referee).
     pub disputes: u32,
     pub detections: Vec<Detection>,

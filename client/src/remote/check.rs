@@ -97,7 +97,11 @@ impl RemotePipeline {
     /// Stage `i`'s verifier, opened on another live replica when it has none.
     fn verifier(&mut self, i: usize) -> Option<Verifier> {
         if let Some(v) = self.stages[i].audit.verifier {
-            return Some(v);
+            if self.stages[i].current.map(|(r, _)| r) != Some(v.replica) {
+                return Some(v);
+            }
+            // the stage failed over to the verifier's node: it cannot check itself
+            self.drop_verifier(i, v);
         }
         loop {
             let s = &self.stages[i];
@@ -179,7 +183,7 @@ impl RemotePipeline {
                 tracing::warn!("stage {}: the verifier failed: {e:#}", self.stages[i].stage);
                 self.stages[i].dead[v.replica] = true;
                 self.stats.audit.skipped += 1;
-                self.stages[i].audit.verifier = None;
+                self.drop_verifier(i, v);
                 return Ok(y);
             }
             Err(e) => bail!("the check of stage {i} stopped: {e}"),
@@ -262,7 +266,8 @@ impl RemotePipeline {
                 receipts: verifier_receipts,
             };
             self.convict(i, v.replica, wrong, &referee);
-            self.stages[i].audit.verifier = None;
+            // free what it holds for us (best effort)
+            self.drop_verifier(i, v);
         }
         // the primary's answers, step by step (a failover may have changed who gave them)
         let audit = &self.stages[i].audit;

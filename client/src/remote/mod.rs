@@ -449,6 +449,8 @@ impl RemotePipeline {
                     s.chain.push_rows(x, self.d_model);
                     if self.verification.rate > 0.0 {
                         s.audit.answered(r, &y, t, receipt);
+                    } else if let Some(n) = s.audit.answered.get_mut(r) {
+                        *n += 1;
                     }
                     return Ok(y);
                 }
@@ -493,6 +495,22 @@ impl RemotePipeline {
                     );
                 }
             }
+        }
+        for s in &mut self.stages {
+            for (k, n) in std::mem::take(&mut s.audit.answered)
+                .into_iter()
+                .enumerate()
+            {
+                if n > 0 {
+                    *self
+                        .stats
+                        .audit
+                        .answered
+                        .entry(s.replicas[k].to_string())
+                        .or_default() += n;
+                }
+            }
+            s.audit.answered = vec![0; s.replicas.len()];
         }
         for i in 0..self.stages.len() {
             if let Some(v) = self.stages[i].audit.verifier.take() {
