@@ -15,6 +15,7 @@ pub mod net;
 pub mod peers;
 pub mod perplexity;
 pub mod progress;
+pub mod proof;
 pub mod remote;
 pub mod serve;
 pub mod synth;

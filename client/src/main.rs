@@ -2,7 +2,7 @@
 //! deploys encrypted shards and generates through them.
 
 use veil_client::{
-    attack, bench, chat, deploy, encrypt, fetch, generate, peers, perplexity, serve, synth,
+    attack, bench, chat, deploy, encrypt, fetch, generate, peers, perplexity, proof, serve, synth,
 };
 
 use std::io::IsTerminal;
@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: attack::AttackCommand,
     },
+    /// Check a fraud proof (written when a node is caught answering wrongly): its receipts,
+    /// then the answers against the stage recomputed from its shard. Exit 0: the node is
+    /// proven to have lied; 1: the proof is rejected or the answers are right; 2: genuine
+    /// receipts, but no shard to recompute with.
+    VerifyProof(proof::VerifyProofArgs),
     #[command(hide = true)]
     BenchChild(bench::ChildArgs),
 }
@@ -112,6 +117,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attack { command } => attack::run(command),
         Command::BenchChild(args) => bench::run_child(args),
         Command::Serve(args) => serve::run(args),
+        Command::VerifyProof(args) => match proof::run(args)? {
+            0 => Ok(()),
+            code => std::process::exit(code),
+        },
     }
 }
 

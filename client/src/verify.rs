@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use veil_model::container::write_atomic;
-use veil_protocol::{PeerId, Receipt};
+use veil_protocol::PeerId;
 
 use crate::deployment::Deployment;
 use crate::home::veil_home;
@@ -60,6 +60,21 @@ pub fn record(pipeline: &RemotePipeline, deployment: &str) -> Result<()> {
         book.peers.entry(peer.clone()).or_default().rows_verified += rows;
     }
     for d in &audit.detections {
+        let at_ms = veil_protocol::ad::now_ms();
+        // the evidence, checkable by anyone with `veil verify-proof`
+        let proof = match &d.proof {
+            Some(p) => {
+                let path = veil_home()?.join("proofs").join(format!(
+                    "{}-{at_ms}.json",
+                    d.peer
+                        .get(d.peer.len().saturating_sub(12)..)
+                        .unwrap_or(&d.peer)
+                ));
+                p.write(&path)?;
+                Some(path)
+            }
+            None => None,
+        };
         book.peers
             .entry(d.peer.clone())
             .or_default()
@@ -70,8 +85,8 @@ pub fn record(pipeline: &RemotePipeline, deployment: &str) -> Result<()> {
                 row: d.row,
                 error: d.error,
                 referee: d.referee.clone(),
-                at_ms: veil_protocol::ad::now_ms(),
-                receipts: d.receipts.clone(),
+                at_ms,
+                proof,
             });
     }
     book.save()
@@ -86,8 +101,9 @@ pub struct Caught {
     pub error: f32,
     pub referee: String,
     pub at_ms: u64,
-    /// Its signed receipts for the wrong answers.
-    pub receipts: Vec<Receipt>,
+    /// The fraud proof (`veil verify-proof FILE`): the inputs, its wrong answers and its
+    /// signed receipts for them.
+    pub proof: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

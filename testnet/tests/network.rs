@@ -1115,17 +1115,22 @@ fn a_lying_node_is_caught_and_its_answers_replaced() {
             .collect();
         assert_eq!(caught, [liar.as_str()], "{mode}: {v}");
         assert_eq!(out["route"], serde_json::json!([honest]), "{mode}: {out}");
-        // the client remembers, with the liar's signed receipts as evidence
+        // the client remembers, with a fraud proof anyone can check: the liar's signed
+        // receipts over these inputs and its wrong answers
         let book: Value = serde_json::from_str(
             &std::fs::read_to_string(veil.home.path().join("reputation.json")).expect("record"),
         )
         .expect("JSON");
         let record = &book["peers"][&liar]["caught"][0];
         assert_eq!(record["deployment"], id.as_str(), "{book}");
+        let proof = record["proof"].as_str().expect("a proof file");
+        let out = veil.run(&["verify-proof", proof]);
+        let verdict = String::from_utf8_lossy(&out.stdout);
         assert!(
-            !record["receipts"].as_array().expect("receipts").is_empty(),
-            "{book}"
+            out.status.success() && verdict.starts_with("proven:"),
+            "{mode}: {verdict}"
         );
+        assert!(verdict.contains(&liar), "{verdict}");
         assert!(book["peers"][&honest]["caught"]
             .as_array()
             .is_none_or(Vec::is_empty));

@@ -47,9 +47,9 @@ pub struct Detection {
     pub steps_answered: u64,
     /// Who settled it: `local` (recomputed here) or a referee node's peer id.
     pub referee: String,
-    /// The node's signed receipts for the wrong answers (evidence).
+    /// The evidence: the inputs, its wrong answers and its receipts for them.
     #[serde(skip)]
-    pub receipts: Vec<Receipt>,
+    pub proof: Option<crate::proof::FraudProof>,
 }
 
 /// Verification counters of a pipeline.
@@ -127,8 +127,8 @@ impl StageAudit {
     }
 }
 
-/// The tolerance for comparing answers of these two sides.
-pub(super) fn tolerance(a_gpu: bool, b_gpu: bool) -> f32 {
+/// The tolerance for comparing answers of two sides, by whether each computes on a GPU.
+pub fn tolerance(a_gpu: bool, b_gpu: bool) -> f32 {
     if a_gpu || b_gpu {
         GPU_TOLERANCE
     } else {

@@ -15,11 +15,13 @@ use super::RemotePipeline;
 /// protocol's limit).
 const ROWS_PER_REQUEST: usize = 256;
 
-/// What a node answered wrongly: from which row, by how much, and its receipts.
+/// What a node answered wrongly: from which row, by how much, its signed answers, and
+/// whether it said it computes on a GPU.
 struct Wrong {
     row: usize,
     error: f32,
-    receipts: Vec<Receipt>,
+    answers: Vec<(Receipt, Vec<f32>)>,
+    gpu: bool,
 }
 
 /// A check under way: the verifier, and its answers to the rows from `verifier.rows` on.
@@ -208,7 +210,15 @@ impl RemotePipeline {
             return Ok(y);
         }
         let verifier_rows = out[(from - v.rows) * d..].to_vec();
-        self.dispute(i, v, (&verifier_rows, receipts), t)
+        // its answers as it signed them, chunk by chunk
+        let mut answers = Vec::with_capacity(receipts.len());
+        let mut at = 0;
+        for r in receipts {
+            let n = r.rows as usize * d;
+            answers.push((r, out[at..at + n].to_vec()));
+            at += n;
+        }
+        self.dispute(i, v, (&verifier_rows, answers), t)
             .map(|c| c.unwrap_or(y))
     }
 
@@ -243,7 +253,7 @@ impl RemotePipeline {
         &mut self,
         i: usize,
         v: Verifier,
-        (verifier_rows, verifier_receipts): (&[f32], Vec<Receipt>),
+        (verifier_rows, verifier_answers): (&[f32], Vec<(Receipt, Vec<f32>)>),
         t: usize,
     ) -> Result<Option<Vec<f32>>> {
         self.stats.audit.disputes += 1;
@@ -263,7 +273,8 @@ impl RemotePipeline {
             let wrong = Wrong {
                 row: from + k,
                 error: largest(verifier_rows, truth, d),
-                receipts: verifier_receipts,
+                answers: verifier_answers,
+                gpu: v.gpu,
             };
             self.convict(i, v.replica, wrong, &referee);
             // free what it holds for us (best effort)
@@ -272,7 +283,7 @@ impl RemotePipeline {
         // the primary's answers, step by step (a failover may have changed who gave them)
         let audit = &self.stages[i].audit;
         let tol = tolerance(audit.primary_gpu, referee_gpu);
-        let mut liars: Vec<(usize, usize, f32, Vec<Receipt>)> = Vec::new();
+        let mut liars: Vec<(usize, Wrong)> = Vec::new();
         let mut first_bad: Option<usize> = None;
         let mut at = 0;
         for (replica, n, receipt) in &audit.steps {
@@ -283,16 +294,21 @@ impl RemotePipeline {
             if let Some((k, _)) = disagreement(ours, right, d, tol) {
                 let row = from + at + k;
                 first_bad = Some(first_bad.map_or(row, |f| f.min(row)));
+                let signed = (receipt.clone(), ours.to_vec());
+                let error = largest(ours, right, d);
                 match liars.iter_mut().find(|l| l.0 == *replica) {
-                    Some(l) => {
-                        l.2 = l.2.max(largest(ours, right, d));
-                        l.3.push(receipt.clone());
+                    Some((_, w)) => {
+                        w.error = w.error.max(error);
+                        w.answers.push(signed);
                     }
                     None => liars.push((
                         *replica,
-                        row,
-                        largest(ours, right, d),
-                        vec![receipt.clone()],
+                        Wrong {
+                            row,
+                            error,
+                            answers: vec![signed],
+                            gpu: audit.primary_gpu,
+                        },
                     )),
                 }
             }
@@ -303,12 +319,7 @@ impl RemotePipeline {
             self.confirmed(i, rows);
             return Ok(None);
         };
-        for (replica, row, error, receipts) in liars {
-            let wrong = Wrong {
-                row,
-                error,
-                receipts,
-            };
+        for (replica, wrong) in liars {
             self.convict(i, replica, wrong, &referee);
         }
         if let Some((r, session)) = self.stages[i].current {
@@ -361,6 +372,17 @@ impl RemotePipeline {
             wrong.row,
             wrong.error
         );
+        let proof = crate::proof::FraudProof::new(
+            &peer,
+            &s.shard,
+            s.stage,
+            s.layers,
+            self.d_model,
+            (self.exact, wrong.gpu),
+            &s.history,
+            &wrong.answers,
+            referee,
+        );
         self.stats.audit.detections.push(Detection {
             stage: s.stage,
             peer: peer.to_string(),
@@ -368,7 +390,7 @@ impl RemotePipeline {
             error: wrong.error,
             steps_answered: s.audit.answered.get(replica).copied().unwrap_or(0),
             referee: referee.to_string(),
-            receipts: wrong.receipts,
+            proof: Some(proof),
         });
     }
 

@@ -23,7 +23,7 @@ use veil_protocol::wire::{ErrorCode, InferRequest, InferResponse, SessionId, Ten
 use veil_protocol::{InputChain, Multiaddr, Network, PeerId, Receipt, Statement};
 
 use audit::StageAudit;
-pub use audit::{AuditStats, Detection, Verification, DEFAULT_RATE};
+pub use audit::{tolerance, AuditStats, Detection, Verification, DEFAULT_RATE};
 
 use crate::deployment::Deployment;
 
