@@ -105,8 +105,8 @@ pub struct LoadClient {
     client: Client,
     model: ClientModel,
     net: Arc<NetworkView>,
-    /// How sessions check the nodes (off unless set); no record of nodes is kept between
-    /// sessions, so that each is an independent trial.
+    /// How sessions check the nodes (the deployment's `--verify` rate, off without one); no
+    /// record of nodes is kept between sessions, so that each is an independent trial.
     pub verification: veil_client::remote::Verification,
 }
 
@@ -130,7 +130,11 @@ impl LoadClient {
                 text: TextCodec::new(network.bundle.meta.text.clone())?,
                 context: network.bundle.meta.config.max_seq_len,
             }),
-            verification: Default::default(),
+            // the deployment's own rate when it has one (`--verify`), else off
+            verification: veil_client::remote::Verification {
+                rate: network.deployment.verify.unwrap_or(0.0),
+                shards: network.deployment_dir().ok(),
+            },
         })
     }
 
