@@ -1155,3 +1155,88 @@ fn a_lying_node_is_caught_and_its_answers_replaced() {
         drop(nodes);
     }
 }
+
+/// Checking only some steps, a lie can be used before it is found: then the stages after the
+/// liar's are recomputed from the corrected rows. From the step where the liar was found on,
+/// every token is the one the honest model picks after the tokens so far (checked by
+/// feeding the same tokens to the deployment's own shards in this process).
+#[test]
+fn later_stages_are_repaired_after_a_lie_found_late() {
+    use veil_model::crypto::{Encrypted, EncryptedLocal};
+    use veil_model::TokenModel;
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = NodeSettings {
+        byzantine: Some(Byzantine {
+            nodes: 1,
+            mode: "noise".into(),
+            rate: 0.3,
+        }),
+        ..NodeSettings::default()
+    };
+    // two nodes, two stages, two replicas: each node serves both stages
+    let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+    let liar = nodes[1].peer_id.clone();
+    let veil = Veil::new();
+    let boot = addr(&nodes[0]);
+    wait_for_ads(&veil, &boot, 2);
+    let id = deploy(&veil, &boot, 2);
+    let dir = veil.home.path().join("deployments").join(&id);
+    let e = Encrypted::read(&dir).expect("the deployment's shards");
+    let device = veil_model::Compute::cpu().device;
+    let mut repaired = 0;
+    // whether a lie slips through before a check is chance: try until one does
+    for attempt in 0..40 {
+        let out = veil.json(&[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--raw",
+            "--prompt",
+            "The river rose in the spring and the mill",
+            "--max-tokens",
+            "24",
+            "--verify",
+            "0.2",
+            "--json",
+        ]);
+        // the client's record would keep the liar out of the next attempts: forget it
+        let _ = std::fs::remove_file(veil.home.path().join("reputation.json"));
+        let v = &out["network"]["verification"];
+        let detections = v["detections"].as_array().expect("detections");
+        assert!(detections.iter().all(|d| d["peer"] == liar.as_str()), "{v}");
+        if v["rows_repaired"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        let found = v["detections"]
+            .as_array()
+            .expect("detections")
+            .iter()
+            .filter_map(|d| d["found_at"].as_u64())
+            .max()
+            .expect("found_at") as usize;
+        let prompt: Vec<u32> = serde_json::from_value(out["prompt_tokens"].clone()).expect("ids");
+        let tokens: Vec<u32> = serde_json::from_value(out["tokens"].clone()).expect("ids");
+        let mut model = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("model");
+        let mut logits = model.feed(&prompt).expect("prompt");
+        let mut checked = 0;
+        for (j, &t) in tokens.iter().enumerate() {
+            let pos = prompt.len() - 1 + j;
+            if pos + 1 >= found {
+                checked += 1;
+                assert_eq!(
+                    veil_model::sampling::argmax(&logits),
+                    t,
+                    "attempt {attempt}: token {j} (position {pos}, lie found at {found})"
+                );
+            }
+            logits = model.feed(&[t]).expect("step");
+        }
+        assert!(checked > 0, "the lie was found after the last token");
+        repaired += 1;
+        break;
+    }
+    assert!(repaired > 0, "no generation needed a repair in 40 attempts");
+    drop(nodes);
+}

@@ -41,6 +41,9 @@ pub struct Detection {
     pub peer: String,
     /// The first row (position of the session) whose answer was wrong.
     pub row: usize,
+    /// Rows the stage had when the lie was found: from the answer to the last of them on,
+    /// every answer used is right.
+    pub found_at: usize,
     /// Largest relative difference of its answers from the referee's.
     pub error: f32,
     /// Steps this node had answered in the generation when it was caught.

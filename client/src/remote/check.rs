@@ -362,9 +362,9 @@ impl RemotePipeline {
     }
 
     fn convict(&mut self, i: usize, replica: usize, wrong: Wrong, referee: &str) {
+        let peer = self.stages[i].replicas[replica];
+        self.shun(i, peer);
         let s = &mut self.stages[i];
-        s.dead[replica] = true;
-        let peer = s.replicas[replica];
         tracing::warn!(
             "stage {}: {peer} answered wrongly from position {} (relative error {:.3}, \
              settled by {referee}); it is no longer used",
@@ -387,11 +387,34 @@ impl RemotePipeline {
             stage: s.stage,
             peer: peer.to_string(),
             row: wrong.row,
+            found_at: s.history.len() / self.d_model,
             error: wrong.error,
             steps_answered: s.audit.answered.get(replica).copied().unwrap_or(0),
             referee: referee.to_string(),
             proof: Some(proof),
         });
+    }
+
+    /// Stop using `peer` in every stage: where it is a verifier, drop it; where it is the
+    /// primary of another stage than `i`, that stage moves to another replica on its next
+    /// step (replaying its rows).
+    fn shun(&mut self, i: usize, peer: PeerId) {
+        for j in 0..self.stages.len() {
+            let Some(k) = self.stages[j].replicas.iter().position(|p| *p == peer) else {
+                continue;
+            };
+            self.stages[j].dead[k] = true;
+            if j == i {
+                continue;
+            }
+            if let Some(v) = self.stages[j].audit.verifier.filter(|v| v.replica == k) {
+                self.drop_verifier(j, v);
+            }
+            if let Some((r, session)) = self.stages[j].current.filter(|(r, _)| *r == k) {
+                self.stages[j].current = None;
+                self.close_session(self.stages[j].replicas[r], session);
+            }
+        }
     }
 
     /// The correct answers to every row of stage `i`: recomputed here from the deployment's
