@@ -2,7 +2,7 @@
 //! comparing, settling a dispute with a referee, and repairing the stages after a liar.
 
 use anyhow::{anyhow, bail, Context, Result};
-use rand::{Rng, RngCore};
+use rand::Rng;
 use tokio::task::JoinHandle;
 use veil_model::crypto::Shard;
 use veil_protocol::wire::{InferRequest, InferResponse, SessionId, TensorFrame};
@@ -126,16 +126,8 @@ impl RemotePipeline {
                 return None;
             };
             let peer = s.replicas[r];
-            let mut session = [0u8; 16];
-            rand::thread_rng().fill_bytes(&mut session);
-            let open = InferRequest::Open {
-                session,
-                shard: s.shard,
-                max_len: self.context as u32,
-                exact: self.exact,
-            };
-            match self.request(peer, open) {
-                Ok(InferResponse::Opened { gpu, .. }) => {
+            match self.new_session(i, peer) {
+                Ok((session, gpu)) => {
                     let v = Verifier {
                         replica: r,
                         session,
@@ -145,9 +137,9 @@ impl RemotePipeline {
                     self.stages[i].audit.verifier = Some(v);
                     return Some(v);
                 }
-                other => {
+                Err(e) => {
                     tracing::warn!(
-                        "stage {}: {peer} cannot verify ({other:?})",
+                        "stage {}: {peer} cannot verify ({e:#})",
                         self.stages[i].stage
                     );
                     self.stages[i].dead[r] = true;
@@ -436,18 +428,9 @@ impl RemotePipeline {
             .find(|&k| !s.dead[k] && Some(k) != primary && k != verifier)
             .ok_or_else(|| anyhow!("no local copy of the shard and no third replica"))?;
         let peer = s.replicas[third];
-        let mut session = [0u8; 16];
-        rand::thread_rng().fill_bytes(&mut session);
-        let open = InferRequest::Open {
-            session,
-            shard: s.shard,
-            max_len: self.context as u32,
-            exact: self.exact,
-        };
-        let gpu = match self.request(peer, open)? {
-            InferResponse::Opened { gpu, .. } => gpu,
-            other => bail!("{peer} cannot referee: {other:?}"),
-        };
+        let (session, gpu) = self
+            .new_session(i, peer)
+            .with_context(|| format!("{peer} cannot referee"))?;
         let out = self
             .handle
             .block_on(send_rows(self.network.clone(), peer, session, rows, d));

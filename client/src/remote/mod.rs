@@ -292,6 +292,24 @@ impl RemotePipeline {
         self.open_on(i, last)
     }
 
+    /// Open a fresh session for stage `i`'s shard on `peer`; returns its id and whether the
+    /// node computes on a GPU.
+    fn new_session(&mut self, i: usize, peer: PeerId) -> Result<(SessionId, bool)> {
+        let mut session = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut session);
+        let open = InferRequest::Open {
+            session,
+            shard: self.stages[i].shard,
+            max_len: self.context as u32,
+            exact: self.exact,
+        };
+        match self.request(peer, open)? {
+            InferResponse::Opened { gpu, .. } => Ok((session, gpu)),
+            InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+            other => bail!("{peer}: unexpected answer {other:?}"),
+        }
+    }
+
     fn open_on(&mut self, i: usize, r: usize) -> Result<()> {
         self.open_replaying(i, r).map(|_| ())
     }
@@ -299,21 +317,8 @@ impl RemotePipeline {
     /// Open a session for stage `i` on replica `r` and replay the stage's history in its
     /// steps; returns the replica's answers to the replayed steps (rows, answer, receipt).
     fn open_replaying(&mut self, i: usize, r: usize) -> Result<Vec<(usize, Vec<f32>, Receipt)>> {
-        let s = &self.stages[i];
-        let peer = s.replicas[r];
-        let mut session = [0u8; 16];
-        rand::thread_rng().fill_bytes(&mut session);
-        let open = InferRequest::Open {
-            session,
-            shard: s.shard,
-            max_len: self.context as u32,
-            exact: self.exact,
-        };
-        let gpu = match self.request(peer, open)? {
-            InferResponse::Opened { gpu, .. } => gpu,
-            InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
-            other => bail!("{peer}: unexpected answer {other:?}"),
-        };
+        let peer = self.stages[i].replicas[r];
+        let (session, gpu) = self.new_session(i, peer)?;
         self.stages[i].current = Some((r, session));
         self.stages[i].last = r;
         self.stages[i].audit.primary_gpu = gpu;
