@@ -12,60 +12,13 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use veil_model::container::Container;
 use veil_model::crypto::Shard;
 use veil_model::integrity::{first_disagreement, row_errors};
 use veil_model::StageRunner;
-use veil_protocol::receipt::frame_hash;
-use veil_protocol::wire::TensorFrame;
-use veil_protocol::{InputChain, PeerId, Receipt};
-
-const FORMAT: &str = "veil-fraud-proof-v1";
-
-/// A node's signed answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignedAnswer {
-    pub receipt: Receipt,
-    /// `[rows, d]` little-endian f32, hex.
-    pub output: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FraudProof {
-    pub format: String,
-    /// The accused node.
-    pub peer: String,
-    /// The stage's shard (content hash, hex) and layers.
-    pub shard: String,
-    pub stage: usize,
-    pub layers: (usize, usize),
-    pub d_model: usize,
-    /// Whether the session kept f32 activations, and whether the node said it runs on a GPU
-    /// (which widens the tolerance).
-    pub exact: bool,
-    pub gpu: bool,
-    /// Every input row of the session up to the last answer, `[n, d]` little-endian f32, hex.
-    pub inputs: String,
-    pub answers: Vec<SignedAnswer>,
-    /// Who settled it when the client convicted the node.
-    pub referee: String,
-}
-
-fn to_hex(v: &[f32]) -> String {
-    hex::encode(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
-}
-
-fn from_hex(s: &str, what: &str) -> Result<Vec<f32>> {
-    let bytes = hex::decode(s).with_context(|| format!("{what} is not hex"))?;
-    if bytes.len() % 4 != 0 {
-        bail!("{what} is not whole f32 values");
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
+pub use veil_protocol::proof::FraudProof;
+#[cfg(test)]
+use veil_protocol::proof::{from_hex, to_hex};
 
 /// What checking a proof found.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,139 +31,64 @@ pub enum Verdict {
     Unchecked,
 }
 
-impl FraudProof {
-    /// A proof against `peer` from the stage's inputs and its signed wrong answers.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        peer: &PeerId,
-        shard: &[u8; 32],
-        stage: usize,
-        layers: (usize, usize),
-        d_model: usize,
-        (exact, gpu): (bool, bool),
-        inputs: &[f32],
-        answers: &[(Receipt, Vec<f32>)],
-        referee: &str,
-    ) -> Self {
-        let end = answers
-            .iter()
-            .map(|(r, _)| r.first_row as usize + r.rows as usize)
-            .max()
-            .unwrap_or(0);
-        FraudProof {
-            format: FORMAT.into(),
-            peer: peer.to_string(),
-            shard: hex::encode(shard),
-            stage,
-            layers,
-            d_model,
-            exact,
-            gpu,
-            inputs: to_hex(&inputs[..(end * d_model).min(inputs.len())]),
-            answers: answers
-                .iter()
-                .map(|(receipt, out)| SignedAnswer {
-                    receipt: receipt.clone(),
-                    output: to_hex(out),
-                })
-                .collect(),
-            referee: referee.into(),
-        }
-    }
+pub fn read(path: &Path) -> Result<FraudProof> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    FraudProof::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
+}
 
-    pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a fraud proof", path.display()))
+pub fn write(proof: &FraudProof, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
+    std::fs::write(path, proof.to_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
 
-    pub fn write(&self, path: &Path) -> Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(path, serde_json::to_vec(self)?)
-            .with_context(|| format!("cannot write {}", path.display()))
+/// Check `proof`: the receipts first (an error says why the proof is rejected), then, with
+/// `shard`, the answers, recomputed here.
+pub fn check(proof: &FraudProof, shard: Option<(&Shard, [u8; 32])>) -> Result<Verdict> {
+    let opened = proof.open()?;
+    let Some((shard, id)) = shard else {
+        return Ok(Verdict::Unchecked);
+    };
+    if id != opened.shard {
+        bail!(
+            "the shard given is not the proof's ({})",
+            &proof.shard[..12]
+        );
     }
-
-    /// Check the proof: the receipts first (an error says why the proof is rejected), then,
-    /// with `shard`, the answers.
-    pub fn check(&self, shard: Option<(&Shard, [u8; 32])>) -> Result<Verdict> {
-        if self.format != FORMAT {
-            bail!("unknown format `{}`", self.format);
-        }
-        let d = self.d_model;
-        let peer: PeerId = self.peer.parse().context("bad peer id")?;
-        let shard_id: [u8; 32] = hex::decode(&self.shard)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .context("bad shard id")?;
-        let inputs = from_hex(&self.inputs, "the inputs")?;
-        if d == 0 || inputs.len() % d != 0 {
-            bail!("the inputs are not whole rows of {d}");
-        }
-        if self.answers.is_empty() {
-            bail!("no answers");
-        }
-        let mut answers = Vec::with_capacity(self.answers.len());
-        for (k, a) in self.answers.iter().enumerate() {
-            let r = &a.receipt;
-            let signer = r.signer().with_context(|| format!("answer {k}"))?;
-            if signer != peer {
-                bail!("answer {k} is signed by {signer}, not by the accused {peer}");
-            }
-            if r.shard != shard_id {
-                bail!("answer {k} is for another shard");
-            }
-            let (first, rows) = (r.first_row as usize, r.rows as usize);
-            if (first + rows) * d > inputs.len() {
-                bail!("answer {k} is for rows beyond the inputs");
-            }
-            let mut chain = InputChain::new(&shard_id);
-            chain.push_rows(&inputs[..(first + rows) * d], d);
-            if chain.hash() != r.input_chain {
-                bail!("answer {k}'s receipt commits to other inputs");
-            }
-            let out = from_hex(&a.output, "an answer")?;
-            if out.len() != rows * d {
-                bail!("answer {k} has {} values for {rows} rows", out.len());
-            }
-            if frame_hash(&TensorFrame::from_f32(&[rows, d], &out)) != r.output_hash {
-                bail!("answer {k} is not the answer its receipt signs");
-            }
-            answers.push((first, out));
-        }
-        let Some((shard, id)) = shard else {
-            return Ok(Verdict::Unchecked);
-        };
-        if id != shard_id {
-            bail!("the shard given is not the proof's ({})", &self.shard[..12]);
-        }
-        let device = veil_model::Compute::cpu().device;
-        let runner = StageRunner::new(shard, &device)?;
-        let n = inputs.len() / d;
-        let mut cache = runner.new_cache(n);
-        let truth = runner
-            .forward_host_with(&[&inputs], &mut [&mut cache], self.exact)?
-            .remove(0);
-        let tol = crate::remote::tolerance(self.gpu, false);
-        let mut largest = 0.0f32;
-        for (first, out) in &answers {
-            let right = &truth[first * d..first * d + out.len()];
-            if let Some((k, error)) = first_disagreement(out, right, d, tol) {
-                return Ok(Verdict::Guilty {
-                    row: first + k,
-                    error,
-                });
-            }
-            largest = row_errors(out, right, d)
-                .into_iter()
-                .fold(largest, f32::max);
-        }
-        Ok(Verdict::Innocent {
-            largest_error: largest,
-        })
+    let d = proof.d_model;
+    let device = veil_model::Compute::cpu().device;
+    let runner = StageRunner::new(shard, &device)?;
+    if runner.meta().layers != proof.layers {
+        bail!(
+            "the proof says layers {:?}, the shard holds {:?}",
+            proof.layers,
+            runner.meta().layers
+        );
     }
+    let n = opened.inputs.len() / d;
+    let mut cache = runner.new_cache(n);
+    let truth = runner
+        .forward_host_with(&[&opened.inputs], &mut [&mut cache], proof.exact)?
+        .remove(0);
+    let tol = crate::remote::tolerance(proof.gpu, false);
+    let mut largest = 0.0f32;
+    for (first, out) in &opened.answers {
+        let right = &truth[first * d..first * d + out.len()];
+        if let Some((k, error)) = first_disagreement(out, right, d, tol) {
+            return Ok(Verdict::Guilty {
+                row: first + k,
+                error,
+            });
+        }
+        largest = row_errors(out, right, d)
+            .into_iter()
+            .fold(largest, f32::max);
+    }
+    Ok(Verdict::Innocent {
+        largest_error: largest,
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -225,12 +103,12 @@ pub struct VerifyProofArgs {
 /// `veil verify-proof`: prints the verdict on stdout; returns the exit code (0: the node is
 /// proven to have lied, 1: it is not, 2: receipts genuine but nothing to recompute with).
 pub fn run(args: VerifyProofArgs) -> Result<i32> {
-    let proof = FraudProof::read(&args.file)?;
+    let proof = read(&args.file)?;
     let shard = match &args.shard {
         Some(p) => Some(read_shard(p)?),
         None => find_shard(&proof.shard)?,
     };
-    let verdict = match proof.check(shard.as_ref().map(|(s, id)| (s, *id))) {
+    let verdict = match check(&proof, shard.as_ref().map(|(s, id)| (s, *id))) {
         Ok(v) => v,
         Err(e) => {
             println!("rejected: {e:#}");
@@ -304,7 +182,9 @@ mod tests {
     use rand::SeedableRng;
     use veil_model::crypto::{encrypt_model_quant, KeyOptions, KeyShape, ModelKey, ShardQuant};
     use veil_model::QuantBundle;
-    use veil_protocol::{Identity, Statement};
+    use veil_protocol::receipt::frame_hash;
+    use veil_protocol::wire::TensorFrame;
+    use veil_protocol::{Identity, InputChain, Receipt, Statement};
 
     use super::*;
 
@@ -396,8 +276,11 @@ mod tests {
         let liar = Identity::generate();
         let wrong = answers(&liar, &shard, id, &inputs, d, |y| y[0] += 1.0);
         let p = proof(&liar, id, &inputs, d, &wrong);
-        assert_eq!(p.check(None).expect("genuine receipts"), Verdict::Unchecked);
-        match p.check(Some((&shard, id))).expect("checked") {
+        assert_eq!(
+            check(&p, None).expect("genuine receipts"),
+            Verdict::Unchecked
+        );
+        match check(&p, Some((&shard, id))).expect("checked") {
             Verdict::Guilty { row, .. } => assert_eq!(row, 5),
             other => panic!("expected guilty, got {other:?}"),
         }
@@ -405,19 +288,16 @@ mod tests {
         let honest = Identity::generate();
         let right = answers(&honest, &shard, id, &inputs, d, |_| {});
         let p = proof(&honest, id, &inputs, d, &right);
-        match p.check(Some((&shard, id))).expect("checked") {
+        match check(&p, Some((&shard, id))).expect("checked") {
             Verdict::Innocent { largest_error } => assert_eq!(largest_error, 0.0),
             other => panic!("expected innocent, got {other:?}"),
         }
         // written and read back
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("p.json");
-        p.write(&path).expect("write");
+        write(&p, &path).expect("write");
         assert_eq!(
-            FraudProof::read(&path)
-                .expect("read")
-                .check(Some((&shard, id)))
-                .expect("check"),
+            check(&read(&path).expect("read"), Some((&shard, id))).expect("check"),
             Verdict::Innocent { largest_error: 0.0 }
         );
     }
@@ -428,7 +308,7 @@ mod tests {
         let honest = Identity::generate();
         let right = answers(&honest, &shard, id, &inputs, d, |_| {});
         let reason =
-            |p: &FraudProof| format!("{:#}", p.check(Some((&shard, id))).expect_err("rejected"));
+            |p: &FraudProof| format!("{:#}", check(p, Some((&shard, id))).expect_err("rejected"));
         // the answer changed after signing: its receipt no longer signs it
         let mut forged = proof(&honest, id, &inputs, d, &right);
         let mut out = from_hex(&forged.answers[2].output, "o").expect("hex");

@@ -5,6 +5,7 @@ mod config;
 mod engine;
 mod lie;
 mod metrics;
+mod proofs;
 mod server;
 mod store;
 

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use veil_model::Compute;
 use veil_protocol::ad::now_ms;
+use veil_protocol::proof::{ProofRequest, ProofResponse};
 use veil_protocol::wire::{
     ErrorCode, InferRequest, InferResponse, NodeStats, UploadRequest, UploadResponse,
 };
@@ -21,6 +22,7 @@ use veil_protocol::{
 use crate::config::NodeConfig;
 use crate::engine::{self, Job, Limits, StatusBoard};
 use crate::metrics::NodeMetrics;
+use crate::proofs::ProofStore;
 use crate::store::{ShardStore, StoreError};
 
 /// Appends what peers send to a file, for audits: a tag byte (1 inference, 2 upload), the
@@ -62,6 +64,7 @@ struct Node {
     engine: mpsc::Sender<Job>,
     board: StatusBoard,
     store: Arc<ShardStore>,
+    proofs: Arc<std::sync::Mutex<ProofStore>>,
     uploads: Arc<Mutex<()>>,
     ads: AdBook,
     compute: Compute,
@@ -89,6 +92,8 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
             )
         })?,
     );
+    let proofs = ProofStore::open(&config.data_dir, identity.peer_id())
+        .with_context(|| format!("cannot keep proofs in {}", config.data_dir.display()))?;
     let throughput_gflops = engine::self_benchmark(&compute.device, Duration::from_millis(300));
     tracing::info!(
         "self-benchmark: {throughput_gflops:.1} GFLOP/s; holding {} shard(s)",
@@ -148,6 +153,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         engine,
         board,
         store,
+        proofs: Arc::new(std::sync::Mutex::new(proofs)),
         uploads: Arc::new(Mutex::new(())),
         ads: AdBook::default(),
         compute,
@@ -361,6 +367,24 @@ impl Node {
                 let ads = self.ads.signed();
                 let _ = self.network.respond_directory(channel, ads).await;
             }
+            Event::InboundProof {
+                peer,
+                request,
+                channel,
+            } => {
+                let proofs = self.proofs.clone();
+                let network = self.network.clone();
+                tokio::spawn(async move {
+                    let response = answer_proof(proofs, &network, peer, request).await;
+                    let _ = network.respond_proof(channel, response).await;
+                });
+            }
+            Event::ProofNotice { notice, source } => {
+                let accused = notice.accused.clone();
+                if lock(&self.proofs).heard(notice, source) {
+                    tracing::info!("heard of a fraud proof against {accused}");
+                }
+            }
             Event::Ad { ad } => {
                 if let Err(e) = self.ads.insert(ad, now_ms()) {
                     tracing::debug!("{e}");
@@ -368,6 +392,52 @@ impl Node {
             }
             Event::PeerConnected(_) | Event::PeerDisconnected(_) => {}
         }
+    }
+}
+
+fn lock(proofs: &std::sync::Mutex<ProofStore>) -> std::sync::MutexGuard<'_, ProofStore> {
+    proofs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answer a request of the proof protocol.
+async fn answer_proof(
+    proofs: Arc<std::sync::Mutex<ProofStore>>,
+    network: &Network,
+    peer: veil_protocol::PeerId,
+    request: ProofRequest,
+) -> ProofResponse {
+    match request {
+        ProofRequest::Submit(bytes) => {
+            // checking the receipts hashes every input row: off the event loop
+            let r = tokio::task::spawn_blocking(move || lock(&proofs).submit(&bytes, &peer))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match r {
+                Ok((notice, new)) => {
+                    if new {
+                        tracing::warn!(
+                            "{peer} submitted a fraud proof against {} (stage {}); its \
+                             receipts hold: announcing it",
+                            notice.accused,
+                            notice.stage
+                        );
+                        if let Err(e) = network.publish_proof_notice(&notice).await {
+                            tracing::warn!("cannot announce the proof: {e}");
+                        }
+                    }
+                    ProofResponse::Accepted(notice)
+                }
+                Err(reason) => {
+                    tracing::info!("refused a proof from {peer}: {reason}");
+                    ProofResponse::Rejected(reason)
+                }
+            }
+        }
+        ProofRequest::Get(id) => match lock(&proofs).get(&id) {
+            Some(bytes) => ProofResponse::Proof(bytes),
+            None => ProofResponse::Missing,
+        },
+        ProofRequest::Notices => ProofResponse::Notices(lock(&proofs).notices()),
     }
 }
 

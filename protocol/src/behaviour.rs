@@ -1,6 +1,6 @@
 //! The libp2p behaviour of a Veil peer: identify, Kademlia (server mode on nodes),
-//! gossipsub for capacity ads, request-response for inference, shard upload and the ad
-//! directory, and ping.
+//! gossipsub for capacity ads and fraud-proof notices, request-response for inference,
+//! shard upload, the ad directory and fraud proofs, and ping.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{gossipsub, identify, identity::Keypair, kad, ping, request_response, StreamProtocol};
 
 use crate::codec::BincodeCodec;
+use crate::proof::{ProofRequest, ProofResponse, MAX_PROOF_BYTES};
 use crate::wire::{
     DirectoryRequest, DirectoryResponse, InferRequest, InferResponse, UploadRequest, UploadResponse,
 };
@@ -25,6 +26,8 @@ pub mod limits {
     pub const UPLOAD_RESPONSE: usize = 64 << 10;
     pub const DIRECTORY_REQUEST: usize = 1 << 10;
     pub const DIRECTORY_RESPONSE: usize = 8 << 20;
+    /// Fraud proofs travel whole, one per message.
+    pub const PROOF: usize = super::MAX_PROOF_BYTES + (64 << 10);
 }
 
 /// Bytes per shard-upload chunk.
@@ -33,6 +36,7 @@ pub const UPLOAD_CHUNK: usize = 4 << 20;
 pub type InferCodec = BincodeCodec<InferRequest, InferResponse>;
 pub type UploadCodec = BincodeCodec<UploadRequest, UploadResponse>;
 pub type DirectoryCodec = BincodeCodec<DirectoryRequest, DirectoryResponse>;
+pub type ProofCodec = BincodeCodec<ProofRequest, ProofResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct VeilBehaviour {
@@ -42,6 +46,7 @@ pub struct VeilBehaviour {
     pub infer: request_response::Behaviour<InferCodec>,
     pub upload: request_response::Behaviour<UploadCodec>,
     pub directory: request_response::Behaviour<DirectoryCodec>,
+    pub proofs: request_response::Behaviour<ProofCodec>,
     pub ping: ping::Behaviour,
 }
 
@@ -77,6 +82,12 @@ impl VeilBehaviour {
             p,
             c,
         );
+        let (p, c) = rr("proof");
+        let proofs = request_response::Behaviour::with_codec(
+            ProofCodec::new(limits::PROOF, limits::PROOF),
+            p,
+            c,
+        );
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(Duration::from_secs(1))
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -103,6 +114,7 @@ impl VeilBehaviour {
             infer,
             upload,
             directory,
+            proofs,
             ping: ping::Behaviour::default(),
         })
     }

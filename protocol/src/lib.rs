@@ -8,6 +8,7 @@ pub mod codec;
 mod error;
 pub mod identity;
 pub mod network;
+pub mod proof;
 pub mod receipt;
 pub mod wire;
 
@@ -15,6 +16,7 @@ pub use ad::{AdBook, CapacityAd, SignedAd};
 pub use error::ProtocolError;
 pub use identity::Identity;
 pub use network::{Event, NetConfig, Network};
+pub use proof::{FraudProof, ProofNotice};
 pub use receipt::{InputChain, Receipt, Statement};
 
 /// Version of the Veil protocol family; part of every libp2p protocol name.

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ad::SignedAd;
 use crate::behaviour::{VeilBehaviour, VeilBehaviourEvent, ADS_TOPIC};
 use crate::identity::Identity;
+use crate::proof::{ProofNotice, ProofRequest, ProofResponse, PROOFS_TOPIC};
 use crate::wire::{
     DirectoryRequest, DirectoryResponse, InferRequest, InferResponse, UploadRequest, UploadResponse,
 };
@@ -62,9 +63,19 @@ pub enum Event {
         peer: PeerId,
         channel: ResponseChannel<DirectoryResponse>,
     },
+    InboundProof {
+        peer: PeerId,
+        request: ProofRequest,
+        channel: ResponseChannel<ProofResponse>,
+    },
     /// A capacity ad arrived by gossip (not yet verified).
     Ad {
         ad: SignedAd,
+    },
+    /// A fraud-proof notice arrived by gossip from `source` (the message's signed author).
+    ProofNotice {
+        notice: ProofNotice,
+        source: Option<PeerId>,
     },
     PeerConnected(PeerId),
     PeerDisconnected(PeerId),
@@ -77,7 +88,9 @@ impl Event {
             Event::InboundInfer { .. } => "an inference request",
             Event::InboundUpload { .. } => "an upload request",
             Event::InboundDirectory { .. } => "a directory request",
+            Event::InboundProof { .. } => "a proof request",
             Event::Ad { .. } => "an ad",
+            Event::ProofNotice { .. } => "a proof notice",
             Event::PeerConnected(_) => "a peer connection",
             Event::PeerDisconnected(_) => "a peer disconnection",
         }
@@ -95,13 +108,15 @@ enum Command {
     AddAddress(PeerId, Multiaddr),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
-    PublishAd(Vec<u8>, Reply<()>),
+    Publish(&'static str, Vec<u8>, Reply<()>),
     Infer(PeerId, InferRequest, Reply<InferResponse>),
     Upload(PeerId, UploadRequest, Reply<UploadResponse>),
     Directory(PeerId, Reply<DirectoryResponse>),
+    Proof(PeerId, ProofRequest, Reply<ProofResponse>),
     RespondInfer(ResponseChannel<InferResponse>, InferResponse),
     RespondUpload(ResponseChannel<UploadResponse>, UploadResponse),
     RespondDirectory(ResponseChannel<DirectoryResponse>, DirectoryResponse),
+    RespondProof(ResponseChannel<ProofResponse>, ProofResponse),
     Disconnect(PeerId),
 }
 
@@ -163,7 +178,31 @@ impl Network {
     /// Gossip a signed capacity ad.
     pub async fn publish_ad(&self, ad: &SignedAd) -> Result<(), ProtocolError> {
         let bytes = ad.to_bytes()?;
-        self.call(|r| Command::PublishAd(bytes, r)).await
+        self.call(|r| Command::Publish(ADS_TOPIC, bytes, r)).await
+    }
+
+    /// Gossip a fraud-proof notice (from the node that holds the proof).
+    pub async fn publish_proof_notice(&self, notice: &ProofNotice) -> Result<(), ProtocolError> {
+        let bytes = crate::codec::encode(notice)?;
+        self.call(|r| Command::Publish(PROOFS_TOPIC, bytes, r))
+            .await
+    }
+
+    /// A request of the proof protocol.
+    pub async fn proof(
+        &self,
+        peer: PeerId,
+        request: ProofRequest,
+    ) -> Result<ProofResponse, ProtocolError> {
+        self.call(|r| Command::Proof(peer, request, r)).await
+    }
+
+    pub async fn respond_proof(
+        &self,
+        channel: ResponseChannel<ProofResponse>,
+        response: ProofResponse,
+    ) -> Result<(), ProtocolError> {
+        self.send(Command::RespondProof(channel, response)).await
     }
 
     pub async fn infer(
@@ -231,6 +270,7 @@ pub struct EventLoop {
     pending_infer: HashMap<OutboundRequestId, Reply<InferResponse>>,
     pending_upload: HashMap<OutboundRequestId, Reply<UploadResponse>>,
     pending_directory: HashMap<OutboundRequestId, Reply<DirectoryResponse>>,
+    pending_proof: HashMap<OutboundRequestId, Reply<ProofResponse>>,
     serve: bool,
     /// libp2p's own metrics (connections, kad, gossipsub, identify, ping), when asked for.
     metrics: Option<Metrics>,
@@ -274,11 +314,13 @@ pub fn new_with_metrics(
     } else {
         kad::Mode::Client
     }));
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&gossipsub::IdentTopic::new(ADS_TOPIC))
-        .map_err(|e| net(e.to_string()))?;
+    for topic in [ADS_TOPIC, PROOFS_TOPIC] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(topic))
+            .map_err(|e| net(e.to_string()))?;
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let handle = Network {
@@ -293,6 +335,7 @@ pub fn new_with_metrics(
         pending_infer: HashMap::new(),
         pending_upload: HashMap::new(),
         pending_directory: HashMap::new(),
+        pending_proof: HashMap::new(),
         serve: config.serve,
         metrics: registry.map(Metrics::new),
     };
@@ -366,12 +409,15 @@ impl EventLoop {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(swarm.connected_peers().copied().collect());
             }
-            Command::PublishAd(bytes, reply) => {
-                let topic = gossipsub::IdentTopic::new(ADS_TOPIC);
-                let r = match swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+            Command::Publish(topic, bytes, reply) => {
+                let r = match swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(topic), bytes)
+                {
                     Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
                     Err(e) => Err(ProtocolError::Network(format!(
-                        "cannot publish the ad: {e}"
+                        "cannot publish on {topic}: {e}"
                     ))),
                 };
                 let _ = reply.send(r);
@@ -390,6 +436,13 @@ impl EventLoop {
                     .directory
                     .send_request(&peer, DirectoryRequest::Ads);
                 self.pending_directory.insert(id, reply);
+            }
+            Command::Proof(peer, req, reply) => {
+                let id = swarm.behaviour_mut().proofs.send_request(&peer, req);
+                self.pending_proof.insert(id, reply);
+            }
+            Command::RespondProof(ch, resp) => {
+                let _ = swarm.behaviour_mut().proofs.send_response(ch, resp);
             }
             Command::RespondInfer(ch, resp) => {
                 let _ = swarm.behaviour_mut().infer.send_response(ch, resp);
@@ -494,11 +547,61 @@ impl EventLoop {
                 }
             }
             VeilBehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+                if message.topic == gossipsub::IdentTopic::new(PROOFS_TOPIC).hash() {
+                    match crate::codec::decode::<ProofNotice>(&message.data, 4096) {
+                        Ok(notice) => self.emit(Event::ProofNotice {
+                            notice,
+                            source: message.source,
+                        }),
+                        Err(e) => {
+                            tracing::debug!(
+                                "undecodable proof notice from {:?}: {e}",
+                                message.source
+                            )
+                        }
+                    }
+                    return;
+                }
                 match SignedAd::from_bytes(&message.data) {
                     Ok(ad) => self.emit(Event::Ad { ad }),
                     Err(e) => tracing::debug!("undecodable ad from {:?}: {e}", message.source),
                 }
             }
+            VeilBehaviourEvent::Proofs(e) => match e {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.emit(Event::InboundProof {
+                            peer,
+                            request,
+                            channel,
+                        });
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(r) = self.pending_proof.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
+                    if let Some(r) = self.pending_proof.remove(&request_id) {
+                        let _ = r.send(Err(request_error(&peer, error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    tracing::debug!("bad proof request from {peer}: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
             VeilBehaviourEvent::Infer(e) => match e {
                 request_response::Event::Message { peer, message, .. } => match message {
                     request_response::Message::Request {

@@ -126,6 +126,7 @@ pub fn run(
         client.verification = veil_client::remote::Verification {
             rate,
             shards: Some(network.deployment_dir()?),
+            publish: false,
         };
         let started = Instant::now();
         let mut results = Vec::new();

@@ -134,6 +134,8 @@ impl LoadClient {
             verification: veil_client::remote::Verification {
                 rate: network.deployment.verify.unwrap_or(0.0),
                 shards: network.deployment_dir().ok(),
+                // each session is an independent trial: nothing is published
+                publish: false,
             },
         })
     }

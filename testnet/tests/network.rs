@@ -1201,8 +1201,14 @@ fn later_stages_are_repaired_after_a_lie_found_late() {
             "0.2",
             "--json",
         ]);
-        // the client's record would keep the liar out of the next attempts: forget it
-        let _ = std::fs::remove_file(veil.home.path().join("reputation.json"));
+        // the client's record would keep the liar out of the next attempts: forget it, but
+        // not that its published proofs were settled (they would convict it again)
+        let path = veil.home.path().join("reputation.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut book: Value = serde_json::from_str(&text).expect("JSON");
+            book["peers"] = serde_json::json!({});
+            std::fs::write(&path, book.to_string()).expect("write");
+        }
         let v = &out["network"]["verification"];
         let detections = v["detections"].as_array().expect("detections");
         assert!(detections.iter().all(|d| d["peer"] == liar.as_str()), "{v}");
@@ -1238,5 +1244,231 @@ fn later_stages_are_repaired_after_a_lie_found_late() {
         break;
     }
     assert!(repaired > 0, "no generation needed a repair in 40 attempts");
+    drop(nodes);
+}
+
+/// Copy `from`'s deployment `id` (its record, key and shards) into a fresh client home.
+fn with_deployment(from: &Veil, id: &str) -> Veil {
+    let to = Veil::new();
+    let src = from.home.path().join("deployments").join(id);
+    let dst = to.home.path().join("deployments").join(id);
+    std::fs::create_dir_all(&dst).expect("mkdir");
+    for e in std::fs::read_dir(&src).expect("deployment").flatten() {
+        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+    }
+    to
+}
+
+/// Fraud proofs travel: a client that convicts a node publishes the proof through the other
+/// nodes, and another client, which never met the liar, learns of it, recomputes it from the
+/// deployment's shard and leaves the liar out. A proof against an honest node (its genuine
+/// receipts over right answers, submitted by a hostile peer) is announced too (its receipts
+/// hold), but found innocent where it is checked: the honest node keeps serving, and the
+/// reporter is noted. A forged proof is refused by the node with the reason.
+#[test]
+fn published_proofs_are_believed_only_once_recomputed() {
+    use veil_protocol::proof::{FraudProof, ProofRequest, ProofResponse};
+    use veil_protocol::wire::{InferRequest, InferResponse, TensorFrame};
+    use veil_protocol::{network, Identity, NetConfig};
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = NodeSettings {
+        byzantine: Some(Byzantine {
+            nodes: 1,
+            mode: "noise".into(),
+            rate: 1.0,
+        }),
+        ..NodeSettings::default()
+    };
+    let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+    let (honest, liar) = (nodes[0].peer_id.clone(), nodes[1].peer_id.clone());
+    let veil = Veil::new();
+    let boot = addr(&nodes[0]);
+    wait_for_ads(&veil, &boot, 2);
+    let id = deploy(&veil, &boot, 1);
+    let prompt = "Tell me about rivers.";
+    let reference = local_tokens(&veil, prompt, 8);
+    let generate = |v: &Veil, verify: &str| {
+        v.json(&[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--verify",
+            verify,
+            "--json",
+        ])
+    };
+    // the first client catches the liar and publishes its proof through the honest node
+    let out = generate(&veil, "1");
+    let detections = &out["network"]["verification"]["detections"];
+    assert_eq!(detections[0]["peer"], liar.as_str(), "{out}");
+    assert_eq!(
+        detections[0]["published"],
+        serde_json::json!([honest]),
+        "{out}"
+    );
+
+    // a hostile peer puts the honest node's genuine receipts over right answers in a proof
+    let record = deployment(&veil, &id);
+    let shard_hex = record["stages"][0]["shard"]
+        .as_str()
+        .expect("shard")
+        .to_string();
+    let shard: [u8; 32] = hex::decode(&shard_hex)
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
+    let d = {
+        let path = veil
+            .home
+            .path()
+            .join("deployments")
+            .join(&id)
+            .join("shard-0.veil");
+        let c = veil_model::container::Container::open(&path).expect("shard");
+        veil_model::crypto::Shard::from_container(&c)
+            .expect("shard")
+            .meta
+            .config
+            .d_model
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let hostile = Identity::generate();
+    let (net, _events, event_loop) = rt
+        .block_on(async { network::new(&hostile, &NetConfig::default()) })
+        .expect("net");
+    rt.spawn(event_loop.run());
+    let honest_id = rt
+        .block_on(net.dial(boot.parse().expect("addr")))
+        .expect("dial");
+    let liar_id = rt
+        .block_on(net.dial(addr(&nodes[1]).parse().expect("addr")))
+        .expect("dial");
+    let session = [9u8; 16];
+    let layers = match rt
+        .block_on(net.infer(
+            honest_id,
+            InferRequest::Open {
+                session,
+                shard,
+                max_len: 16,
+                exact: false,
+            },
+        ))
+        .expect("open")
+    {
+        InferResponse::Opened { layers, .. } => (layers.0 as usize, layers.1 as usize),
+        other => panic!("{other:?}"),
+    };
+    let inputs: Vec<f32> = (0..3 * d)
+        .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
+        .collect();
+    let mut answers = Vec::new();
+    for row in 0..3 {
+        let hidden = TensorFrame::from_f32(&[1, d], &inputs[row * d..(row + 1) * d]);
+        match rt
+            .block_on(net.infer(honest_id, InferRequest::Step { session, hidden }))
+            .expect("step")
+        {
+            InferResponse::Hidden { hidden, receipt } => {
+                answers.push((receipt, hidden.to_f32().expect("frame").1))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let false_proof = FraudProof::new(
+        &honest_id,
+        &shard,
+        0,
+        layers,
+        d,
+        (false, false),
+        &inputs,
+        &answers,
+        "made up",
+    );
+    // forged: an answer changed after the node signed it
+    let mut forged = false_proof.clone();
+    forged.answers[1].output = forged.answers[0].output.clone();
+    match rt
+        .block_on(net.proof(liar_id, ProofRequest::Submit(forged.to_bytes())))
+        .expect("submit")
+    {
+        ProofResponse::Rejected(why) => {
+            assert!(why.contains("not the answer its receipt signs"), "{why}")
+        }
+        other => panic!("a forged proof was not refused: {other:?}"),
+    }
+    // the genuine receipts hold, so the node keeps and announces it
+    match rt
+        .block_on(net.proof(liar_id, ProofRequest::Submit(false_proof.to_bytes())))
+        .expect("submit")
+    {
+        ProofResponse::Accepted(n) => assert_eq!(n.accused, honest),
+        other => panic!("{other:?}"),
+    }
+    // both notices reach the honest node by gossip
+    wait_until("both proof notices at the bootstrap node", || {
+        match rt.block_on(net.proof(honest_id, ProofRequest::Notices)) {
+            Ok(ProofResponse::Notices(n)) if n.len() == 2 => Some(()),
+            _ => None,
+        }
+    });
+
+    // a client that never met the liar, with the deployment (and so its shard)
+    let other = with_deployment(&veil, &id);
+    let out = generate(&other, "0");
+    assert_eq!(out["tokens"], reference, "{out}");
+    assert_eq!(out["route"], serde_json::json!([honest]), "{out}");
+    let learned = out["network"]["verification"]["learned"]
+        .as_array()
+        .expect("learned")
+        .clone();
+    let verdict = |peer: &str| {
+        learned
+            .iter()
+            .find(|l| l["peer"] == peer)
+            .map(|l| l["verdict"].as_str().expect("verdict").to_string())
+    };
+    assert_eq!(verdict(&liar).as_deref(), Some("guilty"), "{learned:?}");
+    assert_eq!(verdict(&honest).as_deref(), Some("innocent"), "{learned:?}");
+    let book: Value = serde_json::from_str(
+        &std::fs::read_to_string(other.home.path().join("reputation.json")).expect("record"),
+    )
+    .expect("JSON");
+    let caught = &book["peers"][&liar]["caught"][0];
+    assert!(
+        caught["referee"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("published by")),
+        "{book}"
+    );
+    // the learned proof is kept and checks offline like one this client made
+    let out = other.run(&["verify-proof", caught["proof"].as_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(book["peers"][&honest]["caught"]
+        .as_array()
+        .is_none_or(Vec::is_empty));
+    assert_eq!(
+        book["false_reports"][hostile.peer_id().to_string()],
+        1,
+        "{book}"
+    );
+    // settled proofs are not fetched again: the next generation learns nothing new
+    let again = generate(&other, "0");
+    assert_eq!(again["route"], serde_json::json!([honest]), "{again}");
+    assert!(again["network"]["verification"]["learned"]
+        .as_array()
+        .is_some_and(Vec::is_empty));
     drop(nodes);
 }

@@ -27,6 +27,9 @@ pub struct Verification {
     /// A directory with the deployment's shards (`shard-<stage>.veil`), to settle disputes by
     /// recomputing here.
     pub shards: Option<PathBuf>,
+    /// Submit the fraud proof of every conviction to the deployment's other nodes, which
+    /// announce it on the network.
+    pub publish: bool,
 }
 
 /// The default `--verify` rate: a node that lies on 10% of its steps is caught within 200
@@ -53,6 +56,10 @@ pub struct Detection {
     /// The evidence: the inputs, its wrong answers and its receipts for them.
     #[serde(skip)]
     pub proof: Option<crate::proof::FraudProof>,
+    /// Nodes that accepted the proof and announced it on the network.
+    pub published: Vec<String>,
+    #[serde(skip)]
+    pub publish_tried: bool,
 }
 
 /// Verification counters of a pipeline.
@@ -76,6 +83,8 @@ pub struct AuditStats {
     pub skipped: u32,
     /// Stages that have no second replica: nothing re-executes them.
     pub unverifiable: Vec<usize>,
+    /// Proofs published on the network against this deployment's nodes, checked here.
+    pub learned: Vec<super::publish::Learned>,
 }
 
 /// A stage's verifier session.

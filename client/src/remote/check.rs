@@ -384,6 +384,8 @@ impl RemotePipeline {
             steps_answered: s.audit.answered.get(replica).copied().unwrap_or(0),
             referee: referee.to_string(),
             proof: Some(proof),
+            published: Vec::new(),
+            publish_tried: false,
         });
     }
 

@@ -7,6 +7,7 @@
 
 mod audit;
 mod check;
+mod publish;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use veil_protocol::{InputChain, Multiaddr, Network, PeerId, Receipt, Statement};
 
 use audit::StageAudit;
 pub use audit::{tolerance, AuditStats, Detection, Verification, DEFAULT_RATE};
+pub use publish::{verdict_word, Learned};
 
 use crate::deployment::Deployment;
 
@@ -501,6 +503,7 @@ impl RemotePipeline {
                 }
             }
         }
+        self.publish_proofs();
         for s in &mut self.stages {
             for (k, n) in std::mem::take(&mut s.audit.answered)
                 .into_iter()
