@@ -19,11 +19,12 @@ use crate::deployment::Deployment;
 use crate::home::veil_home;
 use crate::remote::{RemotePipeline, Verification, DEFAULT_RATE};
 
-pub const VERIFY_HELP: &str = "Fraction of each stage's steps whose answer is checked before \
-    it is used, by re-executing on a second replica (chosen at random, unknown to the nodes). \
-    Every row is re-executed at the next check, so a node that lies is caught at the next \
-    check; 1 checks every step (no wrong answer is ever used), 0 turns checking off. \
-    [default: the deployment's `veil deploy --verify`, else 0.05]";
+pub const VERIFY_HELP: &str = "Fraction of each stage's steps that start a check (chosen at \
+    random, unknown to the nodes): a second replica re-executes every row since the last check \
+    in one prefill, in the background, and a node caught lying is replaced (its answers \
+    corrected, later stages recomputed). Every row is re-executed by the end of a generation. \
+    1 checks every step before its answer is used (no wrong answer is ever used); 0 turns \
+    checking off. [default: the deployment's `veil deploy --verify`, else 0.05]";
 
 /// A `--verify` value: a fraction in [0, 1].
 pub fn parse_rate(s: &str) -> std::result::Result<f64, String> {

@@ -50,6 +50,11 @@ pub struct RateReport {
     pub caught: usize,
     /// Steps a liar had answered when caught (each catch).
     pub steps_to_catch: Vec<u64>,
+    /// Steps a liar answered in each generation where it was not caught (with verification
+    /// on, every row is re-executed by the end, so these are generations where it happened
+    /// not to lie: it lies on each answer at random).
+    #[serde(default)]
+    pub uncaught_steps: Vec<u64>,
     /// Steps answered by liars and by honest nodes.
     pub liar_steps: u64,
     pub honest_steps: u64,
@@ -151,6 +156,7 @@ pub fn run(
             liar_generations: 0,
             caught: 0,
             steps_to_catch: Vec::new(),
+            uncaught_steps: Vec::new(),
             liar_steps: 0,
             honest_steps: 0,
             honest_rows_verified: 0,
@@ -174,9 +180,11 @@ pub fn run(
             r.disputes += u64::from(a.disputes);
             r.rows_repaired += a.rows_repaired;
             let mut liar_here = false;
+            let mut liar_answered = 0;
             for (peer, n) in &a.answered {
                 if is_liar(peer) {
                     r.liar_steps += n;
+                    liar_answered += n;
                     liar_here = true;
                 } else {
                     r.honest_steps += n;
@@ -199,6 +207,9 @@ pub fn run(
             // a liar caught as a verifier did not answer as a primary
             r.liar_generations += usize::from(liar_here || caught_here);
             r.caught += usize::from(caught_here);
+            if liar_here && !caught_here {
+                r.uncaught_steps.push(liar_answered);
+            }
         }
         tracing::info!(
             "verify {rate}: {:.1} tokens/s, liars caught in {}/{} generations, {} wrong \
@@ -239,16 +250,22 @@ pub fn run(
 
 /// The report as Markdown.
 pub fn markdown(r: &IntegrityReport) -> String {
+    let liars = if r.byzantine == 0 {
+        "none lying: the cost of checking alone".to_string()
+    } else {
+        format!(
+            "{} lying: {} on {:.0}% of their answers",
+            r.byzantine,
+            r.lie,
+            r.lie_rate * 100.0
+        )
+    };
     let mut out = format!(
-        "# Verification against lying nodes\n\n{} nodes ({} lying: {} on {:.0}% of their \
-         answers), {} stages × {} replicas, model {}, {} prompt + {} generated tokens per \
-         generation.\n\n| --verify | tokens/s | vs 0 | liar generations caught | steps to catch \
+        "# Verification against lying nodes\n\n{} nodes ({liars}), {} stages × {} replicas, \
+         model {}, {} prompt + {} generated tokens per generation.\n\n| --verify | tokens/s | vs 0 | liar generations caught | steps to catch \
          (median, max) | wrong tokens delivered | honest steps (rows verified) | false \
          accusations |\n|---|---|---|---|---|---|---|---|\n",
         r.nodes,
-        r.byzantine,
-        r.lie,
-        r.lie_rate * 100.0,
         r.stages,
         r.replicas,
         r.model,
@@ -277,6 +294,13 @@ pub fn markdown(r: &IntegrityReport) -> String {
             x.honest_steps,
             x.honest_rows_verified,
             x.false_accusations
+        ));
+    }
+    for x in r.rates.iter().filter(|x| !x.uncaught_steps.is_empty()) {
+        out.push_str(&format!(
+            "\nAt {}, steps the liar answered in the generations where it was not caught: \
+             {:?} (it lies on each answer at random: in so few it may not have lied)\n",
+            x.rate, x.uncaught_steps
         ));
     }
     let mut by_rate: BTreeMap<String, usize> = BTreeMap::new();

@@ -174,10 +174,12 @@ struct BenchArgs {
     /// Write bench.md, bench.json and SVG charts into this directory.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
-    /// With --byzantine: the verification rates to compare (0 is the cost baseline).
-    #[arg(long, value_delimiter = ',', default_value = "0,0.05,0.2,1",
-          value_parser = veil_client::verify::parse_rate)]
-    verify_rates: Vec<f64>,
+    /// The verification rates to compare (0 is the cost baseline), one round of --trials
+    /// generations each, in this order (repeat a rate to see the spread) [default with
+    /// --byzantine: 0,0.05,0.2,1]. Given without --byzantine, every node is honest and the
+    /// bench measures what checking alone costs.
+    #[arg(long, value_delimiter = ',', value_parser = veil_client::verify::parse_rate)]
+    verify_rates: Option<Vec<f64>>,
     /// With --byzantine: generations per verification rate (run --sessions at a time).
     #[arg(long, default_value_t = 16)]
     trials: usize,
@@ -322,8 +324,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         bail!("--sessions and --gen-tokens must be at least 1");
     }
     let network = args.net.start()?;
-    if args.net.byzantine > 0 {
-        // lying nodes: measure verification instead of throughput
+    if args.net.byzantine > 0 || args.verify_rates.is_some() {
+        // measure verification instead of throughput
         let liars = network
             .nodes
             .iter()
@@ -332,7 +334,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             .map(|n| n.peer_id.clone())
             .collect();
         let opts = IntegrityOptions {
-            rates: args.verify_rates.clone(),
+            rates: args
+                .verify_rates
+                .clone()
+                .unwrap_or_else(|| vec![0.0, 0.05, 0.2, 1.0]),
             trials: args.trials.max(1),
             sessions: args.sessions,
             prompt_tokens: args.prompt_tokens,

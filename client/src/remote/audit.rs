@@ -3,7 +3,10 @@
 //! the nodes), the client sends the verifier every row since its last check together with
 //! the step's input, in one prefill, while the primary computes the step; then it compares
 //! every row's answer. Every row is so re-executed at the next check (and at the end of the
-//! generation), and a checked step's answer is used only once it agrees.
+//! generation). With `--verify 1` each step's answer is used only once it agrees; below, the
+//! check runs in the background and is settled before the stage's next step, so that it
+//! costs the generation no waiting (a lie it finds was used by the later stages for one
+//! step, and they are repaired).
 //!
 //! On the CPU, a prefill computes each row to the bit as the steps did, so honest answers
 //! agree exactly (`veil_model::integrity`); answers differ beyond the tolerance only when a
@@ -21,8 +24,9 @@ use veil_protocol::Receipt;
 /// How a pipeline checks its nodes.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
-    /// Probability that a stage's step is checked before its answer is used; every row is
-    /// re-executed at the next check. 0 turns checking off, 1 checks every step.
+    /// Probability that a stage's step starts a check (every row since the last one is
+    /// re-executed); at 1 every step is checked before its answer is used, below 1 checks
+    /// run in the background; 0 turns checking off.
     pub rate: f64,
     /// A directory with the deployment's shards (`shard-<stage>.veil`), to settle disputes by
     /// recomputing here.
@@ -111,6 +115,9 @@ pub(super) struct StageAudit {
     pub answered: Vec<u64>,
     /// Whether the primary of the latest session computes on a GPU.
     pub primary_gpu: bool,
+    /// A check running in the background (below `--verify 1`), settled before the stage's
+    /// next step.
+    pub pending: Option<super::check::Pending>,
     pub warned: bool,
 }
 

@@ -2,7 +2,7 @@
 //! comparing, settling a dispute with a referee, and repairing the stages after a liar.
 
 use anyhow::{anyhow, bail, Context, Result};
-use rand::Rng;
+use rand::{Rng, RngCore};
 use tokio::task::JoinHandle;
 use veil_model::crypto::Shard;
 use veil_protocol::wire::{InferRequest, InferResponse, SessionId, TensorFrame};
@@ -24,10 +24,15 @@ struct Wrong {
     gpu: bool,
 }
 
+/// A verifier's answers, their receipts, and whether it computes on a GPU (when the check
+/// opened its session).
+type Checked = (Vec<f32>, Vec<Receipt>, Option<bool>);
+
 /// A check under way: the verifier, and its answers to the rows from `verifier.rows` on.
+#[derive(Debug)]
 pub(super) struct Pending {
     pub verifier: Verifier,
-    task: JoinHandle<Result<(Vec<f32>, Vec<Receipt>)>>,
+    task: JoinHandle<Result<Checked>>,
 }
 
 /// Send `rows` (`[n, d]`) to `session` on `peer` in requests of at most
@@ -77,80 +82,92 @@ impl RemotePipeline {
         if self.stages[i].current.is_none() {
             self.connect(i)?;
         }
-        let Some(verifier) = self.verifier(i) else {
+        let pending = self.start_verifier(i, x);
+        if pending.is_none() {
             self.stats.audit.skipped += 1;
-            return Ok(None);
+        }
+        Ok(pending)
+    }
+
+    /// Stage `i`'s verifier, and the request that opens its session on another live
+    /// replica when it has none yet (sent by the check's task, ahead of the rows, so that
+    /// opening costs the generation no waiting).
+    fn verifier(&mut self, i: usize) -> Option<(Verifier, Option<InferRequest>)> {
+        if let Some(v) = self.stages[i].audit.verifier {
+            if self.stages[i].current.map(|(r, _)| r) != Some(v.replica) {
+                return Some((v, None));
+            }
+            // the stage failed over to the verifier's node: it cannot check itself
+            self.drop_verifier(i, v);
+        }
+        let s = &self.stages[i];
+        let primary = s.current.map(|(r, _)| r);
+        let candidate = (0..s.replicas.len())
+            .map(|k| (s.first + 1 + k) % s.replicas.len())
+            .find(|&k| !s.dead[k] && Some(k) != primary);
+        let Some(r) = candidate else {
+            let s = &mut self.stages[i];
+            if !s.audit.warned {
+                s.audit.warned = true;
+                self.stats.audit.unverifiable.push(s.stage);
+                tracing::warn!(
+                    "stage {} has no second live replica: verification by re-execution is \
+                     unavailable for it",
+                    s.stage
+                );
+            }
+            return None;
         };
+        let mut session = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut session);
+        let open = InferRequest::Open {
+            session,
+            shard: s.shard,
+            max_len: self.context as u32,
+            exact: self.exact,
+        };
+        let v = Verifier {
+            replica: r,
+            session,
+            rows: 0,
+            // known once it answers the open
+            gpu: false,
+        };
+        self.stages[i].audit.verifier = Some(v);
+        Some((v, Some(open)))
+    }
+
+    /// Start stage `i`'s verifier on its rows since its last check plus `x`.
+    fn start_verifier(&mut self, i: usize, x: &[f32]) -> Option<Pending> {
+        let (verifier, open) = self.verifier(i)?;
         let d = self.d_model;
         let mut rows = self.stages[i].history[verifier.rows * d..].to_vec();
         rows.extend_from_slice(x);
         let peer = self.stages[i].replicas[verifier.replica];
         self.stats.bytes_sent += (rows.len() * 4) as u64;
-        let task = self.handle.spawn(send_rows(
-            self.network.clone(),
-            peer,
-            verifier.session,
-            rows,
-            d,
-        ));
-        Ok(Some(Pending { verifier, task }))
-    }
-
-    /// Stage `i`'s verifier, opened on another live replica when it has none.
-    fn verifier(&mut self, i: usize) -> Option<Verifier> {
-        if let Some(v) = self.stages[i].audit.verifier {
-            if self.stages[i].current.map(|(r, _)| r) != Some(v.replica) {
-                return Some(v);
-            }
-            // the stage failed over to the verifier's node: it cannot check itself
-            self.drop_verifier(i, v);
-        }
-        loop {
-            let s = &self.stages[i];
-            let primary = s.current.map(|(r, _)| r);
-            let candidates: Vec<usize> = (0..s.replicas.len())
-                .map(|k| (s.first + 1 + k) % s.replicas.len())
-                .filter(|&k| !s.dead[k] && Some(k) != primary)
-                .collect();
-            let Some(&r) = candidates.first() else {
-                let s = &mut self.stages[i];
-                if !s.audit.warned {
-                    s.audit.warned = true;
-                    self.stats.audit.unverifiable.push(s.stage);
-                    tracing::warn!(
-                        "stage {} has no second live replica: verification by re-execution is \
-                         unavailable for it",
-                        s.stage
-                    );
-                }
-                return None;
-            };
-            let peer = s.replicas[r];
-            match self.new_session(i, peer) {
-                Ok((session, gpu)) => {
-                    let v = Verifier {
-                        replica: r,
-                        session,
-                        rows: 0,
-                        gpu,
-                    };
-                    self.stages[i].audit.verifier = Some(v);
-                    return Some(v);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "stage {}: {peer} cannot verify ({e:#})",
-                        self.stages[i].stage
-                    );
-                    self.stages[i].dead[r] = true;
+        let network = self.network.clone();
+        let task = self.handle.spawn(async move {
+            let mut gpu = None;
+            if let Some(open) = open {
+                match network.infer(peer, open).await? {
+                    InferResponse::Opened { gpu: g, .. } => gpu = Some(g),
+                    InferResponse::Error { message, .. } => bail!("{peer}: {message}"),
+                    other => bail!("{peer}: unexpected answer {other:?}"),
                 }
             }
-        }
+            let (out, receipts) = send_rows(network, peer, verifier.session, rows, d).await?;
+            Ok((out, receipts, gpu))
+        });
+        Some(Pending { verifier, task })
     }
 
-    /// Forget stage `i`'s verifier (its session no longer matches the stage's rows).
+    /// Forget stage `i`'s verifier (its session no longer matches the stage's rows), and a
+    /// check of it under way.
     pub(super) fn drop_verifier(&mut self, i: usize, v: Verifier) {
         self.stages[i].audit.verifier = None;
+        if let Some(p) = self.stages[i].audit.pending.take() {
+            p.task.abort();
+        }
         self.close_session(self.stages[i].replicas[v.replica], v.session);
     }
 
@@ -163,16 +180,28 @@ impl RemotePipeline {
 
     /// Compare the verifier's answers with the primary's (`y` answered the step of `t`
     /// rows); returns the answer to use.
+    ///
+    /// `more`: later stages will be fed again (a check settled in the middle of a
+    /// generation), so rows they were already fed are repaired if wrong, even with `t = 0`.
     pub(super) fn settle(
         &mut self,
         i: usize,
         p: Pending,
-        y: Vec<f32>,
-        t: usize,
+        (y, t): (Vec<f32>, usize),
+        more: bool,
     ) -> Result<Vec<f32>> {
-        let v = p.verifier;
+        let mut v = p.verifier;
+        if self.stages[i].audit.verifier.map(|a| a.session) != Some(v.session) {
+            // the verifier was dropped meanwhile (convicted elsewhere, or its rows repaired)
+            p.task.abort();
+            self.stats.audit.skipped += 1;
+            return Ok(y);
+        }
         let (out, receipts) = match self.handle.block_on(p.task) {
-            Ok(Ok(out)) => out,
+            Ok(Ok((out, receipts, gpu))) => {
+                v.gpu = gpu.unwrap_or(v.gpu);
+                (out, receipts)
+            }
             Ok(Err(e)) => {
                 tracing::warn!("stage {}: the verifier failed: {e:#}", self.stages[i].stage);
                 self.stages[i].dead[v.replica] = true;
@@ -210,31 +239,29 @@ impl RemotePipeline {
             answers.push((r, out[at..at + n].to_vec()));
             at += n;
         }
-        self.dispute(i, v, (&verifier_rows, answers), t)
+        self.dispute(i, v, (&verifier_rows, answers), t, more)
             .map(|c| c.unwrap_or(y))
     }
 
-    /// At the end of a generation: check stage `i`'s rows not checked yet.
+    /// Settle stage `i`'s background check, if one is under way.
+    pub(super) fn settle_pending(&mut self, i: usize, more: bool) -> Result<()> {
+        match self.stages[i].audit.pending.take() {
+            Some(p) => self.settle(i, p, (Vec::new(), 0), more).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// At the end of a generation: start checking stage `i`'s rows not checked yet (settled
+    /// by [`RemotePipeline::settle_pending`], so that every stage's last check runs at once).
     pub(super) fn final_check(&mut self, i: usize) -> Result<()> {
+        self.settle_pending(i, false)?;
         let d = self.d_model;
         let rows = self.stages[i].history.len() / d;
         if self.stages[i].audit.checked >= rows || self.stages[i].current.is_none() {
             return Ok(());
         }
-        let Some(v) = self.verifier(i) else {
-            return Ok(());
-        };
-        let catch_up = self.stages[i].history[v.rows * d..].to_vec();
-        let peer = self.stages[i].replicas[v.replica];
-        let task = self.handle.spawn(send_rows(
-            self.network.clone(),
-            peer,
-            v.session,
-            catch_up,
-            d,
-        ));
-        self.settle(i, Pending { verifier: v, task }, Vec::new(), 0)
-            .map(|_| ())
+        self.stages[i].audit.pending = self.start_verifier(i, &[]);
+        Ok(())
     }
 
     /// The primary's and the verifier's answers to stage `i`'s rows `checked..` disagree:
@@ -247,6 +274,7 @@ impl RemotePipeline {
         v: Verifier,
         (verifier_rows, verifier_answers): (&[f32], Vec<(Receipt, Vec<f32>)>),
         t: usize,
+        more: bool,
     ) -> Result<Option<Vec<f32>>> {
         self.stats.audit.disputes += 1;
         let d = self.d_model;
@@ -328,10 +356,10 @@ impl RemotePipeline {
         }
         let truth = truth.to_vec();
         self.stages[i].audit.agreed(rows);
-        // later stages were fed the wrong rows before this step: recompute them
-        // (at the end of a generation, t = 0, nothing more will be computed from them)
+        // later stages were fed the wrong rows before this step: recompute them (at the end
+        // of a generation nothing more will be computed from them)
         let sent = rows - t;
-        if t > 0 && first_bad < sent && i + 1 < self.stages.len() {
+        if (t > 0 || more) && first_bad < sent && i + 1 < self.stages.len() {
             let fixed = truth[(first_bad - from) * d..(sent - from) * d].to_vec();
             self.repair(i + 1, first_bad, fixed)?;
             self.stats.audit.rows_repaired += (sent - first_bad) as u64;
@@ -471,8 +499,8 @@ impl RemotePipeline {
             let mut chain = InputChain::new(&s.shard);
             chain.push_rows(&s.history, d);
             s.chain = chain;
-            if let Some(v) = s.audit.verifier.take() {
-                self.close_session(self.stages[j].replicas[v.replica], v.session);
+            if let Some(v) = s.audit.verifier {
+                self.drop_verifier(j, v);
             }
             if let Some((r, session)) = self.stages[j].current.take() {
                 self.close_session(self.stages[j].replicas[r], session);

@@ -383,11 +383,19 @@ impl RemotePipeline {
     /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed, and check
     /// the answer when verification picks this step.
     fn stage_step(&mut self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
+        // a check started at an earlier step ran meanwhile: its answers are in by now
+        self.settle_pending(i, true)?;
         let pending = self.start_check(i, x)?;
         let y = self.primary_step(i, x);
         match (pending, y) {
             (None, y) => y,
-            (Some(p), Ok(y)) => self.settle(i, p, y, x.len() / self.d_model),
+            (Some(p), Ok(y)) if self.verification.rate >= 1.0 => {
+                self.settle(i, p, (y, x.len() / self.d_model), true)
+            }
+            (Some(p), Ok(y)) => {
+                self.stages[i].audit.pending = Some(p);
+                Ok(y)
+            }
             (Some(p), Err(e)) => {
                 // the verifier computed a step that did not happen
                 self.drop_verifier(i, p.verifier);
@@ -494,8 +502,17 @@ impl RemotePipeline {
     /// (best effort).
     pub fn close(&mut self) {
         if self.verification.rate > 0.0 {
+            // every stage's last check at once, then each settled
             for i in 0..self.stages.len() {
                 if let Err(e) = self.final_check(i) {
+                    tracing::warn!(
+                        "stage {}: the last check failed: {e:#}",
+                        self.stages[i].stage
+                    );
+                }
+            }
+            for i in 0..self.stages.len() {
+                if let Err(e) = self.settle_pending(i, false) {
                     tracing::warn!(
                         "stage {}: the last check failed: {e:#}",
                         self.stages[i].stage
@@ -520,18 +537,22 @@ impl RemotePipeline {
             }
             s.audit.answered = vec![0; s.replicas.len()];
         }
-        for i in 0..self.stages.len() {
-            if let Some(v) = self.stages[i].audit.verifier.take() {
-                self.close_session(self.stages[i].replicas[v.replica], v.session);
+        // every session closed at once (best effort)
+        let mut closing = Vec::new();
+        for s in &mut self.stages {
+            if let Some(v) = s.audit.verifier.take() {
+                closing.push((s.replicas[v.replica], v.session));
             }
-            if let Some((r, session)) = self.stages[i].current.take() {
-                let peer = self.stages[i].replicas[r];
-                let fut = self.network.infer(peer, InferRequest::Close { session });
-                let _ = self
-                    .handle
-                    .block_on(async { tokio::time::timeout(Duration::from_secs(2), fut).await });
+            if let Some((r, session)) = s.current.take() {
+                closing.push((s.replicas[r], session));
             }
         }
+        let network = &self.network;
+        let closes = closing.into_iter().map(|(peer, session)| async move {
+            let fut = network.infer(peer, InferRequest::Close { session });
+            let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
+        });
+        self.handle.block_on(futures::future::join_all(closes));
     }
 
     fn run(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
