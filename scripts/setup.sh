@@ -28,6 +28,9 @@ fi
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 # the gateway's README examples and tests use curl
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# the testnet's WAN topology (network namespaces behind NAT routers): nftables and iproute2
+command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_apt[*]} with apt-get"

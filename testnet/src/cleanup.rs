@@ -11,11 +11,14 @@ use std::sync::Mutex;
 struct Registry {
     pids: Vec<u32>,
     dirs: Vec<PathBuf>,
+    /// Network namespaces of a WAN topology.
+    namespaces: Vec<String>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pids: Vec::new(),
     dirs: Vec::new(),
+    namespaces: Vec::new(),
 });
 
 fn with<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
@@ -39,9 +42,24 @@ pub fn remove_dir(dir: &std::path::Path) {
     with(|r| r.dirs.retain(|d| d != dir));
 }
 
-/// Stop every registered process (SIGTERM, then SIGKILL) and remove every directory.
+pub fn add_netns(name: String) {
+    with(|r| r.namespaces.push(name));
+}
+
+pub fn remove_netns(name: &str) {
+    with(|r| r.namespaces.retain(|n| n != name));
+}
+
+/// Stop every registered process (SIGTERM, then SIGKILL), remove every directory and
+/// network namespace.
 pub fn clean_everything() {
-    let (pids, dirs) = with(|r| (std::mem::take(&mut r.pids), std::mem::take(&mut r.dirs)));
+    let (pids, dirs, namespaces) = with(|r| {
+        (
+            std::mem::take(&mut r.pids),
+            std::mem::take(&mut r.dirs),
+            std::mem::take(&mut r.namespaces),
+        )
+    });
     let signal = |sig: &str, pid: u32| {
         let _ = Command::new("kill")
             .args([sig, &pid.to_string()])
@@ -60,6 +78,9 @@ pub fn clean_everything() {
     wait_until_gone(&pids, std::time::Duration::from_secs(5));
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
+    }
+    for ns in namespaces.iter().rev() {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
 }
 

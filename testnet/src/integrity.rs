@@ -296,7 +296,11 @@ pub fn markdown(r: &IntegrityReport) -> String {
             x.false_accusations
         ));
     }
-    for x in r.rates.iter().filter(|x| !x.uncaught_steps.is_empty()) {
+    for x in r
+        .rates
+        .iter()
+        .filter(|x| x.rate > 0.0 && !x.uncaught_steps.is_empty())
+    {
         out.push_str(&format!(
             "\nAt {}, steps the liar answered in the generations where it was not caught: \
              {:?} (it lies on each answer at random: in so few it may not have lied)\n",

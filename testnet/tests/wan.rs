@@ -1,0 +1,170 @@
+//! The WAN topology itself: hosts behind NAT routers reach the public segment, the public
+//! segment cannot reach into a home, an endpoint-independent NAT keeps one public port per
+//! host port while a symmetric one picks a new port per destination, links carry the delay
+//! they were given, and nothing is left behind.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use veil_testnet::wan::{Host, NatKind, Wan, WanOptions};
+
+/// Build a WAN, or say why not: outside CI a machine without root or the tools skips the
+/// test; in CI (`CI` set) that is a failure, since `scripts/setup.sh` installs them.
+fn wan(opts: &WanOptions) -> Option<Wan> {
+    if let Err(why) = Wan::check() {
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    Some(Wan::build(opts).expect("build the WAN"))
+}
+
+/// A UDP server in `host` that answers each datagram with the address it came from.
+fn reflector(wan: &Wan, host: &Host) -> Child {
+    let script = "import socket\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.bind(('0.0.0.0', 9000))\n\
+        s.settimeout(60)\n\
+        try:\n\
+        \x20   while True:\n\
+        \x20       data, (ip, port) = s.recvfrom(100)\n\
+        \x20       s.sendto(f'{ip}:{port}'.encode(), (ip, port))\n\
+        except OSError:\n\
+        \x20   pass\n";
+    wan.command(host, std::path::Path::new("python3"))
+        .args(["-c", script])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start a reflector")
+}
+
+/// In `host`, one UDP socket asks each reflector how it sees it; returns `ip:port` per
+/// reflector.
+fn mappings(wan: &Wan, host: &Host, reflectors: &[&Host]) -> Vec<String> {
+    let targets: Vec<String> = reflectors.iter().map(|r| format!("'{}'", r.addr)).collect();
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', 40000))\n\
+         s.settimeout(1)\n\
+         for ip in [{}]:\n\
+         \x20   for attempt in range(30):\n\
+         \x20       s.sendto(b'?', (ip, 9000))\n\
+         \x20       try:\n\
+         \x20           print(s.recvfrom(100)[0].decode()); break\n\
+         \x20       except socket.timeout:\n\
+         \x20           pass\n\
+         \x20   else:\n\
+         \x20       print('none')\n",
+        targets.join(", ")
+    );
+    let out = wan
+        .command(host, std::path::Path::new("python3"))
+        .args(["-c", &script])
+        .output()
+        .expect("run the probe");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Seconds a TCP connection from `from` to `to`'s port 9001 takes to be refused (one round
+/// trip; the least of three, the first also waiting for ARP), or the error when nothing
+/// answers at all.
+fn round_trip(wan: &Wan, from: &Host, to: &str) -> Result<f64, String> {
+    let script = format!(
+        "import socket, time\n\
+         best = None\n\
+         for attempt in range(3):\n\
+         \x20   t = time.monotonic()\n\
+         \x20   try:\n\
+         \x20       socket.create_connection(('{to}', 9001), timeout=3)\n\
+         \x20   except ConnectionRefusedError:\n\
+         \x20       d = time.monotonic() - t\n\
+         \x20       best = d if best is None else min(best, d)\n\
+         \x20   except OSError as e:\n\
+         \x20       print('error', e); break\n\
+         else:\n\
+         \x20   print(best)\n"
+    );
+    let out = wan
+        .command(from, std::path::Path::new("python3"))
+        .args(["-c", &script])
+        .output()
+        .expect("run the probe");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    text.parse::<f64>().map_err(|_| text)
+}
+
+fn namespaces() -> String {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn nat_kinds_reachability_latency_and_cleanup() {
+    let opts = WanOptions {
+        homes: vec![NatKind::EndpointIndependent, NatKind::Symmetric],
+        delay_ms: (20, 20),
+        jitter_ms: 0,
+        ..WanOptions::default()
+    };
+    let Some(wan) = wan(&opts) else { return };
+    let made = wan.namespaces().to_vec();
+    assert!(!made.is_empty());
+    let mut servers = vec![reflector(&wan, &wan.boot), reflector(&wan, &wan.relay)];
+    std::thread::sleep(Duration::from_millis(300));
+
+    // behind an endpoint-independent NAT: seen at the router's address, one port for both
+    let eim = mappings(&wan, &wan.homes[0], &[&wan.boot, &wan.relay]);
+    assert_eq!(eim.len(), 2, "{eim:?}");
+    assert!(
+        eim[0].starts_with(&format!("{}:", wan.homes[0].public)),
+        "{eim:?}"
+    );
+    assert_eq!(
+        eim[0], eim[1],
+        "an endpoint-independent NAT keeps one mapping"
+    );
+    // behind a symmetric NAT: the router's address, a new port per destination
+    let sym = mappings(&wan, &wan.homes[1], &[&wan.boot, &wan.relay]);
+    assert!(
+        sym[0].starts_with(&format!("{}:", wan.homes[1].public)),
+        "{sym:?}"
+    );
+    assert!(
+        sym[1].starts_with(&format!("{}:", wan.homes[1].public)),
+        "{sym:?}"
+    );
+    assert_ne!(sym[0], sym[1], "a symmetric NAT maps each destination anew");
+
+    // the public segment cannot reach into a home, by its private address or its router's
+    let private = round_trip(&wan, &wan.boot, &wan.homes[0].addr.to_string());
+    assert!(private.is_err(), "{private:?}");
+    // one round trip client → boot crosses the client's uplink and the boot's, each way
+    let rtt = round_trip(&wan, &wan.client, &wan.boot.addr.to_string()).expect("refused");
+    let want = 2.0 * f64::from(wan.client.link.delay_ms + wan.boot.link.delay_ms) / 1000.0;
+    assert!(
+        rtt > want * 0.9 && rtt < want * 1.5 + 0.01,
+        "round trip {rtt:.3} s, links say {want:.3} s"
+    );
+
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    drop(wan);
+    let left = namespaces();
+    for ns in made {
+        assert!(!left.contains(&ns), "{ns} left behind: {left}");
+    }
+}
