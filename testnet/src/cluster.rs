@@ -60,9 +60,12 @@ impl Default for NodeSettings {
     }
 }
 
-/// A `veil-node` process on 127.0.0.1.
+/// A `veil-node` process on 127.0.0.1, or on a host of a WAN topology.
 #[derive(Debug)]
 pub struct NodeProcess {
+    /// The network namespace it runs in and the address it listens on there (see
+    /// [`crate::wan`]); `None`: this namespace, 127.0.0.1.
+    pub host: Option<(String, std::net::Ipv4Addr)>,
     pub name: String,
     pub data_dir: PathBuf,
     pub peer_id: String,
@@ -145,6 +148,7 @@ impl NodeProcess {
         );
         std::fs::write(data_dir.join("node.toml"), config)?;
         Ok(NodeProcess {
+            host: None,
             name: name.to_string(),
             data_dir: data_dir.to_path_buf(),
             peer_id,
@@ -167,12 +171,24 @@ impl NodeProcess {
             bail!("{} is already running", self.name);
         }
         let log = File::create(self.log_path())?;
-        let mut cmd = Command::new(&self.bin);
+        let ip = self
+            .host
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), |(_, ip)| ip.to_string());
+        // `ip netns exec` execs the node: the child's pid is the node's
+        let mut cmd = match &self.host {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.args(["run", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", self.port)])
+            .args(["--listen", &format!("/ip4/{ip}/tcp/{}", self.port)])
             .args(if self.quic {
-                vec!["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]
+                vec!["--listen".to_string(), format!("/ip4/{ip}/udp/0/quic-v1")]
             } else {
                 vec![]
             })
@@ -294,9 +310,20 @@ impl Drop for NodeProcess {
 
 /// Start `n` nodes under `root`, the first one bootstrapping the others.
 pub fn start_nodes(root: &Path, n: usize, settings: &NodeSettings) -> Result<Vec<NodeProcess>> {
+    start_nodes_on(root, &vec![None; n], settings)
+}
+
+/// Start a node per entry of `hosts` (a namespace and its address, or `None` for loopback
+/// here), the first one bootstrapping the others.
+pub fn start_nodes_on(
+    root: &Path,
+    hosts: &[Option<(String, std::net::Ipv4Addr)>],
+    settings: &NodeSettings,
+) -> Result<Vec<NodeProcess>> {
     let bin = find_bin("veil-node")?;
+    let n = hosts.len();
     let mut nodes: Vec<NodeProcess> = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, host) in hosts.iter().enumerate() {
         let dir = root.join(format!("node-{i}"));
         std::fs::create_dir_all(&dir)?;
         let lie = settings
@@ -305,6 +332,7 @@ pub fn start_nodes(root: &Path, n: usize, settings: &NodeSettings) -> Result<Vec
             .filter(|b| i + b.nodes >= n)
             .map(|b| (b.mode.as_str(), b.rate));
         let mut node = NodeProcess::init_lying(&bin, &format!("node-{i}"), &dir, settings, lie)?;
+        node.host = host.clone();
         if settings.base_port != 0 {
             node.port = settings
                 .base_port

@@ -168,3 +168,144 @@ fn nat_kinds_reachability_latency_and_cleanup() {
         assert!(!left.contains(&ns), "{ns} left behind: {left}");
     }
 }
+
+/// `veil` run inside `host`'s namespace, with its own client home.
+fn veil(wan: &Wan, host: &Host, home: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let bin = veil_testnet::cluster::find_bin("veil").expect("veil binary");
+    let out = wan
+        .command(host, &bin)
+        .args(args)
+        .env("VEIL_HOME", home)
+        .output()
+        .expect("run veil");
+    assert!(
+        out.status.success(),
+        "veil {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // JSON (whole or on the last line), else the last line as text
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default().trim().to_string();
+    serde_json::from_str(&text)
+        .or_else(|_| serde_json::from_str(&last))
+        .unwrap_or(serde_json::Value::String(last))
+}
+
+/// Nodes on the public segment, a client behind its NAT: it finds them, deploys to them and
+/// generates exactly what the model gives locally, each step crossing the links' delays.
+#[test]
+fn a_client_behind_nat_generates_through_nodes_across_the_wan() {
+    let opts = WanOptions {
+        homes: vec![],
+        delay_ms: (10, 10),
+        jitter_ms: 0,
+        ..WanOptions::default()
+    };
+    let Some(wan) = wan(&opts) else { return };
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = veil_testnet::cluster::start_nodes_on(
+        root.path(),
+        &[wan.boot.place(), wan.relay.place()],
+        &veil_testnet::cluster::NodeSettings::default(),
+    )
+    .expect("nodes");
+    let boot = nodes[0].addr.clone().expect("listening");
+    assert!(
+        boot.starts_with(&format!("/ip4/{}/tcp/", wan.boot.addr)),
+        "{boot}"
+    );
+    let home = root.path().join("client");
+    // the client's view of the network, through its NAT
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let peers = veil(
+            &wan,
+            &wan.client,
+            &home,
+            &["peers", "--bootstrap", &boot, "--json", "--wait", "1"],
+        );
+        if peers.as_array().is_some_and(|p| p.len() >= 2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ads: {peers}");
+    }
+    let id = veil(
+        &wan,
+        &wan.client,
+        &home,
+        &[
+            "deploy",
+            "--quant",
+            "f32",
+            "--model",
+            "tiny",
+            "--stages",
+            "2",
+            "--replicas",
+            "1",
+            "--bootstrap",
+            &boot,
+            "--wait",
+            "3",
+        ],
+    );
+    let id = id.as_str().expect("deployment id").to_string();
+    let prompt = "Rivers cross the plain.";
+    let local = veil(
+        &wan,
+        &wan.client,
+        &home,
+        &[
+            "generate",
+            "--local",
+            "--model",
+            "tiny",
+            "--backend",
+            "cpu",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+    );
+    let started = std::time::Instant::now();
+    let out = veil(
+        &wan,
+        &wan.client,
+        &home,
+        &[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--verify",
+            "0",
+            "--json",
+        ],
+    );
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(out["tokens"], local["tokens"], "{out}");
+    let route: Vec<&str> = out["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .map(|p| p.as_str().expect("peer"))
+        .collect();
+    assert_eq!(route.len(), 2, "{out}");
+    // each of the 9 steps (prompt, then 8 tokens) crosses two stages, each a round trip
+    // over the client's uplink and the node's: at least 9 · 2 · 2 · (10 + 10) ms
+    let floor =
+        9.0 * 2.0 * 2.0 * f64::from(wan.client.link.delay_ms + wan.boot.link.delay_ms) / 1000.0;
+    assert!(
+        took > floor,
+        "{took:.2} s is faster than the links allow ({floor:.2} s)"
+    );
+    drop(nodes);
+    drop(wan);
+}

@@ -97,6 +97,14 @@ pub struct Host {
     pub link: LinkShape,
 }
 
+impl Host {
+    /// Where a node on this host runs: its namespace and address (for
+    /// [`crate::cluster::start_nodes_on`]).
+    pub fn place(&self) -> Option<(String, Ipv4Addr)> {
+        Some((self.ns.clone(), self.addr))
+    }
+}
+
 /// A built WAN; dropping it removes everything.
 pub struct Wan {
     namespaces: Vec<String>,
@@ -172,7 +180,10 @@ impl Wan {
             bail!(e);
         }
         remove_stale();
-        let tag = format!("{PREFIX}{}", std::process::id());
+        // unique per WAN: a process may build several (tests do)
+        static BUILT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{PREFIX}{}x{k}", std::process::id());
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
         let mut shape = || LinkShape {
             delay_ms: rng.gen_range(opts.delay_ms.0..=opts.delay_ms.1.max(opts.delay_ms.0)),
@@ -319,11 +330,11 @@ impl Wan {
         link: LinkShape,
     ) -> Result<()> {
         let p = format!("p{port}");
-        // unique names in this namespace until the devices are moved
-        let (a, b) = (
-            format!("vw{}x{port}a", std::process::id()),
-            format!("vw{}x{port}b", std::process::id()),
-        );
+        // names unique in this namespace until the devices are moved (at most 15 bytes)
+        static LINKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id() % 100_000;
+        let (a, b) = (format!("vw{pid}_{n}a"), format!("vw{pid}_{n}b"));
         *port += 1;
         let carrier = DelayLink::new(&a, &b, link, self.seed + *port as u64 * 2)
             .with_context(|| format!("cannot create the TAP devices {a} and {b}"))?;
@@ -382,7 +393,7 @@ pub fn remove_stale() {
             continue;
         };
         let pid: u32 = rest
-            .split('-')
+            .split(['-', 'x'])
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
