@@ -567,143 +567,98 @@ impl EventLoop {
                     Err(e) => tracing::debug!("undecodable ad from {:?}: {e}", message.source),
                 }
             }
-            VeilBehaviourEvent::Proofs(e) => match e {
-                request_response::Event::Message { peer, message, .. } => match message {
-                    request_response::Message::Request {
-                        request, channel, ..
-                    } => {
-                        self.emit(Event::InboundProof {
-                            peer,
-                            request,
-                            channel,
-                        });
-                    }
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    } => {
-                        if let Some(r) = self.pending_proof.remove(&request_id) {
-                            let _ = r.send(Ok(response));
-                        }
-                    }
-                },
-                request_response::Event::OutboundFailure {
+            VeilBehaviourEvent::Infer(e) => {
+                let inbound = |peer, request, channel| Event::InboundInfer {
                     peer,
-                    request_id,
-                    error,
-                    ..
-                } => {
-                    if let Some(r) = self.pending_proof.remove(&request_id) {
-                        let _ = r.send(Err(request_error(&peer, error)));
-                    }
+                    request,
+                    channel,
+                };
+                if let Some(e) =
+                    on_exchange(e, &mut self.pending_infer, inbound, ("inference", true))
+                {
+                    self.emit(e);
                 }
-                request_response::Event::InboundFailure { peer, error, .. } => {
-                    tracing::debug!("bad proof request from {peer}: {error}");
-                }
-                request_response::Event::ResponseSent { .. } => {}
-            },
-            VeilBehaviourEvent::Infer(e) => match e {
-                request_response::Event::Message { peer, message, .. } => match message {
-                    request_response::Message::Request {
-                        request, channel, ..
-                    } => {
-                        self.emit(Event::InboundInfer {
-                            peer,
-                            request,
-                            channel,
-                        });
-                    }
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    } => {
-                        if let Some(r) = self.pending_infer.remove(&request_id) {
-                            let _ = r.send(Ok(response));
-                        }
-                    }
-                },
-                request_response::Event::OutboundFailure {
+            }
+            VeilBehaviourEvent::Upload(e) => {
+                let inbound = |peer, request, channel| Event::InboundUpload {
                     peer,
-                    request_id,
-                    error,
-                    ..
-                } => {
-                    if let Some(r) = self.pending_infer.remove(&request_id) {
-                        let _ = r.send(Err(request_error(&peer, error)));
-                    }
+                    request,
+                    channel,
+                };
+                if let Some(e) = on_exchange(e, &mut self.pending_upload, inbound, ("upload", true))
+                {
+                    self.emit(e);
                 }
-                request_response::Event::InboundFailure { peer, error, .. } => {
-                    tracing::warn!("bad inference request from {peer}: {error}");
+            }
+            VeilBehaviourEvent::Directory(e) => {
+                let inbound = |peer, _, channel| Event::InboundDirectory { peer, channel };
+                if let Some(e) = on_exchange(
+                    e,
+                    &mut self.pending_directory,
+                    inbound,
+                    ("directory", false),
+                ) {
+                    self.emit(e);
                 }
-                request_response::Event::ResponseSent { .. } => {}
-            },
-            VeilBehaviourEvent::Upload(e) => match e {
-                request_response::Event::Message { peer, message, .. } => match message {
-                    request_response::Message::Request {
-                        request, channel, ..
-                    } => {
-                        self.emit(Event::InboundUpload {
-                            peer,
-                            request,
-                            channel,
-                        });
-                    }
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    } => {
-                        if let Some(r) = self.pending_upload.remove(&request_id) {
-                            let _ = r.send(Ok(response));
-                        }
-                    }
-                },
-                request_response::Event::OutboundFailure {
+            }
+            VeilBehaviourEvent::Proofs(e) => {
+                let inbound = |peer, request, channel| Event::InboundProof {
                     peer,
-                    request_id,
-                    error,
-                    ..
-                } => {
-                    if let Some(r) = self.pending_upload.remove(&request_id) {
-                        let _ = r.send(Err(request_error(&peer, error)));
-                    }
+                    request,
+                    channel,
+                };
+                if let Some(e) = on_exchange(e, &mut self.pending_proof, inbound, ("proof", false))
+                {
+                    self.emit(e);
                 }
-                request_response::Event::InboundFailure { peer, error, .. } => {
-                    tracing::warn!("bad upload request from {peer}: {error}");
-                }
-                request_response::Event::ResponseSent { .. } => {}
-            },
-            VeilBehaviourEvent::Directory(e) => match e {
-                request_response::Event::Message { peer, message, .. } => match message {
-                    request_response::Message::Request { channel, .. } => {
-                        self.emit(Event::InboundDirectory { peer, channel });
-                    }
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    } => {
-                        if let Some(r) = self.pending_directory.remove(&request_id) {
-                            let _ = r.send(Ok(response));
-                        }
-                    }
-                },
-                request_response::Event::OutboundFailure {
-                    peer,
-                    request_id,
-                    error,
-                    ..
-                } => {
-                    if let Some(r) = self.pending_directory.remove(&request_id) {
-                        let _ = r.send(Err(request_error(&peer, error)));
-                    }
-                }
-                request_response::Event::InboundFailure { peer, error, .. } => {
-                    tracing::debug!("bad directory request from {peer}: {error}");
-                }
-                request_response::Event::ResponseSent { .. } => {}
-            },
+            }
             _ => {}
         }
     }
+}
+
+/// One event of a request-response protocol: a response or failure completes our pending
+/// request; a request from a peer becomes the application's event (`inbound`).
+fn on_exchange<Req, Resp>(
+    event: request_response::Event<Req, Resp>,
+    pending: &mut HashMap<OutboundRequestId, Reply<Resp>>,
+    inbound: impl FnOnce(PeerId, Req, ResponseChannel<Resp>) -> Event,
+    (protocol, warn): (&str, bool),
+) -> Option<Event> {
+    match event {
+        request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Message::Request {
+                request, channel, ..
+            } => return Some(inbound(peer, request, channel)),
+            request_response::Message::Response {
+                request_id,
+                response,
+            } => {
+                if let Some(r) = pending.remove(&request_id) {
+                    let _ = r.send(Ok(response));
+                }
+            }
+        },
+        request_response::Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(r) = pending.remove(&request_id) {
+                let _ = r.send(Err(request_error(&peer, error)));
+            }
+        }
+        // what an operator should see (a peer sending garbage) is a warning
+        request_response::Event::InboundFailure { peer, error, .. } if warn => {
+            tracing::warn!("bad {protocol} request from {peer}: {error}");
+        }
+        request_response::Event::InboundFailure { peer, error, .. } => {
+            tracing::debug!("bad {protocol} request from {peer}: {error}");
+        }
+        request_response::Event::ResponseSent { .. } => {}
+    }
+    None
 }
 
 /// Whether an address is worth dialing (not an unspecified listen address).
