@@ -41,6 +41,30 @@ enum Command {
     Chaos(ChaosArgs),
     /// Project throughput and latency to 10 … 1,000 nodes with a discrete-event model.
     Simulate(SimulateArgs),
+    /// A wide-area network on this machine (network namespaces, NAT routers, links with
+    /// delay and a rate; needs root), nodes on it, up until ctrl-c.
+    Wan(WanArgs),
+}
+
+#[derive(Args, Debug)]
+struct WanArgs {
+    /// One home network per entry, behind a NAT of this kind: eim (endpoint-independent)
+    /// or symmetric.
+    #[arg(long, value_delimiter = ',', default_value = "eim,symmetric")]
+    homes: Vec<veil_testnet::wan::NatKind>,
+    /// The client's NAT.
+    #[arg(long, default_value = "eim")]
+    client_nat: veil_testnet::wan::NatKind,
+    /// One-way delay of each uplink in ms, or a range each link draws from.
+    #[arg(long, default_value = "5-40", value_parser = veil_testnet::wan::up::parse_delay)]
+    delay_ms: (u32, u32),
+    #[arg(long, default_value_t = 1)]
+    jitter_ms: u32,
+    #[arg(long, default_value_t = 100)]
+    rate_mbit: u32,
+    /// Also start a node in each home network.
+    #[arg(long)]
+    home_nodes: bool,
 }
 
 /// The network to start.
@@ -475,6 +499,25 @@ fn run_simulate(args: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_wan(a: WanArgs) -> Result<()> {
+    let opts = veil_testnet::wan::WanOptions {
+        homes: a.homes,
+        client_nat: a.client_nat,
+        delay_ms: a.delay_ms,
+        jitter_ms: a.jitter_ms,
+        rate_mbit: a.rate_mbit,
+        ..Default::default()
+    };
+    let net =
+        veil_testnet::wan::up::WanNetwork::start(&opts, a.home_nodes, &NodeSettings::default())?;
+    print!("{}", net.describe());
+    eprintln!("\nctrl-c removes everything");
+    // ctrl-c is handled by the signal thread, which cleans up and exits
+    loop {
+        std::thread::park();
+    }
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
@@ -486,6 +529,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => run_bench(a).map(|()| true),
         Command::Chaos(a) => run_chaos(a),
         Command::Simulate(a) => run_simulate(a).map(|()| true),
+        Command::Wan(a) => run_wan(a).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

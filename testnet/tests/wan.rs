@@ -309,3 +309,89 @@ fn a_client_behind_nat_generates_through_nodes_across_the_wan() {
     drop(nodes);
     drop(wan);
 }
+
+/// `veil-testnet wan` as a person runs it: it says where everything is and how to reach it
+/// from the client's namespace; the nodes there answer (the ones at home too, through their
+/// outbound connections); ctrl-c removes the nodes, their files and every namespace.
+#[test]
+fn veil_testnet_wan_stays_up_until_ctrl_c_and_leaves_nothing() {
+    use std::io::{BufRead, BufReader};
+    if let Err(why) = Wan::check() {
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bin = veil_testnet::cluster::find_bin("veil-testnet").expect("veil-testnet");
+    let mut child = Command::new(bin)
+        .args(["wan", "--homes", "eim", "--home-nodes", "--delay-ms", "5"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut said = String::new();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains("veil chat") {
+            break;
+        }
+    }
+    let word_after = |key: &str| {
+        said.split(key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no `{key}` in {said}"))
+            .to_string()
+    };
+    let ns = word_after("namespace ");
+    let boot = word_after("--bootstrap ");
+    assert!(
+        said.contains("behind an endpoint-independent NAT"),
+        "{said}"
+    );
+    let veil = veil_testnet::cluster::find_bin("veil").expect("veil");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&veil)
+            .args(["peers", "--bootstrap", &boot, "--json", "--wait", "1"])
+            .env("VEIL_HOME", tmp.path().join("home"))
+            .output()
+            .expect("veil peers");
+        let peers: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        // boot, relay and the node at home
+        if peers.as_array().is_some_and(|p| p.len() >= 3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{peers}");
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert_eq!(child.wait().expect("wait").code(), Some(130));
+    let left = namespaces();
+    assert!(!left.contains(&ns), "{ns} left behind: {left}");
+    let dirs: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("tmp")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("veil-testnet-"))
+        .collect();
+    assert!(dirs.is_empty(), "left behind: {dirs:?}");
+    let needle = tmp.path().display().to_string();
+    let running = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle) && !c.contains("peers"))
+        .count();
+    assert_eq!(running, 0, "processes left running");
+}

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
 pub mod link;
+pub mod up;
 
 use link::DelayLink;
 
