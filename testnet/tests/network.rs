@@ -1067,6 +1067,25 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
     let _ = gateway.wait();
 }
 
+/// Two nodes, the second lying on a fraction `rate` of its answers as `mode` says.
+fn with_a_liar(root: &std::path::Path, mode: &str, rate: f64) -> Vec<NodeProcess> {
+    let settings = NodeSettings {
+        byzantine: Some(Byzantine {
+            nodes: 1,
+            mode: mode.into(),
+            rate,
+        }),
+        ..NodeSettings::default()
+    };
+    start_nodes(root, 2, &settings).expect("nodes")
+}
+
+/// A client's record of nodes (`$VEIL_HOME/reputation.json`).
+fn reputation(veil: &Veil) -> Value {
+    let path = veil.home.path().join("reputation.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("record")).expect("JSON")
+}
+
 /// A node that lies (testnet-only `lie_mode`) is caught by re-execution on the other replica,
 /// settled by recomputing the stage from the deployment's own shard, and its answers are
 /// replaced: the user gets exactly the honest tokens, only the liar is accused, the client
@@ -1075,15 +1094,7 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
 fn a_lying_node_is_caught_and_its_answers_replaced() {
     for mode in ["zeros", "noise", "skip-layers", "replay-stale"] {
         let root = tempfile::tempdir().expect("tempdir");
-        let settings = NodeSettings {
-            byzantine: Some(Byzantine {
-                nodes: 1,
-                mode: mode.into(),
-                rate: 1.0,
-            }),
-            ..NodeSettings::default()
-        };
-        let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+        let nodes = with_a_liar(root.path(), mode, 1.0);
         let (honest, liar) = (nodes[0].peer_id.clone(), nodes[1].peer_id.clone());
         let veil = Veil::new();
         let boot = addr(&nodes[0]);
@@ -1117,10 +1128,7 @@ fn a_lying_node_is_caught_and_its_answers_replaced() {
         assert_eq!(out["route"], serde_json::json!([honest]), "{mode}: {out}");
         // the client remembers, with a fraud proof anyone can check: the liar's signed
         // receipts over these inputs and its wrong answers
-        let book: Value = serde_json::from_str(
-            &std::fs::read_to_string(veil.home.path().join("reputation.json")).expect("record"),
-        )
-        .expect("JSON");
+        let book = reputation(&veil);
         let record = &book["peers"][&liar]["caught"][0];
         assert_eq!(record["deployment"], id.as_str(), "{book}");
         let proof = record["proof"].as_str().expect("a proof file");
@@ -1165,16 +1173,8 @@ fn later_stages_are_repaired_after_a_lie_found_late() {
     use veil_model::crypto::{Encrypted, EncryptedLocal};
     use veil_model::TokenModel;
     let root = tempfile::tempdir().expect("tempdir");
-    let settings = NodeSettings {
-        byzantine: Some(Byzantine {
-            nodes: 1,
-            mode: "noise".into(),
-            rate: 0.3,
-        }),
-        ..NodeSettings::default()
-    };
     // two nodes, two stages, two replicas: each node serves both stages
-    let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+    let nodes = with_a_liar(root.path(), "noise", 0.3);
     let liar = nodes[1].peer_id.clone();
     let veil = Veil::new();
     let boot = addr(&nodes[0]);
@@ -1272,15 +1272,7 @@ fn published_proofs_are_believed_only_once_recomputed() {
     use veil_protocol::{network, Identity, NetConfig};
 
     let root = tempfile::tempdir().expect("tempdir");
-    let settings = NodeSettings {
-        byzantine: Some(Byzantine {
-            nodes: 1,
-            mode: "noise".into(),
-            rate: 1.0,
-        }),
-        ..NodeSettings::default()
-    };
-    let nodes = start_nodes(root.path(), 2, &settings).expect("nodes");
+    let nodes = with_a_liar(root.path(), "noise", 1.0);
     let (honest, liar) = (nodes[0].peer_id.clone(), nodes[1].peer_id.clone());
     let veil = Veil::new();
     let boot = addr(&nodes[0]);
@@ -1438,10 +1430,7 @@ fn published_proofs_are_believed_only_once_recomputed() {
     };
     assert_eq!(verdict(&liar).as_deref(), Some("guilty"), "{learned:?}");
     assert_eq!(verdict(&honest).as_deref(), Some("innocent"), "{learned:?}");
-    let book: Value = serde_json::from_str(
-        &std::fs::read_to_string(other.home.path().join("reputation.json")).expect("record"),
-    )
-    .expect("JSON");
+    let book = reputation(&other);
     let caught = &book["peers"][&liar]["caught"][0];
     assert!(
         caught["referee"]

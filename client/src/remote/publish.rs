@@ -56,8 +56,8 @@ impl RemotePipeline {
         }
     }
 
-    /// Submit the proof of every detection not yet published to up to [`HOLDERS`] of the
-    /// deployment's other nodes; each detection lists the nodes that accepted it.
+    /// Submit the proof of every detection not yet published to [`HOLDERS`] of the
+    /// deployment's other nodes at once; each detection lists the nodes that accepted it.
     pub(super) fn publish_proofs(&mut self) {
         if !self.verification.publish {
             return;
@@ -71,13 +71,20 @@ impl RemotePipeline {
             let Some(proof) = &d.proof else { continue };
             let bytes = proof.to_bytes();
             let accused = d.peer.clone();
+            // to the first few other nodes at once: a dead one costs its timeout only once
+            let this = &*self;
+            let submits = peers
+                .iter()
+                .filter(|p| p.to_string() != accused)
+                .take(HOLDERS)
+                .map(|&peer| {
+                    let request = ProofRequest::Submit(bytes.clone());
+                    async move { (peer, this.proof_request(peer, request).await) }
+                });
+            let answers = this.handle.block_on(futures::future::join_all(submits));
             let mut holders = Vec::new();
-            for &peer in peers.iter().filter(|p| p.to_string() != accused) {
-                if holders.len() == HOLDERS {
-                    break;
-                }
-                let request = ProofRequest::Submit(bytes.clone());
-                match self.handle.block_on(self.proof_request(peer, request)) {
+            for (peer, answer) in answers {
+                match answer {
                     Ok(ProofResponse::Accepted(_)) => holders.push(peer.to_string()),
                     Ok(ProofResponse::Rejected(why)) => {
                         tracing::warn!("{peer} refused the proof against {accused}: {why}")
