@@ -153,8 +153,10 @@ fn nat_kinds_reachability_latency_and_cleanup() {
     // one round trip client → boot crosses the client's uplink and the boot's, each way
     let rtt = round_trip(&wan, &wan.client, &wan.boot.addr.to_string()).expect("refused");
     let want = 2.0 * f64::from(wan.client.link.delay_ms + wan.boot.link.delay_ms) / 1000.0;
+    // the links' delay is a floor; above it only a gross error is caught, since a busy
+    // machine may be slow to carry the frames
     assert!(
-        rtt > want * 0.9 && rtt < want * 1.5 + 0.01,
+        rtt > want * 0.9 && rtt < want * 3.0 + 0.2,
         "round trip {rtt:.3} s, links say {want:.3} s"
     );
 
