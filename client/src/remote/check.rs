@@ -339,8 +339,16 @@ impl RemotePipeline {
             self.confirmed(i, rows);
             return Ok(None);
         };
+        let before = self.stats.audit.detections.len();
         for (replica, wrong) in liars {
             self.convict(i, replica, wrong, &referee);
+        }
+        if t == 0 && more {
+            // settled in the background: the answer to the stage's last row was already used,
+            // so the first right one is the next row's
+            for d in &mut self.stats.audit.detections[before..] {
+                d.found_at += 1;
+            }
         }
         if let Some((r, session)) = self.stages[i].current {
             if self.stages[i].dead[r] {
