@@ -51,6 +51,10 @@ pub struct DeployArgs {
     /// Seconds to wait for capacity ads.
     #[arg(long, default_value_t = 5)]
     pub wait: u64,
+    /// Place the stages only on these nodes (peer ids, comma-separated), e.g. ones you run
+    /// or trust; each must have published a capacity ad.
+    #[arg(long, value_delimiter = ',', value_name = "PEER")]
+    pub nodes: Vec<String>,
     /// The deployment's default `--verify` rate for `generate`, `chat` and `serve`.
     #[arg(long, value_name = "RATE", value_parser = crate::verify::parse_rate,
           help = crate::verify::VERIFY_HELP)]
@@ -163,14 +167,26 @@ pub async fn upload(
 }
 
 /// The nodes that advertise capacity, less those this client caught answering wrongly.
-fn candidates(client: &mut Client, wait: u64) -> Vec<Candidate> {
-    let book = client.discover(Duration::from_secs(wait), usize::MAX);
+fn candidates(client: &mut Client, args: &DeployArgs) -> Result<Vec<Candidate>> {
+    let book = client.discover(Duration::from_secs(args.wait), usize::MAX);
+    let mut only = Vec::new();
+    for n in &args.nodes {
+        let peer: PeerId = n
+            .parse()
+            .with_context(|| format!("--nodes: `{n}` is not a peer id"))?;
+        if book.get(&peer).is_none() {
+            bail!("--nodes: {peer} has published no capacity ad (is it running and joined?)");
+        }
+        only.push(peer);
+    }
     let reputation = crate::verify::Reputation::load().unwrap_or_else(|e| {
         tracing::warn!("{e:#}");
         crate::verify::Reputation::default()
     });
-    book.ads(now_ms())
+    Ok(book
+        .ads(now_ms())
         .into_iter()
+        .filter(|(peer, _)| only.is_empty() || only.contains(peer))
         .filter(|(peer, _)| {
             let caught = reputation.caught(peer);
             if caught {
@@ -179,7 +195,7 @@ fn candidates(client: &mut Client, wait: u64) -> Vec<Candidate> {
             !caught
         })
         .map(|(peer, ad)| Candidate { peer, ad })
-        .collect()
+        .collect())
 }
 
 fn register_addrs(client: &Client, c: &Candidate) {
@@ -267,7 +283,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
 /// Encrypt the model, place its shards on the network and save the deployment record.
 pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     let mut client = Client::connect(&args.net)?;
-    let found = candidates(&mut client, args.wait);
+    let found = candidates(&mut client, args)?;
     if found.is_empty() {
         bail!("no node has published a capacity ad; are nodes running and bootstrapped?");
     }
@@ -416,7 +432,7 @@ pub fn repair(args: &DeployArgs, id: &str) -> Result<Deployment> {
         net.bootstrap = previous.bootstrap.clone();
     }
     let mut client = Client::connect(&net)?;
-    let found = candidates(&mut client, args.wait);
+    let found = candidates(&mut client, args)?;
     let model = previous.model.clone();
     let d = place_and_upload(
         &mut client,

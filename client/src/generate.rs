@@ -122,6 +122,8 @@ struct NetworkFigures {
     bytes_received: u64,
     failovers: u32,
     verification: crate::remote::AuditStats,
+    /// The client's connections at the end: direct or through a relay, hole punches.
+    connections: veil_protocol::ReachStatus,
 }
 
 /// Parse `--backend` and pick the device, printing a one-line notice on fallback.
@@ -258,6 +260,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         )?;
         let out = run_generation(&args, &params, &text, &mut pipeline)?;
         let route = pipeline.route();
+        let connections = client
+            .runtime
+            .block_on(client.network.reach())
+            .unwrap_or_default();
         // closing checks what is still unchecked
         pipeline.close();
         crate::verify::record(&pipeline, id)?;
@@ -271,6 +277,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 bytes_received: stats.bytes_received,
                 failovers: stats.failovers,
                 verification: stats.audit,
+                connections,
             }),
         };
         drop(pipeline);

@@ -59,6 +59,15 @@ impl Client {
             network::new(&identity, &config)?
         };
         runtime.spawn(event_loop.run());
+        // Listening gives the client's outbound connections a fixed local port, so a NAT
+        // in front of it maps them to one public address that nodes behind NAT can punch a
+        // hole to (DCUtR); nothing is served on these ports but libp2p's own protocols.
+        for listen in ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"] {
+            let addr: Multiaddr = listen.parse().expect("valid address");
+            if let Err(e) = runtime.block_on(network.listen(addr)) {
+                tracing::debug!("{e}; connections through a NAT stay relayed");
+            }
+        }
         let mut peers = Vec::new();
         let mut errors = Vec::new();
         for addr in addrs {

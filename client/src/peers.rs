@@ -25,6 +25,9 @@ pub struct PeersArgs {
 struct PeerRow {
     peer_id: String,
     addrs: Vec<String>,
+    /// public, private (reachable through relays), unreachable (private, no relay) or
+    /// unknown, as the node's AutoNAT found.
+    reachability: String,
     backend: String,
     adapter: String,
     free_memory_mib: u64,
@@ -36,6 +39,16 @@ struct PeerRow {
     age_s: f64,
 }
 
+/// A node's reachability as its ad tells it: `private` with no relayed address means no
+/// one can reach it.
+fn reach_label(ad: &veil_protocol::CapacityAd) -> String {
+    let relayed = ad.addrs.iter().any(|a| a.contains("/p2p-circuit"));
+    match ad.reachability {
+        veil_protocol::Reachability::Private if !relayed => "unreachable".into(),
+        r => r.to_string(),
+    }
+}
+
 pub fn run(args: PeersArgs) -> Result<()> {
     let mut client = Client::connect(&args.net)?;
     let book = client.discover(Duration::from_secs(args.wait), usize::MAX);
@@ -44,6 +57,7 @@ pub fn run(args: PeersArgs) -> Result<()> {
         .ads(now)
         .into_iter()
         .map(|(_, ad)| PeerRow {
+            reachability: reach_label(&ad),
             peer_id: ad.peer_id,
             addrs: ad.addrs,
             backend: ad.backend,
@@ -62,13 +76,14 @@ pub fn run(args: PeersArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<54} {:<5} {:>9} {:>8} {:>6} {:>9}  adapter",
-        "peer", "back", "free MiB", "GFLOP/s", "shards", "sessions"
+        "{:<54} {:<8} {:<5} {:>9} {:>8} {:>6} {:>9}  adapter",
+        "peer", "reach", "back", "free MiB", "GFLOP/s", "shards", "sessions"
     );
     for r in &rows {
         println!(
-            "{:<54} {:<5} {:>9} {:>8.1} {:>6} {:>4}/{:<4}  {}",
+            "{:<54} {:<8} {:<5} {:>9} {:>8.1} {:>6} {:>4}/{:<4}  {}",
             r.peer_id,
+            r.reachability,
             r.backend,
             r.free_memory_mib,
             r.throughput_gflops,

@@ -19,6 +19,23 @@ listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
 # suffix may be omitted.
 bootstrap = []
 
+# Addresses peers can dial this node at, when you know them: a forwarded port on your
+# router, e.g. "/ip4/203.0.113.5/tcp/4001". Without them the node finds out by itself
+# (AutoNAT: peers try to dial it back); behind a NAT it stays reachable through relays and
+# upgrades to direct connections by hole punching where the NAT allows.
+external_addresses = []
+
+# Relay connections for nodes behind NAT (Circuit Relay v2), within the limits below. Only
+# useful on a node others can dial directly.
+relay = false
+# Peers holding a reservation at once; relayed connections at once and per peer.
+relay_max_reservations = 128
+relay_max_circuits = 16
+relay_max_circuits_per_peer = 4
+# Each relayed connection is closed after this many seconds or MiB.
+relay_max_circuit_duration_s = 3600
+relay_max_circuit_mib = 1024
+
 # Compute backend: "auto" (wgpu on a hardware adapter, else the CPU), "wgpu" or "cpu".
 # wgpu needs a build with it: cargo build --release --workspace --features wgpu
 backend = "auto"
@@ -80,6 +97,10 @@ pub struct NodeConfig {
     pub record_traffic: Option<PathBuf>,
     pub step_delay_ms: u64,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub external_addresses: Vec<String>,
+    /// Relay for others within these limits (`relay = true`).
+    #[serde(skip)]
+    pub relay: Option<veil_protocol::RelayLimits>,
     /// Testnet only: how and how often this node lies.
     #[serde(skip)]
     pub lie: Option<(crate::lie::LieMode, f64)>,
@@ -108,6 +129,13 @@ struct Partial {
     record_traffic: Option<PathBuf>,
     step_delay_ms: Option<u64>,
     metrics_listen: Option<String>,
+    external_addresses: Option<Vec<String>>,
+    relay: Option<bool>,
+    relay_max_reservations: Option<usize>,
+    relay_max_circuits: Option<usize>,
+    relay_max_circuits_per_peer: Option<usize>,
+    relay_max_circuit_duration_s: Option<u64>,
+    relay_max_circuit_mib: Option<u64>,
     lie_mode: Option<String>,
     lie_rate: Option<f64>,
 }
@@ -145,6 +173,20 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
             })?),
             None => None,
         },
+        external_addresses: p.external_addresses.unwrap_or_default(),
+        relay: p.relay.unwrap_or(false).then(|| {
+            let d = veil_protocol::RelayLimits::default();
+            veil_protocol::RelayLimits {
+                max_reservations: p.relay_max_reservations.unwrap_or(128),
+                max_circuits: p.relay_max_circuits.unwrap_or(16),
+                max_circuits_per_peer: p.relay_max_circuits_per_peer.unwrap_or(4),
+                max_circuit_duration: std::time::Duration::from_secs(
+                    p.relay_max_circuit_duration_s.unwrap_or(3600),
+                ),
+                max_circuit_bytes: p.relay_max_circuit_mib.unwrap_or(1024) << 20,
+                ..d
+            }
+        }),
         lie: match (p.lie_mode, p.lie_rate) {
             (None, None) => None,
             (Some(mode), rate) => {
@@ -166,6 +208,16 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
     if c.ad_interval_s == 0 || u64::from(c.ad_ttl_s) <= c.ad_interval_s {
         return Err("ad_ttl_s must be longer than ad_interval_s (> 0)".into());
     }
+    for a in &c.external_addresses {
+        a.parse::<veil_protocol::Multiaddr>().map_err(|e| {
+            format!("external_addresses: `{a}` is not an address such as \"/ip4/203.0.113.5/tcp/4001\": {e}")
+        })?;
+    }
+    if let Some(r) = &c.relay {
+        if r.max_reservations == 0 || r.max_circuits == 0 || r.max_circuits_per_peer == 0 {
+            return Err("relay limits must be positive (or set relay = false)".into());
+        }
+    }
     if c.max_sessions == 0 || c.memory_limit_mib == 0 {
         return Err("max_sessions and memory_limit_mib must be positive".into());
     }
@@ -183,6 +235,29 @@ mod tests {
         assert_eq!(c.max_sessions, 64);
         assert_eq!(c.backend, "auto");
         assert!(c.record_traffic.is_none());
+        assert!(c.relay.is_none());
+        assert!(c.external_addresses.is_empty());
+    }
+
+    #[test]
+    fn relay_limits_and_external_addresses_are_read_and_checked() {
+        let c = parse_config(
+            "relay = true\nrelay_max_circuits = 2\nrelay_max_circuit_mib = 8\n\
+             external_addresses = [\"/ip4/203.0.113.5/tcp/4001\"]",
+            None,
+        )
+        .expect("parse");
+        let r = c.relay.expect("relay");
+        assert_eq!(r.max_circuits, 2);
+        assert_eq!(r.max_circuit_bytes, 8 << 20);
+        assert_eq!(r.max_reservations, 128);
+        assert_eq!(c.external_addresses.len(), 1);
+        assert!(
+            parse_config("external_addresses = [\"203.0.113.5:4001\"]", None)
+                .expect_err("not a multiaddr")
+                .contains("203.0.113.5:4001")
+        );
+        assert!(parse_config("relay = true\nrelay_max_circuits = 0", None).is_err());
     }
 
     #[test]

@@ -111,11 +111,33 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         },
         identity.clone(),
     );
+    let external_addrs = config
+        .external_addresses
+        .iter()
+        .map(|a| {
+            a.parse()
+                .with_context(|| format!("bad external address `{a}`"))
+        })
+        .collect::<Result<Vec<Multiaddr>>>()?;
     let net_config = NetConfig {
         serve: true,
         request_timeout: Duration::from_secs(config.request_timeout_s),
+        reachable: true,
+        relay: config.relay.clone(),
+        external_addrs,
         ..NetConfig::default()
     };
+    if let Some(r) = &config.relay {
+        tracing::info!(
+            "relaying for nodes behind NAT: up to {} reservations, {} connections ({} per peer), \
+             each for at most {} s and {} MiB",
+            r.max_reservations,
+            r.max_circuits,
+            r.max_circuits_per_peer,
+            r.max_circuit_duration.as_secs(),
+            r.max_circuit_bytes >> 20
+        );
+    }
     // libp2p's own metrics join the node's registry when metrics are served
     let mut metrics = NodeMetrics::new(board.clone());
     let registry = config.metrics_listen.map(|_| metrics.registry_mut());
@@ -220,10 +242,12 @@ impl Node {
             status.largest_batch
         );
         let addrs = self.network.listen_addrs().await.unwrap_or_default();
+        let reach = self.network.reach().await.unwrap_or_default();
         let limit = self.config.memory_limit_mib << 20;
         let ad = CapacityAd {
             peer_id: self.identity.peer_id().to_string(),
             addrs: addrs.iter().map(ToString::to_string).collect(),
+            reachability: reach.reachability,
             backend: self.compute.kind.to_string(),
             adapter: self.compute.adapter.clone(),
             free_memory_bytes: limit.saturating_sub(status.reserved_bytes),

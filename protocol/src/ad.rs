@@ -21,8 +21,11 @@ pub const MAX_AD_BYTES: usize = 64 << 10;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Encode, Decode)]
 pub struct CapacityAd {
     pub peer_id: String,
-    /// Multiaddrs the node listens on.
+    /// Multiaddrs the node may be reached at: its listeners, its public addresses and,
+    /// behind a NAT, its `/p2p-circuit` addresses through relays.
     pub addrs: Vec<String>,
+    /// Whether peers can dial the node directly, as AutoNAT found.
+    pub reachability: crate::reach::Reachability,
     /// `wgpu` or `cpu`.
     pub backend: String,
     pub adapter: String,
@@ -186,6 +189,7 @@ mod tests {
         CapacityAd {
             peer_id: id.peer_id().to_string(),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            reachability: Default::default(),
             backend: "cpu".into(),
             adapter: "flex".into(),
             free_memory_bytes: 1 << 30,

@@ -1,14 +1,20 @@
 //! The libp2p behaviour of a Veil peer: identify, Kademlia (server mode on nodes),
 //! gossipsub for capacity ads and fraud-proof notices, request-response for inference,
-//! shard upload, the ad directory and fraud proofs, and ping.
+//! shard upload, the ad directory and fraud proofs, ping, and reachability (AutoNAT on
+//! nodes, the relay client everywhere, the relay server where configured, DCUtR).
 
 use std::time::Duration;
 
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, identity::Keypair, kad, ping, request_response, StreamProtocol};
+use libp2p::{
+    autonat, dcutr, gossipsub, identify, identity::Keypair, kad, ping, relay, request_response,
+    StreamProtocol,
+};
 
 use crate::codec::BincodeCodec;
 use crate::proof::{ProofRequest, ProofResponse, MAX_PROOF_BYTES};
+use crate::reach::RelayLimits;
 use crate::wire::{
     DirectoryRequest, DirectoryResponse, InferRequest, InferResponse, UploadRequest, UploadResponse,
 };
@@ -48,11 +54,48 @@ pub struct VeilBehaviour {
     pub directory: request_response::Behaviour<DirectoryCodec>,
     pub proofs: request_response::Behaviour<ProofCodec>,
     pub ping: ping::Behaviour,
+    /// Dialing and listening through relays.
+    pub relay_client: relay::client::Behaviour,
+    /// Relaying for others (`relay = true` on a node).
+    pub relay: Toggle<relay::Behaviour>,
+    pub dcutr: dcutr::Behaviour,
+    /// Nodes probe their own reachability and probe others'; clients do neither.
+    pub autonat: Toggle<autonat::Behaviour>,
+}
+
+/// What the reachability parts of a [`VeilBehaviour`] do.
+#[derive(Debug, Clone, Default)]
+pub struct ReachConfig {
+    /// Run AutoNAT (nodes).
+    pub autonat: bool,
+    /// Relay for others, within these limits.
+    pub relay: Option<RelayLimits>,
+}
+
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        // a node at home should be serving within seconds, not minutes
+        boot_delay: Duration::from_secs(2),
+        retry_interval: Duration::from_secs(15),
+        refresh_interval: Duration::from_secs(300),
+        throttle_server_period: Duration::from_secs(5),
+        timeout: Duration::from_secs(15),
+        confidence_max: 2,
+        // Veil's testnets and LANs use private addresses; a server dials back only the
+        // address it observed the asking peer at, so it cannot be aimed elsewhere
+        only_global_ips: false,
+        ..autonat::Config::default()
+    }
 }
 
 impl VeilBehaviour {
     /// `request_timeout` bounds every request (a stalled peer cannot hold one forever).
-    pub fn new(key: &Keypair, request_timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        key: &Keypair,
+        relay_client: relay::client::Behaviour,
+        request_timeout: Duration,
+        reach: &ReachConfig,
+    ) -> Result<Self, String> {
         let peer_id = key.public().to_peer_id();
         let rr = |name: &str| {
             (
@@ -116,6 +159,19 @@ impl VeilBehaviour {
             directory,
             proofs,
             ping: ping::Behaviour::default(),
+            relay_client,
+            relay: Toggle::from(
+                reach
+                    .relay
+                    .as_ref()
+                    .map(|limits| relay::Behaviour::new(peer_id, limits.config())),
+            ),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: Toggle::from(
+                reach
+                    .autonat
+                    .then(|| autonat::Behaviour::new(peer_id, autonat_config())),
+            ),
         })
     }
 }

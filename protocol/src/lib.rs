@@ -9,6 +9,7 @@ mod error;
 pub mod identity;
 pub mod network;
 pub mod proof;
+pub mod reach;
 pub mod receipt;
 pub mod wire;
 
@@ -17,6 +18,7 @@ pub use error::ProtocolError;
 pub use identity::Identity;
 pub use network::{Event, NetConfig, Network};
 pub use proof::{FraudProof, ProofNotice};
+pub use reach::{ReachStatus, Reachability, RelayLimits};
 pub use receipt::{InputChain, Receipt, Statement};
 
 /// Version of the Veil protocol family; part of every libp2p protocol name.

@@ -17,9 +17,10 @@ use libp2p::{gossipsub, identify, kad, noise, tcp, yamux, Multiaddr, PeerId, Swa
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ad::SignedAd;
-use crate::behaviour::{VeilBehaviour, VeilBehaviourEvent, ADS_TOPIC};
+use crate::behaviour::{ReachConfig, VeilBehaviour, VeilBehaviourEvent, ADS_TOPIC};
 use crate::identity::Identity;
 use crate::proof::{ProofNotice, ProofRequest, ProofResponse, PROOFS_TOPIC};
+use crate::reach::{Reach, ReachStatus, RelayLimits};
 use crate::wire::{
     DirectoryRequest, DirectoryResponse, InferRequest, InferResponse, UploadRequest, UploadResponse,
 };
@@ -34,6 +35,14 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Connections without traffic close after this long (sessions idle between tokens).
     pub idle_timeout: Duration,
+    /// Probe this peer's reachability with AutoNAT, and while it is not known to be public,
+    /// reserve on relays (nodes; a client only dials).
+    pub reachable: bool,
+    /// Relay for others within these limits.
+    pub relay: Option<RelayLimits>,
+    /// Addresses the operator says this peer is reachable at (a forwarded port), used
+    /// without AutoNAT's confirmation.
+    pub external_addrs: Vec<Multiaddr>,
 }
 
 impl Default for NetConfig {
@@ -42,6 +51,9 @@ impl Default for NetConfig {
             serve: false,
             request_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
+            reachable: false,
+            relay: None,
+            external_addrs: Vec::new(),
         }
     }
 }
@@ -118,6 +130,20 @@ enum Command {
     RespondDirectory(ResponseChannel<DirectoryResponse>, DirectoryResponse),
     RespondProof(ResponseChannel<ProofResponse>, ProofResponse),
     Disconnect(PeerId),
+    Reach(oneshot::Sender<ReachStatus>),
+}
+
+impl Command {
+    /// The peer a request goes to (requests wait while a relayed connection to it closes).
+    fn request_peer(&self) -> Option<PeerId> {
+        match self {
+            Command::Infer(p, ..)
+            | Command::Upload(p, ..)
+            | Command::Directory(p, ..)
+            | Command::Proof(p, ..) => Some(*p),
+            _ => None,
+        }
+    }
 }
 
 /// A cloneable handle on the network.
@@ -163,9 +189,18 @@ impl Network {
         self.send(Command::AddAddress(peer, addr)).await
     }
 
+    /// Where others may reach this peer: its listeners (relayed ones included) and the
+    /// external addresses confirmed by AutoNAT or declared by the operator.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, ProtocolError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::ListenAddrs(tx)).await?;
+        rx.await.map_err(|_| closed())
+    }
+
+    /// Reachability: AutoNAT's verdict, relays, hole punches, relayed connections.
+    pub async fn reach(&self) -> Result<ReachStatus, ProtocolError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Reach(tx)).await?;
         rx.await.map_err(|_| closed())
     }
 
@@ -272,6 +307,9 @@ pub struct EventLoop {
     pending_directory: HashMap<OutboundRequestId, Reply<DirectoryResponse>>,
     pending_proof: HashMap<OutboundRequestId, Reply<ProofResponse>>,
     serve: bool,
+    reach: Reach,
+    /// Requests waiting for a relayed connection to their peer to close.
+    held: HashMap<PeerId, Vec<Command>>,
     /// libp2p's own metrics (connections, kad, gossipsub, identify, ping), when asked for.
     metrics: Option<Metrics>,
 }
@@ -302,8 +340,14 @@ pub fn new_with_metrics(
         )
         .map_err(|e| net(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| {
-            VeilBehaviour::new(key, request_timeout)
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| net(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let reach = ReachConfig {
+                autonat: config.reachable,
+                relay: config.relay.clone(),
+            };
+            VeilBehaviour::new(key, relay_client, request_timeout, &reach)
                 .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })
         .map_err(|e| net(e.to_string()))?
@@ -321,6 +365,9 @@ pub fn new_with_metrics(
     } else {
         kad::Mode::Client
     }));
+    for addr in &config.external_addrs {
+        swarm.add_external_address(addr.clone());
+    }
     for topic in [ADS_TOPIC, PROOFS_TOPIC] {
         swarm
             .behaviour_mut()
@@ -344,6 +391,8 @@ pub fn new_with_metrics(
         pending_directory: HashMap::new(),
         pending_proof: HashMap::new(),
         serve: config.serve,
+        reach: Reach::new(config.reachable),
+        held: HashMap::new(),
         metrics: registry.map(Metrics::new),
     };
     Ok((handle, ev_rx, event_loop))
@@ -360,6 +409,7 @@ impl EventLoop {
     /// Run until every [`Network`] handle is dropped.
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(Duration::from_secs(30));
+        let mut reach = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
@@ -367,6 +417,7 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
+                _ = reach.tick() => self.reach.tick(&mut self.swarm),
                 _ = bootstrap.tick() => {
                     if self.serve {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -377,6 +428,13 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
+        if let Some(peer) = command.request_peer() {
+            if self.reach.hold(&peer) {
+                self.held.entry(peer).or_default().push(command);
+                return;
+            }
+            self.reach.request_sent(peer);
+        }
         let swarm = &mut self.swarm;
         match command {
             Command::Listen(addr, reply) => {
@@ -411,7 +469,16 @@ impl EventLoop {
                 }
             }
             Command::ListenAddrs(reply) => {
-                let _ = reply.send(swarm.listeners().cloned().collect());
+                let mut addrs: Vec<Multiaddr> = swarm.listeners().cloned().collect();
+                for a in swarm.external_addresses() {
+                    if !addrs.contains(a) {
+                        addrs.push(a.clone());
+                    }
+                }
+                let _ = reply.send(addrs);
+            }
+            Command::Reach(reply) => {
+                let _ = reply.send(self.reach.status(swarm));
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(swarm.connected_peers().copied().collect());
@@ -494,6 +561,8 @@ impl EventLoop {
                     VeilBehaviourEvent::Kad(e) => m.record(e),
                     VeilBehaviourEvent::Gossipsub(e) => m.record(e),
                     VeilBehaviourEvent::Ping(e) => m.record(e),
+                    VeilBehaviourEvent::Relay(e) => m.record(e),
+                    VeilBehaviourEvent::Dcutr(e) => m.record(e),
                     _ => {}
                 }
             }
@@ -514,6 +583,8 @@ impl EventLoop {
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.swarm.add_peer_address(peer_id, address.clone());
                 }
+                self.reach
+                    .connected(connection_id, peer_id, &endpoint, &mut self.swarm);
                 tracing::debug!("connected to {peer_id}");
                 self.emit(Event::PeerConnected(peer_id));
             }
@@ -530,12 +601,25 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                tracing::debug!("disconnected from {peer_id}");
-                self.emit(Event::PeerDisconnected(peer_id));
+                if let Some(peer) = self.reach.closed(connection_id) {
+                    for command in self.held.remove(&peer).unwrap_or_default() {
+                        self.on_command(command);
+                    }
+                }
+                if num_established == 0 {
+                    tracing::debug!("disconnected from {peer_id}");
+                    self.emit(Event::PeerDisconnected(peer_id));
+                }
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.reach.listener_closed(listener_id, &reason),
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await,
             _ => {}
         }
@@ -543,11 +627,21 @@ impl EventLoop {
 
     async fn on_behaviour_event(&mut self, event: VeilBehaviourEvent) {
         match event {
-            VeilBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            VeilBehaviourEvent::Identify(
+                identify::Event::Received { peer_id, info, .. }
+                | identify::Event::Pushed { peer_id, info, .. },
+            ) => {
+                self.reach
+                    .identified(peer_id, &info.protocols, &mut self.swarm);
+                // only peers serving the DHT enter its routing table (not clients)
+                let kad = crate::protocol_name("kad");
+                let dht = info.protocols.iter().any(|p| p.as_ref() == kad);
                 for addr in info.listen_addrs {
+                    // a relayed address only through the relay it names (the relay client
+                    // dials it); identify's list is the peer's own claim
                     if is_dialable(&addr) {
                         self.swarm.add_peer_address(peer_id, addr.clone());
-                        if self.serve {
+                        if self.serve && dht {
                             self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                         }
                     }
@@ -580,11 +674,8 @@ impl EventLoop {
                     request,
                     channel,
                 };
-                if let Some(e) =
-                    on_exchange(e, &mut self.pending_infer, inbound, ("inference", true))
-                {
-                    self.emit(e);
-                }
+                let e = on_exchange(e, &mut self.pending_infer, inbound, ("inference", true));
+                self.after_exchange(e);
             }
             VeilBehaviourEvent::Upload(e) => {
                 let inbound = |peer, request, channel| Event::InboundUpload {
@@ -592,21 +683,18 @@ impl EventLoop {
                     request,
                     channel,
                 };
-                if let Some(e) = on_exchange(e, &mut self.pending_upload, inbound, ("upload", true))
-                {
-                    self.emit(e);
-                }
+                let e = on_exchange(e, &mut self.pending_upload, inbound, ("upload", true));
+                self.after_exchange(e);
             }
             VeilBehaviourEvent::Directory(e) => {
                 let inbound = |peer, _, channel| Event::InboundDirectory { peer, channel };
-                if let Some(e) = on_exchange(
+                let e = on_exchange(
                     e,
                     &mut self.pending_directory,
                     inbound,
                     ("directory", false),
-                ) {
-                    self.emit(e);
-                }
+                );
+                self.after_exchange(e);
             }
             VeilBehaviourEvent::Proofs(e) => {
                 let inbound = |peer, request, channel| Event::InboundProof {
@@ -614,35 +702,48 @@ impl EventLoop {
                     request,
                     channel,
                 };
-                if let Some(e) = on_exchange(e, &mut self.pending_proof, inbound, ("proof", false))
-                {
-                    self.emit(e);
-                }
+                let e = on_exchange(e, &mut self.pending_proof, inbound, ("proof", false));
+                self.after_exchange(e);
             }
+            VeilBehaviourEvent::Autonat(e) => self.reach.autonat(e, &mut self.swarm),
+            VeilBehaviourEvent::RelayClient(e) => self.reach.relay_client(e),
+            VeilBehaviourEvent::Relay(e) => self.reach.relay_server(&e),
+            VeilBehaviourEvent::Dcutr(e) => self.reach.dcutr(e),
             _ => {}
+        }
+    }
+
+    fn after_exchange(&mut self, (event, done): (Option<Event>, Option<PeerId>)) {
+        if let Some(peer) = done {
+            self.reach.request_done(peer, &mut self.swarm);
+        }
+        if let Some(e) = event {
+            self.emit(e);
         }
     }
 }
 
 /// One event of a request-response protocol: a response or failure completes our pending
-/// request; a request from a peer becomes the application's event (`inbound`).
+/// request (and gives its peer back); a request from a peer becomes the application's
+/// event (`inbound`).
 fn on_exchange<Req, Resp>(
     event: request_response::Event<Req, Resp>,
     pending: &mut HashMap<OutboundRequestId, Reply<Resp>>,
     inbound: impl FnOnce(PeerId, Req, ResponseChannel<Resp>) -> Event,
     (protocol, warn): (&str, bool),
-) -> Option<Event> {
+) -> (Option<Event>, Option<PeerId>) {
     match event {
         request_response::Event::Message { peer, message, .. } => match message {
             request_response::Message::Request {
                 request, channel, ..
-            } => return Some(inbound(peer, request, channel)),
+            } => return (Some(inbound(peer, request, channel)), None),
             request_response::Message::Response {
                 request_id,
                 response,
             } => {
                 if let Some(r) = pending.remove(&request_id) {
                     let _ = r.send(Ok(response));
+                    return (None, Some(peer));
                 }
             }
         },
@@ -654,6 +755,7 @@ fn on_exchange<Req, Resp>(
         } => {
             if let Some(r) = pending.remove(&request_id) {
                 let _ = r.send(Err(request_error(&peer, error)));
+                return (None, Some(peer));
             }
         }
         // what an operator should see (a peer sending garbage) is a warning
@@ -665,7 +767,7 @@ fn on_exchange<Req, Resp>(
         }
         request_response::Event::ResponseSent { .. } => {}
     }
-    None
+    (None, None)
 }
 
 /// Whether an address is worth dialing (not an unspecified listen address).

@@ -163,6 +163,7 @@ fn signed_ads_survive_the_wire_and_reject_tampering() {
     let ad = veil_protocol::CapacityAd {
         peer_id: id.peer_id().to_string(),
         addrs: vec![],
+        reachability: Default::default(),
         backend: "cpu".into(),
         adapter: "flex".into(),
         free_memory_bytes: 1,
