@@ -29,6 +29,10 @@ pub struct NodeSettings {
     pub metrics: bool,
     /// Byzantine nodes: the last `nodes` of the network corrupt a fraction of their answers.
     pub byzantine: Option<Byzantine>,
+    /// The first `relays` nodes relay for nodes behind NAT (`relay = true`), with these
+    /// further `node.toml` lines (limits).
+    pub relays: usize,
+    pub relay_config: String,
 }
 
 /// How the testnet's lying nodes lie (`lie_mode` / `lie_rate` in their `node.toml`).
@@ -56,6 +60,8 @@ impl Default for NodeSettings {
             base_port: 0,
             metrics: false,
             byzantine: None,
+            relays: 0,
+            relay_config: String::new(),
         }
     }
 }
@@ -332,6 +338,14 @@ pub fn start_nodes_on(
             .filter(|b| i + b.nodes >= n)
             .map(|b| (b.mode.as_str(), b.rate));
         let mut node = NodeProcess::init_lying(&bin, &format!("node-{i}"), &dir, settings, lie)?;
+        if i < settings.relays {
+            let toml = dir.join("node.toml");
+            let mut config = std::fs::read_to_string(&toml)?;
+            config.push_str("relay = true\n");
+            config.push_str(&settings.relay_config);
+            config.push('\n');
+            std::fs::write(&toml, config)?;
+        }
         node.host = host.clone();
         if settings.base_port != 0 {
             node.port = settings

@@ -163,6 +163,7 @@ impl LocalNetwork {
             // every node's ad is already known
             wait: 1,
             verify: opts.verify,
+            nodes: Vec::new(),
         })
         .context("deployment failed")?;
         let deploy_s = started.elapsed().as_secs_f64();

@@ -124,6 +124,7 @@ fn ad(id: &Identity, ts: u64) -> CapacityAd {
     CapacityAd {
         peer_id: id.peer_id().to_string(),
         addrs: vec![],
+        reachability: Default::default(),
         backend: "cpu".into(),
         adapter: "forged".into(),
         free_memory_bytes: u64::MAX,

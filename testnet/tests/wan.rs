@@ -312,6 +312,213 @@ fn a_client_behind_nat_generates_through_nodes_across_the_wan() {
     drop(wan);
 }
 
+/// Nodes at home, one behind an endpoint-independent NAT and one behind a symmetric NAT,
+/// and a client behind its own NAT: AutoNAT tells each home node it cannot be dialed, each
+/// reserves on the public nodes (which relay) and advertises the relayed address; the
+/// client reaches both through a relay, punches a hole to the one behind the
+/// endpoint-independent NAT and stays relayed to the other; generation is exact.
+#[test]
+fn nodes_at_home_serve_through_relays_and_punched_holes() {
+    let opts = WanOptions {
+        homes: vec![NatKind::EndpointIndependent, NatKind::Symmetric],
+        delay_ms: (5, 5),
+        jitter_ms: 0,
+        ..WanOptions::default()
+    };
+    let Some(wan) = wan(&opts) else { return };
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = veil_testnet::cluster::NodeSettings {
+        relays: 2,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let nodes = veil_testnet::cluster::start_nodes_on(
+        root.path(),
+        &[
+            wan.boot.place(),
+            wan.relay.place(),
+            wan.homes[0].place(),
+            wan.homes[1].place(),
+        ],
+        &settings,
+    )
+    .expect("nodes");
+    let boot = nodes[0].addr.clone().expect("listening");
+    let home = root.path().join("client");
+    let ids: Vec<&str> = nodes.iter().map(|n| n.peer_id.as_str()).collect();
+    // every node's ad says how it can be reached: the public ones directly, the ones at
+    // home through a relay
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let usable = loop {
+        let peers = veil(
+            &wan,
+            &wan.client,
+            &home,
+            &["peers", "--bootstrap", &boot, "--json", "--wait", "1"],
+        );
+        let ad = |id: &str| {
+            peers
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["peer_id"] == id))
+                .cloned()
+        };
+        let relayed = |id: &str| {
+            ad(id).is_some_and(|a| {
+                a["reachability"] == "private"
+                    && a["addrs"]
+                        .as_array()
+                        .is_some_and(|x| x.iter().any(|s| s.to_string().contains("/p2p-circuit")))
+            })
+        };
+        let public = |id: &str| ad(id).is_some_and(|a| a["reachability"] == "public");
+        if public(ids[0]) && public(ids[1]) && relayed(ids[2]) && relayed(ids[3]) {
+            break started.elapsed();
+        }
+        assert!(std::time::Instant::now() < deadline, "ads: {peers:#}");
+    };
+    eprintln!(
+        "nodes at home usable through a relay {:.1} s after start",
+        usable.as_secs_f64()
+    );
+    let nodes_arg = format!("{},{}", ids[2], ids[3]);
+    let id = veil(
+        &wan,
+        &wan.client,
+        &home,
+        &[
+            "deploy",
+            "--quant",
+            "f32",
+            "--model",
+            "tiny",
+            "--stages",
+            "2",
+            "--replicas",
+            "1",
+            "--nodes",
+            &nodes_arg,
+            "--bootstrap",
+            &boot,
+            "--wait",
+            "3",
+        ],
+    );
+    let id = id.as_str().expect("deployment id").to_string();
+    let prompt = "Rivers cross the plain.";
+    let local = veil(
+        &wan,
+        &wan.client,
+        &home,
+        &[
+            "generate",
+            "--local",
+            "--model",
+            "tiny",
+            "--backend",
+            "cpu",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+    );
+    let out = veil(
+        &wan,
+        &wan.client,
+        &home,
+        &[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--verify",
+            "0",
+            "--json",
+        ],
+    );
+    assert_eq!(out["tokens"], local["tokens"], "{out}");
+    let mut route: Vec<&str> = out["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .map(|p| p.as_str().expect("peer"))
+        .collect();
+    route.sort_unstable();
+    let mut at_home = vec![ids[2], ids[3]];
+    at_home.sort_unstable();
+    assert_eq!(route, at_home, "{out}");
+    let c = &out["network"]["connections"];
+    eprintln!("the client's connections: {c}");
+    // the node behind the endpoint-independent NAT: a hole punched; behind the symmetric
+    // one: still relayed
+    assert!(c["hole_punches"].as_u64() >= Some(1), "{c}");
+    assert!(c["relayed_connections"].as_u64() >= Some(1), "{c}");
+    drop(nodes);
+    drop(wan);
+}
+
+/// A relay at its limit refuses with a reason, and says so; the node it refused says so too
+/// and, with no other relay, says it cannot be reached.
+#[test]
+fn a_relay_at_its_limit_refuses_and_both_sides_say_why() {
+    let opts = WanOptions {
+        homes: vec![NatKind::EndpointIndependent, NatKind::EndpointIndependent],
+        delay_ms: (2, 2),
+        jitter_ms: 0,
+        ..WanOptions::default()
+    };
+    let Some(wan) = wan(&opts) else { return };
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = veil_testnet::cluster::NodeSettings {
+        relays: 1,
+        relay_config: "relay_max_reservations = 1".into(),
+        ..Default::default()
+    };
+    let nodes = veil_testnet::cluster::start_nodes_on(
+        root.path(),
+        &[
+            wan.boot.place(),
+            wan.relay.place(),
+            wan.homes[0].place(),
+            wan.homes[1].place(),
+        ],
+        &settings,
+    )
+    .expect("nodes");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let relay_log = nodes[0].log();
+        let logs: Vec<String> = nodes[2..].iter().map(|n| n.log()).collect();
+        // one home node refused (the relay names it), warned that it cannot be reached;
+        // the other holds the one reservation
+        let refused = (0..2).find(|&i| {
+            logs[i].contains("refused or dropped our reservation")
+                && logs[i].contains("this node cannot be reached")
+                && relay_log.contains(&format!("refused to relay for {}", nodes[2 + i].peer_id))
+        });
+        if let Some(i) = refused {
+            if logs[1 - i].contains("reachable through the relay") {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay:\n{relay_log}\nhome 0:\n{}\nhome 1:\n{}",
+            logs[0],
+            logs[1]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(nodes);
+    drop(wan);
+}
+
 /// `veil-testnet wan` as a person runs it: it says where everything is and how to reach it
 /// from the client's namespace; the nodes there answer (the ones at home too, through their
 /// outbound connections); ctrl-c removes the nodes, their files and every namespace.

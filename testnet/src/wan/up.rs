@@ -48,7 +48,12 @@ impl WanNetwork {
             hosts.extend(wan.homes.iter().cloned());
         }
         let places: Vec<_> = hosts.iter().map(Host::place).collect();
-        let nodes = start_nodes_on(root.path(), &places, settings)?;
+        // the two public nodes relay for the ones at home
+        let settings = NodeSettings {
+            relays: 2,
+            ..settings.clone()
+        };
+        let nodes = start_nodes_on(root.path(), &places, &settings)?;
         Ok(WanNetwork {
             nodes,
             hosts,
@@ -81,9 +86,9 @@ impl WanNetwork {
                 h.link.rate_mbit,
                 n.peer_id,
                 if h.nat.is_some() {
-                    " (not reachable from outside: relaying and hole punching are not built yet)"
+                    " (reached through the relays, then directly where a hole can be punched)"
                 } else {
-                    ""
+                    " (relays for the nodes at home)"
                 },
             ));
         }

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Direct, hole-punched and relayed decode across the testnet's WAN (veil-testnet wan): a
+# client behind its NAT runs the model as one stage on (a) a public node, (b) a node at home
+# behind an endpoint-independent NAT (reached through a relay, then a punched hole) and (c) a
+# node at home behind a symmetric NAT (through a relay for good), one generation each after
+# a warm-up, per delay; with the round-trip ceiling (each token: one round trip over the
+# client's uplink and the node's, 2 · 2D, twice that through a relay) and the relayed/direct
+# ratio.
+#
+#   scripts/wan-reach.sh [--delays 5,20] [--model smollm2] [--tokens 48]
+#
+# Needs root (network namespaces) and nftables (scripts/setup.sh installs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+delays="5,20" model="smollm2" tokens=48
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --delays) delays="$2"; shift 2 ;;
+    --model) model="$2"; shift 2 ;;
+    --tokens) tokens="$2"; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+source scripts/setup.sh
+log "building Veil (release)"
+features=()
+if [ "${VEIL_WGPU:-0}" = 1 ]; then features=(--features wgpu); fi
+cargo build --release --workspace --locked "${features[@]}"
+bin="$CARGO_TARGET_DIR/release"
+work="$(mktemp -d)"
+wan_pid=""
+cleanup() {
+  if [ -n "$wan_pid" ]; then kill -INT "$wan_pid" 2>/dev/null || true; wait "$wan_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export VEIL_HOME="$work/home" VEIL_LOG=warn
+mkdir -p "$VEIL_HOME"
+"$bin/veil" model fetch "$model" >/dev/null 2>&1 || true
+[ -d "$HOME/.veil/models" ] && ln -s "$HOME/.veil/models" "$VEIL_HOME/models" 2>/dev/null || true
+
+echo "| one-way delay (ms) | node | reached | decode tok/s | ms/token | ceiling tok/s | vs public |"
+echo "|---|---|---|---|---|---|---|"
+IFS=',' read -ra list <<< "$delays"
+for d in "${list[@]}"; do
+  "$bin/veil-testnet" wan --homes eim,symmetric --home-nodes --delay-ms "$d" --jitter-ms 0 \
+    > "$work/wan.out" 2> "$work/wan.err" &
+  wan_pid=$!
+  for _ in $(seq 120); do grep -q "veil chat" "$work/wan.out" 2>/dev/null && break; sleep 1; done
+  ns=$(grep -o "namespace [^ ]*" "$work/wan.out" | awk '{print $2}')
+  boot=$(grep -o "veil peers --bootstrap [^ ]*" "$work/wan.out" | awk '{print $4}')
+  [ -n "$ns" ] && [ -n "$boot" ] || { cat "$work/wan.err" >&2; exit 1; }
+  id_of() { grep "^  $1 " "$work/wan.out" | grep -o "node [^ ]*" | awk '{print $2}'; }
+  in_ns() { ip netns exec "$ns" "$@"; }
+  # the nodes at home are usable once their ads carry relayed addresses
+  for _ in $(seq 60); do
+    n=$(in_ns "$bin/veil" peers --bootstrap "$boot" --json --wait 1 2>/dev/null | grep -c 'p2p-circuit' || true)
+    [ "$n" -ge 2 ] && break
+  done
+  public_tps=""
+  for host in boot home0 home1; do
+    peer=$(id_of "$host")
+    [ -n "$peer" ] || { echo "no node on $host in:" >&2; cat "$work/wan.out" >&2; exit 1; }
+    id=$(in_ns "$bin/veil" deploy --model "$model" --stages 1 --replicas 1 --nodes "$peer" \
+      --bootstrap "$boot" --wait 3 | tail -1)
+    run() {
+      in_ns "$bin/veil" generate --deployment "$id" --bootstrap "$boot" --max-tokens "$tokens" \
+        --prompt "Tell me about the rivers of Europe." --verify 0 --json > "$work/gen.json"
+    }
+    run  # warm-up: the node loads its shard
+    run
+    python3 - "$d" "$host" "${public_tps:-0}" "$work/gen.json" > "$work/row" <<'PY'
+import json, sys
+d, host, public, path = float(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+out = json.load(open(path))
+tps = out["timing"]["decode_tokens_per_s"]
+c = out["network"]["connections"]
+if host == "boot":
+    how, hops = "direct", 1
+elif c["hole_punches"] > 0:
+    how, hops = "direct (hole punched)", 1
+else:
+    how, hops = "relayed", 2
+# one round trip per token over the client's uplink and the node's (and the relay's)
+ceiling = 1 / (hops * 2 * 2 * d / 1000) if d > 0 else float("inf")
+ratio = f"{tps / public:.2f}" if public > 0 else "1.00"
+print(f"| {d:g} | {host} | {how} | {tps:.1f} | {1000 / tps:.1f} | {ceiling:.1f} | {ratio} |")
+print(tps)
+PY
+    head -1 "$work/row"
+    if [ "$host" = boot ]; then public_tps=$(tail -1 "$work/row"); fi
+  done
+  kill -INT "$wan_pid"; wait "$wan_pid" 2>/dev/null || true; wan_pid=""
+done
