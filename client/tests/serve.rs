@@ -325,8 +325,16 @@ fn chat_completions_whole_and_streamed_agree() {
     assert!(comp["choices"][0]["text"].is_string());
     assert!(comp["usage"]["completion_tokens"].as_u64() <= Some(5));
 
-    // Prometheus metrics count what was served
-    let (status, headers, metrics) = http(&server.addr, "GET", "/metrics", &[], None);
+    // Prometheus metrics count what was served. A request stops counting as processing
+    // when its handler ends, which may be just after the client has read the last byte.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, headers, metrics) = loop {
+        let got = http(&server.addr, "GET", "/metrics", &[], None);
+        if got.2.contains("veil_requests_processing 0") || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(status, 200);
     assert!(headers
         .iter()
