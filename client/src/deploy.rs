@@ -167,17 +167,21 @@ pub async fn upload(
 }
 
 /// The nodes that advertise capacity, less those this client caught answering wrongly.
-fn candidates(client: &mut Client, args: &DeployArgs) -> Result<Vec<Candidate>> {
+/// `--nodes` as peer ids, checked before the network is joined.
+fn only_nodes(args: &DeployArgs) -> Result<Vec<PeerId>> {
+    args.nodes
+        .iter()
+        .map(|n| {
+            n.parse()
+                .with_context(|| format!("--nodes: `{n}` is not a peer id"))
+        })
+        .collect()
+}
+
+fn candidates(client: &mut Client, args: &DeployArgs, only: &[PeerId]) -> Result<Vec<Candidate>> {
     let book = client.discover(Duration::from_secs(args.wait), usize::MAX);
-    let mut only = Vec::new();
-    for n in &args.nodes {
-        let peer: PeerId = n
-            .parse()
-            .with_context(|| format!("--nodes: `{n}` is not a peer id"))?;
-        if book.get(&peer).is_none() {
-            bail!("--nodes: {peer} has published no capacity ad (is it running and joined?)");
-        }
-        only.push(peer);
+    if let Some(peer) = only.iter().find(|p| book.get(p).is_none()) {
+        bail!("--nodes: {peer} has published no capacity ad (is it running and joined?)");
     }
     let reputation = crate::verify::Reputation::load().unwrap_or_else(|e| {
         tracing::warn!("{e:#}");
@@ -282,8 +286,9 @@ pub fn run(args: DeployArgs) -> Result<()> {
 
 /// Encrypt the model, place its shards on the network and save the deployment record.
 pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
+    let only = only_nodes(args)?;
     let mut client = Client::connect(&args.net)?;
-    let found = candidates(&mut client, args)?;
+    let found = candidates(&mut client, args, &only)?;
     if found.is_empty() {
         bail!("no node has published a capacity ad; are nodes running and bootstrapped?");
     }
@@ -431,8 +436,9 @@ pub fn repair(args: &DeployArgs, id: &str) -> Result<Deployment> {
     if net.bootstrap.is_empty() {
         net.bootstrap = previous.bootstrap.clone();
     }
+    let only = only_nodes(args)?;
     let mut client = Client::connect(&net)?;
-    let found = candidates(&mut client, args)?;
+    let found = candidates(&mut client, args, &only)?;
     let model = previous.model.clone();
     let d = place_and_upload(
         &mut client,

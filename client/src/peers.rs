@@ -98,3 +98,34 @@ pub fn run(args: PeersArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_private_node_without_a_relayed_address_is_unreachable() {
+        let mut ad = veil_protocol::CapacityAd {
+            peer_id: String::new(),
+            addrs: vec!["/ip4/10.0.0.2/tcp/4001".into()],
+            reachability: veil_protocol::Reachability::Private,
+            backend: "cpu".into(),
+            adapter: String::new(),
+            free_memory_bytes: 0,
+            throughput_gflops: 0.0,
+            shards: vec![],
+            active_sessions: 0,
+            max_sessions: 1,
+            version: String::new(),
+            timestamp_ms: 0,
+            ttl_s: 1,
+        };
+        assert_eq!(reach_label(&ad), "unreachable");
+        ad.addrs
+            .push("/ip4/203.0.113.5/tcp/4001/p2p/12D3KooWRelay/p2p-circuit".into());
+        assert_eq!(reach_label(&ad), "private");
+        ad.reachability = veil_protocol::Reachability::Public;
+        ad.addrs.truncate(1);
+        assert_eq!(reach_label(&ad), "public");
+    }
+}

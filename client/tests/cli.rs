@@ -168,6 +168,17 @@ fn bad_input_gets_one_clear_error_line() {
         &tiny_args(&["--prompt", "x", "--encrypted", "--quant", "q4_k"]),
         "blk.0.attn_q",
     );
+    // checked before joining the network (no node listens on port 1)
+    assert_clean_error(
+        &[
+            "deploy",
+            "--nodes",
+            "node-a",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/1",
+        ],
+        "`node-a` is not a peer id",
+    );
 }
 
 #[test]

@@ -30,7 +30,7 @@ pub struct NodeSettings {
     /// Byzantine nodes: the last `nodes` of the network corrupt a fraction of their answers.
     pub byzantine: Option<Byzantine>,
     /// The first `relays` nodes relay for nodes behind NAT (`relay = true`), with these
-    /// further `node.toml` lines (limits).
+    /// further `node.toml` lines (limits, declared addresses).
     pub relays: usize,
     pub relay_config: String,
 }

@@ -126,6 +126,40 @@ fn sessions_opened(node: &NodeProcess, shard: &str) -> usize {
         .count()
 }
 
+/// AutoNAT: nodes that can dial each other back learn they are public and say so in their
+/// ads; an address the operator declares is advertised as it is.
+#[test]
+fn nodes_learn_they_are_reachable_and_advertise_declared_addresses() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let settings = NodeSettings {
+        relays: 1,
+        relay_config: "external_addresses = [\"/ip4/203.0.113.5/tcp/4001\"]".into(),
+        ..NodeSettings::default()
+    };
+    let nodes = start_nodes(root.path(), 3, &settings).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    let peers = wait_until("every node's ad to say it is public", || {
+        let v = veil.json(&["peers", "--bootstrap", &boot, "--json", "--wait", "1"]);
+        let list = v.as_array()?;
+        (list.len() == 3 && list.iter().all(|p| p["reachability"] == "public")).then_some(v)
+    });
+    let declared = peers
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|p| p["peer_id"] == nodes[0].peer_id.as_str())
+        .expect("node 0");
+    assert!(
+        declared["addrs"]
+            .as_array()
+            .expect("addrs")
+            .iter()
+            .any(|a| a == "/ip4/203.0.113.5/tcp/4001"),
+        "{declared}"
+    );
+}
+
 #[test]
 fn deploy_generate_and_survive_a_node_dying() {
     let root = tempfile::tempdir().expect("tempdir");
