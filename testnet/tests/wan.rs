@@ -193,6 +193,77 @@ fn veil(wan: &Wan, host: &Host, home: &std::path::Path, args: &[&str]) -> serde_
         .unwrap_or(serde_json::Value::String(last))
 }
 
+/// From the client's namespace: deploy the tiny model in 2 stages of 1 replica (with
+/// `extra` deploy flags), generate 8 tokens through it and check they equal a local run's.
+/// Returns the network run's JSON and its seconds.
+fn deploy_and_generate(
+    wan: &Wan,
+    home: &std::path::Path,
+    boot: &str,
+    extra: &[&str],
+) -> (serde_json::Value, f64) {
+    let mut args = vec![
+        "deploy",
+        "--quant",
+        "f32",
+        "--model",
+        "tiny",
+        "--stages",
+        "2",
+        "--replicas",
+        "1",
+        "--bootstrap",
+        boot,
+        "--wait",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    let id = veil(wan, &wan.client, home, &args);
+    let id = id.as_str().expect("deployment id").to_string();
+    let prompt = "Rivers cross the plain.";
+    let local = veil(
+        wan,
+        &wan.client,
+        home,
+        &[
+            "generate",
+            "--local",
+            "--model",
+            "tiny",
+            "--backend",
+            "cpu",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+    );
+    let started = std::time::Instant::now();
+    let out = veil(
+        wan,
+        &wan.client,
+        home,
+        &[
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            boot,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--verify",
+            "0",
+            "--json",
+        ],
+    );
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(out["tokens"], local["tokens"], "{out}");
+    (out, took)
+}
+
 /// Nodes on the public segment, a client behind its NAT: it finds them, deploys to them and
 /// generates exactly what the model gives locally, each step crossing the links' delays.
 #[test]
@@ -231,68 +302,7 @@ fn a_client_behind_nat_generates_through_nodes_across_the_wan() {
         }
         assert!(std::time::Instant::now() < deadline, "ads: {peers}");
     }
-    let id = veil(
-        &wan,
-        &wan.client,
-        &home,
-        &[
-            "deploy",
-            "--quant",
-            "f32",
-            "--model",
-            "tiny",
-            "--stages",
-            "2",
-            "--replicas",
-            "1",
-            "--bootstrap",
-            &boot,
-            "--wait",
-            "3",
-        ],
-    );
-    let id = id.as_str().expect("deployment id").to_string();
-    let prompt = "Rivers cross the plain.";
-    let local = veil(
-        &wan,
-        &wan.client,
-        &home,
-        &[
-            "generate",
-            "--local",
-            "--model",
-            "tiny",
-            "--backend",
-            "cpu",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "8",
-            "--json",
-        ],
-    );
-    let started = std::time::Instant::now();
-    let out = veil(
-        &wan,
-        &wan.client,
-        &home,
-        &[
-            "generate",
-            "--deployment",
-            &id,
-            "--bootstrap",
-            &boot,
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "8",
-            "--verify",
-            "0",
-            "--json",
-        ],
-    );
-    let took = started.elapsed().as_secs_f64();
-    assert_eq!(out["tokens"], local["tokens"], "{out}");
+    let (out, took) = deploy_and_generate(&wan, &home, &boot, &[]);
     let route: Vec<&str> = out["route"]
         .as_array()
         .expect("route")
@@ -381,68 +391,7 @@ fn nodes_at_home_serve_through_relays_and_punched_holes() {
         usable.as_secs_f64()
     );
     let nodes_arg = format!("{},{}", ids[2], ids[3]);
-    let id = veil(
-        &wan,
-        &wan.client,
-        &home,
-        &[
-            "deploy",
-            "--quant",
-            "f32",
-            "--model",
-            "tiny",
-            "--stages",
-            "2",
-            "--replicas",
-            "1",
-            "--nodes",
-            &nodes_arg,
-            "--bootstrap",
-            &boot,
-            "--wait",
-            "3",
-        ],
-    );
-    let id = id.as_str().expect("deployment id").to_string();
-    let prompt = "Rivers cross the plain.";
-    let local = veil(
-        &wan,
-        &wan.client,
-        &home,
-        &[
-            "generate",
-            "--local",
-            "--model",
-            "tiny",
-            "--backend",
-            "cpu",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "8",
-            "--json",
-        ],
-    );
-    let out = veil(
-        &wan,
-        &wan.client,
-        &home,
-        &[
-            "generate",
-            "--deployment",
-            &id,
-            "--bootstrap",
-            &boot,
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "8",
-            "--verify",
-            "0",
-            "--json",
-        ],
-    );
-    assert_eq!(out["tokens"], local["tokens"], "{out}");
+    let (out, _) = deploy_and_generate(&wan, &home, &boot, &["--nodes", &nodes_arg]);
     let mut route: Vec<&str> = out["route"]
         .as_array()
         .expect("route")
