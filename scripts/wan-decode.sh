@@ -21,24 +21,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-source scripts/setup.sh
-log "building Veil (release)"
-features=()
-if [ "${VEIL_WGPU:-0}" = 1 ]; then features=(--features wgpu); fi
-cargo build --release --workspace --locked "${features[@]}"
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
-wan_pid=""
-cleanup() {
-  if [ -n "$wan_pid" ]; then kill -INT "$wan_pid" 2>/dev/null || true; wait "$wan_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-# the client's own home, sharing the model cache
-export VEIL_HOME="$work/home" VEIL_LOG=warn
-mkdir -p "$VEIL_HOME"
-"$bin/veil" model fetch "$model" >/dev/null 2>&1 || true
-[ -d "$HOME/.veil/models" ] && ln -s "$HOME/.veil/models" "$VEIL_HOME/models" 2>/dev/null || true
+source scripts/wan-lib.sh
+wan_prepare "$model"
 
 echo "| one-way delay per uplink (ms) | decode tokens/s | ceiling tokens/s | ratio |"
 echo "|---|---|---|---|"
@@ -47,13 +31,7 @@ IFS=',' read -ra list <<< "$delays"
 # the compute per token comes from the run without delay: it goes first
 if [ "${list[0]}" != 0 ]; then list=(0 "${list[@]}"); fi
 for d in "${list[@]}"; do
-  "$bin/veil-testnet" wan --homes eim --delay-ms "$d" --jitter-ms 0 > "$work/wan.out" 2> "$work/wan.err" &
-  wan_pid=$!
-  for _ in $(seq 120); do grep -q "veil chat" "$work/wan.out" 2>/dev/null && break; sleep 1; done
-  ns=$(grep -o "namespace [^ ]*" "$work/wan.out" | awk '{print $2}')
-  boot=$(grep -o "veil peers --bootstrap [^ ]*" "$work/wan.out" | awk '{print $4}')
-  [ -n "$ns" ] && [ -n "$boot" ] || { cat "$work/wan.err" >&2; exit 1; }
-  in_ns() { ip netns exec "$ns" "$@"; }
+  wan_up --homes eim --delay-ms "$d" --jitter-ms 0
   for _ in $(seq 30); do
     n=$(in_ns "$bin/veil" peers --bootstrap "$boot" --json --wait 1 2>/dev/null | grep -c '"peer"' || true)
     [ "$n" -ge 2 ] && break
@@ -71,5 +49,5 @@ for d in "${list[@]}"; do
 d, tps, c = $d, $tps, $compute_s
 ceiling = 1 / (2 * 2 * 2 * d / 1000 + c)
 print(f'| {d} | {tps:.1f} | {ceiling:.1f} | {tps / ceiling:.2f} |')"
-  kill -INT "$wan_pid"; wait "$wan_pid" 2>/dev/null || true; wan_pid=""
+  wan_down
 done

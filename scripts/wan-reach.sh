@@ -24,37 +24,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-source scripts/setup.sh
-log "building Veil (release)"
-features=()
-if [ "${VEIL_WGPU:-0}" = 1 ]; then features=(--features wgpu); fi
-cargo build --release --workspace --locked "${features[@]}"
-bin="$CARGO_TARGET_DIR/release"
-work="$(mktemp -d)"
-wan_pid=""
-cleanup() {
-  if [ -n "$wan_pid" ]; then kill -INT "$wan_pid" 2>/dev/null || true; wait "$wan_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-export VEIL_HOME="$work/home" VEIL_LOG=warn
-mkdir -p "$VEIL_HOME"
-"$bin/veil" model fetch "$model" >/dev/null 2>&1 || true
-[ -d "$HOME/.veil/models" ] && ln -s "$HOME/.veil/models" "$VEIL_HOME/models" 2>/dev/null || true
+source scripts/wan-lib.sh
+wan_prepare "$model"
 
 echo "| one-way delay (ms) | node | reached | decode tok/s | ms/token | ceiling tok/s | vs public |"
 echo "|---|---|---|---|---|---|---|"
 IFS=',' read -ra list <<< "$delays"
 for d in "${list[@]}"; do
-  "$bin/veil-testnet" wan --homes eim,symmetric --home-nodes --delay-ms "$d" --jitter-ms 0 \
-    > "$work/wan.out" 2> "$work/wan.err" &
-  wan_pid=$!
-  for _ in $(seq 120); do grep -q "veil chat" "$work/wan.out" 2>/dev/null && break; sleep 1; done
-  ns=$(grep -o "namespace [^ ]*" "$work/wan.out" | awk '{print $2}')
-  boot=$(grep -o "veil peers --bootstrap [^ ]*" "$work/wan.out" | awk '{print $4}')
-  [ -n "$ns" ] && [ -n "$boot" ] || { cat "$work/wan.err" >&2; exit 1; }
+  wan_up --homes eim,symmetric --home-nodes --delay-ms "$d" --jitter-ms 0
   id_of() { grep "^  $1 " "$work/wan.out" | grep -o "node [^ ]*" | awk '{print $2}'; }
-  in_ns() { ip netns exec "$ns" "$@"; }
   # the nodes at home are usable once their ads carry relayed addresses
   for _ in $(seq 60); do
     n=$(in_ns "$bin/veil" peers --bootstrap "$boot" --json --wait 1 2>/dev/null | grep -c 'p2p-circuit' || true)
@@ -93,5 +71,5 @@ PY
     head -1 "$work/row"
     if [ "$host" = boot ]; then public_tps=$(tail -1 "$work/row"); fi
   done
-  kill -INT "$wan_pid"; wait "$wan_pid" 2>/dev/null || true; wan_pid=""
+  wan_down
 done
