@@ -170,6 +170,16 @@ impl Network {
         rx.await.map_err(|_| closed())?
     }
 
+    /// A question the event loop answers from its own state (no peer involved).
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ProtocolError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| closed())
+    }
+
     async fn send(&self, command: Command) -> Result<(), ProtocolError> {
         self.commands.send(command).await.map_err(|_| closed())
     }
@@ -192,22 +202,16 @@ impl Network {
     /// Where others may reach this peer: its listeners (relayed ones included) and the
     /// external addresses confirmed by AutoNAT or declared by the operator.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, ProtocolError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::ListenAddrs(tx)).await?;
-        rx.await.map_err(|_| closed())
+        self.ask(Command::ListenAddrs).await
     }
 
     /// Reachability: AutoNAT's verdict, relays, hole punches, relayed connections.
     pub async fn reach(&self) -> Result<ReachStatus, ProtocolError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::Reach(tx)).await?;
-        rx.await.map_err(|_| closed())
+        self.ask(Command::Reach).await
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, ProtocolError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::ConnectedPeers(tx)).await?;
-        rx.await.map_err(|_| closed())
+        self.ask(Command::ConnectedPeers).await
     }
 
     /// Gossip a signed capacity ad.
