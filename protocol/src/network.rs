@@ -35,8 +35,8 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Connections without traffic close after this long (sessions idle between tokens).
     pub idle_timeout: Duration,
-    /// Probe this peer's reachability with AutoNAT, and while it is not known to be public,
-    /// reserve on relays (nodes; a client only dials).
+    /// Probe this peer's reachability with AutoNAT, and when it is private, reserve on
+    /// relays (nodes; a client only dials).
     pub reachable: bool,
     /// Relay for others within these limits.
     pub relay: Option<RelayLimits>,

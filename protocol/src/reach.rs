@@ -1,7 +1,7 @@
 //! Reachability, with libp2p's own parts: AutoNAT tells a node whether others can dial it;
-//! a node that is not (yet) known to be public reserves a slot on up to two relays it has
-//! reached (peers that offer Circuit Relay v2) and becomes reachable at their `/p2p-circuit`
-//! addresses; when a peer connects through a relay, DCUtR punches a hole for a direct
+//! a node that AutoNAT finds private (or that gets no verdict within 20 s) reserves a slot
+//! on up to two relays it has reached (peers that offer Circuit Relay v2) and becomes
+//! reachable at their `/p2p-circuit` addresses; when a peer connects through a relay, DCUtR punches a hole for a direct
 //! connection, and once one is up the relayed connection is closed, as soon as no request
 //! of ours is in flight on it (requests to that peer wait the few milliseconds until it has
 //! closed, so none is lost or sent twice).
@@ -125,12 +125,15 @@ struct Conn {
     dialer: bool,
 }
 
+/// How long a node waits for AutoNAT's verdict before it reserves on relays anyway.
+const UNKNOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// How long a relay that refused or dropped us is left alone.
 const RELAY_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The event loop's reachability state.
 pub(crate) struct Reach {
-    /// Reserve on relays while not known to be public (nodes, not clients).
+    /// Reserve on relays when AutoNAT finds this peer private (nodes, not clients).
     auto_relay: bool,
     max_relays: usize,
     status: Reachability,
@@ -310,9 +313,22 @@ impl Reach {
         }
     }
 
-    /// Keep up to `max_relays` reservations while not known to be public.
+    /// Whether to hold reservations: once AutoNAT says private, or when it has given no
+    /// verdict for a while (no peer could probe). Not before: a relay keeps a slot until
+    /// the reservation expires or the connection closes, so a node that reserved and then
+    /// turned out public would hold a slot a node at home needs (a test caught that).
+    fn wants_relays(&self) -> bool {
+        self.auto_relay
+            && match self.status {
+                Reachability::Private => true,
+                Reachability::Unknown => self.started.elapsed() > UNKNOWN_GRACE,
+                Reachability::Public => false,
+            }
+    }
+
+    /// Keep up to `max_relays` reservations while [`Self::wants_relays`].
     pub(crate) fn reserve(&mut self, swarm: &mut Swarm<VeilBehaviour>) {
-        if !self.auto_relay || self.status == Reachability::Public {
+        if !self.wants_relays() {
             return;
         }
         let now = Instant::now();

@@ -456,6 +456,13 @@ fn a_relay_at_its_limit_refuses_and_both_sides_say_why() {
                 break;
             }
         }
+        // a public node never takes a relay's slot (it would keep it for the reservation's
+        // lifetime even after AutoNAT found it public)
+        assert!(
+            !nodes[1].log().contains("reachable through the relay"),
+            "{}",
+            nodes[1].log()
+        );
         assert!(
             std::time::Instant::now() < deadline,
             "relay:\n{relay_log}\nhome 0:\n{}\nhome 1:\n{}",
