@@ -30,8 +30,8 @@ external_addresses = []
 relay = false
 # Peers holding a reservation at once; relayed connections at once and per peer.
 relay_max_reservations = 128
-relay_max_circuits = 16
-relay_max_circuits_per_peer = 4
+relay_max_circuits = 64
+relay_max_circuits_per_peer = 16
 # Each relayed connection is closed after this many seconds or MiB.
 relay_max_circuit_duration_s = 3600
 relay_max_circuit_mib = 1024
@@ -177,9 +177,11 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
         relay: p.relay.unwrap_or(false).then(|| {
             let d = veil_protocol::RelayLimits::default();
             veil_protocol::RelayLimits {
-                max_reservations: p.relay_max_reservations.unwrap_or(128),
-                max_circuits: p.relay_max_circuits.unwrap_or(16),
-                max_circuits_per_peer: p.relay_max_circuits_per_peer.unwrap_or(4),
+                max_reservations: p.relay_max_reservations.unwrap_or(d.max_reservations),
+                max_circuits: p.relay_max_circuits.unwrap_or(d.max_circuits),
+                max_circuits_per_peer: p
+                    .relay_max_circuits_per_peer
+                    .unwrap_or(d.max_circuits_per_peer),
                 max_circuit_duration: std::time::Duration::from_secs(
                     p.relay_max_circuit_duration_s.unwrap_or(3600),
                 ),

@@ -145,6 +145,14 @@ impl VeilBehaviour {
             StreamProtocol::try_from_owned(protocol_name("kad")).expect("valid protocol name"),
         );
         kad_config.set_query_timeout(Duration::from_secs(30));
+        if !reach.autonat {
+            // a client (the nodes run AutoNAT) neither serves the DHT nor asks it: learning
+            // peers from it would make kad dial them at addresses it cannot reach (a node's
+            // address inside its home network), and libp2p fails every request waiting for
+            // a peer when any dial to it fails
+            kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+            kad_config.set_periodic_bootstrap_interval(None);
+        }
         let kad =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         Ok(VeilBehaviour {

@@ -112,6 +112,9 @@ impl Event {
 /// Events the application may leave unread before new ones are dropped.
 pub const EVENT_QUEUE: usize = 256;
 
+/// Addresses kept per peer from the application (see `EventLoop::given_addrs`).
+const MAX_GIVEN_ADDRS: usize = 8;
+
 type Reply<T> = oneshot::Sender<Result<T, ProtocolError>>;
 
 enum Command {
@@ -249,7 +252,7 @@ impl Network {
         peer: PeerId,
         request: InferRequest,
     ) -> Result<InferResponse, ProtocolError> {
-        self.call(|r| Command::Infer(peer, request, r)).await
+        redial(|| self.call(|r| Command::Infer(peer, request.clone(), r))).await
     }
 
     pub async fn upload(
@@ -257,12 +260,13 @@ impl Network {
         peer: PeerId,
         request: UploadRequest,
     ) -> Result<UploadResponse, ProtocolError> {
-        self.call(|r| Command::Upload(peer, request, r)).await
+        redial(|| self.call(|r| Command::Upload(peer, request.clone(), r))).await
     }
 
     /// The capacity ads a peer knows (each still to be verified).
     pub async fn directory(&self, peer: PeerId) -> Result<Vec<SignedAd>, ProtocolError> {
-        let DirectoryResponse::Ads(ads) = self.call(|r| Command::Directory(peer, r)).await?;
+        let DirectoryResponse::Ads(ads) =
+            redial(|| self.call(|r| Command::Directory(peer, r))).await?;
         Ok(ads)
     }
 
@@ -314,6 +318,11 @@ pub struct EventLoop {
     reach: Reach,
     /// Requests waiting for a relayed connection to their peer to close.
     held: HashMap<PeerId, Vec<Command>>,
+    /// Addresses the application gave for a peer (from its signed ad or a deployment
+    /// record), passed with every request to it: libp2p forgets an address after one failed
+    /// dial (a relay refusing a circuit for a moment), and the peer would then be tried at
+    /// its other addresses only, for good.
+    given_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     /// libp2p's own metrics (connections, kad, gossipsub, identify, ping), when asked for.
     metrics: Option<Metrics>,
 }
@@ -397,9 +406,36 @@ pub fn new_with_metrics(
         serve: config.serve,
         reach: Reach::new(config.reachable),
         held: HashMap::new(),
+        given_addrs: HashMap::new(),
         metrics: registry.map(Metrics::new),
     };
     Ok((handle, ev_rx, event_loop))
+}
+
+/// Times a request that failed only for want of a connection is sent again.
+const REDIALS: u32 = 2;
+
+/// Run `send` again (up to [`REDIALS`] times, 250 ms apart and more) while it fails only
+/// because no connection to the peer could be made. libp2p fails every request waiting
+/// for a peer when any dial to it fails: a hole punch to an address behind a NAT, say,
+/// while the dial through a relay that would have carried the request is still under way.
+async fn redial<T, F>(mut send: impl FnMut() -> F) -> Result<T, ProtocolError>
+where
+    F: std::future::Future<Output = Result<T, ProtocolError>>,
+{
+    let dial_failed = request_response::OutboundFailure::DialFailure.to_string();
+    let mut tries = 0;
+    loop {
+        match send().await {
+            Err(ProtocolError::Request { reason, .. })
+                if reason == dial_failed && tries < REDIALS =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(tries))).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 fn request_error(peer: &PeerId, e: impl std::fmt::Display) -> ProtocolError {
@@ -467,6 +503,12 @@ impl EventLoop {
                 }
             }
             Command::AddAddress(peer, addr) => {
+                let given = self.given_addrs.entry(peer).or_default();
+                if !given.contains(&addr) {
+                    // the newest first, a few per peer
+                    given.insert(0, addr.clone());
+                    given.truncate(MAX_GIVEN_ADDRS);
+                }
                 swarm.add_peer_address(peer, addr.clone());
                 if self.serve {
                     swarm.behaviour_mut().kad.add_address(&peer, addr);
@@ -501,22 +543,36 @@ impl EventLoop {
                 let _ = reply.send(r);
             }
             Command::Infer(peer, req, reply) => {
-                let id = swarm.behaviour_mut().infer.send_request(&peer, req);
+                let addrs = self.given_addrs.get(&peer).cloned().unwrap_or_default();
+                let id = swarm
+                    .behaviour_mut()
+                    .infer
+                    .send_request_with_addresses(&peer, req, addrs);
                 self.pending_infer.insert(id, reply);
             }
             Command::Upload(peer, req, reply) => {
-                let id = swarm.behaviour_mut().upload.send_request(&peer, req);
+                let addrs = self.given_addrs.get(&peer).cloned().unwrap_or_default();
+                let id = swarm
+                    .behaviour_mut()
+                    .upload
+                    .send_request_with_addresses(&peer, req, addrs);
                 self.pending_upload.insert(id, reply);
             }
             Command::Directory(peer, reply) => {
-                let id = swarm
-                    .behaviour_mut()
-                    .directory
-                    .send_request(&peer, DirectoryRequest::Ads);
+                let addrs = self.given_addrs.get(&peer).cloned().unwrap_or_default();
+                let id = swarm.behaviour_mut().directory.send_request_with_addresses(
+                    &peer,
+                    DirectoryRequest::Ads,
+                    addrs,
+                );
                 self.pending_directory.insert(id, reply);
             }
             Command::Proof(peer, req, reply) => {
-                let id = swarm.behaviour_mut().proofs.send_request(&peer, req);
+                let addrs = self.given_addrs.get(&peer).cloned().unwrap_or_default();
+                let id = swarm
+                    .behaviour_mut()
+                    .proofs
+                    .send_request_with_addresses(&peer, req, addrs);
                 self.pending_proof.insert(id, reply);
             }
             Command::RespondProof(ch, resp) => {

@@ -39,16 +39,18 @@ pub struct RelayLimits {
 }
 
 impl Default for RelayLimits {
-    /// libp2p's defaults, except the per-circuit limits: libp2p's (2 minutes, 128 KiB) are
-    /// meant only for hole punching, and a node behind a symmetric NAT serves through its
-    /// relay for as long as a session lasts.
+    /// libp2p's defaults, except for circuits: libp2p's per-circuit limits (2 minutes,
+    /// 128 KiB) are meant only for hole punching, and a node behind a symmetric NAT serves
+    /// through its relay for as long as a session lasts; and libp2p's 16 circuits, 4 per
+    /// peer, refuse a client that deploys to more than four nodes behind one relay at once
+    /// (one circuit each).
     fn default() -> Self {
         RelayLimits {
             max_reservations: 128,
             max_reservations_per_peer: 4,
             reservation_duration: Duration::from_secs(3600),
-            max_circuits: 16,
-            max_circuits_per_peer: 4,
+            max_circuits: 64,
+            max_circuits_per_peer: 16,
             max_circuit_duration: Duration::from_secs(3600),
             max_circuit_bytes: 1 << 30,
         }
