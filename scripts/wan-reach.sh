@@ -4,22 +4,26 @@
 # behind an endpoint-independent NAT (reached through a relay, then a punched hole) and (c) a
 # node at home behind a symmetric NAT (through a relay for good), one generation each after
 # a warm-up, per delay; with the round-trip ceiling (each token: one round trip over the
-# client's uplink and the node's, 2 · 2D, twice that through a relay) and the relayed/direct
-# ratio.
+# client's uplink and the node's, 2 · 2D, plus the relay's uplink twice through a relay) and
+# the ratio to the public node.
 #
-#   scripts/wan-reach.sh [--delays 5,20] [--model smollm2] [--tokens 48]
+#   scripts/wan-reach.sh [--delays 5,20] [--relay-delay MS] [--model smollm2] [--tokens 48]
+#
+#   --relay-delay MS   the public hosts' (bootstrap, relay) uplinks, one way [default: as
+#                      each --delays entry]; 1 puts the relay in a data centre
 #
 # Needs root (network namespaces) and nftables (scripts/setup.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-delays="5,20" model="smollm2" tokens=48
+delays="5,20" model="smollm2" tokens=48 relay_delay=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --delays) delays="$2"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --tokens) tokens="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --relay-delay) relay_delay="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -27,11 +31,12 @@ done
 source scripts/wan-lib.sh
 wan_prepare "$model"
 
-echo "| one-way delay (ms) | node | reached | decode tok/s | ms/token | ceiling tok/s | vs public |"
-echo "|---|---|---|---|---|---|---|"
+echo "| one-way delay (ms) | relay's (ms) | node | reached | decode tok/s | ms/token | ceiling tok/s | vs public |"
+echo "|---|---|---|---|---|---|---|---|"
 IFS=',' read -ra list <<< "$delays"
 for d in "${list[@]}"; do
-  wan_up --homes eim,symmetric --home-nodes --delay-ms "$d" --jitter-ms 0
+  r="${relay_delay:-$d}"
+  wan_up --homes eim,symmetric --home-nodes --delay-ms "$d" --public-delay-ms "$r" --jitter-ms 0
   id_of() { grep "^  $1 " "$work/wan.out" | grep -o "node [^ ]*" | awk '{print $2}'; }
   # the nodes at home are usable once their ads carry relayed addresses
   for _ in $(seq 60); do
@@ -50,22 +55,22 @@ for d in "${list[@]}"; do
     }
     run  # warm-up: the node loads its shard
     run
-    python3 - "$d" "$host" "${public_tps:-0}" "$work/gen.json" > "$work/row" <<'PY'
+    python3 - "$d" "$r" "$host" "${public_tps:-0}" "$work/gen.json" > "$work/row" <<'PY'
 import json, sys
-d, host, public, path = float(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+d, r, host, public, path = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]
 out = json.load(open(path))
 tps = out["timing"]["decode_tokens_per_s"]
 c = out["network"]["connections"]
+# one round trip per token over the client's uplink and the node's (and the relay's twice)
 if host == "boot":
-    how, hops = "direct", 1
+    how, one_way = "direct", d + r
 elif c["hole_punches"] > 0:
-    how, hops = "direct (hole punched)", 1
+    how, one_way = "direct (hole punched)", 2 * d
 else:
-    how, hops = "relayed", 2
-# one round trip per token over the client's uplink and the node's (and the relay's)
-ceiling = 1 / (hops * 2 * 2 * d / 1000) if d > 0 else float("inf")
+    how, one_way = "relayed", 2 * d + 2 * r
+ceiling = 1 / (2 * one_way / 1000) if one_way > 0 else float("inf")
 ratio = f"{tps / public:.2f}" if public > 0 else "1.00"
-print(f"| {d:g} | {host} | {how} | {tps:.1f} | {1000 / tps:.1f} | {ceiling:.1f} | {ratio} |")
+print(f"| {d:g} | {r:g} | {host} | {how} | {tps:.1f} | {1000 / tps:.1f} | {ceiling:.1f} | {ratio} |")
 print(tps)
 PY
     head -1 "$work/row"

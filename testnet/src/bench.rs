@@ -102,6 +102,14 @@ pub struct BenchReport {
     /// The same levels through the OpenAI-compatible gateway (`--gateway`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<crate::gateway_bench::GatewayReport>,
+    /// The WAN the network ran on (`--topology wan`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<crate::calibrate::WanReport>,
+    /// The same network and levels simulated (needs the baselines), and the parameters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub simulated: Vec<crate::calibrate::Simulated>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sim_params: Option<SimParams>,
 }
 
 impl BenchReport {
@@ -394,6 +402,7 @@ pub fn run(network: &LocalNetwork, opts: &BenchOptions, model: &str) -> Result<B
         );
         levels_done.push(level);
     }
+    let connections = client.reach();
     drop(client);
     let gateway = if opts.gateway {
         Some(crate::gateway_bench::measure(
@@ -411,7 +420,7 @@ pub fn run(network: &LocalNetwork, opts: &BenchOptions, model: &str) -> Result<B
         baselines(network, &prompts, opts.gen_tokens)?
     };
     let config = &network.bundle.meta.config;
-    Ok(BenchReport {
+    let mut report = BenchReport {
         model: model.to_string(),
         layers: config.n_layers,
         d_model: config.d_model,
@@ -425,7 +434,16 @@ pub fn run(network: &LocalNetwork, opts: &BenchOptions, model: &str) -> Result<B
         levels: levels_done,
         baselines,
         gateway,
-    })
+        wan: crate::calibrate::wan_report(network, connections),
+        simulated: Vec::new(),
+        sim_params: None,
+    };
+    if report.baseline("plaintext, 1 process").is_some() {
+        let params = crate::calibrate::sim_params(&report, network);
+        report.simulated = crate::calibrate::compare(&report, &params);
+        report.sim_params = Some(params);
+    }
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -26,6 +26,21 @@ pub struct ChaosOptions {
     /// Seconds a killed node stays down before it is restarted.
     pub down: f64,
     pub seed: u64,
+    /// Which nodes may be killed.
+    pub victims: Victims,
+}
+
+/// Which nodes chaos kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Victims {
+    /// Any node.
+    #[default]
+    All,
+    /// Only nodes that hold stages.
+    Serving,
+    /// Only nodes that hold no stage: on the WAN, the public nodes that bootstrap and relay
+    /// (a relay going away must not lose a session).
+    Relays,
 }
 
 /// A node kill during the run.
@@ -92,6 +107,7 @@ fn nap(d: Duration, stop: &AtomicBool) -> bool {
 /// Kill a random running node every `every`, restart it after `down`, until `stop`.
 fn killer(
     nodes: &mut [NodeProcess],
+    victims: &[usize],
     every: Duration,
     down: Duration,
     seed: u64,
@@ -101,7 +117,7 @@ fn killer(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut kills = Vec::new();
     while !nap(every, stop) {
-        let i = rng.gen_range(0..nodes.len());
+        let i = victims[rng.gen_range(0..victims.len())];
         let at_s = start.elapsed().as_secs_f64();
         tracing::info!("chaos: killing {}", nodes[i].name);
         nodes[i].kill();
@@ -134,6 +150,25 @@ pub fn run(network: &mut LocalNetwork, opts: &ChaosOptions) -> Result<ChaosRepor
     if opts.kill_every <= 0.0 || opts.down < 0.0 {
         bail!("--kill-every must be positive and --down not negative");
     }
+    let victims: Vec<usize> = network
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| match opts.victims {
+            Victims::All => true,
+            Victims::Serving => network.serving.contains(&n.peer_id),
+            Victims::Relays => !network.serving.contains(&n.peer_id),
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if victims.is_empty() {
+        bail!(
+            "no node to kill: --victims {:?} matches none of the {} nodes (only the WAN \
+             topology has nodes that relay and hold no stage)",
+            opts.victims,
+            network.nodes.len()
+        );
+    }
     let prompts = prompts(&network.text, opts.sessions, opts.prompt_tokens)?;
     let client = LoadClient::connect(network)?;
     let params = greedy(opts.gen_tokens);
@@ -153,7 +188,7 @@ pub fn run(network: &mut LocalNetwork, opts: &ChaosOptions) -> Result<ChaosRepor
     );
     let nodes = &mut network.nodes;
     let (results, kills) = std::thread::scope(|scope| {
-        let k = scope.spawn(|| killer(nodes, every, down, opts.seed, &stop, start));
+        let k = scope.spawn(|| killer(nodes, &victims, every, down, opts.seed, &stop, start));
         let results = client.run(&prompts, &params, opts.rounds.max(1), &bar);
         stop.store(true, Ordering::Relaxed);
         (results, k.join().unwrap_or_default())

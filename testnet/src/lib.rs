@@ -2,6 +2,7 @@
 //! measurements made there, and a simulation that projects them to larger networks.
 
 pub mod bench;
+pub mod calibrate;
 pub mod chaos;
 pub mod cleanup;
 pub mod cluster;

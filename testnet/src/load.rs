@@ -230,6 +230,15 @@ impl LoadClient {
     }
 
     /// Work counters of every node (`None` where a node did not answer).
+    /// This client's connections: hole punches, relayed and direct ones.
+    pub fn reach(&self) -> Option<veil_protocol::ReachStatus> {
+        let network = self.client.network.clone();
+        self.client
+            .runtime
+            .block_on(async move { network.reach().await })
+            .ok()
+    }
+
     pub fn node_stats(
         &self,
         network: &LocalNetwork,

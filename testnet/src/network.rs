@@ -15,6 +15,8 @@ use veil_model::crypto::ShardQuant;
 use veil_model::TextCodec;
 
 use crate::cluster::{start_nodes, NodeProcess, NodeSettings};
+use crate::wan::ns::in_namespace;
+use crate::wan::{Host, NatKind, Wan, WanOptions};
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -37,6 +39,11 @@ pub struct NetworkOptions {
     pub calibration: Option<String>,
     /// The deployment's default verification rate (`veil deploy --verify`).
     pub verify: Option<f64>,
+    /// Run on a wide-area network built on this machine (`--topology wan`, needs root)
+    /// instead of loopback: each of the `nodes` in a home network of its own behind a NAT
+    /// (the kinds of `homes` taken in turn), two more nodes on the public segment that
+    /// bootstrap and relay but hold no stage, and the client behind its own NAT.
+    pub wan: Option<WanOptions>,
 }
 
 impl Default for NetworkOptions {
@@ -52,6 +59,7 @@ impl Default for NetworkOptions {
             quant: ShardQuant::default(),
             calibration: None,
             verify: None,
+            wan: None,
         }
     }
 }
@@ -101,8 +109,15 @@ pub struct LocalNetwork {
     pub model_path: Option<PathBuf>,
     pub stages: usize,
     pub deploy_s: f64,
+    /// Where each node runs on the WAN (`None`: loopback here).
+    pub hosts: Vec<Option<Host>>,
+    /// The peer ids of the nodes that may hold stages (all of them on loopback; on the WAN,
+    /// the nodes at home).
+    pub serving: Vec<String>,
     root: Option<tempfile::TempDir>,
     root_path: PathBuf,
+    /// Dropped after the nodes: their namespaces go last.
+    pub wan: Option<Wan>,
 }
 
 impl std::fmt::Debug for LocalNetwork {
@@ -115,7 +130,7 @@ impl std::fmt::Debug for LocalNetwork {
 }
 
 /// Progress messages while the network comes up.
-pub type Say<'a> = &'a dyn Fn(&str);
+pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
 
 impl LocalNetwork {
     /// Check the options, resolve (fetch) the model, start the nodes, wait for their ads
@@ -136,37 +151,81 @@ impl LocalNetwork {
         // The deployment record and its secret bundle live with the testnet, not in the
         // user's VEIL_HOME (models stay there: they were resolved above).
         std::env::set_var("VEIL_HOME", root_path.join("client"));
-        say(&format!("starting {} nodes", opts.nodes));
-        let nodes = start_nodes(&root_path, opts.nodes, &opts.node)?;
+        // declared first, dropped last: the nodes stop before their namespaces go
+        let (wan, nodes, hosts) = match &opts.wan {
+            None => {
+                say(&format!("starting {} nodes", opts.nodes));
+                let nodes = start_nodes(&root_path, opts.nodes, &opts.node)?;
+                let hosts = vec![None; nodes.len()];
+                (None, nodes, hosts)
+            }
+            Some(w) => {
+                let w = wan_for(w, opts.nodes);
+                say(&format!(
+                    "building a WAN: {} home networks behind NATs ({}), the client behind \
+                     its own, links of {}-{} ms",
+                    w.homes.len(),
+                    nat_names(&w.homes),
+                    w.delay_ms.0,
+                    w.delay_ms.1
+                ));
+                let wan = Wan::build(&w)?;
+                say(&format!(
+                    "starting 2 public nodes (bootstrap, relays) and {} at home",
+                    opts.nodes
+                ));
+                let (nodes, hosts) =
+                    crate::wan::up::start_nodes(&root_path, &wan, true, &opts.node)?;
+                let hosts = hosts.into_iter().map(Some).collect();
+                (Some(wan), nodes, hosts)
+            }
+        };
+        let serving: Vec<String> = nodes
+            .iter()
+            .zip(&hosts)
+            .filter(|(_, h)| h.as_ref().is_none_or(|h| h.nat.is_some()))
+            .map(|(n, _)| n.peer_id.clone())
+            .collect();
         let bootstrap = nodes[0]
             .addr
             .clone()
             .context("the first node has no address")?;
-        say("waiting for every node's capacity ad");
-        wait_for_ads(&bootstrap, opts.nodes, Duration::from_secs(180))?;
-        say("encrypting and deploying the model");
-        let started = Instant::now();
-        let model = match &model_path {
-            Some(p) => p.display().to_string(),
-            None => "tiny".to_string(),
-        };
-        let deployment = deploy(&DeployArgs {
-            net: net_args(&bootstrap),
-            model,
-            stages: Some(stages),
-            replicas: opts.replicas.min(opts.nodes),
-            max_len: 1024,
-            client_layers: opts.client_layers,
-            quant: opts.quant,
-            calibration: opts.calibration.clone(),
-            repair: None,
-            // every node's ad is already known
-            wait: 1,
-            verify: opts.verify,
-            nodes: Vec::new(),
-        })
-        .context("deployment failed")?;
-        let deploy_s = started.elapsed().as_secs_f64();
+        let client_ns = wan.as_ref().map(|w| w.client.ns.clone());
+        let (deployment, deploy_s) = in_namespace(client_ns.as_deref(), || -> Result<_> {
+            say("waiting for every node's capacity ad");
+            wait_for_ads(&bootstrap, nodes.len(), Duration::from_secs(180))?;
+            if wan.is_some() {
+                say("waiting until every node at home can be reached (through a relay)");
+                wait_until_reachable(&bootstrap, &serving, Duration::from_secs(120))?;
+            }
+            say("encrypting and deploying the model");
+            let started = Instant::now();
+            let model = match &model_path {
+                Some(p) => p.display().to_string(),
+                None => "tiny".to_string(),
+            };
+            deploy(&DeployArgs {
+                net: net_args(&bootstrap),
+                model,
+                stages: Some(stages),
+                replicas: opts.replicas.min(opts.nodes),
+                max_len: 1024,
+                client_layers: opts.client_layers,
+                quant: opts.quant,
+                calibration: opts.calibration.clone(),
+                repair: None,
+                // every node's ad is already known
+                wait: 1,
+                verify: opts.verify,
+                nodes: if wan.is_some() {
+                    serving.clone()
+                } else {
+                    Vec::new()
+                },
+            })
+            .context("deployment failed")
+            .map(|d| (d, started.elapsed().as_secs_f64()))
+        })??;
         let bundle = ClientBundle::read(&Deployment::dir(&deployment.id)?.join("client.veil"))?;
         let text = TextCodec::new(bundle.meta.text.clone())?;
         let root = if opts.keep {
@@ -185,9 +244,18 @@ impl LocalNetwork {
             model_path,
             stages,
             deploy_s,
+            hosts,
+            serving,
             root,
             root_path,
+            wan,
         })
+    }
+
+    /// The namespace the client must run in (`None`: here, on loopback); see
+    /// [`in_namespace`].
+    pub fn client_namespace(&self) -> Option<String> {
+        self.wan.as_ref().map(|w| w.client.ns.clone())
     }
 
     /// The fewest replicas any stage of the deployment has.
@@ -237,6 +305,62 @@ pub fn net_args(bootstrap: &str) -> NetArgs {
     NetArgs {
         bootstrap: vec![bootstrap.to_string()],
         request_timeout: 30,
+    }
+}
+
+/// The WAN for `nodes` nodes at home: one home network each, NAT kinds from `w.homes` in
+/// turn (endpoint-independent when it names none).
+fn wan_for(w: &WanOptions, nodes: usize) -> WanOptions {
+    let kinds = if w.homes.is_empty() {
+        vec![NatKind::EndpointIndependent]
+    } else {
+        w.homes.clone()
+    };
+    WanOptions {
+        homes: (0..nodes).map(|i| kinds[i % kinds.len()]).collect(),
+        ..w.clone()
+    }
+}
+
+fn nat_names(kinds: &[NatKind]) -> String {
+    let eim = kinds
+        .iter()
+        .filter(|k| **k == NatKind::EndpointIndependent)
+        .count();
+    format!(
+        "{eim} endpoint-independent, {} symmetric",
+        kinds.len() - eim
+    )
+}
+
+/// Wait until every peer of `peers` advertises a way to reach it: AutoNAT found it public,
+/// or it holds a relay reservation (a `/p2p-circuit` address).
+pub fn wait_until_reachable(bootstrap: &str, peers: &[String], limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut client = Client::connect(&net_args(bootstrap))?;
+    loop {
+        let ads = client
+            .discover(Duration::from_secs(1), usize::MAX)
+            .ads(veil_protocol::ad::now_ms());
+        let reachable = |peer: &String| {
+            ads.iter().any(|(_, ad)| {
+                &ad.peer_id == peer
+                    && (ad.reachability == veil_protocol::reach::Reachability::Public
+                        || ad.addrs.iter().any(|a| a.contains("/p2p-circuit")))
+            })
+        };
+        let missing: Vec<&String> = peers.iter().filter(|p| !reachable(p)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "{} nodes still advertise no way to reach them after {limit:?} (no relay \
+                 reservation): {missing:?}",
+                missing.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
 

@@ -114,7 +114,51 @@ pub fn markdown(r: &BenchReport) -> String {
             );
         }
     }
+    wan_section(r, &mut s);
+    simulated_section(r, &mut s);
     s
+}
+
+fn wan_section(r: &BenchReport, s: &mut String) {
+    let Some(w) = &r.wan else { return };
+    let _ = writeln!(
+        s,
+        "
+On a WAN (network namespaces on this machine; every uplink {} Mbit/s, jitter ±{} \
+         ms): the client behind its own NAT ({}), {} ms one way to the switch.\n\n| node | NAT | \
+         uplink ms | reached |\n|---|---|---|---|",
+        w.rate_mbit, w.jitter_ms, w.client_nat, w.client_delay_ms
+    );
+    for n in &w.nodes {
+        let reached = match (n.nat.as_str(), n.relayed) {
+            ("public", _) => "directly (bootstrap, relay)",
+            (_, true) => "through a relay",
+            (_, false) => "hole punched",
+        };
+        let _ = writeln!(s, "| {} | {} | {} | {reached} |", n.node, n.nat, n.delay_ms);
+    }
+    if let Some(c) = &w.connections {
+        let _ = writeln!(
+            s,
+            "
+The client's connections at the end: {} direct, {} relayed; {} holes punched, \
+             {} punches failed.",
+            c.direct_connections, c.relayed_connections, c.hole_punches, c.hole_punch_failures
+        );
+    }
+}
+
+fn simulated_section(r: &BenchReport, s: &mut String) {
+    if r.simulated.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nThe simulator on the same network (`veil-testnet simulate`'s model: this run's \
+         plaintext cost per layer, the default hop cost, the links above), beside the \
+         measurement:\n\n{}",
+        crate::calibrate::table(&r.simulated)
+    );
 }
 
 /// Write `bench.md`, `bench.json` and the two charts into `dir`.

@@ -57,18 +57,69 @@ pub struct SimParams {
     pub client_ms: f64,
     /// Node speeds are `exp(N(0, sigma))` times the base speed.
     pub speed_sigma: f64,
-    /// One-way client-node latency, drawn uniformly per pair, ms.
+    /// One-way client-node latency, drawn uniformly per pair, ms (unless `links` is set).
     pub latency_ms: (f64, f64),
+    /// A known topology instead of drawn latencies (the testnet's WAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<Links>,
     pub bandwidth_mbit: f64,
     /// Bytes of hidden state per row (4 × d_model).
     pub row_bytes: usize,
     pub max_batch_rows: usize,
+    /// 0: every node has a machine of its own. N: the nodes share one machine that runs at
+    /// most N forward passes at once (the testnet's nodes on one computer); a node with work
+    /// waits for a free one, first come first served.
+    #[serde(default)]
+    pub machine_passes: usize,
     pub routing: Routing,
     pub relay: Relay,
     /// Simulated seconds, of which the first `warmup_s` are not measured.
     pub duration_s: f64,
     pub warmup_s: f64,
     pub seed: u64,
+}
+
+/// The links of a known topology: every machine has an uplink to a common switch, so a
+/// message between two of them crosses both uplinks, and one through a relay crosses the
+/// relay's uplink twice more. One-way delays in ms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Links {
+    pub client_ms: f64,
+    /// Per simulated node (node `i` holds stage `i % stages`).
+    pub node_ms: Vec<f64>,
+    /// Whether the client reaches the node only through a relay (a symmetric NAT).
+    pub relayed: Vec<bool>,
+    pub relay_ms: f64,
+}
+
+impl Links {
+    fn node(&self, i: usize) -> (f64, bool) {
+        (
+            self.node_ms.get(i).copied().unwrap_or(0.0),
+            self.relayed.get(i).copied().unwrap_or(false),
+        )
+    }
+
+    /// One-way delay and the number of links crossed, client to node `i`.
+    pub fn client_to(&self, i: usize) -> (f64, usize) {
+        let (d, relayed) = self.node(i);
+        if relayed {
+            (self.client_ms + d + 2.0 * self.relay_ms, 4)
+        } else {
+            (self.client_ms + d, 2)
+        }
+    }
+
+    /// One-way delay and links crossed, node `a` to node `b` (through a relay when either
+    /// is behind a symmetric NAT).
+    pub fn between(&self, a: usize, b: usize) -> (f64, usize) {
+        let ((da, ra), (db, rb)) = (self.node(a), self.node(b));
+        if ra || rb {
+            (da + db + 2.0 * self.relay_ms, 4)
+        } else {
+            (da + db, 2)
+        }
+    }
 }
 
 impl Default for SimParams {
@@ -87,9 +138,11 @@ impl Default for SimParams {
             client_ms: 1.5,
             speed_sigma: 0.5,
             latency_ms: (5.0, 40.0),
+            links: None,
             bandwidth_mbit: 100.0,
             row_bytes: 4 * 576,
             max_batch_rows: 512,
+            machine_passes: 0,
             routing: Routing::LeastLoaded,
             relay: Relay::Client,
             duration_s: 120.0,
@@ -150,6 +203,35 @@ struct Session {
     last_token_us: u64,
 }
 
+/// One-way time for `rows` rows from the client of `session` to `node` (or back), µs:
+/// latency plus the time to put them on each link crossed.
+fn client_trip_us(p: &SimParams, session: usize, node: usize, rows: usize) -> f64 {
+    match &p.links {
+        Some(l) => {
+            let (ms, hops) = l.client_to(node);
+            ms * 1e3 + hops as f64 * transfer_us(p, rows)
+        }
+        None => pair_latency_us(p, session, node) + transfer_us(p, rows),
+    }
+}
+
+/// The same from node `a` to node `b` (stages chained).
+fn node_trip_us(p: &SimParams, a: usize, b: usize, rows: usize) -> f64 {
+    match &p.links {
+        Some(l) => {
+            let (ms, hops) = l.between(a, b);
+            ms * 1e3 + hops as f64 * transfer_us(p, rows)
+        }
+        // node-to-node latency drawn like a client's, keyed by the pair
+        None => pair_latency_us(p, usize::MAX - a, b) + transfer_us(p, rows),
+    }
+}
+
+/// Time to put `rows` rows on one link, µs.
+fn transfer_us(p: &SimParams, rows: usize) -> f64 {
+    (rows * p.row_bytes * 8) as f64 / p.bandwidth_mbit.max(1e-6)
+}
+
 /// Deterministic one-way latency of a client-node pair, in µs.
 fn pair_latency_us(p: &SimParams, session: usize, node: usize) -> f64 {
     // splitmix64 of the pair
@@ -184,7 +266,6 @@ pub fn simulate(p: &SimParams) -> SimResult {
         .map(|s| (0..n_nodes).filter(|&i| nodes[i].stage == s).collect())
         .collect();
     let layers_of = |stage: usize| lpn.min(p.layers - stage * lpn);
-    let transfer_us = |rows: usize| (rows * p.row_bytes * 8) as f64 / (p.bandwidth_mbit.max(1e-6));
     let mut sessions: Vec<Session> = (0..p.sessions)
         .map(|_| Session {
             route: Vec::new(),
@@ -209,6 +290,8 @@ pub fn simulate(p: &SimParams) -> SimResult {
     let end_us = (p.duration_s * 1e6) as u64;
     let warm_us = (p.warmup_s.min(p.duration_s * 0.9) * 1e6) as u64;
     let (mut tokens, mut gaps, mut ttft) = (0u64, Vec::new(), Vec::new());
+    // nodes with queued work and no pass running, in the order they got it
+    let mut waiting: VecDeque<usize> = VecDeque::new();
     while let Some(Reverse((now, _, event))) = heap.pop() {
         if now > end_us {
             break;
@@ -241,11 +324,24 @@ pub fn simulate(p: &SimParams) -> SimResult {
                 s.rows = p.prompt_tokens.max(1);
                 s.generated = 0;
                 s.started_us = now;
+                // as `veil` opens a session: per stage, one stats request to every replica
+                // at once (to find the least loaded), then an open request to the one chosen
+                let setup_us: f64 = by_stage
+                    .iter()
+                    .zip(&s.route)
+                    .map(|(replicas, &chosen)| {
+                        let rtt = |n: usize| 2.0 * client_trip_us(p, session, n, 0);
+                        let ask = if replicas.len() > 1 {
+                            replicas.iter().map(|&n| rtt(n)).fold(0.0, f64::max)
+                        } else {
+                            0.0
+                        };
+                        ask + rtt(chosen)
+                    })
+                    .sum();
                 let first = s.route[0];
-                let at = t
-                    + p.client_ms * 1e3
-                    + pair_latency_us(p, session, first)
-                    + transfer_us(s.rows);
+                let at =
+                    t + setup_us + p.client_ms * 1e3 + client_trip_us(p, session, first, s.rows);
                 push(
                     &mut heap,
                     at,
@@ -257,11 +353,18 @@ pub fn simulate(p: &SimParams) -> SimResult {
             }
             Event::Arrive { node, session } => {
                 nodes[node].queue.push_back(session);
-                if nodes[node].batch.is_empty() {
-                    start_batch(p, &mut nodes[node], &sessions, layers_of, t, &mut |t, e| {
-                        push(&mut heap, t, e)
-                    });
+                if nodes[node].batch.is_empty() && !waiting.contains(&node) {
+                    waiting.push_back(node);
                 }
+                dispatch(
+                    p,
+                    &mut nodes,
+                    &mut waiting,
+                    &sessions,
+                    layers_of,
+                    t,
+                    &mut |t, e| push(&mut heap, t, e),
+                );
             }
             Event::Done { node } => {
                 let batch = std::mem::take(&mut nodes[node].batch);
@@ -269,12 +372,10 @@ pub fn simulate(p: &SimParams) -> SimResult {
                     let s = &mut sessions[session];
                     let rows = s.rows;
                     if p.relay == Relay::Chain && s.stage + 1 < stages {
-                        // straight to the next stage's node (node-to-node latency drawn
-                        // like a client's, keyed by the pair)
+                        // straight to the next stage's node
                         s.stage += 1;
                         let next = s.route[s.stage];
-                        let at =
-                            t + pair_latency_us(p, usize::MAX - node, next) + transfer_us(rows);
+                        let at = t + node_trip_us(p, node, next, rows);
                         push(
                             &mut heap,
                             at,
@@ -285,19 +386,28 @@ pub fn simulate(p: &SimParams) -> SimResult {
                         );
                         continue;
                     }
-                    let at = t + pair_latency_us(p, session, node) + transfer_us(rows);
+                    let at = t + client_trip_us(p, session, node, rows);
                     push(&mut heap, at, Event::Back { session });
                 }
-                start_batch(p, &mut nodes[node], &sessions, layers_of, t, &mut |t, e| {
-                    push(&mut heap, t, e)
-                });
+                if !nodes[node].queue.is_empty() {
+                    waiting.push_back(node);
+                }
+                dispatch(
+                    p,
+                    &mut nodes,
+                    &mut waiting,
+                    &sessions,
+                    layers_of,
+                    t,
+                    &mut |t, e| push(&mut heap, t, e),
+                );
             }
             Event::Back { session } => {
                 let s = &mut sessions[session];
                 s.stage += 1;
                 if s.stage < stages && p.relay == Relay::Client {
                     let next = s.route[s.stage];
-                    let at = t + pair_latency_us(p, session, next) + transfer_us(s.rows);
+                    let at = t + client_trip_us(p, session, next, s.rows);
                     push(
                         &mut heap,
                         at,
@@ -328,7 +438,7 @@ pub fn simulate(p: &SimParams) -> SimResult {
                 s.stage = 0;
                 s.rows = 1;
                 let first = s.route[0];
-                let at = token_at + pair_latency_us(p, session, first) + transfer_us(1);
+                let at = token_at + client_trip_us(p, session, first, 1);
                 push(
                     &mut heap,
                     at,
@@ -354,6 +464,29 @@ pub fn simulate(p: &SimParams) -> SimResult {
         time_to_first_token: Latency::of_seconds(&ttft),
         mean_utilisation: utilisation.iter().sum::<f64>() / utilisation.len().max(1) as f64,
         max_utilisation: utilisation.iter().copied().fold(0.0, f64::max),
+    }
+}
+
+/// Start passes on waiting nodes, first come first served, while the machine has room.
+fn dispatch(
+    p: &SimParams,
+    nodes: &mut [Node],
+    waiting: &mut VecDeque<usize>,
+    sessions: &[Session],
+    layers_of: impl Fn(usize) -> usize + Copy,
+    t: f64,
+    push: &mut dyn FnMut(f64, Event),
+) {
+    while let Some(&n) = waiting.front() {
+        if p.machine_passes > 0
+            && nodes.iter().filter(|x| !x.batch.is_empty()).count() >= p.machine_passes
+        {
+            return;
+        }
+        waiting.pop_front();
+        if nodes[n].batch.is_empty() {
+            start_batch(p, &mut nodes[n], sessions, layers_of, t, push);
+        }
     }
 }
 

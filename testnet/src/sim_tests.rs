@@ -110,3 +110,72 @@ fn least_loaded_routing_beats_random_on_uneven_nodes() {
         "{least:?} vs {random:?}"
     );
 }
+
+#[test]
+fn known_links_add_both_uplinks_and_a_relay_twice() {
+    let per_token = |relayed: Vec<bool>, relay: Relay| {
+        simulate(&SimParams {
+            nodes: 2,
+            sessions: 1,
+            layers: 20,
+            layers_per_node: 10,
+            links: Some(Links {
+                client_ms: 5.0,
+                node_ms: vec![10.0, 20.0],
+                relayed,
+                relay_ms: 2.0,
+            }),
+            relay,
+            ..quiet()
+        })
+        .per_token
+        .p50_ms
+    };
+    let compute = 2.0 * (10.0 * (0.85 + 0.09) + 1.6) + 1.5;
+    // two stages, each a round trip over the client's uplink and the node's
+    let direct = per_token(vec![false, false], Relay::Client);
+    let want = compute + 2.0 * (5.0 + 10.0) + 2.0 * (5.0 + 20.0);
+    assert!((direct - want).abs() < 0.01, "{direct} vs {want}");
+    // the second node through a relay: its round trip crosses the relay's uplink 4 times
+    let relayed = per_token(vec![false, true], Relay::Client);
+    assert!(
+        (relayed - direct - 4.0 * 2.0).abs() < 0.01,
+        "{relayed} vs {direct}"
+    );
+    // chained: client → node 0 → node 1 → client
+    let chain = per_token(vec![false, false], Relay::Chain);
+    let want = compute + (5.0 + 10.0) + (10.0 + 20.0) + (20.0 + 5.0);
+    assert!((chain - want).abs() < 0.01, "{chain} vs {want}");
+}
+
+#[test]
+fn nodes_sharing_one_machine_wait_for_its_passes() {
+    let p = SimParams {
+        nodes: 3,
+        sessions: 6,
+        ..quiet()
+    };
+    let own = simulate(&p);
+    let shared = simulate(&SimParams {
+        machine_passes: 1,
+        ..p.clone()
+    });
+    // one pass at a time: the busiest the machine can be is one node's worth
+    let busy: f64 = shared.mean_utilisation * 3.0;
+    assert!(busy <= 1.0 + 1e-6, "{shared:?}");
+    assert!(
+        shared.tokens_per_s < own.tokens_per_s,
+        "{shared:?} vs {own:?}"
+    );
+    // with one session there is nothing to wait for
+    let one = |machine_passes| {
+        simulate(&SimParams {
+            sessions: 1,
+            machine_passes,
+            ..p.clone()
+        })
+        .per_token
+        .p50_ms
+    };
+    assert!((one(1) - one(0)).abs() < 0.01);
+}

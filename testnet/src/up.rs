@@ -108,10 +108,14 @@ pub fn ask(
 /// How to use the running network from another terminal.
 pub fn usage_hint(network: &LocalNetwork) -> String {
     let home = network.root().join("client");
+    // on the WAN, a client must run where the harness's client does
+    let prefix = network
+        .client_namespace()
+        .map_or(String::new(), |ns| format!("ip netns exec {ns} "));
     format!(
         "the testnet is up ({} nodes); from another terminal:\n  \
-         VEIL_HOME={} veil chat --deployment {} --bootstrap {}\n  \
-         veil peers --bootstrap {}\npress ctrl-c to stop it",
+         VEIL_HOME={} {prefix}veil chat --deployment {} --bootstrap {}\n  \
+         {prefix}veil peers --bootstrap {}\npress ctrl-c to stop it",
         network.nodes.len(),
         home.display(),
         network.deployment.id,

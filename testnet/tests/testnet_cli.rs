@@ -223,8 +223,17 @@ fn bench_reports_throughput_latency_and_baselines_and_feeds_the_simulator() {
         .map(|b| b["name"].as_str().expect("name"))
         .collect();
     assert_eq!(names, ["plaintext, 1 process", "encrypted, 1 process"]);
+    // the simulator on the same network (three nodes, loopback) beside each level
+    let simulated = v["simulated"].as_array().expect("simulated");
+    assert_eq!(simulated.len(), 3, "{v:#}");
+    for (s, l) in simulated.iter().zip(levels) {
+        assert_eq!(s["sessions"], l["sessions"]);
+        assert_eq!(s["measured_tokens_per_s"], l["tokens_per_s"]);
+        assert!(s["simulated_tokens_per_s"].as_f64() > Some(0.0), "{s}");
+    }
     let md = std::fs::read_to_string(report.join("bench.md")).expect("md");
     assert!(md.contains("| sessions |") && md.contains("vs plaintext"));
+    assert!(md.contains("simulated / measured"), "{md}");
     for svg in ["tokens-per-second.svg", "per-token-latency.svg"] {
         let text = std::fs::read_to_string(report.join(svg)).expect("svg");
         assert!(

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
 pub mod link;
+pub mod ns;
 pub mod up;
 
 use link::DelayLink;
@@ -66,6 +67,9 @@ pub struct WanOptions {
     pub client_nat: NatKind,
     /// One-way delay of each uplink, drawn uniformly from this range (ms).
     pub delay_ms: (u32, u32),
+    /// The public hosts' (bootstrap, relay) uplinks instead, when they differ: a relay in a
+    /// data centre sits closer to everyone than a home does.
+    pub public_delay_ms: Option<(u32, u32)>,
     pub jitter_ms: u32,
     pub rate_mbit: u32,
     pub seed: u64,
@@ -78,6 +82,7 @@ impl Default for WanOptions {
             homes: vec![NatKind::EndpointIndependent, NatKind::Symmetric],
             client_nat: NatKind::EndpointIndependent,
             delay_ms: (5, 40),
+            public_delay_ms: None,
             jitter_ms: 1,
             rate_mbit: 100,
             seed: 7,
@@ -186,10 +191,16 @@ impl Wan {
         let k = BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tag = format!("{PREFIX}{}x{k}", std::process::id());
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-        let mut shape = || LinkShape {
-            delay_ms: rng.gen_range(opts.delay_ms.0..=opts.delay_ms.1.max(opts.delay_ms.0)),
-            jitter_ms: opts.jitter_ms,
-            rate_mbit: opts.rate_mbit,
+        let mut shape = |public: bool| {
+            let (lo, hi) = match opts.public_delay_ms {
+                Some(range) if public => range,
+                _ => opts.delay_ms,
+            };
+            LinkShape {
+                delay_ms: rng.gen_range(lo..=hi.max(lo)),
+                jitter_ms: opts.jitter_ms,
+                rate_mbit: opts.rate_mbit,
+            }
         };
         let public = |n: u8| Ipv4Addr::new(10, 200, 0, n);
         let mut wan = Wan {
@@ -202,7 +213,7 @@ impl Wan {
                 addr: public(2),
                 public: public(2),
                 nat: None,
-                link: shape(),
+                link: shape(true),
             },
             relay: Host {
                 name: "relay".into(),
@@ -210,7 +221,7 @@ impl Wan {
                 addr: public(3),
                 public: public(3),
                 nat: None,
-                link: shape(),
+                link: shape(true),
             },
             homes: Vec::new(),
             client: Host {
@@ -219,7 +230,7 @@ impl Wan {
                 addr: Ipv4Addr::new(10, 202, 0, 2),
                 public: public(9),
                 nat: Some(opts.client_nat),
-                link: shape(),
+                link: shape(false),
             },
         };
         for (i, &nat) in opts.homes.iter().enumerate() {
@@ -232,7 +243,7 @@ impl Wan {
                 addr: Ipv4Addr::new(10, 201, i as u8, 2),
                 public: public(10 + i as u8),
                 nat: Some(nat),
-                link: shape(),
+                link: shape(false),
             });
         }
         // on error, `wan` is dropped and removes what was made

@@ -30,6 +30,28 @@ pub fn parse_delay(s: &str) -> std::result::Result<(u32, u32), String> {
     Ok((a, b))
 }
 
+/// Start a node on each public host of `wan` (`boot` first, the others bootstrapping from
+/// it; both relay for the nodes at home) and, with `home_nodes`, one in each home network
+/// after them. Returns the nodes and where each runs.
+pub fn start_nodes(
+    root: &std::path::Path,
+    wan: &Wan,
+    home_nodes: bool,
+    settings: &NodeSettings,
+) -> Result<(Vec<NodeProcess>, Vec<Host>)> {
+    let mut hosts = vec![wan.boot.clone(), wan.relay.clone()];
+    if home_nodes {
+        hosts.extend(wan.homes.iter().cloned());
+    }
+    let places: Vec<_> = hosts.iter().map(Host::place).collect();
+    let settings = NodeSettings {
+        relays: 2,
+        ..settings.clone()
+    };
+    let nodes = start_nodes_on(root, &places, &settings)?;
+    Ok((nodes, hosts))
+}
+
 impl WanNetwork {
     /// Build the WAN and start a node on each public host (`boot` first, the others
     /// bootstrapping from it) and, with `home_nodes`, one in each home network.
@@ -43,17 +65,7 @@ impl WanNetwork {
             .tempdir()
             .context("cannot make a directory for the nodes")?;
         crate::cleanup::add_dir(root.path().to_path_buf());
-        let mut hosts = vec![wan.boot.clone(), wan.relay.clone()];
-        if home_nodes {
-            hosts.extend(wan.homes.iter().cloned());
-        }
-        let places: Vec<_> = hosts.iter().map(Host::place).collect();
-        // the two public nodes relay for the ones at home
-        let settings = NodeSettings {
-            relays: 2,
-            ..settings.clone()
-        };
-        let nodes = start_nodes_on(root.path(), &places, &settings)?;
+        let (nodes, hosts) = start_nodes(root.path(), &wan, home_nodes, settings)?;
         Ok(WanNetwork {
             nodes,
             hosts,
