@@ -81,9 +81,11 @@ enum ModelCommand {
 }
 
 fn init_logging() {
+    // a client uses no DHT (kad takes no peers in clients), so kad's "no known peers" at
+    // start is noise
     let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "info,wgpu=warn,cubecl=warn,naga=warn,libp2p=warn,libp2p_swarm=warn",
+            "info,wgpu=warn,cubecl=warn,naga=warn,libp2p=warn,libp2p_swarm=warn,libp2p_kad=error",
         )
     });
     tracing_subscriber::fmt()

@@ -18,7 +18,9 @@ use veil_testnet::{cleanup, report, up};
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,libp2p=warn,wgpu=warn,cubecl=warn")
+        tracing_subscriber::EnvFilter::new(
+            "info,libp2p=warn,libp2p_kad=error,wgpu=warn,cubecl=warn",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
