@@ -165,12 +165,17 @@ fn bench_on_the_wan_reports_how_each_node_was_reached_beside_the_simulation() {
             "{s}"
         );
     }
+    // one stage on each node at home, in whichever order the planner chose: the link to
+    // one of them is relayed, to the other not
     let links = &v["sim_params"]["links"];
-    assert_eq!(
-        links["relayed"],
-        serde_json::json!([false, true]),
-        "{links}"
-    );
+    let mut relayed: Vec<bool> = links["relayed"]
+        .as_array()
+        .expect("relayed")
+        .iter()
+        .map(|r| r.as_bool().expect("bool"))
+        .collect();
+    relayed.sort_unstable();
+    assert_eq!(relayed, [false, true], "{links}");
     let md = String::from_utf8_lossy(&out.stdout);
     assert!(
         md.contains("hole punched") && md.contains("through a relay"),
