@@ -5,6 +5,7 @@ use std::path::Path;
 use crate::gguf::GgufFile;
 use crate::qweights::QuantWeights;
 use crate::text::{TextCodec, TextSpec};
+use crate::tiny::TinyVariant;
 use crate::{LlamaConfig, LlamaWeights, ModelError};
 
 /// Everything read from a model file.
@@ -35,7 +36,12 @@ impl ModelBundle {
 
     /// The deterministic tiny random model (see [`crate::tiny`]).
     pub fn tiny() -> Result<Self, ModelError> {
-        Self::from_gguf(&tiny_file()?, "tiny")
+        Self::tiny_variant(TinyVariant::Llama)
+    }
+
+    /// The deterministic tiny random model of another architecture family.
+    pub fn tiny_variant(v: TinyVariant) -> Result<Self, ModelError> {
+        Self::from_gguf(&tiny_file(v)?, "tiny")
     }
 }
 
@@ -67,7 +73,12 @@ impl QuantBundle {
 
     /// The deterministic tiny random model (F32 tensors).
     pub fn tiny() -> Result<Self, ModelError> {
-        Self::from_gguf(&tiny_file()?, "tiny")
+        Self::tiny_variant(TinyVariant::Llama)
+    }
+
+    /// The deterministic tiny random model of another architecture family (F32 tensors).
+    pub fn tiny_variant(v: TinyVariant) -> Result<Self, ModelError> {
+        Self::from_gguf(&tiny_file(v)?, "tiny")
     }
 }
 
@@ -81,8 +92,9 @@ fn open(path: &Path) -> Result<(GgufFile, String), ModelError> {
 }
 
 /// The deterministic tiny random model's file.
-fn tiny_file() -> Result<GgufFile, ModelError> {
-    Ok(GgufFile::from_bytes(crate::tiny::tiny_gguf(
+fn tiny_file(v: TinyVariant) -> Result<GgufFile, ModelError> {
+    Ok(GgufFile::from_bytes(crate::tiny::tiny_variant_gguf(
+        v,
         crate::tiny::TINY_SEED,
     )?)?)
 }

@@ -9,7 +9,8 @@ use crate::{LlamaConfig, ModelError};
 ///
 /// `rope(x)[2j] = x[2j] cos(p t_j) - x[2j+1] sin(p t_j)` and
 /// `rope(x)[2j+1] = x[2j] sin(p t_j) + x[2j+1] cos(p t_j)` with `t_j = base^(-2j/h)`,
-/// computed as `x * cos + (x R) * sin` where `R` maps `x` to `(-x1, x0)` pairwise.
+/// computed as `x * cos + (x R) * sin` where `R` maps `x` to `(-x1, x0)` pairwise. With
+/// frequency factors (Llama 3.1), `t_j` is divided by factor `j`.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     /// `[max_len, h]`: `cos(p t_j)` repeated for both members of pair `j`.
@@ -30,7 +31,11 @@ impl RopeTables {
         let base = f64::from(config.rope_theta);
         for p in 0..n {
             for j in 0..h / 2 {
-                let theta = base.powf(-2.0 * j as f64 / h as f64);
+                let factor = config
+                    .rope_freq_factors
+                    .as_ref()
+                    .map_or(1.0, |f| f64::from(f[j]));
+                let theta = base.powf(-2.0 * j as f64 / h as f64) / factor;
                 let (s, c) = (p as f64 * theta).sin_cos();
                 cos.extend([c as f32, c as f32]);
                 sin.extend([s as f32, s as f32]);

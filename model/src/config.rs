@@ -2,11 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::{Family, FamilySpec};
 use crate::gguf::GgufFile;
 use crate::ModelError;
-
-/// Architectures with the Llama block shape that Veil runs.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 
 /// Shape and constants of a Llama-family model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,15 +30,20 @@ pub struct LlamaConfig {
     pub max_seq_len: usize,
     /// Whether the output head is the transposed embedding table.
     pub tied_embeddings: bool,
+    /// The architecture family: which extras its blocks carry ([`crate::arch`]).
+    #[serde(default)]
+    pub family: Family,
+    /// Per RoPE pair, a divisor of its frequency (`rope_freqs.weight`: Llama 3.1's long
+    /// context scaling); `None` for plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl LlamaConfig {
     /// Read the configuration from a GGUF file's metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let arch = file.get_str("general.architecture")?;
-        if !SUPPORTED_ARCHITECTURES.contains(&arch) {
-            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
-        }
+        let family = Family::from_gguf_name(arch)?;
         let key = |k: &str| format!("{arch}.{k}");
         let d_model = file.get_usize(&key("embedding_length"))?;
         let n_heads = file.get_usize(&key("attention.head_count"))?;
@@ -59,6 +62,25 @@ impl LlamaConfig {
         } else {
             10_000.0
         };
+        // Heads may be wider than d / H (Qwen 3, Gemma 3 say so with `key_length`).
+        let head_dim = if file.has_key(&key("attention.key_length")) {
+            file.get_usize(&key("attention.key_length"))?
+        } else {
+            d_model.checked_div(n_heads).unwrap_or(0)
+        };
+        if file.has_key(&key("attention.value_length"))
+            && file.get_usize(&key("attention.value_length"))? != head_dim
+        {
+            return Err(ModelError::InvalidConfig(format!(
+                "value heads of width {} differ from query heads of width {head_dim}",
+                file.get_usize(&key("attention.value_length"))?
+            )));
+        }
+        let rope_freq_factors = if file.has_tensor("rope_freqs.weight") {
+            Some(file.tensor_f32_shaped("rope_freqs.weight", &[head_dim / 2])?)
+        } else {
+            None
+        };
         let config = LlamaConfig {
             vocab_size,
             d_model,
@@ -66,11 +88,13 @@ impl LlamaConfig {
             n_layers: file.get_usize(&key("block_count"))?,
             n_heads,
             n_kv_heads,
-            head_dim: d_model.checked_div(n_heads).unwrap_or(0),
+            head_dim,
             rope_theta,
             rms_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             max_seq_len: file.get_usize(&key("context_length"))?,
             tied_embeddings: !file.has_tensor("output.weight"),
+            family,
+            rope_freq_factors,
         };
         if file.has_key(&key("rope.dimension_count")) {
             let rope_dims = file.get_usize(&key("rope.dimension_count"))?;
@@ -100,14 +124,17 @@ impl LlamaConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim * self.n_heads != self.d_model {
-            return bad(format!(
-                "width {} is not {} heads of {}",
-                self.d_model, self.n_heads, self.head_dim
-            ));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head width {} is not even", self.head_dim));
         }
-        if !self.head_dim.is_multiple_of(2) {
-            return bad(format!("head width {} is odd", self.head_dim));
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.head_dim / 2 || f.iter().any(|x| x.is_nan() || *x <= 0.0) {
+                return bad(format!(
+                    "{} RoPE frequency factors for heads of width {} (one positive factor per pair)",
+                    f.len(),
+                    self.head_dim
+                ));
+            }
         }
         if self.max_seq_len == 0 {
             return bad("context length is 0".into());
@@ -116,6 +143,16 @@ impl LlamaConfig {
             return bad("RoPE base and RMSNorm epsilon must be positive".into());
         }
         Ok(())
+    }
+
+    /// What the family's blocks carry.
+    pub fn spec(&self) -> FamilySpec {
+        self.family.spec()
+    }
+
+    /// Width of the query projection: `H * h` (not always `d`).
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
     }
 
     /// Query heads per key/value head.
@@ -142,6 +179,8 @@ impl LlamaConfig {
             rms_eps: 1e-5,
             max_seq_len: 512,
             tied_embeddings: true,
+            family: Family::Llama,
+            rope_freq_factors: None,
         }
     }
 }

@@ -5,7 +5,7 @@ use crate::gguf::GgufError;
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unsupported architecture `{0}` (Veil runs Llama-family models: llama)")]
+    #[error("unsupported architecture `{0}` (Veil runs {names})", names = crate::arch::Family::names())]
     UnsupportedArchitecture(String),
     #[error("invalid model configuration: {0}")]
     InvalidConfig(String),

@@ -1,6 +1,7 @@
 //! Veil's model library: a Llama-family decoder in burn, GGUF loading, tokenizer, chat
 //! templates and sampling. It knows nothing of processes, networks or command lines.
 
+pub mod arch;
 pub mod attack;
 pub mod bundle;
 pub mod cache;
@@ -28,6 +29,7 @@ pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
 
+pub use arch::{AttnExtras, Family};
 pub use bundle::{ModelBundle, QuantBundle};
 pub use config::LlamaConfig;
 pub use device::{BackendKind, Compute};

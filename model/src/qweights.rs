@@ -4,7 +4,8 @@
 use veil_kernels::QMatrix;
 
 use crate::gguf::GgufFile;
-use crate::{LlamaConfig, ModelError};
+use crate::weights::{gguf_extras, qk_order};
+use crate::{AttnExtras, LlamaConfig, ModelError};
 
 /// One decoder block; matrices in GGUF's layout (`[out, in]`, one row per output).
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct QuantLayer {
     pub w_up: QMatrix,
     /// `[d, f]`.
     pub w_down: QMatrix,
+    /// Biases and per-head norms of the attention (f32), as the family has them.
+    pub extras: AttnExtras,
 }
 
 /// Every weight of a model, quantized as in its file.
@@ -43,21 +46,28 @@ impl QuantWeights {
     /// The tensors of `file`, by their GGUF names, without copying or dequantizing them.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let c = LlamaConfig::from_gguf(file)?;
-        let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+        let (d, f, q, kv) = (c.d_model, c.d_ff, c.q_dim(), c.kv_dim());
         let vector = |name: &str| file.tensor_f32_shaped(name, &[d]);
+        // Queries and keys of families with another RoPE layout are reordered: a copy of
+        // those two matrices (the file's rows are then never read again).
+        let ordered = |m: QMatrix, heads: usize| match qk_order(&c, heads) {
+            Some(order) => m.select_rows(&order),
+            None => m,
+        };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(QuantLayer {
                 attn_norm: vector(&n("attn_norm"))?,
-                wq: file.tensor_matrix(&n("attn_q"), d, q)?,
-                wk: file.tensor_matrix(&n("attn_k"), d, kv)?,
+                wq: ordered(file.tensor_matrix(&n("attn_q"), d, q)?, c.n_heads),
+                wk: ordered(file.tensor_matrix(&n("attn_k"), d, kv)?, c.n_kv_heads),
                 wv: file.tensor_matrix(&n("attn_v"), d, kv)?,
                 wo: file.tensor_matrix(&n("attn_output"), q, d)?,
                 ffn_norm: vector(&n("ffn_norm"))?,
                 w_gate: file.tensor_matrix(&n("ffn_gate"), d, f)?,
                 w_up: file.tensor_matrix(&n("ffn_up"), d, f)?,
                 w_down: file.tensor_matrix(&n("ffn_down"), f, d)?,
+                extras: gguf_extras(file, &c, i)?,
             });
         }
         let output = if c.tied_embeddings {

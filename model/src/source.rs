@@ -69,6 +69,7 @@ impl PlainWeights for QuantWeights {
             w_gate: linear(&q.w_gate),
             w_up: linear(&q.w_up),
             w_down: linear(&q.w_down),
+            extras: q.extras.clone(),
         }))
     }
     fn embedding(&self) -> Result<Matrix, ModelError> {

@@ -69,6 +69,8 @@ impl SynthShape {
             rms_eps: 1e-5,
             max_seq_len: 8192,
             tied_embeddings: tied,
+            family: crate::Family::Llama,
+            rope_freq_factors: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use crate::arch::{head_order, heads_order, AttnExtras, PairMap, QkNorm, RopeLayout};
 use crate::gguf::GgufFile;
 use crate::{LlamaConfig, Matrix, ModelError};
 
@@ -29,6 +30,8 @@ pub struct LayerWeights {
     pub w_up: Matrix,
     /// `[f, d]`.
     pub w_down: Matrix,
+    /// Biases and per-head norms of the attention, as the family has them.
+    pub extras: AttnExtras,
 }
 
 /// All weights of a model.
@@ -54,11 +57,73 @@ fn vector(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError>
     Ok(file.tensor_f32_shaped(name, &[n])?)
 }
 
+/// `v` reordered: element `i` of the result is `v[order[i]]`.
+pub(crate) fn reorder(v: &[f32], order: &[usize]) -> Vec<f32> {
+    order.iter().map(|&i| v[i]).collect()
+}
+
+/// Columns of `m` reordered: column `i` of the result is column `order[i]` of `m`.
+fn reorder_columns(m: &Matrix, order: &[usize]) -> Matrix {
+    let data = (0..m.rows)
+        .flat_map(|r| order.iter().map(move |&c| m.get(r, c)))
+        .collect();
+    Matrix::new(m.rows, order.len(), data)
+}
+
+/// The order of the query (`heads = H`) or key (`G`) projection's outputs in Veil's RoPE
+/// layout, or `None` when the file's layout is already Veil's.
+pub(crate) fn qk_order(c: &LlamaConfig, heads: usize) -> Option<Vec<usize>> {
+    match c.spec().rope {
+        RopeLayout::Adjacent => None,
+        layout => Some(heads_order(layout, heads, c.head_dim)),
+    }
+}
+
+/// Block `i`'s biases and per-head norms from the file, in Veil's RoPE layout.
+pub(crate) fn gguf_extras(
+    file: &GgufFile,
+    c: &LlamaConfig,
+    i: usize,
+) -> Result<AttnExtras, ModelError> {
+    let spec = c.spec();
+    let (h, q, kv) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let n = |s: &str| format!("blk.{i}.{s}");
+    let ordered = |v: Vec<f32>, heads: usize| match qk_order(c, heads) {
+        Some(order) => reorder(&v, &order),
+        None => v,
+    };
+    let qkv_bias = if spec.qkv_bias {
+        let mut b = ordered(vector(file, &n("attn_q.bias"), q)?, c.n_heads);
+        b.extend(ordered(vector(file, &n("attn_k.bias"), kv)?, c.n_kv_heads));
+        b.extend(vector(file, &n("attn_v.bias"), kv)?);
+        b
+    } else {
+        Vec::new()
+    };
+    let qk_norm = if spec.qk_norm {
+        let order = head_order(spec.rope, h);
+        let gain = |name: &str| -> Result<Vec<f32>, ModelError> {
+            Ok(reorder(&vector(file, &n(name), h)?, &order))
+        };
+        Some(QkNorm {
+            q: PairMap::gain(&gain("attn_q_norm.weight")?, c.n_heads),
+            k: PairMap::gain(&gain("attn_k_norm.weight")?, c.n_kv_heads),
+        })
+    } else {
+        None
+    };
+    Ok(AttnExtras { qkv_bias, qk_norm })
+}
+
 impl LlamaWeights {
     /// Load every tensor by its GGUF name and dequantise it to f32.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let c = LlamaConfig::from_gguf(file)?;
-        let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+        let (d, f, q, kv) = (c.d_model, c.d_ff, c.q_dim(), c.kv_dim());
+        let ordered = |m: Matrix, heads: usize| match qk_order(&c, heads) {
+            Some(order) => reorder_columns(&m, &order),
+            None => m,
+        };
         let embedding = Matrix::new(
             c.vocab_size,
             d,
@@ -69,14 +134,15 @@ impl LlamaWeights {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(LayerWeights {
                 attn_norm: vector(file, &n("attn_norm"), d)?,
-                wq: linear(file, &n("attn_q"), d, q)?,
-                wk: linear(file, &n("attn_k"), d, kv)?,
+                wq: ordered(linear(file, &n("attn_q"), d, q)?, c.n_heads),
+                wk: ordered(linear(file, &n("attn_k"), d, kv)?, c.n_kv_heads),
                 wv: linear(file, &n("attn_v"), d, kv)?,
                 wo: linear(file, &n("attn_output"), q, d)?,
                 ffn_norm: vector(file, &n("ffn_norm"), d)?,
                 w_gate: linear(file, &n("ffn_gate"), d, f)?,
                 w_up: linear(file, &n("ffn_up"), d, f)?,
                 w_down: linear(file, &n("ffn_down"), f, d)?,
+                extras: gguf_extras(file, &c, i)?,
             });
         }
         let output = if c.tied_embeddings {
@@ -105,7 +171,7 @@ impl LlamaWeights {
                 .collect();
             Matrix::new(rows, cols, data)
         };
-        let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+        let (d, f, q, kv) = (c.d_model, c.d_ff, c.q_dim(), c.kv_dim());
         let s_d = 1.7 / (d as f32).sqrt();
         let s_f = 1.7 / (f as f32).sqrt();
         let embedding = matrix(c.vocab_size, d, 1.0);
@@ -122,13 +188,25 @@ impl LlamaWeights {
                 w_gate: matrix(d, f, s_d),
                 w_up: matrix(d, f, s_d),
                 w_down: matrix(f, d, s_f),
+                extras: AttnExtras::default(),
             });
         }
+        let spec = c.spec();
         let mut gains =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(0.6f32..1.4)).collect() };
         for layer in &mut layers {
             layer.attn_norm = gains(d);
             layer.ffn_norm = gains(d);
+            if spec.qkv_bias {
+                // biases of the size of a projection's outputs: [-1, 1] per value
+                layer.extras.qkv_bias = gains(q + 2 * kv).iter().map(|g| (g - 1.0) * 2.5).collect();
+            }
+            if spec.qk_norm {
+                layer.extras.qk_norm = Some(QkNorm {
+                    q: PairMap::gain(&gains(c.head_dim), c.n_heads),
+                    k: PairMap::gain(&gains(c.head_dim), c.n_kv_heads),
+                });
+            }
         }
         Ok(LlamaWeights {
             final_norm: gains(d),

@@ -178,6 +178,26 @@ impl QMatrix {
         }
     }
 
+    /// A new matrix of the rows `order` (row `i` of the result is row `order[i]` of this
+    /// one), interleaved if this one is.
+    ///
+    /// # Panics
+    /// If an index in `order` is not a row.
+    pub fn select_rows(&self, order: &[usize]) -> QMatrix {
+        let mut bytes = Vec::with_capacity(self.row_bytes * order.len());
+        for &r in order {
+            assert!(r < self.rows, "row {r} of {}", self.rows);
+            bytes.extend_from_slice(&self.row(r));
+        }
+        let m = QMatrix::new(self.ty, order.len(), self.cols, Bytes::from_vec(bytes))
+            .expect("whole rows of a readable type");
+        if self.packed {
+            m.pack()
+        } else {
+            m
+        }
+    }
+
     /// Whether the rows are interleaved in groups of eight.
     pub fn is_packed(&self) -> bool {
         self.packed
@@ -654,6 +674,26 @@ mod tests {
         let e = QMatrix::new_packed(GgmlType::Q6_K, 8, 256, Bytes::from_vec(vec![0; 8 * 210]))
             .expect_err("no packed Q6_K");
         assert!(e.to_string().contains("interleaved"), "{e}");
+    }
+
+    #[test]
+    fn selected_rows_are_those_rows_packed_or_not() {
+        let mut rng = Rng::new(17);
+        let plain = QMatrix::new(
+            GgmlType::Q8_0,
+            16,
+            64,
+            Bytes::from_vec(random_rows(GgmlType::Q8_0, 16, 64, &mut rng)),
+        )
+        .expect("matrix");
+        let order: Vec<usize> = (0..16).map(|i| (i * 5 + 3) % 16).collect();
+        for m in [plain.clone(), plain.clone().pack()] {
+            let s = m.select_rows(&order);
+            assert_eq!(s.is_packed(), m.is_packed());
+            for (i, &r) in order.iter().enumerate() {
+                assert_eq!(s.row(i), plain.row(r));
+            }
+        }
     }
 
     #[test]

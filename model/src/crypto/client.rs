@@ -11,7 +11,7 @@ use veil_kernels::{GgmlType, Precision, QMatrix};
 use super::key::{short_fingerprint, ModelKey};
 use super::key_io::{read_key, write_key, KeyMeta};
 use super::linalg::to_f32;
-use super::shard::{ShardMeta, ShardQuant};
+use super::shard::{read_extras, write_extras, ShardMeta, ShardQuant};
 use crate::cache::{KvCache, RopeTables};
 use crate::container::{Container, ContainerWriter};
 use crate::nn::Stage;
@@ -79,7 +79,7 @@ pub struct ClientBundle {
 
 /// Container names of a local (plaintext) layer's tensors: `(name, shape)`.
 fn local_tensors(l: usize, c: &LlamaConfig) -> [(String, Vec<usize>); 9] {
-    let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+    let (d, f, q, kv) = (c.d_model, c.d_ff, c.q_dim(), c.kv_dim());
     let n = |s: &str| format!("local.blk.{l}.{s}");
     [
         (n("attn_norm"), vec![d]),
@@ -116,6 +116,7 @@ fn read_local_layer(
         w_gate: g?,
         w_up: u?,
         w_down: d?,
+        extras: read_extras(c, "local.", l, cfg)?,
     })
 }
 
@@ -149,6 +150,7 @@ impl ClientBundle {
             for ((name, shape), v) in local_tensors(l, c).iter().zip(values) {
                 w.add_f32(name, shape, v);
             }
+            write_extras(&mut w, "local.", l, &layer.extras);
         }
         w.set_meta(&ClientMeta {
             key: key_meta,

@@ -22,6 +22,10 @@ pub struct KeyShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The model normalizes each query and key head before RoPE, so the head keys' parts
+    /// applied before that norm must be rotations (they keep the norm).
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 impl KeyShape {
@@ -33,6 +37,7 @@ impl KeyShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
+            qk_norm: c.spec().qk_norm,
         }
     }
 }
@@ -67,6 +72,16 @@ fn head_permutation(shape: KeyShape, options: KeyOptions, rng: &mut impl Rng) ->
     }
 }
 
+/// The pre-norm rotation angles of one head (`h / 2`), empty without per-head norms.
+fn norm_angles(shape: KeyShape, rng: &mut impl Rng) -> Vec<f64> {
+    if !shape.qk_norm {
+        return Vec::new();
+    }
+    (0..shape.head_dim / 2)
+        .map(|_| rng.gen_range(0.0..std::f64::consts::TAU))
+        .collect()
+}
+
 /// The `n x n` matrix of a random permutation.
 fn permutation_matrix(n: usize, rng: &mut impl Rng) -> DMatrix<f64> {
     let p = permutation(n, rng);
@@ -87,6 +102,11 @@ pub struct HeadKey {
     pub c_u: DMatrix<f64>,
     pub c_sigma: Vec<f64>,
     pub c_v: DMatrix<f64>,
+    /// With per-head query/key norms ([`KeyShape::qk_norm`]): per RoPE pair, the angle of
+    /// the rotation applied to the query heads (`O_q`) and to the key head (`O_k`) before
+    /// their norm; `A_g` then applies after it. Empty otherwise.
+    pub q_norm_angle: Vec<f64>,
+    pub k_norm_angle: Vec<f64>,
 }
 
 impl HeadKey {
@@ -179,6 +199,8 @@ impl ModelKey {
                         c_u: haar_orthogonal(h, rng),
                         c_sigma: (0..h).map(|_| log_uniform_half_to_two(rng)).collect(),
                         c_v: haar_orthogonal(h, rng),
+                        q_norm_angle: norm_angles(shape, rng),
+                        k_norm_angle: norm_angles(shape, rng),
                     })
                     .collect();
                 let mlp_scale = (0..shape.d_ff)
@@ -218,6 +240,8 @@ impl ModelKey {
                         c_u: identity.clone(),
                         c_sigma: vec![1.0; h],
                         c_v: identity.clone(),
+                        q_norm_angle: vec![0.0; if shape.qk_norm { h / 2 } else { 0 }],
+                        k_norm_angle: vec![0.0; if shape.qk_norm { h / 2 } else { 0 }],
                     })
                     .collect(),
                 mlp_perm: permutation(shape.d_ff, rng),
@@ -264,6 +288,10 @@ impl ModelKey {
         out.push(
             u8::from(self.options.permute_heads) | (u8::from(self.options.permutation_only) << 1),
         );
+        if s.qk_norm {
+            // only then, so that the fingerprints of earlier keys stay what they were
+            out.push(1);
+        }
         let mut put = |v: &mut dyn Iterator<Item = f64>| {
             for x in v {
                 out.extend(x.to_le_bytes());
@@ -277,6 +305,8 @@ impl ModelKey {
                 put(&mut hk.c_u.transpose().iter().copied());
                 put(&mut hk.c_sigma.iter().copied());
                 put(&mut hk.c_v.transpose().iter().copied());
+                put(&mut hk.q_norm_angle.iter().copied());
+                put(&mut hk.k_norm_angle.iter().copied());
             }
             put(&mut l.mlp_perm.iter().map(|&p| f64::from(p)));
             put(&mut l.mlp_scale.iter().copied());

@@ -33,6 +33,10 @@ pub fn write_key(key: &ModelKey, w: &mut ContainerWriter) -> KeyMeta {
             w.add_f64(&format!("{p}.c_u"), &[h, h], &rows(&hk.c_u));
             w.add_f64(&format!("{p}.c_sigma"), &[h], &hk.c_sigma);
             w.add_f64(&format!("{p}.c_v"), &[h, h], &rows(&hk.c_v));
+            if s.qk_norm {
+                w.add_f64(&format!("{p}.q_norm_angle"), &[h / 2], &hk.q_norm_angle);
+                w.add_f64(&format!("{p}.k_norm_angle"), &[h / 2], &hk.k_norm_angle);
+            }
         }
         w.add_u32(&format!("key.blk.{l}.mlp_perm"), &[s.d_ff], &lk.mlp_perm);
         w.add_f64(&format!("key.blk.{l}.mlp_scale"), &[s.d_ff], &lk.mlp_scale);
@@ -85,6 +89,15 @@ fn perm(c: &Container, name: &str, n: usize) -> Result<Vec<u32>, ModelError> {
     Ok(v)
 }
 
+/// A head's pre-norm rotation angles: stored only for models with per-head norms.
+fn norm_angle(c: &Container, name: &str, s: KeyShape) -> Result<Vec<f64>, ModelError> {
+    if s.qk_norm {
+        f64s(c, name, s.head_dim / 2)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
 /// Read the key back and check it against its recorded fingerprint.
 pub fn read_key(c: &Container, meta: &KeyMeta) -> Result<ModelKey, ModelError> {
     if meta.version != KEY_VERSION {
@@ -106,6 +119,8 @@ pub fn read_key(c: &Container, meta: &KeyMeta) -> Result<ModelKey, ModelError> {
                 c_u: matrix(c, &format!("{p}.c_u"), h)?,
                 c_sigma: f64s(c, &format!("{p}.c_sigma"), h)?,
                 c_v: matrix(c, &format!("{p}.c_v"), h)?,
+                q_norm_angle: norm_angle(c, &format!("{p}.q_norm_angle"), s)?,
+                k_norm_angle: norm_angle(c, &format!("{p}.k_norm_angle"), s)?,
             });
         }
         layers.push(LayerKey {

@@ -13,7 +13,7 @@ use veil_kernels::{GgmlType, QMatrix};
 use crate::calibrate::{gptq, LayerStats};
 use crate::container::{Container, ContainerWriter};
 use crate::qweights::QuantLayer;
-use crate::{LayerWeights, LlamaConfig, Matrix, ModelError};
+use crate::{AttnExtras, LayerWeights, LlamaConfig, Matrix, ModelError};
 
 pub const SHARD_KIND: &str = "veil-shard";
 /// Version of the shard layout.
@@ -153,21 +153,24 @@ pub fn quantize_layer(
     ty: GgmlType,
 ) -> Result<QuantLayer, ModelError> {
     let names = matrices(l, config);
-    folded_layer(std::array::from_fn(|i| {
-        let t = layer_matrices(w)[i].transpose();
-        let ty = storage_type(i, ty);
-        QMatrix::quantize(ty, t.rows, t.cols, &t.data).map_err(|e| {
-            ModelError::Shard(format!(
-                "cannot store `{}` as {ty}: {e}{}",
-                names[i].0,
-                if ty == GgmlType::Q4_K {
-                    " (q4_0 has blocks of 32)"
-                } else {
-                    ""
-                }
-            ))
-        })
-    }))
+    folded_layer(
+        w.extras.clone(),
+        std::array::from_fn(|i| {
+            let t = layer_matrices(w)[i].transpose();
+            let ty = storage_type(i, ty);
+            QMatrix::quantize(ty, t.rows, t.cols, &t.data).map_err(|e| {
+                ModelError::Shard(format!(
+                    "cannot store `{}` as {ty}: {e}{}",
+                    names[i].0,
+                    if ty == GgmlType::Q4_K {
+                        " (q4_0 has blocks of 32)"
+                    } else {
+                        ""
+                    }
+                ))
+            })
+        }),
+    )
 }
 
 /// [`quantize_layer`] with the 4-bit matrices rounded by GPTQ against the second moments of
@@ -188,28 +191,34 @@ pub fn quantize_layer_calibrated(
     let attn = gptq::InverseFactor::new(&stats.attn, gptq::DAMP)?;
     let mlp = gptq::InverseFactor::new(&stats.mlp, gptq::DAMP)?;
     tracing::debug!("layer {l}: inverse factors in {:.1?}", t.elapsed());
-    folded_layer(std::array::from_fn(|i| {
-        let t = matrices[i].transpose();
-        let ty = storage_type(i, ty);
-        let u = match i {
-            0..=2 => Some(&attn),
-            4 | 5 => Some(&mlp),
-            _ => None,
-        };
-        match u {
-            Some(u) if ty != GgmlType::Q8_0 && gptq::supports(ty) => {
-                gptq::quantize(ty, t.rows, t.cols, &t.data, u, device)
+    folded_layer(
+        w.extras.clone(),
+        std::array::from_fn(|i| {
+            let t = matrices[i].transpose();
+            let ty = storage_type(i, ty);
+            let u = match i {
+                0..=2 => Some(&attn),
+                4 | 5 => Some(&mlp),
+                _ => None,
+            };
+            match u {
+                Some(u) if ty != GgmlType::Q8_0 && gptq::supports(ty) => {
+                    gptq::quantize(ty, t.rows, t.cols, &t.data, u, device)
+                }
+                _ => QMatrix::quantize(ty, t.rows, t.cols, &t.data)
+                    .map_err(|e| ModelError::Shard(e.to_string())),
             }
-            _ => QMatrix::quantize(ty, t.rows, t.cols, &t.data)
-                .map_err(|e| ModelError::Shard(e.to_string())),
-        }
-        .map_err(|e| ModelError::Shard(format!("cannot store `{}` as {ty}: {e}", names[i].0)))
-    }))
+            .map_err(|e| ModelError::Shard(format!("cannot store `{}` as {ty}: {e}", names[i].0)))
+        }),
+    )
 }
 
 /// A quantized layer with its norm gains folded away, from its seven matrices (in the
-/// order of [`matrices`]).
-fn folded_layer(m: [Result<QMatrix, ModelError>; 7]) -> Result<QuantLayer, ModelError> {
+/// order of [`matrices`]) and its (encrypted) attention extras.
+fn folded_layer(
+    extras: AttnExtras,
+    m: [Result<QMatrix, ModelError>; 7],
+) -> Result<QuantLayer, ModelError> {
     let [q, k, v, o, g, u, d] = m;
     Ok(QuantLayer {
         attn_norm: Vec::new(),
@@ -221,7 +230,30 @@ fn folded_layer(m: [Result<QMatrix, ModelError>; 7]) -> Result<QuantLayer, Model
         w_gate: g?,
         w_up: u?,
         w_down: d?,
+        extras,
     })
+}
+
+/// Block `l`'s attention extras from a container (`prefix.blk.l.*`).
+pub(crate) fn read_extras(
+    c: &Container,
+    prefix: &str,
+    l: usize,
+    config: &LlamaConfig,
+) -> Result<AttnExtras, ModelError> {
+    AttnExtras::read(
+        config.spec(),
+        &format!("{prefix}blk.{l}"),
+        (config.q_dim(), config.kv_dim()),
+        |name, n| c.f32_shaped(name, &[n]),
+    )
+}
+
+/// Add block `l`'s attention extras to a container (`prefix.blk.l.*`).
+pub(crate) fn write_extras(w: &mut ContainerWriter, prefix: &str, l: usize, e: &AttnExtras) {
+    for (name, v) in e.tensors(&format!("{prefix}blk.{l}")) {
+        w.add_f32(&name, &[v.len()], v);
+    }
 }
 
 impl ShardMeta {
@@ -240,7 +272,7 @@ pub struct Shard {
 
 /// `(name, rows, cols)` of every matrix of layer `l`.
 fn matrices(l: usize, c: &LlamaConfig) -> [(String, usize, usize); 7] {
-    let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+    let (d, f, q, kv) = (c.d_model, c.d_ff, c.q_dim(), c.kv_dim());
     let n = |s: &str| format!("blk.{l}.{s}");
     [
         (n("attn_q"), d, q),
@@ -297,6 +329,7 @@ impl Shard {
                     {
                         w.add_f32(name, &[m.rows, m.cols], &m.data);
                     }
+                    write_extras(&mut w, "", i, &layer.extras);
                 }
             }
             ShardLayers::Quant(layers) => {
@@ -307,6 +340,7 @@ impl Shard {
                     {
                         w.add_matrix(name, m)?;
                     }
+                    write_extras(&mut w, "", i, &layer.extras);
                 }
             }
         }
@@ -345,7 +379,7 @@ impl Shard {
                 meta.stage, meta.n_stages, meta.config.n_layers
             )));
         }
-        let expected = r.len() * 7;
+        let expected = r.len() * (7 + AttnExtras::tensor_count(meta.config.spec()));
         if c.tensor_names().count() != expected {
             return Err(ModelError::Shard(format!(
                 "holds {} tensors, a shard of {} layers has {expected}",
@@ -359,6 +393,7 @@ impl Shard {
             for l in r {
                 // stored `[out, in]`
                 layers.push(folded_layer(
+                    read_extras(c, "", l, &meta.config)?,
                     matrices(l, &meta.config).map(|(name, rows, cols)| c.matrix(&name, cols, rows)),
                 )?);
             }
@@ -383,6 +418,7 @@ impl Shard {
                 w_gate: g?,
                 w_up: u?,
                 w_down: d?,
+                extras: read_extras(c, "", l, &meta.config)?,
             });
         }
         Ok(Shard {

@@ -3,10 +3,12 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use veil_kernels::{Precision, QMatrix};
 
+use super::head_norm::HeadNorm;
 use super::linear::Linear;
 use super::probe::{tap, Probe, Site};
+use super::tensor_io::vector_to_tensor;
 use crate::cache::{LayerKv, RopeTables};
-use crate::{Matrix, ModelError};
+use crate::{AttnExtras, Matrix, ModelError};
 
 /// Grouped-query attention with rotary embeddings.
 #[derive(Config, Debug)]
@@ -15,6 +17,9 @@ pub struct AttentionConfig {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Epsilon of the per-head query/key norms (families that have them).
+    #[config(default = 1e-5)]
+    pub rms_eps: f64,
 }
 
 impl AttentionConfig {
@@ -26,6 +31,8 @@ impl AttentionConfig {
         Attention {
             wqkv: Linear::random(self.d_model, q + 2 * kv, device),
             wo: Linear::random(q, self.d_model, device),
+            bias: None,
+            qk_norm: None,
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
@@ -38,6 +45,10 @@ impl AttentionConfig {
 pub struct Attention {
     pub wqkv: Linear,
     pub wo: Linear,
+    /// `[(H + 2G) h]`, added to the fused projection (Qwen 2).
+    pub bias: Option<Tensor<1>>,
+    /// Per-head norms of queries and keys before RoPE (Qwen 3).
+    pub qk_norm: Option<(HeadNorm, HeadNorm)>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -55,18 +66,37 @@ pub struct Segment {
 }
 
 impl Attention {
-    /// Build from `[d, H h]`, `[d, G h]`, `[d, G h]` and `[H h, d]` matrices.
+    /// Build from `[d, H h]`, `[d, G h]`, `[d, G h]` and `[H h, d]` matrices and the
+    /// family's extras.
     pub fn from_matrices(
         config: &AttentionConfig,
-        wq: &Matrix,
-        wk: &Matrix,
-        wv: &Matrix,
-        wo: &Matrix,
+        [wq, wk, wv, wo]: [&Matrix; 4],
+        extras: &AttnExtras,
         device: &Device,
     ) -> Self {
+        let wqkv = Linear::dense(&Matrix::hcat(&[wq, wk, wv]), device);
+        Self::with_extras(config, wqkv, Linear::dense(wo, device), extras, device)
+    }
+
+    /// The attention of the projections `wqkv` and `wo` with the family's `extras`.
+    fn with_extras(
+        config: &AttentionConfig,
+        wqkv: Linear,
+        wo: Linear,
+        extras: &AttnExtras,
+        device: &Device,
+    ) -> Self {
+        let (h, eps) = (config.head_dim, config.rms_eps);
         Attention {
-            wqkv: Linear::dense(&Matrix::hcat(&[wq, wk, wv]), device),
-            wo: Linear::dense(wo, device),
+            wqkv,
+            wo,
+            bias: (!extras.qkv_bias.is_empty()).then(|| vector_to_tensor(&extras.qkv_bias, device)),
+            qk_norm: extras.qk_norm.as_ref().map(|n| {
+                (
+                    HeadNorm::new(&n.q, config.n_heads, h, eps, device),
+                    HeadNorm::new(&n.k, config.n_kv_heads, h, eps, device),
+                )
+            }),
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
@@ -78,16 +108,17 @@ impl Attention {
     pub fn from_quantized(
         config: &AttentionConfig,
         [wq, wk, wv, wo]: [QMatrix; 4],
+        extras: &AttnExtras,
         precision: Precision,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Ok(Attention {
-            wqkv: Linear::quantized(vec![wq, wk, wv], precision, device)?,
-            wo: Linear::quantized(vec![wo], precision, device)?,
-            n_heads: config.n_heads,
-            n_kv_heads: config.n_kv_heads,
-            head_dim: config.head_dim,
-        })
+        Ok(Self::with_extras(
+            config,
+            Linear::quantized(vec![wq, wk, wv], precision, device)?,
+            Linear::quantized(vec![wo], precision, device)?,
+            extras,
+            device,
+        ))
     }
 
     /// `u`: normalised input `[n, d]`, rows of several sequences laid out by `segments`;
@@ -105,6 +136,10 @@ impl Attention {
         let (heads, groups, h) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (q_w, kv_w) = (heads * h, groups * h);
         let qkv = self.wqkv.forward(u);
+        let qkv = match &self.bias {
+            Some(b) => qkv + b.clone().unsqueeze::<2>(),
+            None => qkv,
+        };
         let mut outputs = Vec::with_capacity(segments.len());
         for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
             let rows = qkv.clone().narrow(0, seg.row, seg.len);
@@ -117,6 +152,10 @@ impl Attention {
             let v = rows
                 .slice([0..t, q_w + kv_w..q_w + 2 * kv_w])
                 .reshape([t, groups, h]);
+            let (q, k) = match &self.qk_norm {
+                Some((qn, kn)) => (qn.forward(q), kn.forward(k)),
+                None => (q, k),
+            };
             let q = rope.apply(q, seg.start);
             let k = rope.apply(k, seg.start);
             if probe.active() {

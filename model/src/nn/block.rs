@@ -24,7 +24,8 @@ pub struct BlockConfig {
 impl BlockConfig {
     pub fn from_llama(c: &LlamaConfig) -> Self {
         BlockConfig::new(
-            AttentionConfig::new(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim),
+            AttentionConfig::new(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim)
+                .with_rms_eps(f64::from(c.rms_eps)),
             MlpConfig::new(c.d_model, c.d_ff),
         )
         .with_rms_eps(f64::from(c.rms_eps))
@@ -66,10 +67,8 @@ impl Block {
             attn_norm: RmsNorm::from_gain(gain(&layer.attn_norm), eps, device),
             attention: Attention::from_matrices(
                 &attn_config,
-                &layer.wq,
-                &layer.wk,
-                &layer.wv,
-                &layer.wo,
+                [&layer.wq, &layer.wk, &layer.wv, &layer.wo],
+                &layer.extras,
                 device,
             ),
             ffn_norm: RmsNorm::from_gain(gain(&layer.ffn_norm), eps, device),
@@ -92,6 +91,7 @@ impl Block {
             attention: Attention::from_quantized(
                 &attn_config,
                 [l.wq, l.wk, l.wv, l.wo],
+                &layer.extras,
                 precision,
                 device,
             )?,

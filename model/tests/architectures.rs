@@ -1,0 +1,225 @@
+//! Every architecture family Veil runs, on tiny random models written in each family's own
+//! GGUF layout: the same logits and greedy tokens as llama.cpp (reference data computed
+//! once by `tools/reference/make_arch_data.py`), the quantized path equal to the f32 one,
+//! and encryption exact (shards and the client's own layers, through their files).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::max_abs_diff;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use veil_model::crypto::{
+    encrypt_model_quant, encrypt_model_split, Encrypted, EncryptedLocal, KeyOptions, KeyShape,
+    ModelKey, ShardQuant,
+};
+use veil_model::gguf::GgufFile;
+use veil_model::tiny::{tiny_variant_gguf, TinyVariant, TINY_SEED};
+use veil_model::{
+    generate, Compute, GenerateParams, LocalModel, ModelBundle, Precision, QuantBundle,
+    SamplingParams,
+};
+
+#[derive(Deserialize)]
+struct Reference {
+    prompt: String,
+    models: BTreeMap<String, ModelReference>,
+}
+
+#[derive(Deserialize)]
+struct ModelReference {
+    gguf_sha256: String,
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+}
+
+fn reference() -> Reference {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/arch-reference.json"
+    );
+    let text = std::fs::read_to_string(path).expect("reference data");
+    serde_json::from_str(&text).expect("reference json")
+}
+
+fn greedy(model: &mut dyn veil_model::TokenModel, b: &ModelBundle, ids: &[u32]) -> Vec<u32> {
+    let params = GenerateParams {
+        max_tokens: 8,
+        sampling: SamplingParams::default(),
+        top_logits: 0,
+    };
+    let g = generate(model, &b.text.tokenizer, ids, &params, &mut |_| {}).expect("generate");
+    g.tokens
+}
+
+#[test]
+fn every_family_computes_what_llama_cpp_computes() {
+    let r = reference();
+    let device = Compute::cpu().device;
+    for v in TinyVariant::ALL {
+        let want = &r.models[v.name()];
+        let bytes = tiny_variant_gguf(v, TINY_SEED).expect("write");
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            want.gguf_sha256,
+            "{}: the tiny model changed since the reference was computed; rerun \
+             tools/reference/make_arch_data.py",
+            v.name()
+        );
+        let file = GgufFile::from_bytes(bytes).expect("parse");
+        let b = ModelBundle::from_gguf(&file, "tiny").expect("load");
+        assert_eq!(
+            b.weights.config.family.to_string(),
+            file.get_str("general.architecture").expect("arch")
+        );
+        let ids = b.text.tokenizer.encode(&r.prompt, false).expect("encode");
+        assert_eq!(ids, want.ids, "{}: token ids", v.name());
+
+        let logits = LocalModel::new(&b.weights, &device, None)
+            .feed_all(&ids)
+            .expect("run");
+        // llama.cpp's F32 products sum in another order than burn's
+        let worst = logits
+            .iter()
+            .zip(&want.logits)
+            .map(|(a, w)| max_abs_diff(a, w))
+            .fold(0.0, f32::max);
+        let scale = want
+            .logits
+            .iter()
+            .flatten()
+            .fold(0.0f32, |m, x| m.max(x.abs()));
+        eprintln!(
+            "{}: max |Δlogit| vs llama.cpp {worst} (logits up to {scale})",
+            v.name()
+        );
+        assert!(
+            worst < 1e-3,
+            "{}: max |Δlogit| vs llama.cpp {worst}",
+            v.name()
+        );
+        let mut m = LocalModel::new(&b.weights, &device, None);
+        assert_eq!(
+            greedy(&mut m, &b, &ids),
+            want.greedy,
+            "{}: greedy tokens",
+            v.name()
+        );
+
+        // the GGUF's own blocks through the quantized kernels (F32 here, exact)
+        let q = QuantBundle::from_gguf(&file, "tiny").expect("load");
+        let ql = LocalModel::quantized(&q.weights, &device, None, Precision::Exact)
+            .expect("quantized")
+            .feed_all(&ids)
+            .expect("run");
+        let worst = ql
+            .iter()
+            .zip(&logits)
+            .map(|(a, w)| max_abs_diff(a, w))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-3, "{}: quantized path vs f32 {worst}", v.name());
+    }
+}
+
+fn key_for(b: &ModelBundle, seed: u64) -> ModelKey {
+    ModelKey::generate(
+        KeyShape::of(&b.weights.config),
+        KeyOptions::default(),
+        &mut ChaCha20Rng::seed_from_u64(seed),
+    )
+}
+
+#[test]
+fn every_family_encrypts_exactly() {
+    let device = Compute::cpu().device;
+    for v in TinyVariant::ALL {
+        let b = ModelBundle::tiny_variant(v).expect("tiny");
+        let ids = b
+            .text
+            .prompt_tokens("what does a node see?", false)
+            .expect("prompt");
+        let plain = LocalModel::new(&b.weights, &device, None)
+            .feed_all(&ids)
+            .expect("plain");
+        // f32 shards with the first layer on the client, through their files
+        let e = encrypt_model_split(&b, key_for(&b, 11), 2, 1, &mut |_, _| {}).expect("encrypt");
+        let dir = tempfile::tempdir().expect("tempdir");
+        e.write(dir.path()).expect("write");
+        let e = Encrypted::read(dir.path()).expect("read back");
+        let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
+        let got = enc.feed_all(&ids).expect("encrypted");
+        let worst = got
+            .iter()
+            .zip(&plain)
+            .map(|(a, p)| max_abs_diff(a, p))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-3, "{}: encrypted vs plaintext {worst}", v.name());
+        let mut p = LocalModel::new(&b.weights, &device, None);
+        let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
+        assert_eq!(
+            greedy(&mut enc, &b, &ids),
+            greedy(&mut p, &b, &ids),
+            "{}",
+            v.name()
+        );
+
+        // q8_0 shards run by the quantized kernels, through their files
+        let e = encrypt_model_quant(&b, key_for(&b, 12), 2, 0, ShardQuant::Q8_0, &mut |_, _| {})
+            .expect("encrypt q8_0");
+        let dir = tempfile::tempdir().expect("tempdir");
+        e.write(dir.path()).expect("write");
+        let e = Encrypted::read(dir.path()).expect("read back");
+        let got = EncryptedLocal::new(&e.client, &e.shards, &device, None)
+            .expect("pipeline")
+            .feed_all(&ids)
+            .expect("encrypted");
+        let worst = got
+            .iter()
+            .zip(&plain)
+            .map(|(a, p)| max_abs_diff(a, p))
+            .fold(0.0, f32::max);
+        // The tiny random models amplify rounding (see encrypted_tiny.rs): this bound catches
+        // broken extras in quantized shards, not quality.
+        let scale = plain.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
+        eprintln!(
+            "{}: q8_0 shards vs plaintext {worst} (logits up to {scale})",
+            v.name()
+        );
+        assert!(
+            worst < 0.15 * scale,
+            "{}: q8_0 shards vs plaintext {worst}",
+            v.name()
+        );
+    }
+}
+
+#[test]
+fn encrypted_extras_hide_their_plaintext() {
+    // A bias or a norm gain stored as it is would tell a node the plaintext model's values.
+    for v in [TinyVariant::Qwen2, TinyVariant::Qwen3] {
+        let b = ModelBundle::tiny_variant(v).expect("tiny");
+        let e = encrypt_model_split(&b, key_for(&b, 13), 2, 0, &mut |_, _| {}).expect("encrypt");
+        for shard in &e.shards {
+            for (l, enc) in shard
+                .meta
+                .layer_range()
+                .zip(shard.layers.f32().expect("f32"))
+            {
+                let plain = &b.weights.layers[l].extras;
+                if !plain.qkv_bias.is_empty() {
+                    let d = max_abs_diff(&enc.extras.qkv_bias, &plain.qkv_bias);
+                    assert!(d > 0.1, "{}: blk.{l} biases kept ({d})", v.name());
+                }
+                if let (Some(p), Some(n)) = (&plain.qk_norm, &enc.extras.qk_norm) {
+                    assert!(n.q.cross.iter().any(|c| c.abs() > 1e-3), "pairs mixed");
+                    assert!(max_abs_diff(&n.q.diag, &p.q.diag) > 0.1, "gains kept");
+                    assert!(max_abs_diff(&n.k.diag, &p.k.diag) > 0.1, "gains kept");
+                }
+            }
+        }
+    }
+}
