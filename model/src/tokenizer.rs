@@ -2,7 +2,9 @@
 //!
 //! Encoding uses Hugging Face's `tokenizers` crate configured like llama.cpp's `gpt2` model:
 //! digits are split one by one when the pre-tokenizer asks for it (`smollm`, `starcoder`,
-//! ...), then the GPT-2 regex splits words, then BPE merges run on byte-level symbols.
+//! ...), then the GPT-2 regex splits words (or, for Llama 3's `llama-bpe` and Qwen's `qwen2`,
+//! their own regexes, as their `tokenizer.json` and llama.cpp do), then BPE merges run on
+//! byte-level symbols.
 //! Control tokens (`<|im_start|>`, ...) are matched as whole tokens when special parsing is
 //! on. Decoding maps byte-level symbols back to raw bytes itself, so that a stream of
 //! tokens can be turned into text without splitting a UTF-8 character.
@@ -13,8 +15,9 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::AddedToken;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,68 @@ const DIGIT_SPLITTING_PRE: &[&str] = &[
 ];
 /// Pre-tokenizers that are exactly the GPT-2 regex.
 const GPT2_PRE: &[&str] = &["gpt2", "default", "mpt", "olmo", "jais", "trillion"];
+
+/// Llama 3's word regex (numbers in groups of up to three digits).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen 2's (and Qwen 3's) word regex: Llama 3's with one digit per piece.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Pre-tokenizers (GGUF names, as llama.cpp maps them) that split words by their own regex
+/// instead of GPT-2's.
+const REGEX_PRE: &[(&str, &str)] = &[
+    ("llama-bpe", LLAMA3_REGEX),
+    ("llama3", LLAMA3_REGEX),
+    ("llama-v3", LLAMA3_REGEX),
+    ("qwen2", QWEN2_REGEX),
+];
+
+/// How a pre-tokenizer splits text before BPE.
+#[derive(Debug, Clone, Copy)]
+enum PreSplit {
+    /// The GPT-2 regex (inside the byte-level step).
+    Gpt2,
+    /// Digits one by one, then the GPT-2 regex.
+    Digits,
+    /// A regex of its own, then bytes without the GPT-2 regex.
+    Regex(&'static str),
+}
+
+impl PreSplit {
+    fn of(pre: &str) -> Result<Self, ModelError> {
+        if DIGIT_SPLITTING_PRE.contains(&pre) {
+            Ok(PreSplit::Digits)
+        } else if GPT2_PRE.contains(&pre) {
+            Ok(PreSplit::Gpt2)
+        } else if let Some((_, re)) = REGEX_PRE.iter().find(|(name, _)| *name == pre) {
+            Ok(PreSplit::Regex(re))
+        } else {
+            Err(err(format!("pre-tokenizer `{pre}` is not supported")))
+        }
+    }
+
+    fn build(self) -> Result<PreTokenizerWrapper, ModelError> {
+        let byte_level =
+            |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, use_regex));
+        Ok(match self {
+            PreSplit::Gpt2 => byte_level(true),
+            PreSplit::Digits => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(true),
+            ])),
+            PreSplit::Regex(re) => {
+                let split = Split::new(
+                    SplitPattern::Regex(re.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(err)?;
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                    PreTokenizerWrapper::Split(split),
+                    byte_level(false),
+                ]))
+            }
+        })
+    }
+}
 
 /// Texts of control tokens that end a generation, besides the declared EOS.
 const END_OF_GENERATION: &[&str] = &[
@@ -178,14 +243,7 @@ impl Tokenizer {
                 spec.model
             )));
         }
-        let pre = spec.pre.as_str();
-        let split_digits = if DIGIT_SPLITTING_PRE.contains(&pre) {
-            true
-        } else if GPT2_PRE.contains(&pre) {
-            false
-        } else {
-            return Err(err(format!("pre-tokenizer `{pre}` is not supported")));
-        };
+        let pre_split = PreSplit::of(&spec.pre)?;
         let tokens = &spec.tokens;
         let types = &spec.token_types;
         if types.len() != tokens.len() {
@@ -218,19 +276,8 @@ impl Tokenizer {
                 )
             })
             .collect();
-        let pre_tokenizer = || {
-            let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true));
-            if split_digits {
-                PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                    PreTokenizerWrapper::Digits(Digits::new(true)),
-                    byte_level,
-                ]))
-            } else {
-                byte_level
-            }
-        };
         let mut plain = tokenizers::Tokenizer::new(bpe);
-        plain.with_pre_tokenizer(Some(pre_tokenizer()));
+        plain.with_pre_tokenizer(Some(pre_split.build()?));
         let mut with_special = plain.clone();
         let added: Vec<AddedToken> = specials
             .iter()

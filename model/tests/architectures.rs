@@ -223,3 +223,45 @@ fn encrypted_extras_hide_their_plaintext() {
         }
     }
 }
+
+#[derive(Deserialize)]
+struct PretokReference {
+    probes: Vec<String>,
+    ids: BTreeMap<String, Vec<Vec<u32>>>,
+}
+
+#[test]
+fn llama3_and_qwen_pre_tokenizers_split_as_llama_cpp_does() {
+    // SmolLM2's vocabulary and merges under each pre-tokenizer's name (no real Llama 3 or
+    // Qwen file ships here); llama.cpp's ids from tools/reference/make_pretok_data.py.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/pretok-reference.json"
+    );
+    let r: PretokReference =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
+    let file = GgufFile::open(&common::smollm2_path()).expect("smollm2");
+    let spec = veil_model::tokenizer::TokenizerSpec::from_gguf(&file).expect("spec");
+    for (pre, want) in &r.ids {
+        let tok =
+            veil_model::tokenizer::Tokenizer::from_spec(&veil_model::tokenizer::TokenizerSpec {
+                pre: pre.clone(),
+                ..spec.clone()
+            })
+            .expect("tokenizer");
+        for (probe, ids) in r.probes.iter().zip(want) {
+            assert_eq!(
+                &tok.encode(probe, false).expect("encode"),
+                ids,
+                "{pre}: {probe:?}"
+            );
+        }
+    }
+    // and the split differs from SmolLM2's own (the test would pass vacuously otherwise)
+    let own = veil_model::tokenizer::Tokenizer::from_spec(&spec).expect("tokenizer");
+    assert!(r
+        .probes
+        .iter()
+        .zip(&r.ids["qwen2"])
+        .any(|(p, ids)| &own.encode(p, false).expect("encode") != ids));
+}
