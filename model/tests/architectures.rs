@@ -265,3 +265,75 @@ fn llama3_and_qwen_pre_tokenizers_split_as_llama_cpp_does() {
         .zip(&r.ids["qwen2"])
         .any(|(p, ids)| &own.encode(p, false).expect("encode") != ids));
 }
+
+#[test]
+fn a_qwen3_node_can_undo_the_pre_norm_rotation_as_security_md_says() {
+    // SECURITY.md: the pair maps of per-head norms give the pre-norm rotation O away. Here
+    // is the node's computation: per RoPE pair, the left singular vectors of its 2x2 map
+    // M = O^T diag(g) B are O's rows, so `Wq' U` is `Q^T diag(g1) Wq`, up to the sign and
+    // order of the two columns of each pair: the query head key is gone.
+    let b = ModelBundle::tiny_variant(TinyVariant::Qwen3).expect("tiny");
+    let c = &b.weights.config;
+    let e = encrypt_model_split(&b, key_for(&b, 14), 1, 0, &mut |_, _| {}).expect("encrypt");
+    let key = &e.client.key;
+    let (d, h, r) = (c.d_model, c.head_dim, c.group_size());
+    let enc = &e.shards[0].layers.f32().expect("f32")[0];
+    let plain = &b.weights.layers[0];
+    let maps = &enc.extras.qk_norm.as_ref().expect("norms").q;
+    // plaintext columns the node should not know: Q^T diag(g1) Wq
+    let col_plain = |k: usize| -> Vec<f64> {
+        (0..d)
+            .map(|i| {
+                (0..d)
+                    .map(|m| {
+                        key.q[(m, i)]
+                            * f64::from(plain.attn_norm[m])
+                            * f64::from(plain.wq.get(m, k))
+                    })
+                    .sum()
+            })
+            .collect()
+    };
+    let close = |a: &[f64], b: &[f64]| {
+        let scale = b.iter().map(|x| x.abs()).fold(1e-9, f64::max);
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-3 * scale)
+            || a.iter().zip(b).all(|(x, y)| (x + y).abs() < 1e-3 * scale)
+    };
+    let kv_order = &key.layers[0].head_perm;
+    let mut recovered = 0;
+    for (dst_g, &src_g) in kv_order.iter().enumerate() {
+        for j in 0..r {
+            let (dst, src) = (dst_g * r + j, src_g as usize * r + j);
+            for p in 0..h / 2 {
+                let (i0, i1) = (dst * h + 2 * p, dst * h + 2 * p + 1);
+                let m = [
+                    [f64::from(maps.diag[i0]), f64::from(maps.cross[i1])],
+                    [f64::from(maps.cross[i0]), f64::from(maps.diag[i1])],
+                ];
+                // eigenvectors of M M^T: a rotation by theta
+                let s00 = m[0][0] * m[0][0] + m[0][1] * m[0][1];
+                let s11 = m[1][0] * m[1][0] + m[1][1] * m[1][1];
+                let s01 = m[0][0] * m[1][0] + m[0][1] * m[1][1];
+                let theta = 0.5 * (2.0 * s01).atan2(s00 - s11);
+                let (sin, cos) = theta.sin_cos();
+                let col = |k: usize| {
+                    (0..d)
+                        .map(|i| f64::from(enc.wq.get(i, k)))
+                        .collect::<Vec<_>>()
+                };
+                let (a, b) = (col(i0), col(i1));
+                let u0: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x * cos + y * sin).collect();
+                let u1: Vec<f64> = a.iter().zip(&b).map(|(x, y)| -x * sin + y * cos).collect();
+                let (p0, p1) = (col_plain(src * h + 2 * p), col_plain(src * h + 2 * p + 1));
+                if (close(&u0, &p0) && close(&u1, &p1)) || (close(&u0, &p1) && close(&u1, &p0)) {
+                    recovered += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        recovered,
+        c.n_heads * h / 2,
+        "every pair's plaintext columns recovered"
+    );
+}

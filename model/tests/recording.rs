@@ -12,6 +12,7 @@ use rand_chacha::ChaCha20Rng;
 use veil_model::cache::RopeTables;
 use veil_model::crypto::{encrypt_model, ClientModel, KeyOptions, KeyShape, ModelKey};
 use veil_model::nn::{tensor_to_vec, Probe, Site, Stage, TokenEmbedding};
+use veil_model::tiny::TinyVariant;
 use veil_model::{Compute, ModelBundle, StageRunner};
 
 #[derive(Default)]
@@ -97,7 +98,16 @@ fn expected(site: Site) -> BTreeSet<Leak> {
 
 #[test]
 fn a_node_observes_exactly_the_listed_quantities() {
-    let b = ModelBundle::tiny().expect("tiny");
+    // every architecture family: biases and per-head norms add no observable of their own
+    // (what Qwen 3's norms give away takes a computation on the shard: see
+    // architectures.rs and SECURITY.md)
+    for v in TinyVariant::ALL {
+        observe(v);
+    }
+}
+
+fn observe(v: TinyVariant) {
+    let b = ModelBundle::tiny_variant(v).expect("tiny");
     let c = &b.weights.config;
     let device = Compute::cpu().device;
     let key = ModelKey::generate(
@@ -150,7 +160,8 @@ fn a_node_observes_exactly_the_listed_quantities() {
             let found = leaks(a, p);
             if found != expected(*site) {
                 report.push(format!(
-                    "layer {layer} {site:?} call {call}: {found:?}, expected {:?}",
+                    "{}: layer {layer} {site:?} call {call}: {found:?}, expected {:?}",
+                    v.name(),
                     expected(*site)
                 ));
             }
