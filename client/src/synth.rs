@@ -13,8 +13,9 @@ use crate::model_spec::ModelSpec;
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// Shape to copy: smollm2 (135M), llama-1b (Llama 3.2 1B), llama-3b (Llama 3.2 3B) or
-    /// llama-8b (Llama 3.1 8B). The vocabulary is the tokenizer's (49,152 tokens for
+    /// Shape to copy: smollm2 (135M), llama-1b (Llama 3.2 1B), llama-3b (Llama 3.2 3B),
+    /// llama-8b (Llama 3.1 8B), qwen2.5-0.5b (q/k/v biases), qwen3-0.6b or qwen3-8b (per-head
+    /// q/k norms, heads of 128). The vocabulary is the tokenizer's (49,152 tokens for
     /// SmolLM2's), so embeddings are smaller than the real model's.
     #[arg(long)]
     pub shape: SynthShape,

@@ -29,14 +29,24 @@ pub enum SynthShape {
     Llama3b,
     /// Llama 3.1 8B: 32 layers, d 4096, MLP 14336, 32/8 heads, its own head.
     Llama8b,
+    /// Qwen 2.5 0.5B: 24 layers, d 896, MLP 4864, 14/2 heads, q/k/v biases, tied head.
+    Qwen25_05b,
+    /// Qwen 3 0.6B: 28 layers, d 1024, MLP 3072, 16/8 heads of 128 (wider than d / H),
+    /// per-head q/k norms, tied head.
+    Qwen3_06b,
+    /// Qwen 3 8B: 36 layers, d 4096, MLP 12288, 32/8 heads of 128, its own head.
+    Qwen3_8b,
 }
 
 impl SynthShape {
-    pub const ALL: [SynthShape; 4] = [
+    pub const ALL: [SynthShape; 7] = [
         SynthShape::Smollm2,
         SynthShape::Llama1b,
         SynthShape::Llama3b,
         SynthShape::Llama8b,
+        SynthShape::Qwen25_05b,
+        SynthShape::Qwen3_06b,
+        SynthShape::Qwen3_8b,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -45,18 +55,26 @@ impl SynthShape {
             SynthShape::Llama1b => "llama-1b",
             SynthShape::Llama3b => "llama-3b",
             SynthShape::Llama8b => "llama-8b",
+            SynthShape::Qwen25_05b => "qwen2.5-0.5b",
+            SynthShape::Qwen3_06b => "qwen3-0.6b",
+            SynthShape::Qwen3_8b => "qwen3-8b",
         }
     }
 
     /// The configuration with a vocabulary of `vocab_size` tokens.
     pub fn config(&self, vocab_size: usize) -> LlamaConfig {
-        // (layers, d, ffn, heads, kv heads, RoPE base, tied)
-        let (n_layers, d_model, d_ff, n_heads, n_kv_heads, rope_theta, tied) = match self {
-            SynthShape::Smollm2 => (30, 576, 1536, 9, 3, 100_000.0, true),
-            SynthShape::Llama1b => (16, 2048, 8192, 32, 8, 500_000.0, true),
-            SynthShape::Llama3b => (28, 3072, 8192, 24, 8, 500_000.0, true),
-            SynthShape::Llama8b => (32, 4096, 14336, 32, 8, 500_000.0, false),
-        };
+        use crate::Family::{Llama, Qwen2, Qwen3};
+        // (family, layers, d, ffn, heads, kv heads, head width, RoPE base, tied)
+        let (family, n_layers, d_model, d_ff, n_heads, n_kv_heads, head_dim, rope_theta, tied) =
+            match self {
+                SynthShape::Smollm2 => (Llama, 30, 576, 1536, 9, 3, 64, 100_000.0, true),
+                SynthShape::Llama1b => (Llama, 16, 2048, 8192, 32, 8, 64, 500_000.0, true),
+                SynthShape::Llama3b => (Llama, 28, 3072, 8192, 24, 8, 128, 500_000.0, true),
+                SynthShape::Llama8b => (Llama, 32, 4096, 14336, 32, 8, 128, 500_000.0, false),
+                SynthShape::Qwen25_05b => (Qwen2, 24, 896, 4864, 14, 2, 64, 1e6, true),
+                SynthShape::Qwen3_06b => (Qwen3, 28, 1024, 3072, 16, 8, 128, 1e6, true),
+                SynthShape::Qwen3_8b => (Qwen3, 36, 4096, 12288, 32, 8, 128, 1e6, false),
+            };
         LlamaConfig {
             vocab_size,
             d_model,
@@ -64,12 +82,12 @@ impl SynthShape {
             n_layers,
             n_heads,
             n_kv_heads,
-            head_dim: d_model / n_heads,
+            head_dim,
             rope_theta,
-            rms_eps: 1e-5,
+            rms_eps: if family == Llama { 1e-5 } else { 1e-6 },
             max_seq_len: 8192,
             tied_embeddings: tied,
-            family: crate::Family::Llama,
+            family,
             rope_freq_factors: None,
         }
     }
@@ -119,13 +137,15 @@ struct Plan {
 /// The tensors of `config`, in file order.
 fn plan(config: &LlamaConfig, quant: GgmlType) -> Result<Vec<Plan>, ModelError> {
     let c = config;
-    let (d, f, q, kv) = (c.d_model, c.d_ff, c.n_heads * c.head_dim, c.kv_dim());
+    let (d, f, q, kv) = (c.d_model, c.d_ff, c.q_dim(), c.kv_dim());
+    let spec = c.spec();
     // Uniform on [-a, a] has variance a²/3: a = √3/√n keeps a product over n inputs at the
     // inputs' magnitude.
     let s = |n: usize| 3f32.sqrt() / (n as f32).sqrt();
     let mut plans = Vec::new();
     let mut add = |name: String, rows: usize, cols: usize, scale: Option<f32>| {
-        let ty = if scale.is_some() {
+        // matrices in `quant`; norm gains and biases (one row) in F32, as real files keep them
+        let ty = if scale.is_some() && rows > 1 {
             quant
         } else {
             GgmlType::F32
@@ -164,6 +184,16 @@ fn plan(config: &LlamaConfig, quant: GgmlType) -> Result<Vec<Plan>, ModelError> 
         add(n("attn_k"), kv, d, Some(s(d)))?;
         add(n("attn_v"), kv, d, Some(s(d)))?;
         add(n("attn_output"), d, q, Some(s(q)))?;
+        if spec.qkv_bias {
+            // biases are F32 vectors in real files too; small against the products
+            for (name, w) in [("attn_q", q), ("attn_k", kv), ("attn_v", kv)] {
+                add(format!("blk.{i}.{name}.bias"), 1, w, Some(0.1))?;
+            }
+        }
+        if spec.qk_norm {
+            add(n("attn_q_norm"), 1, c.head_dim, None)?;
+            add(n("attn_k_norm"), 1, c.head_dim, None)?;
+        }
         add(n("ffn_norm"), 1, d, None)?;
         add(n("ffn_gate"), f, d, Some(s(d)))?;
         add(n("ffn_up"), f, d, Some(s(d)))?;
@@ -185,10 +215,12 @@ fn metadata(
 ) -> Vec<(String, MetaValue)> {
     let c = config;
     let u = |x: usize| MetaValue::U32(x as u32);
+    let arch = c.spec().gguf_name;
+    let k = |key: &str| format!("{arch}.{key}");
     let mut meta: Vec<(String, MetaValue)> = vec![
         (
             "general.architecture".into(),
-            MetaValue::String("llama".into()),
+            MetaValue::String(arch.into()),
         ),
         (
             "general.name".into(),
@@ -197,20 +229,24 @@ fn metadata(
                 spec.shape, spec.quant, spec.seed
             )),
         ),
-        ("llama.block_count".into(), u(c.n_layers)),
-        ("llama.context_length".into(), u(c.max_seq_len)),
-        ("llama.embedding_length".into(), u(c.d_model)),
-        ("llama.feed_forward_length".into(), u(c.d_ff)),
-        ("llama.attention.head_count".into(), u(c.n_heads)),
-        ("llama.attention.head_count_kv".into(), u(c.n_kv_heads)),
-        ("llama.rope.freq_base".into(), MetaValue::F32(c.rope_theta)),
-        ("llama.rope.dimension_count".into(), u(c.head_dim)),
+        (k("block_count"), u(c.n_layers)),
+        (k("context_length"), u(c.max_seq_len)),
+        (k("embedding_length"), u(c.d_model)),
+        (k("feed_forward_length"), u(c.d_ff)),
+        (k("attention.head_count"), u(c.n_heads)),
+        (k("attention.head_count_kv"), u(c.n_kv_heads)),
+        (k("rope.freq_base"), MetaValue::F32(c.rope_theta)),
+        (k("rope.dimension_count"), u(c.head_dim)),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            k("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(c.rms_eps),
         ),
-        ("llama.vocab_size".into(), u(c.vocab_size)),
+        (k("vocab_size"), u(c.vocab_size)),
     ];
+    if c.q_dim() != c.d_model {
+        meta.push((k("attention.key_length"), u(c.head_dim)));
+        meta.push((k("attention.value_length"), u(c.head_dim)));
+    }
     for (k, v) in tokenizer.metadata() {
         if k.starts_with("tokenizer.") {
             meta.push((k.clone(), v.clone()));
@@ -310,6 +346,42 @@ mod tests {
         assert!((1_230_000_000..1_240_000_000).contains(&real), "{real}");
         let bytes: usize = plans.iter().map(|p| p.spec.n_bytes).sum();
         assert!(bytes > 2 * (params - 100_000));
+    }
+
+    #[test]
+    fn qwen_shapes_write_their_family_s_tensors_and_keys() {
+        let tok = GgufFile::from_bytes(crate::tiny::tiny_gguf(1).expect("tiny")).expect("parse");
+        for (shape, family) in [
+            (SynthShape::Qwen25_05b, crate::Family::Qwen2),
+            (SynthShape::Qwen3_06b, crate::Family::Qwen3),
+        ] {
+            let spec = SynthSpec {
+                shape,
+                quant: GgmlType::Q8_0,
+                layers: Some(1),
+                seed: 3,
+            };
+            let mut bytes = Vec::new();
+            let config = write_synth(&spec, &tok, &mut bytes, &mut |_, _| ()).expect("write");
+            let file = GgufFile::from_bytes(bytes).expect("parse");
+            assert_eq!(LlamaConfig::from_gguf(&file).expect("config"), config);
+            assert_eq!(config.family, family);
+            let w = crate::QuantWeights::from_gguf(&file).expect("loads");
+            let e = &w.layers[0].extras;
+            assert_eq!(!e.qkv_bias.is_empty(), family == crate::Family::Qwen2);
+            assert_eq!(e.qk_norm.is_some(), family == crate::Family::Qwen3);
+        }
+        // Qwen 3 0.6B: heads of 128, 2048-wide queries on a 1024-wide stream, 0.44B
+        // parameters outside the embedding (its real count)
+        let c = SynthShape::Qwen3_06b.config(151_936);
+        assert_eq!((c.head_dim, c.q_dim()), (128, 2048));
+        let params: usize = plan(&c, GgmlType::F16)
+            .expect("plan")
+            .iter()
+            .map(|p| p.rows * p.cols)
+            .sum();
+        let body = params - 151_936 * 1024;
+        assert!((435_000_000..445_000_000).contains(&body), "{body}");
     }
 
     #[test]

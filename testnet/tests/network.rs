@@ -1495,3 +1495,70 @@ fn published_proofs_are_believed_only_once_recomputed() {
         .is_some_and(Vec::is_empty));
     drop(nodes);
 }
+
+#[test]
+fn qwen_and_llama3_models_deploy_and_generate_what_they_generate_locally() {
+    // Tiny random models of the other families (biases, per-head norms, wider heads, RoPE
+    // frequency factors) through real nodes: shard upload, the node's own loading and its
+    // batched steps.
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(root.path(), 2, &NodeSettings::default()).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 2);
+    use veil_model::tiny::{tiny_variant_gguf, TinyVariant, TINY_SEED};
+    for v in [TinyVariant::Qwen2, TinyVariant::Qwen3, TinyVariant::Llama3] {
+        let path = root.path().join(format!("tiny-{}.gguf", v.name()));
+        std::fs::write(&path, tiny_variant_gguf(v, TINY_SEED).expect("gguf")).expect("write");
+        let model = path.to_str().expect("utf-8");
+        let prompt = "which family am I?";
+        let local = veil.json(&[
+            "generate",
+            "--local",
+            "--model",
+            model,
+            "--backend",
+            "cpu",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "16",
+            "--json",
+        ]);
+        let out = veil.ok(&[
+            "deploy",
+            "--quant",
+            "f32",
+            "--model",
+            model,
+            "--stages",
+            "2",
+            "--replicas",
+            "1",
+            "--bootstrap",
+            &boot,
+            "--wait",
+            "3",
+        ]);
+        let id = out
+            .lines()
+            .last()
+            .expect("deployment id")
+            .trim()
+            .to_string();
+        let remote = veil.json(&[
+            "generate",
+            "--deployment",
+            &id,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "16",
+            "--json",
+            "--bootstrap",
+            &boot,
+        ]);
+        assert_eq!(remote["tokens"], local["tokens"], "{}", v.name());
+        assert_eq!(remote["route"].as_array().expect("route").len(), 2);
+    }
+}
