@@ -75,7 +75,7 @@ enum ModelCommand {
         name: String,
     },
     /// Write a random-weight GGUF of a real model's shape (Llama 3.2 1B/3B, Llama 3.1 8B,
-    /// SmolLM2) with SmolLM2's tokenizer: for speed and memory studies at sizes no package
+    /// SmolLM2, Qwen 2.5 0.5B, Qwen 3 0.6B/8B) with SmolLM2's tokenizer: for speed and memory studies at sizes no package
     /// ships. llama.cpp loads it too.
     Synth(synth::SynthArgs),
 }
