@@ -83,11 +83,7 @@ fn every_family_computes_what_llama_cpp_computes() {
             .feed_all(&ids)
             .expect("run");
         // llama.cpp's F32 products sum in another order than burn's
-        let worst = logits
-            .iter()
-            .zip(&want.logits)
-            .map(|(a, w)| max_abs_diff(a, w))
-            .fold(0.0, f32::max);
+        let worst = worst_diff(&logits, &want.logits);
         let scale = want
             .logits
             .iter()
@@ -116,13 +112,24 @@ fn every_family_computes_what_llama_cpp_computes() {
             .expect("quantized")
             .feed_all(&ids)
             .expect("run");
-        let worst = ql
-            .iter()
-            .zip(&logits)
-            .map(|(a, w)| max_abs_diff(a, w))
-            .fold(0.0, f32::max);
+        let worst = worst_diff(&ql, &logits);
         assert!(worst < 1e-3, "{}: quantized path vs f32 {worst}", v.name());
     }
+}
+
+/// The largest difference between two sequences of logits.
+fn worst_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0.0, f32::max)
+}
+
+/// `e` written to files and read back.
+fn through_files(e: &Encrypted) -> Encrypted {
+    let dir = tempfile::tempdir().expect("tempdir");
+    e.write(dir.path()).expect("write");
+    Encrypted::read(dir.path()).expect("read back")
 }
 
 fn key_for(b: &ModelBundle, seed: u64) -> ModelKey {
@@ -147,16 +154,10 @@ fn every_family_encrypts_exactly() {
             .expect("plain");
         // f32 shards with the first layer on the client, through their files
         let e = encrypt_model_split(&b, key_for(&b, 11), 2, 1, &mut |_, _| {}).expect("encrypt");
-        let dir = tempfile::tempdir().expect("tempdir");
-        e.write(dir.path()).expect("write");
-        let e = Encrypted::read(dir.path()).expect("read back");
+        let e = through_files(&e);
         let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
         let got = enc.feed_all(&ids).expect("encrypted");
-        let worst = got
-            .iter()
-            .zip(&plain)
-            .map(|(a, p)| max_abs_diff(a, p))
-            .fold(0.0, f32::max);
+        let worst = worst_diff(&got, &plain);
         assert!(worst < 1e-3, "{}: encrypted vs plaintext {worst}", v.name());
         let mut p = LocalModel::new(&b.weights, &device, None);
         let mut enc = EncryptedLocal::new(&e.client, &e.shards, &device, None).expect("pipeline");
@@ -170,18 +171,12 @@ fn every_family_encrypts_exactly() {
         // q8_0 shards run by the quantized kernels, through their files
         let e = encrypt_model_quant(&b, key_for(&b, 12), 2, 0, ShardQuant::Q8_0, &mut |_, _| {})
             .expect("encrypt q8_0");
-        let dir = tempfile::tempdir().expect("tempdir");
-        e.write(dir.path()).expect("write");
-        let e = Encrypted::read(dir.path()).expect("read back");
+        let e = through_files(&e);
         let got = EncryptedLocal::new(&e.client, &e.shards, &device, None)
             .expect("pipeline")
             .feed_all(&ids)
             .expect("encrypted");
-        let worst = got
-            .iter()
-            .zip(&plain)
-            .map(|(a, p)| max_abs_diff(a, p))
-            .fold(0.0, f32::max);
+        let worst = worst_diff(&got, &plain);
         // The tiny random models amplify rounding (see encrypted_tiny.rs): this bound catches
         // broken extras in quantized shards, not quality.
         let scale = plain.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));

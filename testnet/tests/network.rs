@@ -60,11 +60,15 @@ fn deployment(veil: &Veil, id: &str) -> Value {
 }
 
 fn local_tokens(veil: &Veil, prompt: &str, n: usize) -> Value {
+    local_tokens_of(veil, "tiny", prompt, n)
+}
+
+fn local_tokens_of(veil: &Veil, model: &str, prompt: &str, n: usize) -> Value {
     veil.json(&[
         "generate",
         "--local",
         "--model",
-        "tiny",
+        model,
         "--backend",
         "cpu",
         "--prompt",
@@ -77,16 +81,27 @@ fn local_tokens(veil: &Veil, prompt: &str, n: usize) -> Value {
 }
 
 fn deploy(veil: &Veil, bootstrap: &str, stages: usize) -> String {
+    deploy_model(veil, bootstrap, "tiny", stages, 2)
+}
+
+/// Deploy `model` as f32 shards; returns the deployment id.
+fn deploy_model(
+    veil: &Veil,
+    bootstrap: &str,
+    model: &str,
+    stages: usize,
+    replicas: usize,
+) -> String {
     let out = veil.ok(&[
         "deploy",
         "--quant",
         "f32",
         "--model",
-        "tiny",
+        model,
         "--stages",
         &stages.to_string(),
         "--replicas",
-        "2",
+        &replicas.to_string(),
         "--bootstrap",
         bootstrap,
         "--wait",
@@ -1512,40 +1527,8 @@ fn qwen_and_llama3_models_deploy_and_generate_what_they_generate_locally() {
         std::fs::write(&path, tiny_variant_gguf(v, TINY_SEED).expect("gguf")).expect("write");
         let model = path.to_str().expect("utf-8");
         let prompt = "which family am I?";
-        let local = veil.json(&[
-            "generate",
-            "--local",
-            "--model",
-            model,
-            "--backend",
-            "cpu",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "16",
-            "--json",
-        ]);
-        let out = veil.ok(&[
-            "deploy",
-            "--quant",
-            "f32",
-            "--model",
-            model,
-            "--stages",
-            "2",
-            "--replicas",
-            "1",
-            "--bootstrap",
-            &boot,
-            "--wait",
-            "3",
-        ]);
-        let id = out
-            .lines()
-            .last()
-            .expect("deployment id")
-            .trim()
-            .to_string();
+        let local = local_tokens_of(&veil, model, prompt, 16);
+        let id = deploy_model(&veil, &boot, model, 2, 1);
         let remote = veil.json(&[
             "generate",
             "--deployment",
@@ -1558,7 +1541,7 @@ fn qwen_and_llama3_models_deploy_and_generate_what_they_generate_locally() {
             "--bootstrap",
             &boot,
         ]);
-        assert_eq!(remote["tokens"], local["tokens"], "{}", v.name());
+        assert_eq!(remote["tokens"], local, "{}", v.name());
         assert_eq!(remote["route"].as_array().expect("route").len(), 2);
     }
 }

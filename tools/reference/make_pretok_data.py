@@ -17,19 +17,15 @@ import tempfile
 from gguf import GGUFReader, GGUFWriter, TokenType
 from llama_cpp import Llama
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fidelity_data import TOKENIZER_PROBES  # noqa: E402
+
 PRES = ["llama-bpe", "qwen2"]
-PROBES = [
-    "Hello, world! It's 2026-11-23 and π ≈ 3.14159.",
-    "   leading spaces and trailing   ",
-    "tabs\tand\r\nwindows newlines\n\n\n",
-    "CamelCaseIdentifiers_with_underscores and ALLCAPS",
-    "Ünïcödé façade — «quotes» and 日本語のテキスト",
-    "emoji: 👩‍💻🎉 done",
+# the fidelity data's probes, and a few that exercise these regexes' own rules
+PROBES = TOKENIZER_PROBES + [
     "numbers 000123 4.5e-10 1,000,000 and 12345678901",
-    "x = [i**2 for i in range(10)]  # squares",
     "I'LL SAY IT: DON'T, won't, we've, you'd, they're",
     "line one\n  indented line\n\tand a tab\n",
-    "",
 ]
 
 
