@@ -6,6 +6,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
+/// Gemma's chat format (Hugging Face's Gemma 3 template, text only), for Gemma files that
+/// carry no template: a system prompt is put at the start of the first user turn, the
+/// assistant is `model`. It has no `bos_token`: the tokenizer adds BOS itself.
+const GEMMA_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
+/// The chat template of an architecture (`general.architecture`) whose files may lack
+/// one, as llama.cpp falls back on its built-in formats.
+pub fn builtin_template(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma" | "gemma2" | "gemma3" => Some(GEMMA_TEMPLATE),
+        _ => None,
+    }
+}
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -128,6 +142,33 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert!(e.contains("no bad roles"), "{e}");
+    }
+
+    #[test]
+    fn gemma_builtin_template_merges_the_system_prompt_and_names_the_model() {
+        let t = ChatTemplate::new(builtin_template("gemma3").expect("gemma"), "<bos>", "<eos>")
+            .expect("compile");
+        let out = t
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", " Hi "),
+                    ChatMessage::new("assistant", "Hello."),
+                    ChatMessage::new("user", "Bye"),
+                ],
+                true,
+            )
+            .expect("render");
+        assert_eq!(
+            out,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let e = t
+            .render(&[ChatMessage::new("assistant", "x")], true)
+            .expect_err("must alternate")
+            .to_string();
+        assert!(e.contains("alternate"), "{e}");
+        assert!(builtin_template("llama").is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::ModelError;
 
 /// What a [`TextCodec`] is built from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextSpec {
     pub tokenizer: TokenizerSpec,
     pub chat_template: Option<String>,
@@ -22,7 +22,11 @@ impl TextSpec {
             chat_template: if file.has_key("tokenizer.chat_template") {
                 Some(file.get_str("tokenizer.chat_template")?.to_string())
             } else {
-                None
+                // files without a template: the architecture's own format, if it has one
+                file.get_str("general.architecture")
+                    .ok()
+                    .and_then(crate::chat::builtin_template)
+                    .map(str::to_string)
             },
         })
     }

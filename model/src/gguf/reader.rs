@@ -362,6 +362,16 @@ impl GgufFile {
             .collect()
     }
 
+    pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, GgufError> {
+        self.get_array(key)?
+            .iter()
+            .map(|v| match v {
+                MetaValue::F32(x) => Ok(*x),
+                v => Err(Self::wrong(key, "array of float32", v)),
+            })
+            .collect()
+    }
+
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>, GgufError> {
         self.get_array(key)?
             .iter()
