@@ -24,6 +24,21 @@ pub enum Family {
     Qwen2,
     /// Qwen 3: RMSNorm over each query and key head before RoPE; neox RoPE.
     Qwen3,
+    /// Gemma 3: embeddings scaled by `sqrt(d)`, per-head query/key norms, a second norm
+    /// after attention and after the MLP ("sandwich"), a GELU-gated MLP, sliding-window
+    /// attention on local layers with their own RoPE base; neox RoPE.
+    Gemma3,
+}
+
+/// The gate's activation in the gated MLP `(act(u Wg) * (u Wu)) Wd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(x)` (SwiGLU).
+    #[default]
+    Silu,
+    /// GELU's tanh approximation, `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (GeGLU).
+    GeluTanh,
 }
 
 /// How a family's files pair the dimensions of a head for RoPE.
@@ -36,7 +51,7 @@ pub enum RopeLayout {
 }
 
 /// What a family's decoder block has beyond the Llama block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FamilySpec {
     /// `general.architecture` in GGUF; also the prefix of its metadata keys.
     pub gguf_name: &'static str,
@@ -46,30 +61,63 @@ pub struct FamilySpec {
     /// (`blk.N.attn_{q,k}_norm.weight`, `[h]`).
     pub qk_norm: bool,
     pub rope: RopeLayout,
+    /// RMSNorms with gains on the attention's and the MLP's outputs, before the residual
+    /// additions (`blk.N.post_attention_norm.weight`, `blk.N.post_ffw_norm.weight`).
+    pub post_norms: bool,
+    pub activation: Activation,
+    /// Token embeddings are multiplied by `sqrt(d)` (the head reads the unscaled table).
+    pub embed_scale: bool,
+    /// Every `n`-th layer (`n - 1`, `2n - 1`, ...) attends to the whole context and the
+    /// others to a sliding window, when the file gives a window (`0`: every layer slides).
+    pub sliding_pattern: usize,
+    /// RoPE base of the sliding-window layers when the file does not give one.
+    pub local_rope_theta: Option<f32>,
+}
+
+impl FamilySpec {
+    /// The Llama block: what every family starts from.
+    const LLAMA: FamilySpec = FamilySpec {
+        gguf_name: "llama",
+        qkv_bias: false,
+        qk_norm: false,
+        rope: RopeLayout::Adjacent,
+        post_norms: false,
+        activation: Activation::Silu,
+        embed_scale: false,
+        sliding_pattern: 0,
+        local_rope_theta: None,
+    };
 }
 
 impl Family {
-    pub const ALL: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Qwen3];
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3];
 
     pub fn spec(self) -> FamilySpec {
         match self {
-            Family::Llama => FamilySpec {
-                gguf_name: "llama",
-                qkv_bias: false,
-                qk_norm: false,
-                rope: RopeLayout::Adjacent,
-            },
+            Family::Llama => FamilySpec::LLAMA,
             Family::Qwen2 => FamilySpec {
                 gguf_name: "qwen2",
                 qkv_bias: true,
-                qk_norm: false,
                 rope: RopeLayout::Halves,
+                ..FamilySpec::LLAMA
             },
             Family::Qwen3 => FamilySpec {
                 gguf_name: "qwen3",
-                qkv_bias: false,
                 qk_norm: true,
                 rope: RopeLayout::Halves,
+                ..FamilySpec::LLAMA
+            },
+            // llama.cpp: global attention on layers 5, 11, ...; local RoPE base 10000.
+            Family::Gemma3 => FamilySpec {
+                gguf_name: "gemma3",
+                qk_norm: true,
+                rope: RopeLayout::Halves,
+                post_norms: true,
+                activation: Activation::GeluTanh,
+                embed_scale: true,
+                sliding_pattern: 6,
+                local_rope_theta: Some(10_000.0),
+                ..FamilySpec::LLAMA
             },
         }
     }
@@ -171,6 +219,16 @@ pub struct AttnExtras {
     /// Biases of the fused query, key and value projection, `[H h + 2 G h]`; empty if none.
     pub qkv_bias: Vec<f32>,
     pub qk_norm: Option<QkNorm>,
+}
+
+/// The norms on a block's attention and MLP outputs (Gemma 3's "sandwich"), before each
+/// residual addition: `x + rmsnorm(attn) * attn_gain`, then `x + rmsnorm(mlp) * ffn_gain`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PostNorms {
+    /// `[d]`.
+    pub attn: Vec<f32>,
+    /// `[d]`.
+    pub ffn: Vec<f32>,
 }
 
 /// Container names (under a layer's prefix) of the extras' tensors, in order.

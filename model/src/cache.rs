@@ -10,13 +10,15 @@ use crate::{LlamaConfig, ModelError};
 /// `rope(x)[2j] = x[2j] cos(p t_j) - x[2j+1] sin(p t_j)` and
 /// `rope(x)[2j+1] = x[2j] sin(p t_j) + x[2j+1] cos(p t_j)` with `t_j = base^(-2j/h)`,
 /// computed as `x * cos + (x R) * sin` where `R` maps `x` to `(-x1, x0)` pairwise. With
-/// frequency factors (Llama 3.1), `t_j` is divided by factor `j`.
+/// frequency factors (Llama 3.1), `t_j` is divided by factor `j`. Layers may have bases of
+/// their own (Gemma 3's sliding-window layers): one table per base.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    /// `[max_len, h]`: `cos(p t_j)` repeated for both members of pair `j`.
-    cos: Tensor<2>,
-    /// `[max_len, h]`.
-    sin: Tensor<2>,
+    /// Per distinct base, `[max_len, h]` `cos(p t_j)` and `sin(p t_j)`, each repeated for
+    /// both members of pair `j`.
+    tables: Vec<(Tensor<2>, Tensor<2>)>,
+    /// The table of each layer of the model (by absolute index).
+    layer_table: Vec<usize>,
     /// `[h, h]`: the pairwise quarter turn `R`.
     rot: Tensor<2>,
     head_dim: usize,
@@ -26,21 +28,40 @@ pub struct RopeTables {
 impl RopeTables {
     pub fn new(config: &LlamaConfig, device: &Device) -> Self {
         let (h, n) = (config.head_dim, config.max_seq_len);
-        let mut cos = Vec::with_capacity(n * h);
-        let mut sin = Vec::with_capacity(n * h);
-        let base = f64::from(config.rope_theta);
-        for p in 0..n {
-            for j in 0..h / 2 {
-                let factor = config
-                    .rope_freq_factors
-                    .as_ref()
-                    .map_or(1.0, |f| f64::from(f[j]));
-                let theta = base.powf(-2.0 * j as f64 / h as f64) / factor;
-                let (s, c) = (p as f64 * theta).sin_cos();
-                cos.extend([c as f32, c as f32]);
-                sin.extend([s as f32, s as f32]);
+        let mut bases: Vec<f32> = Vec::new();
+        let layer_table = (0..config.n_layers)
+            .map(|l| {
+                let base = config.layer_rope_theta(l);
+                match bases.iter().position(|b| b.to_bits() == base.to_bits()) {
+                    Some(i) => i,
+                    None => {
+                        bases.push(base);
+                        bases.len() - 1
+                    }
+                }
+            })
+            .collect();
+        let table = |base: f32| {
+            let mut cos = Vec::with_capacity(n * h);
+            let mut sin = Vec::with_capacity(n * h);
+            let base = f64::from(base);
+            for p in 0..n {
+                for j in 0..h / 2 {
+                    let factor = config
+                        .rope_freq_factors
+                        .as_ref()
+                        .map_or(1.0, |f| f64::from(f[j]));
+                    let theta = base.powf(-2.0 * j as f64 / h as f64) / factor;
+                    let (s, c) = (p as f64 * theta).sin_cos();
+                    cos.extend([c as f32, c as f32]);
+                    sin.extend([s as f32, s as f32]);
+                }
             }
-        }
+            (
+                Tensor::from_data(TensorData::new(cos, [n, h]), device),
+                Tensor::from_data(TensorData::new(sin, [n, h]), device),
+            )
+        };
         let mut rot = vec![0.0f32; h * h];
         for j in 0..h / 2 {
             // (x R)[2j] = -x[2j+1]; (x R)[2j+1] = x[2j]
@@ -48,8 +69,8 @@ impl RopeTables {
             rot[(2 * j) * h + 2 * j + 1] = 1.0;
         }
         RopeTables {
-            cos: Tensor::from_data(TensorData::new(cos, [n, h]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [n, h]), device),
+            tables: bases.into_iter().map(table).collect(),
+            layer_table,
             rot: Tensor::from_data(TensorData::new(rot, [h, h]), device),
             head_dim: h,
             max_len: n,
@@ -60,12 +81,13 @@ impl RopeTables {
         self.max_len
     }
 
-    /// Rotate `x`: `[t, heads, h]` holding positions `start..start + t`.
-    pub fn apply(&self, x: Tensor<3>, start: usize) -> Tensor<3> {
+    /// Rotate `x`: `[t, heads, h]` holding positions `start..start + t` of layer `layer`.
+    pub fn apply(&self, x: Tensor<3>, start: usize, layer: usize) -> Tensor<3> {
         let [t, heads, h] = x.dims();
         debug_assert_eq!(h, self.head_dim);
-        let cos = self.cos.clone().narrow(0, start, t).reshape([t, 1, h]);
-        let sin = self.sin.clone().narrow(0, start, t).reshape([t, 1, h]);
+        let (cos, sin) = &self.tables[self.layer_table.get(layer).copied().unwrap_or(0)];
+        let cos = cos.clone().narrow(0, start, t).reshape([t, 1, h]);
+        let sin = sin.clone().narrow(0, start, t).reshape([t, 1, h]);
         let turned = x
             .clone()
             .reshape([t * heads, h])

@@ -37,6 +37,13 @@ pub struct LlamaConfig {
     /// context scaling); `None` for plain RoPE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Keys a query of a sliding-window layer sees, itself included (which layers slide:
+    /// [`LlamaConfig::layer_window`]); `None`: every layer sees the whole context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// RoPE base of the sliding-window layers (Gemma 3's local layers); `None`: `rope_theta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rope_theta: Option<f32>,
 }
 
 impl LlamaConfig {
@@ -81,7 +88,30 @@ impl LlamaConfig {
         } else {
             None
         };
+        // RoPE scaling (Gemma 3 4B+ and others stretch positions): refused rather than
+        // computed wrong
+        let scaling = key("rope.scaling.type");
+        if file.has_key(&scaling) && !matches!(file.get_str(&scaling)?, "none" | "") {
+            return Err(ModelError::InvalidConfig(format!(
+                "RoPE scaling `{}` ({scaling}) is not supported yet",
+                file.get_str(&scaling)?
+            )));
+        }
+        let spec = family.spec();
+        let sliding_window =
+            if spec.sliding_pattern > 0 && file.has_key(&key("attention.sliding_window")) {
+                Some(file.get_usize(&key("attention.sliding_window"))?)
+            } else {
+                None
+            };
+        let local_rope_theta = if file.has_key(&key("rope.freq_base_swa")) {
+            Some(file.get_f32(&key("rope.freq_base_swa"))?)
+        } else {
+            spec.local_rope_theta
+        };
         let config = LlamaConfig {
+            sliding_window,
+            local_rope_theta: sliding_window.and(local_rope_theta),
             vocab_size,
             d_model,
             d_ff: file.get_usize(&key("feed_forward_length"))?,
@@ -136,6 +166,15 @@ impl LlamaConfig {
                 ));
             }
         }
+        if self.sliding_window == Some(0) {
+            return bad("a sliding window of 0 keys".into());
+        }
+        if self
+            .local_rope_theta
+            .is_some_and(|t| t.is_nan() || t <= 0.0)
+        {
+            return bad("the local RoPE base must be positive".into());
+        }
         if self.max_seq_len == 0 {
             return bad("context length is 0".into());
         }
@@ -148,6 +187,34 @@ impl LlamaConfig {
     /// What the family's blocks carry.
     pub fn spec(&self) -> FamilySpec {
         self.family.spec()
+    }
+
+    /// The window of layer `l`: how many keys (itself included) each query sees, or
+    /// `None` when the layer attends to the whole context.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        let n = self.spec().sliding_pattern;
+        if n > 0 && (l + 1).is_multiple_of(n) {
+            None
+        } else {
+            Some(w)
+        }
+    }
+
+    /// The factor token embeddings are multiplied by before the first block (Gemma's
+    /// `sqrt(d)`), or `None`. A tied head reads the unscaled table.
+    pub fn embedding_scale(&self) -> Option<f32> {
+        self.spec()
+            .embed_scale
+            .then(|| (self.d_model as f32).sqrt())
+    }
+
+    /// The RoPE base of layer `l`.
+    pub fn layer_rope_theta(&self, l: usize) -> f32 {
+        match self.layer_window(l) {
+            Some(_) => self.local_rope_theta.unwrap_or(self.rope_theta),
+            None => self.rope_theta,
+        }
     }
 
     /// Width of the query projection: `H * h` (not always `d`).
@@ -181,6 +248,8 @@ impl LlamaConfig {
             tied_embeddings: true,
             family: Family::Llama,
             rope_freq_factors: None,
+            sliding_window: None,
+            local_rope_theta: None,
         }
     }
 }

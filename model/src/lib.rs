@@ -29,7 +29,7 @@ pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
 
-pub use arch::{AttnExtras, Family};
+pub use arch::{Activation, AttnExtras, Family, PostNorms};
 pub use bundle::{ModelBundle, QuantBundle};
 pub use config::LlamaConfig;
 pub use device::{BackendKind, Compute};

@@ -3,8 +3,9 @@
 
 use veil_kernels::QMatrix;
 
+use crate::arch::PostNorms;
 use crate::gguf::GgufFile;
-use crate::weights::{gguf_extras, qk_order};
+use crate::weights::{gguf_extras, gguf_post_norms, qk_order};
 use crate::{AttnExtras, LlamaConfig, ModelError};
 
 /// One decoder block; matrices in GGUF's layout (`[out, in]`, one row per output).
@@ -28,6 +29,8 @@ pub struct QuantLayer {
     pub w_down: QMatrix,
     /// Biases and per-head norms of the attention (f32), as the family has them.
     pub extras: AttnExtras,
+    /// Norms on the attention's and the MLP's outputs (f32), if the family has them.
+    pub post_norms: Option<PostNorms>,
 }
 
 /// Every weight of a model, quantized as in its file.
@@ -68,6 +71,7 @@ impl QuantWeights {
                 w_up: file.tensor_matrix(&n("ffn_up"), d, f)?,
                 w_down: file.tensor_matrix(&n("ffn_down"), f, d)?,
                 extras: gguf_extras(file, &c, i)?,
+                post_norms: gguf_post_norms(file, &c, i)?,
             });
         }
         let output = if c.tied_embeddings {

@@ -70,6 +70,7 @@ impl PlainWeights for QuantWeights {
             w_up: linear(&q.w_up),
             w_down: linear(&q.w_down),
             extras: q.extras.clone(),
+            post_norms: q.post_norms.clone(),
         }))
     }
     fn embedding(&self) -> Result<Matrix, ModelError> {

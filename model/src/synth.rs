@@ -89,6 +89,8 @@ impl SynthShape {
             tied_embeddings: tied,
             family,
             rope_freq_factors: None,
+            sliding_window: None,
+            local_rope_theta: None,
         }
     }
 }

@@ -67,14 +67,18 @@ pub enum TinyVariant {
     Qwen2,
     /// Qwen 3: per-head query/key norms, heads wider than `d / H`, neox RoPE.
     Qwen3,
+    /// Gemma 3: scaled embeddings, per-head query/key norms, post-norms, GeGLU, six
+    /// layers of which the sixth is global and the others slide over 4 tokens.
+    Gemma3,
 }
 
 impl TinyVariant {
-    pub const ALL: [TinyVariant; 4] = [
+    pub const ALL: [TinyVariant; 5] = [
         TinyVariant::Llama,
         TinyVariant::Llama3,
         TinyVariant::Qwen2,
         TinyVariant::Qwen3,
+        TinyVariant::Gemma3,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -83,6 +87,7 @@ impl TinyVariant {
             TinyVariant::Llama3 => "llama3",
             TinyVariant::Qwen2 => "qwen2",
             TinyVariant::Qwen3 => "qwen3",
+            TinyVariant::Gemma3 => "gemma3",
         }
     }
 
@@ -109,6 +114,17 @@ impl TinyVariant {
                 head_dim: 32,
                 rope_theta: 1_000_000.0,
                 rms_eps: 1e-6,
+                ..base
+            },
+            TinyVariant::Gemma3 => LlamaConfig {
+                family: Family::Gemma3,
+                n_layers: 6,
+                n_kv_heads: 1,
+                head_dim: 32,
+                rope_theta: 1_000_000.0,
+                rms_eps: 1e-6,
+                sliding_window: Some(4),
+                local_rope_theta: Some(10_000.0),
                 ..base
             },
         }
@@ -186,6 +202,9 @@ pub fn tiny_variant_gguf(variant: TinyVariant, seed: u64) -> Result<Vec<u8>, Mod
         g.meta(&k("attention.key_length"), u(c.head_dim))
             .meta(&k("attention.value_length"), u(c.head_dim));
     }
+    if let Some(w) = c.sliding_window {
+        g.meta(&k("attention.sliding_window"), u(w));
+    }
     g.meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
         .meta("tokenizer.ggml.pre", MetaValue::String("smollm".into()))
         .meta("tokenizer.ggml.tokens", strings(&tokens))
@@ -241,6 +260,10 @@ pub fn tiny_variant_gguf(variant: TinyVariant, seed: u64) -> Result<Vec<u8>, Mod
             let k_g = unorder(&norm.k.diag[..h], order);
             g.tensor_f32(&n("attn_q_norm.weight"), &[h], &q_g);
             g.tensor_f32(&n("attn_k_norm.weight"), &[h], &k_g);
+        }
+        if let Some(p) = &l.post_norms {
+            g.tensor_f32(&n("post_attention_norm.weight"), &[c.d_model], &p.attn);
+            g.tensor_f32(&n("post_ffw_norm.weight"), &[c.d_model], &p.ffn);
         }
     }
     g.tensor_f32("output_norm.weight", &[c.d_model], &w.final_norm);

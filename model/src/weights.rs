@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::arch::{head_order, heads_order, AttnExtras, PairMap, QkNorm, RopeLayout};
+use crate::arch::{head_order, heads_order, AttnExtras, PairMap, PostNorms, QkNorm, RopeLayout};
 use crate::gguf::GgufFile;
 use crate::{LlamaConfig, Matrix, ModelError};
 
@@ -32,6 +32,8 @@ pub struct LayerWeights {
     pub w_down: Matrix,
     /// Biases and per-head norms of the attention, as the family has them.
     pub extras: AttnExtras,
+    /// Norms on the attention's and the MLP's outputs, if the family has them.
+    pub post_norms: Option<PostNorms>,
 }
 
 /// All weights of a model.
@@ -115,6 +117,25 @@ pub(crate) fn gguf_extras(
     Ok(AttnExtras { qkv_bias, qk_norm })
 }
 
+/// Block `i`'s post-norm gains from the file, if the family has them.
+pub(crate) fn gguf_post_norms(
+    file: &GgufFile,
+    c: &LlamaConfig,
+    i: usize,
+) -> Result<Option<PostNorms>, ModelError> {
+    if !c.spec().post_norms {
+        return Ok(None);
+    }
+    Ok(Some(PostNorms {
+        attn: vector(
+            file,
+            &format!("blk.{i}.post_attention_norm.weight"),
+            c.d_model,
+        )?,
+        ffn: vector(file, &format!("blk.{i}.post_ffw_norm.weight"), c.d_model)?,
+    }))
+}
+
 impl LlamaWeights {
     /// Load every tensor by its GGUF name and dequantise it to f32.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
@@ -143,6 +164,7 @@ impl LlamaWeights {
                 w_up: linear(file, &n("ffn_up"), d, f)?,
                 w_down: linear(file, &n("ffn_down"), f, d)?,
                 extras: gguf_extras(file, &c, i)?,
+                post_norms: gguf_post_norms(file, &c, i)?,
             });
         }
         let output = if c.tied_embeddings {
@@ -189,6 +211,7 @@ impl LlamaWeights {
                 w_up: matrix(d, f, s_d),
                 w_down: matrix(f, d, s_f),
                 extras: AttnExtras::default(),
+                post_norms: None,
             });
         }
         let spec = c.spec();
@@ -205,6 +228,12 @@ impl LlamaWeights {
                 layer.extras.qk_norm = Some(QkNorm {
                     q: PairMap::gain(&gains(c.head_dim), c.n_heads),
                     k: PairMap::gain(&gains(c.head_dim), c.n_kv_heads),
+                });
+            }
+            if spec.post_norms {
+                layer.post_norms = Some(PostNorms {
+                    attn: gains(d),
+                    ffn: gains(d),
                 });
             }
         }

@@ -19,7 +19,7 @@ use veil_model::crypto::{
 use veil_model::gguf::GgufFile;
 use veil_model::tiny::{tiny_variant_gguf, TinyVariant, TINY_SEED};
 use veil_model::{
-    generate, Compute, GenerateParams, LocalModel, ModelBundle, Precision, QuantBundle,
+    generate, Activation, Compute, GenerateParams, LocalModel, ModelBundle, Precision, QuantBundle,
     SamplingParams,
 };
 
@@ -93,8 +93,15 @@ fn every_family_computes_what_llama_cpp_computes() {
             "{}: max |Δlogit| vs llama.cpp {worst} (logits up to {scale})",
             v.name()
         );
+        // llama.cpp's CPU GELU reads a float16 table (input and output rounded to f16):
+        // on the tiny Gemma 3 it moves the logits by 2.9e-3 from the exact function, and
+        // a numpy pass with that rounding emulated lands within 2.1e-4 of llama.cpp
+        let tolerance = match b.weights.config.spec().activation {
+            Activation::Silu => 1e-3,
+            Activation::GeluTanh => 5e-3,
+        };
         assert!(
-            worst < 1e-3,
+            worst < tolerance,
             "{}: max |Δlogit| vs llama.cpp {worst}",
             v.name()
         );
@@ -145,6 +152,18 @@ fn every_family_encrypts_exactly() {
     let device = Compute::cpu().device;
     for v in TinyVariant::ALL {
         let b = ModelBundle::tiny_variant(v).expect("tiny");
+        if b.weights.config.spec().post_norms {
+            // Gemma 3: no exact transform hides the key from a post-norm (SECURITY.md)
+            let Err(e) = encrypt_model_split(&b, key_for(&b, 11), 2, 0, &mut |_, _| {}) else {
+                panic!("{}: encryption must be refused", v.name());
+            };
+            let e = e.to_string();
+            assert!(
+                e.contains("cannot encrypt gemma3") && e.contains("SECURITY.md"),
+                "{e}"
+            );
+            continue;
+        }
         let ids = b
             .text
             .prompt_tokens("what does a node see?", false)

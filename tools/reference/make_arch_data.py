@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 from llama_cpp import Llama
 
-VARIANTS = ["llama", "llama3", "qwen2", "qwen3"]
+VARIANTS = ["llama", "llama3", "qwen2", "qwen3", "gemma3"]
 PROMPT = "what the node sees, hidden"
 GREEDY = 8
 

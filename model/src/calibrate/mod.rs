@@ -112,6 +112,9 @@ impl Calibrator {
                 }
                 rows.extend_from_slice(embedding.row(id as usize));
             }
+            if let Some(scale) = config.embedding_scale() {
+                rows.iter_mut().for_each(|v| *v *= scale);
+            }
             hidden.push(Tensor::<2>::from_data(
                 TensorData::new(rows, [seq.len(), d]),
                 device,

@@ -117,6 +117,7 @@ fn read_local_layer(
         w_up: u?,
         w_down: d?,
         extras: read_extras(c, "local.", l, cfg)?,
+        post_norms: None,
     })
 }
 
@@ -329,12 +330,13 @@ impl ClientModel {
             // `[vocab, d]`: one row per output, as the kernels take it
             let head = quantize(head_rot.transpose(), "head")?;
             (
-                TokenEmbedding::from_quantized(table, device),
+                TokenEmbedding::from_quantized(table, device).with_scale(cfg.embedding_scale()),
                 Linear::quantized(vec![head], precision, device)?,
             )
         } else {
             (
-                TokenEmbedding::Dense(table.to_device(device)),
+                TokenEmbedding::from_tensor(table.to_device(device))
+                    .with_scale(cfg.embedding_scale()),
                 Linear::Dense(head_rot.to_device(device)),
             )
         };

@@ -95,6 +95,15 @@ pub fn encrypt_model_with<'a>(
     let model = model.into();
     let w = model.weights;
     let config = w.config();
+    if config.spec().post_norms {
+        return Err(ModelError::InvalidConfig(format!(
+            "Veil cannot encrypt {} models yet: the gains of their post-attention and post-MLP \
+             norms do not commute with the residual key, and every exact way of folding them \
+             reveals the key up to signs (SECURITY.md, \"Other architecture families\"); run the model in \
+             plaintext on your own machine (`veil generate --local`)",
+            config.spec().gguf_name
+        )));
+    }
     key.check_fits(config)?;
     let fingerprint = key.fingerprint();
     if client_layers >= config.n_layers {

@@ -231,6 +231,7 @@ fn folded_layer(
         w_up: u?,
         w_down: d?,
         extras,
+        post_norms: None,
     })
 }
 
@@ -419,6 +420,7 @@ impl Shard {
                 w_up: u?,
                 w_down: d?,
                 extras: read_extras(c, "", l, &meta.config)?,
+                post_norms: None,
             });
         }
         Ok(Shard {

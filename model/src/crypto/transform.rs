@@ -243,6 +243,7 @@ pub fn encrypt_layer(
         w_up: to_f32(&up_pd),
         w_down: to_f32(&down),
         extras: AttnExtras { qkv_bias, qk_norm },
+        post_norms: None,
     }
 }
 

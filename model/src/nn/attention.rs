@@ -20,6 +20,8 @@ pub struct AttentionConfig {
     /// Epsilon of the per-head query/key norms (families that have them).
     #[config(default = 1e-5)]
     pub rms_eps: f64,
+    /// Keys each query sees (itself included) on a sliding-window layer; `None`: all.
+    pub window: Option<usize>,
 }
 
 impl AttentionConfig {
@@ -33,6 +35,7 @@ impl AttentionConfig {
             wo: Linear::random(q, self.d_model, device),
             bias: None,
             qk_norm: None,
+            window: self.window,
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
@@ -49,6 +52,8 @@ pub struct Attention {
     pub bias: Option<Tensor<1>>,
     /// Per-head norms of queries and keys before RoPE (Qwen 3).
     pub qk_norm: Option<(HeadNorm, HeadNorm)>,
+    /// Keys each query sees (itself included) on a sliding-window layer; `None`: all.
+    pub window: Option<usize>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -97,6 +102,7 @@ impl Attention {
                     HeadNorm::new(&n.k, config.n_kv_heads, h, eps, device),
                 )
             }),
+            window: config.window,
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
@@ -156,8 +162,8 @@ impl Attention {
                 Some((qn, kn)) => (qn.forward(q), kn.forward(k)),
                 None => (q, k),
             };
-            let q = rope.apply(q, seg.start);
-            let k = rope.apply(k, seg.start);
+            let q = rope.apply(q, seg.start, layer);
+            let k = rope.apply(k, seg.start, layer);
             if probe.active() {
                 probe.record(layer, Site::Query, q.clone().reshape([t, q_w]));
                 probe.record(layer, Site::Key, k.clone().reshape([t, kv_w]));
@@ -209,6 +215,14 @@ impl Attention {
                 .collect();
             return Tensor::cat(rows, 0);
         }
+        // A sliding window: no row of this call sees a key before `lo`.
+        let lo = self.window.map_or(0, |w| (start + 1).saturating_sub(w));
+        let (keys, values) = if lo > 0 {
+            let s = keys.dims()[1];
+            (keys.narrow(1, lo, s - lo), values.narrow(1, lo, s - lo))
+        } else {
+            (keys, values)
+        };
         let [groups, s, _] = keys.dims();
         let r = heads / groups;
         // Query heads g*r .. g*r+r read kv head g: group them as [G, r t, h].
@@ -219,7 +233,7 @@ impl Attention {
             probe.record(layer, Site::Scores, scores.clone().reshape([heads * t, s]));
         }
         if t > 1 {
-            let mask = causal_mask(t, s, start, &scores.device());
+            let mask = causal_mask(t, s, start, lo, self.window, &scores.device());
             scores = (scores.reshape([groups, r, t, s]) + mask).reshape([groups, r * t, s]);
         }
         let probs = softmax(scores, 2);
@@ -234,12 +248,24 @@ impl Attention {
     }
 }
 
-/// `[1, 1, t, s]` additive mask: query `i` (position `start + i`) sees keys `0..=start + i`.
-fn causal_mask(t: usize, s: usize, start: usize, device: &Device) -> Tensor<4> {
+/// `[1, 1, t, s]` additive mask: query `i` (position `start + i`) sees the keys at positions
+/// `lo + j` with `lo + j <= start + i`, and within `window` of it (itself included).
+fn causal_mask(
+    t: usize,
+    s: usize,
+    start: usize,
+    lo: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Tensor<4> {
     let mut data = vec![0.0f32; t * s];
     for i in 0..t {
-        for j in (start + i + 1)..s {
-            data[i * s + j] = -1e30;
+        let p = start + i;
+        for j in 0..s {
+            let k = lo + j;
+            if k > p || window.is_some_and(|w| p - k >= w) {
+                data[i * s + j] = -1e30;
+            }
         }
     }
     Tensor::from_data(TensorData::new(data, [1, 1, t, s]), device)

@@ -7,7 +7,7 @@ use super::probe::{tap, Probe, Site};
 use super::{Attention, AttentionConfig, Mlp, MlpConfig, RmsNorm, RmsNormConfig};
 use crate::cache::{LayerKv, RopeTables};
 use crate::qweights::QuantLayer;
-use crate::{LayerWeights, LlamaConfig, ModelError};
+use crate::{LayerWeights, LlamaConfig, ModelError, PostNorms};
 
 /// One pre-norm decoder block.
 #[derive(Config, Debug)]
@@ -22,11 +22,13 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
-    pub fn from_llama(c: &LlamaConfig) -> Self {
+    /// Block `layer` of a model of configuration `c`.
+    pub fn from_llama(c: &LlamaConfig, layer: usize) -> Self {
         BlockConfig::new(
             AttentionConfig::new(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim)
-                .with_rms_eps(f64::from(c.rms_eps)),
-            MlpConfig::new(c.d_model, c.d_ff),
+                .with_rms_eps(f64::from(c.rms_eps))
+                .with_window(c.layer_window(layer)),
+            MlpConfig::new(c.d_model, c.d_ff).with_activation(c.spec().activation),
         )
         .with_rms_eps(f64::from(c.rms_eps))
     }
@@ -40,17 +42,30 @@ impl BlockConfig {
             attention: self.attention.init(device),
             ffn_norm: norm.init(device),
             mlp: self.mlp.init(device),
+            post_norms: None,
         }
     }
 }
 
-/// `x = x + attn(rmsnorm(x) g1)`, then `x = x + mlp(rmsnorm(x) g2)`.
+/// `x = x + attn(rmsnorm(x) g1)`, then `x = x + mlp(rmsnorm(x) g2)`; with post-norms
+/// (Gemma 3), `x = x + rmsnorm(attn(..)) p1` and `x = x + rmsnorm(mlp(..)) p2`.
 #[derive(Debug, Clone)]
 pub struct Block {
     pub attn_norm: RmsNorm,
     pub attention: Attention,
     pub ffn_norm: RmsNorm,
     pub mlp: Mlp,
+    /// Norms on the attention's and the MLP's outputs.
+    pub post_norms: Option<(RmsNorm, RmsNorm)>,
+}
+
+fn post_norms(p: Option<&PostNorms>, eps: f64, device: &Device) -> Option<(RmsNorm, RmsNorm)> {
+    p.map(|p| {
+        (
+            RmsNorm::from_gain(Some(&p.attn), eps, device),
+            RmsNorm::from_gain(Some(&p.ffn), eps, device),
+        )
+    })
 }
 
 fn gain(g: &[f32]) -> Option<&[f32]> {
@@ -58,11 +73,20 @@ fn gain(g: &[f32]) -> Option<&[f32]> {
 }
 
 impl Block {
-    /// Build from host weights. An empty norm gain means the gain was folded into the
-    /// following matrices (as in encrypted shards) and the norm has none.
-    pub fn from_layer(layer: &LayerWeights, config: &LlamaConfig, device: &Device) -> Self {
+    /// Build block `index` from host weights. An empty norm gain means the gain was folded
+    /// into the following matrices (as in encrypted shards) and the norm has none.
+    pub fn from_layer(
+        layer: &LayerWeights,
+        index: usize,
+        config: &LlamaConfig,
+        device: &Device,
+    ) -> Self {
         let eps = f64::from(config.rms_eps);
-        let attn_config = BlockConfig::from_llama(config).attention;
+        let BlockConfig {
+            attention: attn_config,
+            mlp: mlp_config,
+            ..
+        } = BlockConfig::from_llama(config, index);
         Block {
             attn_norm: RmsNorm::from_gain(gain(&layer.attn_norm), eps, device),
             attention: Attention::from_matrices(
@@ -72,19 +96,31 @@ impl Block {
                 device,
             ),
             ffn_norm: RmsNorm::from_gain(gain(&layer.ffn_norm), eps, device),
-            mlp: Mlp::from_matrices(&layer.w_gate, &layer.w_up, &layer.w_down, device),
+            mlp: Mlp::from_matrices(
+                &mlp_config,
+                &layer.w_gate,
+                &layer.w_up,
+                &layer.w_down,
+                device,
+            ),
+            post_norms: post_norms(layer.post_norms.as_ref(), eps, device),
         }
     }
 
-    /// Build from a layer's quantized matrices, run on the CPU device `device`.
+    /// Build block `index` from its quantized matrices, run on the CPU device `device`.
     pub fn from_quantized(
         layer: &QuantLayer,
+        index: usize,
         config: &LlamaConfig,
         precision: Precision,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let eps = f64::from(config.rms_eps);
-        let attn_config = BlockConfig::from_llama(config).attention;
+        let BlockConfig {
+            attention: attn_config,
+            mlp: mlp_config,
+            ..
+        } = BlockConfig::from_llama(config, index);
         let l = layer.clone();
         Ok(Block {
             attn_norm: RmsNorm::from_gain(gain(&layer.attn_norm), eps, device),
@@ -96,7 +132,8 @@ impl Block {
                 device,
             )?,
             ffn_norm: RmsNorm::from_gain(gain(&layer.ffn_norm), eps, device),
-            mlp: Mlp::from_quantized([l.w_gate, l.w_up, l.w_down], precision, device)?,
+            mlp: Mlp::from_quantized(&mlp_config, [l.w_gate, l.w_up, l.w_down], precision, device)?,
+            post_norms: post_norms(layer.post_norms.as_ref(), eps, device),
         })
     }
 
@@ -116,12 +153,20 @@ impl Block {
         let a = self
             .attention
             .forward(u, segments, caches, rope, layer, probe);
+        let a = match &self.post_norms {
+            Some((n, _)) => n.forward(a),
+            None => a,
+        };
         tap(probe, layer, Site::AttnOut, &a);
         let x = x + a;
         tap(probe, layer, Site::AfterAttn, &x);
         let u = self.ffn_norm.forward(x.clone());
         tap(probe, layer, Site::FfnNorm, &u);
         let m = self.mlp.forward(u, layer, probe);
+        let m = match &self.post_norms {
+            Some((_, n)) => n.forward(m),
+            None => m,
+        };
         tap(probe, layer, Site::MlpOut, &m);
         let x = x + m;
         tap(probe, layer, Site::BlockOutput, &x);

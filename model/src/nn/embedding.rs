@@ -15,7 +15,7 @@ pub struct TokenEmbeddingConfig {
 
 impl TokenEmbeddingConfig {
     pub fn init(&self, device: &Device) -> TokenEmbedding {
-        TokenEmbedding::Dense(
+        TokenEmbedding::from_tensor(
             Initializer::Normal {
                 mean: 0.0,
                 std: 1.0,
@@ -26,39 +26,62 @@ impl TokenEmbeddingConfig {
     }
 }
 
-/// The embedding table `[vocab, d]`: a tensor, or the GGUF's quantized rows (only the
-/// rows looked up are dequantized).
+/// The embedding table `[vocab, d]`, with the factor its rows are multiplied by (Gemma's
+/// `sqrt(d)`), if any.
 #[derive(Debug, Clone)]
-pub enum TokenEmbedding {
+pub struct TokenEmbedding {
+    table: Table,
+    scale: Option<f32>,
+}
+
+/// A tensor, or the GGUF's quantized rows (only the rows looked up are dequantized).
+#[derive(Debug, Clone)]
+enum Table {
     Dense(Tensor<2>),
     Quant { table: QMatrix, device: Device },
 }
 
 impl TokenEmbedding {
+    pub fn from_tensor(table: Tensor<2>) -> Self {
+        TokenEmbedding {
+            table: Table::Dense(table),
+            scale: None,
+        }
+    }
+
     pub fn from_matrix(m: &Matrix, device: &Device) -> Self {
-        TokenEmbedding::Dense(matrix_to_tensor(m, device))
+        Self::from_tensor(matrix_to_tensor(m, device))
     }
 
     /// A quantized `[vocab, d]` table whose rows go to `device`.
     pub fn from_quantized(table: QMatrix, device: &Device) -> Self {
-        TokenEmbedding::Quant {
-            table,
-            device: device.clone(),
+        TokenEmbedding {
+            table: Table::Quant {
+                table,
+                device: device.clone(),
+            },
+            scale: None,
         }
     }
 
+    /// Multiply the rows looked up by `scale` (see [`crate::LlamaConfig::embedding_scale`]).
+    pub fn with_scale(mut self, scale: Option<f32>) -> Self {
+        self.scale = scale;
+        self
+    }
+
     pub fn vocab_size(&self) -> usize {
-        match self {
-            TokenEmbedding::Dense(w) => w.dims()[0],
-            TokenEmbedding::Quant { table, .. } => table.rows(),
+        match &self.table {
+            Table::Dense(w) => w.dims()[0],
+            Table::Quant { table, .. } => table.rows(),
         }
     }
 
     /// Bytes of the table.
     pub fn byte_len(&self) -> usize {
-        match self {
-            TokenEmbedding::Dense(w) => w.dims().iter().product::<usize>() * 4,
-            TokenEmbedding::Quant { table, .. } => table.byte_len(),
+        match &self.table {
+            Table::Dense(w) => w.dims().iter().product::<usize>() * 4,
+            Table::Quant { table, .. } => table.byte_len(),
         }
     }
 
@@ -70,14 +93,14 @@ impl TokenEmbedding {
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        match self {
-            TokenEmbedding::Dense(weight) => {
+        let rows = match &self.table {
+            Table::Dense(weight) => {
                 let device = weight.device();
                 let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
                 let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &device);
-                Ok(weight.clone().select(0, idx))
+                weight.clone().select(0, idx)
             }
-            TokenEmbedding::Quant { table, device } => {
+            Table::Quant { table, device } => {
                 let d = table.cols();
                 let mut rows = vec![0.0; ids.len() * d];
                 for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(d)) {
@@ -87,11 +110,12 @@ impl TokenEmbedding {
                         out,
                     );
                 }
-                Ok(Tensor::from_data(
-                    TensorData::new(rows, [ids.len(), d]),
-                    device,
-                ))
+                Tensor::from_data(TensorData::new(rows, [ids.len(), d]), device)
             }
-        }
+        };
+        Ok(match self.scale {
+            Some(s) => rows.mul_scalar(s),
+            None => rows,
+        })
     }
 }

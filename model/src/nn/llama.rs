@@ -19,12 +19,15 @@ pub struct Llama {
 impl LlamaConfig {
     /// A randomly initialised model of this shape (burn's initialisers).
     pub fn init(&self, device: &Device) -> Llama {
-        let block = BlockConfig::from_llama(self);
         Llama {
-            embedding: TokenEmbeddingConfig::new(self.vocab_size, self.d_model).init(device),
+            embedding: TokenEmbeddingConfig::new(self.vocab_size, self.d_model)
+                .init(device)
+                .with_scale(self.embedding_scale()),
             stage: Stage {
                 first_layer: 0,
-                blocks: (0..self.n_layers).map(|_| block.init(device)).collect(),
+                blocks: (0..self.n_layers)
+                    .map(|l| BlockConfig::from_llama(self, l).init(device))
+                    .collect(),
             },
             head: OutputHeadConfig::new(self.d_model, self.vocab_size)
                 .with_rms_eps(f64::from(self.rms_eps))
@@ -38,7 +41,8 @@ impl Llama {
     pub fn from_weights(w: &LlamaWeights, device: &Device) -> Self {
         let c = &w.config;
         Llama {
-            embedding: TokenEmbedding::from_matrix(&w.embedding, device),
+            embedding: TokenEmbedding::from_matrix(&w.embedding, device)
+                .with_scale(c.embedding_scale()),
             stage: Stage::from_layers(0, &w.layers, c, device),
             head: OutputHead::from_weights(&w.final_norm, &w.head(), f64::from(c.rms_eps), device),
         }
@@ -53,7 +57,8 @@ impl Llama {
     ) -> Result<Self, ModelError> {
         let c = &w.config;
         Ok(Llama {
-            embedding: TokenEmbedding::from_quantized(w.embedding.clone(), device),
+            embedding: TokenEmbedding::from_quantized(w.embedding.clone(), device)
+                .with_scale(c.embedding_scale()),
             stage: Stage::from_quantized(0, &w.layers, c, precision, device)?,
             head: OutputHead::from_quantized(
                 &w.final_norm,

@@ -1,17 +1,20 @@
 use burn::config::Config;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, tanh};
 use burn::tensor::{Device, Tensor};
 use veil_kernels::{Precision, QMatrix};
 
 use super::linear::Linear;
 use super::probe::{tap, Probe, Site};
-use crate::{Matrix, ModelError};
+use crate::{Activation, Matrix, ModelError};
 
-/// SwiGLU feed-forward block.
+/// Gated feed-forward block (SwiGLU or GeGLU).
 #[derive(Config, Debug)]
 pub struct MlpConfig {
     pub d_model: usize,
     pub d_ff: usize,
+    /// The gate's activation.
+    #[config(default = "Activation::Silu")]
+    pub activation: Activation,
 }
 
 impl MlpConfig {
@@ -20,31 +23,50 @@ impl MlpConfig {
             w_gate_up: Linear::random(self.d_model, 2 * self.d_ff, device),
             w_down: Linear::random(self.d_ff, self.d_model, device),
             d_ff: self.d_ff,
+            activation: self.activation,
         }
     }
 }
 
-/// `(silu(u Wg) * (u Wu)) Wd`, with gate and up fused into one `[d, 2f]` product.
+/// `(act(u Wg) * (u Wu)) Wd`, with gate and up fused into one `[d, 2f]` product.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub w_gate_up: Linear,
     pub w_down: Linear,
     pub d_ff: usize,
+    pub activation: Activation,
+}
+
+/// GELU's tanh approximation, `x/2 (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`, as Gemma
+/// (and llama.cpp's `gelu`) use it.
+fn gelu_tanh(x: Tensor<2>) -> Tensor<2> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let inner =
+        (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044_715)).mul_scalar(SQRT_2_OVER_PI);
+    (tanh(inner).add_scalar(1.0) * x).mul_scalar(0.5)
 }
 
 impl Mlp {
     /// Build from `[d, f]` gate, `[d, f]` up and `[f, d]` down matrices.
-    pub fn from_matrices(gate: &Matrix, up: &Matrix, down: &Matrix, device: &Device) -> Self {
+    pub fn from_matrices(
+        config: &MlpConfig,
+        gate: &Matrix,
+        up: &Matrix,
+        down: &Matrix,
+        device: &Device,
+    ) -> Self {
         Mlp {
             w_gate_up: Linear::dense(&Matrix::hcat(&[gate, up]), device),
             w_down: Linear::dense(down, device),
             d_ff: gate.cols,
+            activation: config.activation,
         }
     }
 
     /// Build from quantized `[f, d]` gate, `[f, d]` up and `[d, f]` down matrices (GGUF's
     /// layout), run on the CPU device `device`.
     pub fn from_quantized(
+        config: &MlpConfig,
         [gate, up, down]: [QMatrix; 3],
         precision: Precision,
         device: &Device,
@@ -54,6 +76,7 @@ impl Mlp {
             w_gate_up: Linear::quantized(vec![gate, up], precision, device)?,
             w_down: Linear::quantized(vec![down], precision, device)?,
             d_ff,
+            activation: config.activation,
         })
     }
 
@@ -65,7 +88,11 @@ impl Mlp {
         let up = gu.slice([0..n, self.d_ff..2 * self.d_ff]);
         tap(probe, layer, Site::Gate, &gate);
         tap(probe, layer, Site::Up, &up);
-        let hidden = silu(gate) * up;
+        let gate = match self.activation {
+            Activation::Silu => silu(gate),
+            Activation::GeluTanh => gelu_tanh(gate),
+        };
+        let hidden = gate * up;
         tap(probe, layer, Site::Hidden, &hidden);
         self.w_down.forward(hidden)
     }

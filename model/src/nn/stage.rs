@@ -29,7 +29,8 @@ impl Stage {
             first_layer,
             blocks: layers
                 .iter()
-                .map(|l| Block::from_layer(l, config, device))
+                .enumerate()
+                .map(|(i, l)| Block::from_layer(l, first_layer + i, config, device))
                 .collect(),
         }
     }
@@ -46,7 +47,8 @@ impl Stage {
             first_layer,
             blocks: layers
                 .iter()
-                .map(|l| Block::from_quantized(l, config, precision, device))
+                .enumerate()
+                .map(|(i, l)| Block::from_quantized(l, first_layer + i, config, precision, device))
                 .collect::<Result<_, _>>()?,
         })
     }
