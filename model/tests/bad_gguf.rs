@@ -77,18 +77,28 @@ fn unsupported_tensor_type_is_named() {
 
 #[test]
 fn unsupported_tokenizer_is_named() {
-    let bytes = tiny_with(
-        |k, v| {
-            Some(if k == "tokenizer.ggml.model" {
-                MetaValue::String("llama".into())
-            } else {
-                v.clone()
-            })
-        },
-        None,
+    let with_model = |name: &str| {
+        tiny_with(
+            |k, v| {
+                Some(if k == "tokenizer.ggml.model" {
+                    MetaValue::String(name.into())
+                } else {
+                    v.clone()
+                })
+            },
+            None,
+        )
+    };
+    let e = load(with_model("bert")).expect_err("must fail").to_string();
+    assert!(
+        e.contains("tokenizer model `bert`") && e.contains("SentencePiece"),
+        "{e}"
     );
-    let e = load(bytes).expect_err("must fail").to_string();
-    assert!(e.contains("tokenizer model `llama`"), "{e}");
+    // SentencePiece without its scores (the tiny model's BPE vocabulary has none)
+    let e = load(with_model("llama"))
+        .expect_err("must fail")
+        .to_string();
+    assert!(e.contains("one score per token"), "{e}");
 }
 
 #[test]

@@ -29,14 +29,28 @@ pub fn smollm2_path() -> PathBuf {
     if let Some(p) = std::env::var_os("VEIL_TEST_MODEL") {
         return PathBuf::from(p);
     }
+    cached_model("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
+}
+
+/// Gemma 3 270M (Q4_K_M), fetched by `veil model fetch gemma3`.
+#[allow(dead_code)]
+pub fn gemma3_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VEIL_TEST_GEMMA3") {
+        return PathBuf::from(p);
+    }
+    cached_model("gemma-3-270m-q4_k_m.gguf", "gemma3")
+}
+
+/// A model in Veil's cache, fetched beforehand as `name`.
+fn cached_model(file: &str, name: &str) -> PathBuf {
     let home = std::env::var_os("VEIL_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".veil")))
         .expect("HOME or VEIL_HOME");
-    let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = home.join("models").join(file);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo run --release -p veil-client -- model fetch` first",
+        "{} is missing: run `cargo run --release -p veil-client -- model fetch {name}` first",
         path.display()
     );
     path
