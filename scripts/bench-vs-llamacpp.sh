@@ -5,7 +5,7 @@
 #   scripts/bench-vs-llamacpp.sh [--models M,...] [--prompt N] [--gen N] [--runs N]
 #                                [--pairs N] [--threads N] [--exact] [--encrypted]
 #
-#   --models    smollm2 (the default model, Q4_1), synth shapes as SHAPE-QUANT (llama-1b-q8_0,
+#   --models    smollm2 (the default model, Q4_1), gemma3 (Q4_K_M), synth shapes as SHAPE-QUANT (llama-1b-q8_0,
 #               llama-1b-q4_0, llama-3b-q4_0, llama-8b-q4_0, ...: written once with
 #               `veil model synth` into the cache), or .gguf paths.
 #               Default: smollm2,llama-1b-q8_0,llama-1b-q4_0
@@ -72,7 +72,7 @@ fi
 
 resolve() {
   case "$1" in
-    smollm2) "$veil" model fetch smollm2 ;;
+    smollm2|gemma3) "$veil" model fetch "$1" ;;
     *.gguf) echo "$1" ;;
     *-*)
       local shape="${1%-*}" quant="${1##*-}" path="$cache/synth/$1.gguf"

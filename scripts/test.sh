@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: installs what it needs, builds Veil with the wgpu
-# backend (the `wgpu` feature; the demo builds without it), fetches SmolLM2 (cached under
-# $VEIL_HOME, default ~/.veil), the `openai` and `selenium` Python packages and Debian's
+# backend (the `wgpu` feature; the demo builds without it), fetches SmolLM2 and Gemma 3 270M
+# (cached under $VEIL_HOME, default ~/.veil), the `openai` and `selenium` Python packages and Debian's
 # chromium that the gateway tests drive, runs every test in release mode on the CPU and wgpu
 # backends, then a short testnet bench and chaos run on SmolLM2 (their report goes to
 # $CARGO_TARGET_DIR/testnet-report). Every step runs even when an earlier one fails; the
@@ -39,8 +39,9 @@ log "building (release${features[*]:+, ${features[*]}})"
 t=$SECONDS
 cargo build --release --workspace --locked "${features[@]}"
 log "built in $(elapsed "$t")"
-log "fetching SmolLM2-135M-Instruct"
+log "fetching SmolLM2-135M-Instruct and Gemma 3 270M"
 "$CARGO_TARGET_DIR/release/veil" model fetch smollm2 >/dev/null
+"$CARGO_TARGET_DIR/release/veil" model fetch gemma3 >/dev/null
 # pip_site PACKAGE VERSION: install a Python package once into ~/.cache/veil/PACKAGE-VERSION
 # and print that directory (a failed install is logged; the tests that need it then fail).
 pip_site() {

@@ -28,7 +28,7 @@ pub struct BenchArgs {
     /// alternating with the plaintext runs, and report the ratio.
     #[arg(long)]
     pub encrypted: bool,
-    /// Model: smollm2, tiny, or a .gguf path.
+    /// Model: smollm2, gemma3 (plaintext only), tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// Backends to measure (default: every backend that runs here).

@@ -51,7 +51,7 @@ pub struct GenerateArgs {
     pub verify: Option<f64>,
     #[command(flatten)]
     pub net: NetArgs,
-    /// Model: smollm2, tiny, or a .gguf path.
+    /// Model: smollm2, gemma3 (plaintext only), tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// Keep activations in f32 against the dequantized weights (the f32 model's result up

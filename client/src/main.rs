@@ -17,8 +17,9 @@ use clap::{Parser, Subcommand};
     about = "Private LLM inference on untrusted machines",
     long_about = "Veil splits a model's layers across peer nodes that hold encrypted shards, so \
                   that no node sees a plaintext input, activation or output.\n\n\
-                  Models: `smollm2` (SmolLM2-135M-Instruct, fetched on first use), `tiny` (a \
-                  small random model for tests) or a path to a .gguf file.\n\
+                  Models: `smollm2` (SmolLM2-135M-Instruct, fetched on first use), `gemma3` \
+                  (Gemma 3 270M, fetched on first use; runs in plaintext only, `--local`), \
+                  `tiny` (a small random model for tests) or a path to a .gguf file.\n\
                   Models are cached under $VEIL_HOME (default ~/.veil)."
 )]
 struct Cli {
@@ -70,7 +71,7 @@ enum Command {
 enum ModelCommand {
     /// Download a model into the cache (checking its sha256) and print its path.
     Fetch {
-        /// Model to fetch.
+        /// Model to fetch: smollm2 or gemma3.
         #[arg(default_value = "smollm2")]
         name: String,
     },

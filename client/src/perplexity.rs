@@ -17,7 +17,7 @@ use crate::model_spec::ModelSpec;
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
-    /// Model: smollm2, tiny, or a .gguf path.
+    /// Model: smollm2, gemma3 (plaintext only), tiny, or a .gguf path.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// UTF-8 text to score (tokenized whole, as llama.cpp's `llama-perplexity -f` does).
