@@ -41,8 +41,9 @@ pub struct Mlp {
 /// (and llama.cpp's `gelu`) use it.
 fn gelu_tanh(x: Tensor<2>) -> Tensor<2> {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    let inner =
-        (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044_715)).mul_scalar(SQRT_2_OVER_PI);
+    // x³ as two products: `powi_scalar` calls `powf` per element on the CPU
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube.mul_scalar(0.044_715)).mul_scalar(SQRT_2_OVER_PI);
     (tanh(inner).add_scalar(1.0) * x).mul_scalar(0.5)
 }
 
