@@ -11,7 +11,8 @@
 //!   the rows' 2-byte header fields, field by field: d₀…d₇ (Q4_0, Q8_0), then m₀…m₇ (Q4_1,
 //!   and Q4_K's dmin)
 //!   the rows' other bytes in chunks of 32: chunk c holds bytes 4c..4c+4 of row r at 4r
-//!   (for Q4_K the 12 bytes of scales first, then the 128 of nibbles)
+//!   (for Q4_K the 12 bytes of scales first, then the 128 of nibbles; for Q5_0 the four
+//!   bytes of fifth bits, a whole chunk, then the 16 of nibbles)
 //! ```
 //!
 //! so a 32-byte load holds four bytes of each of the eight rows, one row per 32-bit lane:
@@ -38,6 +39,8 @@ impl BlockShape {
         let (fields, quants) = match ty {
             GgmlType::Q4_0 => (1, QK / 2),
             GgmlType::Q4_1 => (2, QK / 2),
+            // d; then the 4 bytes of fifth bits, then the 16 of nibbles
+            GgmlType::Q5_0 => (1, 4 + QK / 2),
             GgmlType::Q8_0 => (1, QK),
             // d and dmin; then 12 bytes of 6-bit scales and minimums and 128 of nibbles
             GgmlType::Q4_K => (2, 12 + QK_K / 2),
@@ -130,6 +133,7 @@ mod tests {
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::Q4_K,
         ] {

@@ -32,15 +32,33 @@ pub fn dot_group(ty: GgmlType, group: &[u8], a: Q8Row<'_>) -> [f32; GROUP] {
     for (b, blk) in group.chunks_exact(GROUP * shape.bytes()).enumerate() {
         let qa = &a.q[b * QK..(b + 1) * QK];
         for (r, acc) in acc.iter_mut().enumerate() {
+            // byte j of row r's quants
+            let byte = |j: usize| blk[head + (j / 4) * 4 * GROUP + 4 * r + j % 4];
             let mut sum = 0i32;
-            for j in 0..shape.quants {
-                let byte = blk[head + (j / 4) * 4 * GROUP + 4 * r + j % 4];
-                sum += if ty == GgmlType::Q8_0 {
-                    i32::from(byte as i8) * i32::from(qa[j])
-                } else {
-                    i32::from(byte & 0x0F) * i32::from(qa[j])
-                        + i32::from(byte >> 4) * i32::from(qa[j + QK / 2])
-                };
+            match ty {
+                GgmlType::Q8_0 => {
+                    for j in 0..QK {
+                        sum += i32::from(byte(j) as i8) * i32::from(qa[j]);
+                    }
+                }
+                GgmlType::Q5_0 => {
+                    // levels 0..32: a nibble and its fifth bit, offset 16
+                    let qh = u32::from_le_bytes(std::array::from_fn(byte));
+                    let bit = |j: usize| (((qh >> j) & 1) << 4) as u8;
+                    for j in 0..QK / 2 {
+                        let q = byte(4 + j);
+                        sum += i32::from((q & 0x0F) | bit(j)) * i32::from(qa[j])
+                            + i32::from((q >> 4) | bit(j + QK / 2)) * i32::from(qa[j + QK / 2]);
+                    }
+                    sum -= 16 * a.sum[b];
+                }
+                _ => {
+                    for j in 0..QK / 2 {
+                        let q = byte(j);
+                        sum += i32::from(q & 0x0F) * i32::from(qa[j])
+                            + i32::from(q >> 4) * i32::from(qa[j + QK / 2]);
+                    }
+                }
             }
             if ty == GgmlType::Q4_0 {
                 sum -= 8 * a.sum[b];
@@ -189,7 +207,12 @@ mod tests {
     fn packed_kernels_equal_the_reference() {
         let (rows, cols) = (24, 512);
         let mut rng = Rng::new(21);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             let plain = random_rows(ty, rows, cols, &mut rng);
             let mut packed = plain.clone();
             pack_in_place(ty, rows, &mut packed);
@@ -282,7 +305,12 @@ mod tests {
         let (rows, cols, m) = (3 * GROUP, 256, 13);
         let mut rng = Rng::new(5);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             let mut w = random_rows(ty, rows, cols, &mut rng);
             pack_in_place(ty, rows, &mut w);
             for isa in Isa::available() {

@@ -21,6 +21,7 @@ use crate::pack::GROUP;
 
 const T_Q4_0: u8 = 0;
 const T_Q4_1: u8 = 1;
+const T_Q5_0: u8 = 2;
 const T_Q8_0: u8 = 4;
 
 /// Activation rows a multi-row kernel takes at once.
@@ -63,10 +64,24 @@ unsafe fn udot_vnni(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, w, a)
 }
 
+/// Bits `4k..4k+4` of each lane's fifth bits `qh` (a Q5_0 row's 32), as bit 4 of the
+/// lane's four bytes: the multiply puts bit j of the nibble at bit 8j (the four shifted
+/// copies cannot overlap or carry).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(qh: __m256i, k: usize) -> __m256i {
+    let nib = _mm256_and_si256(
+        _mm256_srlv_epi32(qh, _mm256_set1_epi32(4 * k as i32)),
+        _mm256_set1_epi32(0x0F),
+    );
+    let spread = _mm256_mullo_epi32(nib, _mm256_set1_epi32(0x0020_4081));
+    _mm256_slli_epi32(_mm256_and_si256(spread, _mm256_set1_epi32(0x0101_0101)), 4)
+}
+
 /// A block's quant bytes as eight registers of unsigned levels, register `k` meeting
 /// activations `4k..4k+4` in every lane (a Q4 block's low nibbles are values 0..16, its
-/// high nibbles 16..32; a Q8_0 block's 32 bytes run in order) and, for Q8_0, the signed
-/// bytes whose signs move onto the activations.
+/// high nibbles 16..32, Q5_0's with their fifth bits; a Q8_0 block's 32 bytes run in
+/// order) and, for Q8_0, the signed bytes whose signs move onto the activations.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack<const T: u8>(q: &[u8]) -> ([__m256i; 8], [__m256i; 8]) {
@@ -79,10 +94,18 @@ unsafe fn unpack<const T: u8>(q: &[u8]) -> ([__m256i; 8], [__m256i; 8]) {
         }
     } else {
         let m4 = _mm256_set1_epi8(0x0F);
+        // Q5_0: a chunk of fifth bits before the nibbles
+        let nibbles = if T == T_Q5_0 { 32 } else { 0 };
         for c in 0..4 {
-            let raw = load(q, 32 * c);
+            let raw = load(q, nibbles + 32 * c);
             u[c] = _mm256_and_si256(raw, m4);
             u[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        }
+        if T == T_Q5_0 {
+            let qh = load(q, 0);
+            for (k, u) in u.iter_mut().enumerate() {
+                *u = _mm256_or_si256(*u, fifth_bits(qh, k));
+            }
         }
     }
     (u, s)
@@ -118,10 +141,10 @@ macro_rules! packed_kernels {
                 s1 = $udot(s1, u[k + 4], a1);
             }
             let sum = _mm256_add_epi32(s0, s1);
-            if T == T_Q4_0 {
-                _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * asum))
-            } else {
-                sum
+            match T {
+                T_Q4_0 => _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * asum)),
+                T_Q5_0 => _mm256_sub_epi32(sum, _mm256_set1_epi32(16 * asum)),
+                _ => sum,
             }
         }
 
@@ -255,10 +278,24 @@ unsafe fn unpack2<const T: u8>(q0: &[u8], q1: &[u8]) -> ([__m512i; 8], __m512i) 
         }
     } else {
         let m4 = _mm512_set1_epi8(0x0F);
+        let nibbles = if T == T_Q5_0 { 32 } else { 0 };
         for c in 0..4 {
-            let raw = load2(q0, q1, 32 * c);
+            let raw = load2(q0, q1, nibbles + 32 * c);
             w[c] = _mm512_and_si512(raw, m4);
             w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        }
+        if T == T_Q5_0 {
+            // as `fifth_bits`, sixteen lanes at once
+            let qh = load2(q0, q1, 0);
+            for (k, w) in w.iter_mut().enumerate() {
+                let nib = _mm512_and_si512(
+                    _mm512_srlv_epi32(qh, _mm512_set1_epi32(4 * k as i32)),
+                    _mm512_set1_epi32(0x0F),
+                );
+                let spread = _mm512_mullo_epi32(nib, _mm512_set1_epi32(0x0020_4081));
+                let bits = _mm512_and_si512(spread, _mm512_set1_epi32(0x0101_0101));
+                *w = _mm512_or_si512(*w, _mm512_slli_epi32(bits, 4));
+            }
         }
     }
     (w, bias)
@@ -284,6 +321,7 @@ unsafe fn sum_512<const T: u8>(w: &[__m512i; 8], bias: __m512i, qa: &[i8], asum:
     let sum = _mm512_add_epi32(s0, s1);
     match T {
         T_Q4_0 => _mm512_sub_epi32(sum, _mm512_set1_epi32(8 * asum)),
+        T_Q5_0 => _mm512_sub_epi32(sum, _mm512_set1_epi32(16 * asum)),
         T_Q8_0 => _mm512_sub_epi32(sum, bias),
         _ => sum,
     }
@@ -683,6 +721,7 @@ impl Kernel {
                 match ty {
                     GgmlType::Q4_0 => Fns::Q8($k::<T_Q4_0>),
                     GgmlType::Q4_1 => Fns::Q8($k::<T_Q4_1>),
+                    GgmlType::Q5_0 => Fns::Q8($k::<T_Q5_0>),
                     GgmlType::Q8_0 => Fns::Q8($k::<T_Q8_0>),
                     GgmlType::Q4_K => Fns::Q8K($kk),
                     _ => return None,
