@@ -37,8 +37,8 @@ pub fn dot_group(ty: GgmlType, group: &[u8], a: Q8Row<'_>) -> [f32; GROUP] {
             let mut sum = 0i32;
             match ty {
                 GgmlType::Q8_0 => {
-                    for j in 0..QK {
-                        sum += i32::from(byte(j) as i8) * i32::from(qa[j]);
+                    for (j, &a) in qa.iter().enumerate() {
+                        sum += i32::from(byte(j) as i8) * i32::from(a);
                     }
                 }
                 GgmlType::Q5_0 => {
