@@ -25,6 +25,8 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from make_fidelity_data import field, top
+
 RAW_PROMPTS = [
     "The capital of France is",
     "In 1969, Neil Armstrong",
@@ -60,10 +62,6 @@ GEMMA_TEMPLATE = (
     "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
-
-
-def field(r, key):
-    return r.fields[key].contents()
 
 
 class NumpyGemma3:
@@ -136,11 +134,6 @@ class NumpyGemma3:
             x = x + self.rms(m, w[p + "post_ffw_norm.weight"])
         head = w.get("output.weight", w["token_embd.weight"])
         return self.rms(x, w["output_norm.weight"]) @ head.T
-
-
-def top(row, k):
-    idx = np.argsort(-row, kind="stable")[:k]
-    return [{"id": int(i), "logit": round(float(row[i]), 5)} for i in idx]
 
 
 def main(model_path, out_path):
