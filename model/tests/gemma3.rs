@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::gemma3_path;
+use common::{gemma3_path, json_ids as ids};
 use serde_json::Value;
 use veil_model::sampling::argmax;
 use veil_model::{Compute, LocalModel, Precision, QuantBundle};
@@ -30,14 +30,6 @@ fn reference() -> &'static Value {
         );
         serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json")
     })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 fn cases() -> &'static [Value] {

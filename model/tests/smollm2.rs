@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{devices, smollm2_path};
+use common::{devices, json_ids as ids, smollm2_path};
 use serde_json::Value;
 use veil_model::chat::ChatMessage;
 use veil_model::{
@@ -50,14 +50,6 @@ fn ours() -> Value {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/smollm2-fidelity.json"
     ))
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 /// (id, logit) pairs of a `[{id, logit}]` list.
