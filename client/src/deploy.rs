@@ -68,18 +68,35 @@ pub struct Candidate {
     pub ad: CapacityAd,
 }
 
+/// What a stage needs of a node: memory for the shard and its KV reserve, and disk for
+/// the shard unless the node already holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    /// The shard's content hash (hex).
+    pub shard: String,
+    pub memory: u64,
+    pub disk: u64,
+}
+
+impl Need {
+    fn fits(&self, ad: &CapacityAd, memory_free: u64, disk_free: u64) -> bool {
+        memory_free >= self.memory && (ad.shards.contains(&self.shard) || disk_free >= self.disk)
+    }
+}
+
 /// Choose `replicas` distinct nodes for each stage: enough free memory for the shard and
-/// its KV reserve, least loaded first, then fastest. `need[i]` is stage i's bytes.
-pub fn plan(candidates: &[Candidate], need: &[u64], replicas: usize) -> Result<Vec<Vec<usize>>> {
+/// its KV reserve and disk for the shard, least loaded first, then fastest.
+pub fn plan(candidates: &[Candidate], need: &[Need], replicas: usize) -> Result<Vec<Vec<usize>>> {
     if candidates.is_empty() {
         bail!("no node has published a capacity ad yet");
     }
     let mut free: Vec<u64> = candidates.iter().map(|c| c.ad.free_memory_bytes).collect();
+    let mut disk: Vec<u64> = candidates.iter().map(|c| c.ad.free_disk_bytes).collect();
     let mut load = vec![0usize; candidates.len()];
     let mut out = Vec::with_capacity(need.len());
-    for (stage, &bytes) in need.iter().enumerate() {
+    for (stage, n) in need.iter().enumerate() {
         let mut order: Vec<usize> = (0..candidates.len())
-            .filter(|&i| free[i] >= bytes)
+            .filter(|&i| n.fits(&candidates[i].ad, free[i], disk[i]))
             .collect();
         order.sort_by(|&a, &b| {
             load[a].cmp(&load[b]).then(
@@ -92,9 +109,12 @@ pub fn plan(candidates: &[Candidate], need: &[u64], replicas: usize) -> Result<V
         order.truncate(replicas);
         if order.is_empty() {
             bail!(
-                "no node has {} MiB free for stage {stage} (largest free: {} MiB)",
-                bytes >> 20,
-                free.iter().max().copied().unwrap_or(0) >> 20
+                "no node has room for stage {stage}: it needs {} MiB of memory and {} MiB of \
+                 disk (most free: {} MiB of memory, {} MiB of disk)",
+                n.memory >> 20,
+                n.disk >> 20,
+                free.iter().max().copied().unwrap_or(0) >> 20,
+                disk.iter().max().copied().unwrap_or(0) >> 20
             );
         }
         if order.len() < replicas {
@@ -104,7 +124,10 @@ pub fn plan(candidates: &[Candidate], need: &[u64], replicas: usize) -> Result<V
             );
         }
         for &i in &order {
-            free[i] -= bytes;
+            free[i] -= n.memory;
+            if !candidates[i].ad.shards.contains(&n.shard) {
+                disk[i] = disk[i].saturating_sub(n.disk);
+            }
             load[i] += 1;
         }
         out.push(order);
@@ -212,12 +235,12 @@ fn register_addrs(client: &Client, c: &Candidate) {
     }
 }
 
-/// Upload every (stage, node) pair concurrently with one progress bar.
+/// Upload every (stage, node) pair concurrently with one progress bar; each pair's outcome.
 fn upload_all(
     client: &Client,
     dir: &std::path::Path,
     jobs: Vec<(usize, [u8; 32], Candidate)>,
-) -> Result<()> {
+) -> Result<Vec<Result<()>>> {
     let total: u64 = jobs
         .iter()
         .map(|(s, ..)| std::fs::metadata(shard_path(dir, *s)).map_or(0, |m| m.len()))
@@ -264,7 +287,7 @@ fn upload_all(
         out
     });
     bar.finish_and_clear();
-    results.into_iter().collect()
+    Ok(results)
 }
 
 fn shard_id(hex_id: &str) -> Result<[u8; 32]> {
@@ -272,6 +295,79 @@ fn shard_id(hex_id: &str) -> Result<[u8; 32]> {
         .ok()
         .and_then(|b| b.try_into().ok())
         .with_context(|| format!("bad shard id `{hex_id}`"))
+}
+
+/// Upload each (stage, shard, candidate) job; a node that refuses (no room, not allowed,
+/// busy) or fails gets its stage placed on another node that has room, while any is left.
+/// The jobs that succeeded, as (stage, shard, node).
+fn upload_or_replace(
+    client: &Client,
+    dir: &std::path::Path,
+    found: &[Candidate],
+    need: &[Need],
+    todo: &[usize],
+    mut jobs: Vec<(usize, [u8; 32], usize)>,
+) -> Result<Vec<(usize, [u8; 32], Candidate)>> {
+    let mut done = Vec::new();
+    let mut tried: Vec<(usize, usize)> = jobs.iter().map(|&(s, _, i)| (s, i)).collect();
+    let mut failures: HashMap<usize, Vec<String>> = HashMap::new();
+    while !jobs.is_empty() {
+        for &(stage, _, i) in &jobs {
+            register_addrs(client, &found[i]);
+            tracing::info!("stage {stage} -> {}", found[i].peer);
+        }
+        let batch: Vec<_> = jobs
+            .iter()
+            .map(|&(s, id, i)| (s, id, found[i].clone()))
+            .collect();
+        let results = upload_all(client, dir, batch)?;
+        let mut retry = Vec::new();
+        for ((stage, id, i), r) in jobs.into_iter().zip(results) {
+            let Err(e) = r else {
+                done.push((stage, id, found[i].clone()));
+                continue;
+            };
+            tracing::warn!("{e:#}; placing the stage elsewhere");
+            failures.entry(stage).or_default().push(format!("{e:#}"));
+            let n = &need[todo.iter().position(|&t| t == stage).unwrap_or(0)];
+            let busy = |j: usize| {
+                tried.contains(&(stage, j))
+                    || done.iter().any(|(s, _, c): &(usize, [u8; 32], Candidate)| {
+                        *s == stage && c.peer == found[j].peer
+                    })
+            };
+            let next = (0..found.len())
+                .filter(|&j| !busy(j))
+                .filter(|&j| {
+                    n.fits(
+                        &found[j].ad,
+                        found[j].ad.free_memory_bytes,
+                        found[j].ad.free_disk_bytes,
+                    )
+                })
+                .max_by(|&a, &b| {
+                    found[a]
+                        .ad
+                        .throughput_gflops
+                        .total_cmp(&found[b].ad.throughput_gflops)
+                });
+            if let Some(j) = next {
+                tried.push((stage, j));
+                retry.push((stage, id, j));
+            }
+        }
+        jobs = retry;
+    }
+    for &stage in todo {
+        if !done.iter().any(|(s, ..)| *s == stage) {
+            let why = failures
+                .get(&stage)
+                .map(|f| f.join("; "))
+                .unwrap_or_default();
+            bail!("stage {stage} could not be placed on any node: {why}");
+        }
+    }
+    Ok(done)
 }
 
 pub fn run(args: DeployArgs) -> Result<()> {
@@ -367,28 +463,25 @@ fn place_and_upload(
             .map(|s| s.stage)
             .collect(),
     };
-    let need: Vec<u64> = todo
+    let need: Vec<Need> = todo
         .iter()
         .map(|&s| {
-            std::fs::metadata(shard_path(dir, s)).map_or(0, |m| m.len()) + kv(records[s].layers)
+            let bytes = std::fs::metadata(shard_path(dir, s)).map_or(0, |m| m.len());
+            Need {
+                shard: records[s].shard_sha256.clone(),
+                memory: bytes + kv(records[s].layers),
+                disk: bytes,
+            }
         })
         .collect();
     let placement = plan(&found, &need, args.replicas)?;
     let mut jobs = Vec::new();
     for (&stage, nodes) in todo.iter().zip(&placement) {
         for &i in nodes {
-            register_addrs(client, &found[i]);
-            jobs.push((
-                stage,
-                shard_id(&records[stage].shard_sha256)?,
-                found[i].clone(),
-            ));
+            jobs.push((stage, shard_id(&records[stage].shard_sha256)?, i));
         }
     }
-    for (stage, _, c) in &jobs {
-        tracing::info!("stage {stage} -> {}", c.peer);
-    }
-    upload_all(client, dir, jobs.clone())?;
+    let jobs = upload_or_replace(client, dir, &found, &need, &todo, jobs)?;
     let stages = records
         .iter()
         .map(|r| {

@@ -112,6 +112,7 @@ mod tests {
             backend: "cpu".into(),
             adapter: String::new(),
             free_memory_bytes: 0,
+            free_disk_bytes: 0,
             throughput_gflops: 0.0,
             shards: vec![],
             active_sessions: 0,

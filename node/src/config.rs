@@ -53,6 +53,38 @@ session_idle_timeout_s = 300
 # Largest shard accepted for upload, in MiB.
 max_shard_mib = 4096
 
+# Disk, in MiB, that shards and uploads in progress may take together (an upload counts at
+# its announced size from its start). An upload that does not fit is refused before its
+# first byte, and the deploying client places the shard elsewhere. Default: what the shards
+# here take now plus 90% of the data directory's free space when the node starts. Uploads
+# also always leave 64 MiB of the disk free.
+# max_disk_mib = 20480
+
+# The fraction of max_disk_mib that one peer's uploads may take.
+peer_disk_share = 0.5
+
+# An upload without a new chunk for this many seconds is abandoned and its bytes removed.
+partial_upload_timeout_s = 3600
+
+# Shards that no session has used for this many hours are removed (least recently used
+# first; never one with an open session). 0 keeps them forever.
+evict_unused_shards_after_h = 168
+
+# Fairness between peers. A peer over one of these limits gets a clear refusal (Busy or
+# RateLimited) while everyone else keeps being served.
+# Sessions one peer may hold open at once (a gateway serving many users is one peer).
+max_sessions_per_peer = 16
+# Requests per second one peer may send (inference and uploads; bursts of up to one
+# second's worth). A gateway serving many users is one peer: give it room.
+max_requests_per_s_per_peer = 500
+# Inference requests of one peer waiting for the engine at once.
+max_queued_per_peer = 64
+
+# Who may upload shards (deploy_allow) and run sessions (serve_allow), as peer ids. Empty:
+# anyone.
+deploy_allow = []
+serve_allow = []
+
 # The capacity ad is re-published every ad_interval_s seconds and valid for ad_ttl_s.
 ad_interval_s = 15
 ad_ttl_s = 60
@@ -91,6 +123,18 @@ pub struct NodeConfig {
     pub max_sessions: u32,
     pub session_idle_timeout_s: u64,
     pub max_shard_mib: u64,
+    /// `None`: computed from the free space at start ([`NodeConfig::disk_limit_bytes`]).
+    pub max_disk_mib: Option<u64>,
+    pub peer_disk_share: f64,
+    pub partial_upload_timeout_s: u64,
+    pub evict_unused_shards_after_h: u64,
+    pub max_sessions_per_peer: u32,
+    pub max_requests_per_s_per_peer: u32,
+    pub max_queued_per_peer: u32,
+    #[serde(skip)]
+    pub deploy_allow: Vec<veil_protocol::PeerId>,
+    #[serde(skip)]
+    pub serve_allow: Vec<veil_protocol::PeerId>,
     pub ad_interval_s: u64,
     pub ad_ttl_s: u32,
     pub request_timeout_s: u64,
@@ -123,6 +167,15 @@ struct Partial {
     max_sessions: Option<u32>,
     session_idle_timeout_s: Option<u64>,
     max_shard_mib: Option<u64>,
+    max_disk_mib: Option<u64>,
+    peer_disk_share: Option<f64>,
+    partial_upload_timeout_s: Option<u64>,
+    evict_unused_shards_after_h: Option<u64>,
+    max_sessions_per_peer: Option<u32>,
+    max_requests_per_s_per_peer: Option<u32>,
+    max_queued_per_peer: Option<u32>,
+    deploy_allow: Option<Vec<String>>,
+    serve_allow: Option<Vec<String>>,
     ad_interval_s: Option<u64>,
     ad_ttl_s: Option<u32>,
     request_timeout_s: Option<u64>,
@@ -162,6 +215,15 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
         max_sessions: p.max_sessions.unwrap_or(64),
         session_idle_timeout_s: p.session_idle_timeout_s.unwrap_or(300),
         max_shard_mib: p.max_shard_mib.unwrap_or(4096),
+        max_disk_mib: p.max_disk_mib,
+        peer_disk_share: p.peer_disk_share.unwrap_or(0.5),
+        partial_upload_timeout_s: p.partial_upload_timeout_s.unwrap_or(3600),
+        evict_unused_shards_after_h: p.evict_unused_shards_after_h.unwrap_or(168),
+        max_sessions_per_peer: p.max_sessions_per_peer.unwrap_or(16),
+        max_requests_per_s_per_peer: p.max_requests_per_s_per_peer.unwrap_or(500),
+        max_queued_per_peer: p.max_queued_per_peer.unwrap_or(64),
+        deploy_allow: peer_ids("deploy_allow", p.deploy_allow)?,
+        serve_allow: peer_ids("serve_allow", p.serve_allow)?,
         ad_interval_s: p.ad_interval_s.unwrap_or(15),
         ad_ttl_s: p.ad_ttl_s.unwrap_or(60),
         request_timeout_s: p.request_timeout_s.unwrap_or(60),
@@ -223,7 +285,68 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
     if c.max_sessions == 0 || c.memory_limit_mib == 0 {
         return Err("max_sessions and memory_limit_mib must be positive".into());
     }
+    positive("max_shard_mib", c.max_shard_mib)?;
+    positive("max_disk_mib", c.max_disk_mib.unwrap_or(1))?;
+    positive("partial_upload_timeout_s", c.partial_upload_timeout_s)?;
+    positive("max_sessions_per_peer", c.max_sessions_per_peer.into())?;
+    positive(
+        "max_requests_per_s_per_peer",
+        c.max_requests_per_s_per_peer.into(),
+    )?;
+    positive("max_queued_per_peer", c.max_queued_per_peer.into())?;
+    if !(c.peer_disk_share > 0.0 && c.peer_disk_share <= 1.0) {
+        return Err(format!(
+            "peer_disk_share must be within (0, 1], not {}",
+            c.peer_disk_share
+        ));
+    }
+    if c.evict_unused_shards_after_h > 24 * 365 * 100 {
+        return Err(format!(
+            "evict_unused_shards_after_h is {} hours; use 0 to keep shards forever",
+            c.evict_unused_shards_after_h
+        ));
+    }
     Ok(c)
+}
+
+fn positive(key: &str, value: u64) -> Result<(), String> {
+    if value == 0 {
+        return Err(format!("{key} must be positive"));
+    }
+    Ok(())
+}
+
+fn peer_ids(key: &str, ids: Option<Vec<String>>) -> Result<Vec<veil_protocol::PeerId>, String> {
+    ids.unwrap_or_default()
+        .iter()
+        .map(|p| {
+            p.parse()
+                .map_err(|e| format!("{key}: `{p}` is not a peer id (such as 12D3KooW…): {e}"))
+        })
+        .collect()
+}
+
+impl NodeConfig {
+    /// The disk quota: `max_disk_mib`, or what the shards take now (`held`) plus 90% of the
+    /// free space (`free`).
+    pub fn disk_limit_bytes(&self, held: u64, free: u64) -> u64 {
+        match self.max_disk_mib {
+            Some(m) => m.saturating_mul(1 << 20),
+            None => held.saturating_add(free / 10 * 9),
+        }
+    }
+
+    /// The shard store's limits, given the disk quota.
+    pub fn disk_limits(&self, max_bytes: u64) -> crate::store::DiskLimits {
+        crate::store::DiskLimits {
+            max_shard_bytes: self.max_shard_mib.saturating_mul(1 << 20),
+            max_bytes,
+            max_peer_bytes: (max_bytes as f64 * self.peer_disk_share) as u64,
+            partial_timeout: std::time::Duration::from_secs(self.partial_upload_timeout_s),
+            evict_unused_after: (self.evict_unused_shards_after_h > 0)
+                .then(|| std::time::Duration::from_secs(self.evict_unused_shards_after_h * 3600)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +362,46 @@ mod tests {
         assert!(c.record_traffic.is_none());
         assert!(c.relay.is_none());
         assert!(c.external_addresses.is_empty());
+        assert_eq!(c.max_disk_mib, None);
+        assert!(c.deploy_allow.is_empty() && c.serve_allow.is_empty());
+    }
+
+    #[test]
+    fn fairness_and_disk_settings_are_read_and_out_of_range_values_named() {
+        let peer = veil_protocol::Identity::from_secret([4; 32]).peer_id();
+        let c = parse_config(
+            &format!(
+                "max_disk_mib = 100\npeer_disk_share = 0.25\nevict_unused_shards_after_h = 0\n\
+                 max_sessions_per_peer = 2\nserve_allow = [\"{peer}\"]"
+            ),
+            None,
+        )
+        .expect("parse");
+        assert_eq!(c.serve_allow, vec![peer]);
+        assert_eq!(c.max_sessions_per_peer, 2);
+        let l = c.disk_limits(c.disk_limit_bytes(0, 0));
+        assert_eq!((l.max_bytes, l.max_peer_bytes), (100 << 20, 25 << 20));
+        assert_eq!(l.evict_unused_after, None);
+        // the default quota follows the free space
+        let d = NodeConfig::default();
+        assert_eq!(d.disk_limit_bytes(5, 1000), 905);
+        for (bad, key) in [
+            ("max_disk_mib = 0", "max_disk_mib"),
+            ("peer_disk_share = 1.5", "peer_disk_share"),
+            ("peer_disk_share = 0.0", "peer_disk_share"),
+            ("partial_upload_timeout_s = 0", "partial_upload_timeout_s"),
+            ("max_sessions_per_peer = 0", "max_sessions_per_peer"),
+            (
+                "max_requests_per_s_per_peer = 0",
+                "max_requests_per_s_per_peer",
+            ),
+            ("max_queued_per_peer = 0", "max_queued_per_peer"),
+            ("deploy_allow = [\"alice\"]", "alice"),
+            ("max_disk_mib = -3", "max_disk_mib"),
+        ] {
+            let e = parse_config(bad, None).expect_err(bad);
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

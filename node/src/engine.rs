@@ -64,6 +64,8 @@ pub struct Status {
 #[derive(Debug, Clone)]
 pub struct StatusBoard {
     status: Arc<Mutex<Status>>,
+    /// Shards with an open session (the disk sweep must keep them).
+    in_use: Arc<Mutex<HashSet<ShardId>>>,
     batch_sizes: Histogram,
 }
 
@@ -71,6 +73,7 @@ impl Default for StatusBoard {
     fn default() -> Self {
         StatusBoard {
             status: Arc::default(),
+            in_use: Arc::default(),
             // 1, 2, 4, … 128 sessions' steps per forward pass
             batch_sizes: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
         }
@@ -85,11 +88,23 @@ impl StatusBoard {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn set(&self, status: Status) {
+    fn set(&self, status: Status, in_use: HashSet<ShardId>) {
         *self
             .status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+        *self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = in_use;
+    }
+
+    /// Shards that have an open session now.
+    pub fn in_use(&self) -> HashSet<ShardId> {
+        self.in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Sessions' steps per forward pass, one observation per pass (shared: the metrics
@@ -104,6 +119,8 @@ impl StatusBoard {
 pub struct Limits {
     pub memory_bytes: u64,
     pub max_sessions: u32,
+    /// Sessions one peer may hold at once.
+    pub max_sessions_per_peer: u32,
     pub idle_timeout: Duration,
     /// Added to every batch of steps (see the `step_delay_ms` setting).
     pub step_delay: Duration,
@@ -212,12 +229,40 @@ impl Engine {
     }
 
     fn publish(&self) {
-        self.board.set(self.status());
+        let in_use = self.sessions.values().map(|s| s.shard).collect();
+        self.board.set(self.status(), in_use);
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut last_sweep = Instant::now();
-        while let Some(first) = rx.blocking_recv() {
+        // a clock for waiting on the queue: idle sessions expire with no traffic at all
+        let timer = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("the engine cannot start its timer: {e}");
+                return;
+            }
+        };
+        let tick = self
+            .limits
+            .idle_timeout
+            .min(Duration::from_secs(5))
+            .max(Duration::from_millis(10));
+        loop {
+            // the timeout is made inside the timer's runtime, whose clock it needs
+            let first = match timer.block_on(async { tokio::time::timeout(tick, rx.recv()).await })
+            {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
+                Err(_) => {
+                    self.expire();
+                    last_sweep = Instant::now();
+                    continue;
+                }
+            };
             // Expire idle sessions before serving: a request that arrives after its session
             // went idle too long must find it gone, whatever else the node was doing.
             if last_sweep.elapsed() > self.limits.idle_timeout.min(Duration::from_secs(5)) {
@@ -257,6 +302,7 @@ impl Engine {
                     } => {
                         let r = match self.sessions.get(&session) {
                             Some(s) if s.peer == peer => {
+                                self.store.touch(&s.shard);
                                 self.sessions.remove(&session);
                                 tracing::info!("session {} closed", short(&session));
                                 InferResponse::Closed
@@ -299,7 +345,14 @@ impl Engine {
     fn expire(&mut self) {
         let timeout = self.limits.idle_timeout;
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.last_used.elapsed() < timeout);
+        let store = &self.store;
+        self.sessions.retain(|_, s| {
+            let keep = s.last_used.elapsed() < timeout;
+            if !keep {
+                store.touch(&s.shard);
+            }
+            keep
+        });
         let gone = before - self.sessions.len();
         if gone > 0 {
             tracing::info!("closed {gone} idle session(s)");
@@ -345,6 +398,16 @@ impl Engine {
                 format!(
                     "this node serves its maximum of {} sessions",
                     self.limits.max_sessions
+                ),
+            );
+        }
+        let mine = self.sessions.values().filter(|s| s.peer == peer).count();
+        if mine >= self.limits.max_sessions_per_peer as usize {
+            return error(
+                ErrorCode::Busy,
+                format!(
+                    "you hold {mine} sessions here, this node's limit per peer \
+                     (max_sessions_per_peer)"
                 ),
             );
         }
@@ -403,6 +466,7 @@ impl Engine {
             return error(ErrorCode::Internal, "shard vanished");
         };
         let cache = loaded.runner.new_cache(max_len);
+        self.store.touch(&shard);
         self.sessions.insert(
             session,
             Session {
@@ -600,7 +664,8 @@ mod tests {
         );
         let e = encrypt_model_quant(&b, key, 1, 0, quant, &mut |_, _| {}).expect("encrypt");
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = ShardStore::open(dir.path(), 1 << 30).expect("store");
+        let store = ShardStore::open(dir.path(), crate::store::DiskLimits::unlimited(1 << 30))
+            .expect("store");
         let writer = e.shards[0].to_writer().expect("writer");
         let shard_id: ShardId = hex::decode(writer.data_sha256())
             .expect("hex")
@@ -630,6 +695,7 @@ mod tests {
         Limits {
             memory_bytes: 1 << 30,
             max_sessions: 8,
+            max_sessions_per_peer: 8,
             idle_timeout: Duration::from_secs(60),
             step_delay: Duration::ZERO,
             lie: None,
@@ -1008,6 +1074,56 @@ mod tests {
             InferResponse::Closed
         );
         assert!(matches!(open(&f, [2; 16]), InferResponse::Opened { .. }));
+    }
+
+    #[test]
+    fn one_peer_cannot_take_every_session() {
+        let f = fixture(Limits {
+            max_sessions: 8,
+            max_sessions_per_peer: 2,
+            ..limits()
+        });
+        assert!(f.board.in_use().is_empty());
+        assert!(matches!(open(&f, [1; 16]), InferResponse::Opened { .. }));
+        assert!(matches!(open(&f, [2; 16]), InferResponse::Opened { .. }));
+        assert_eq!(f.board.in_use(), [f.shard_id].into());
+        match open(&f, [3; 16]) {
+            InferResponse::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => assert!(message.contains("max_sessions_per_peer"), "{message}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // another peer is still served
+        let other = veil_protocol::Identity::from_secret([2; 32]).peer_id();
+        let r = call(&f, |reply| Job::Open {
+            peer: other,
+            session: [4; 16],
+            shard: f.shard_id,
+            max_len: 64,
+            exact: false,
+            reply,
+        });
+        assert!(matches!(r, InferResponse::Opened { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn idle_sessions_expire_without_any_traffic() {
+        let f = fixture(Limits {
+            idle_timeout: Duration::from_millis(200),
+            ..limits()
+        });
+        assert!(matches!(open(&f, [6; 16]), InferResponse::Opened { .. }));
+        assert_eq!(f.board.get().active_sessions, 1);
+        let start = Instant::now();
+        while f.board.get().active_sessions > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the idle session was never closed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(f.board.in_use().is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod config;
 mod engine;
+mod fair;
 mod lie;
 mod metrics;
 mod proofs;

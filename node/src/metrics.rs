@@ -55,6 +55,9 @@ fn outcome(r: &InferResponse) -> &'static str {
             ErrorCode::Busy => "busy",
             ErrorCode::ContextFull => "context_full",
             ErrorCode::Internal => "internal",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NoSpace => "no_space",
         },
         _ => "ok",
     }

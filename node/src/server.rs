@@ -21,6 +21,7 @@ use veil_protocol::{
 
 use crate::config::NodeConfig;
 use crate::engine::{self, Job, Limits, StatusBoard};
+use crate::fair::{Queues, RateLimiter};
 use crate::metrics::NodeMetrics;
 use crate::proofs::ProofStore;
 use crate::store::{ShardStore, StoreError};
@@ -71,6 +72,8 @@ struct Node {
     throughput_gflops: f64,
     recorder: Option<TrafficRecorder>,
     metrics: Arc<NodeMetrics>,
+    rates: RateLimiter,
+    queues: Queues,
 }
 
 /// Run a node until ctrl-c or SIGTERM.
@@ -84,14 +87,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         tracing::warn!("{n}");
     }
     tracing::info!("backend {} on {}", compute.kind, compute.adapter);
-    let store = Arc::new(
-        ShardStore::open(&config.data_dir, config.max_shard_mib << 20).with_context(|| {
-            format!(
-                "cannot use the data directory {}",
-                config.data_dir.display()
-            )
-        })?,
-    );
+    let store = Arc::new(open_store(&config)?);
     let proofs = ProofStore::open(&config.data_dir, identity.peer_id())
         .with_context(|| format!("cannot keep proofs in {}", config.data_dir.display()))?;
     let throughput_gflops = engine::self_benchmark(&compute.device, Duration::from_millis(300));
@@ -105,6 +101,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         Limits {
             memory_bytes: config.memory_limit_mib << 20,
             max_sessions: config.max_sessions,
+            max_sessions_per_peer: config.max_sessions_per_peer,
             idle_timeout: Duration::from_secs(config.session_idle_timeout_s),
             step_delay: Duration::from_millis(config.step_delay_ms),
             lie: config.lie,
@@ -166,6 +163,10 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         tracing::info!("metrics on http://{bound}/metrics");
     }
     tracing::info!("peer id {}", identity.peer_id());
+    let (config_rate, config_queue) = (
+        config.max_requests_per_s_per_peer,
+        config.max_queued_per_peer,
+    );
     let mut node = Node {
         config,
         started: Instant::now(),
@@ -182,9 +183,49 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         throughput_gflops,
         recorder,
         metrics,
+        rates: RateLimiter::new(config_rate),
+        queues: Queues::new(config_queue),
     };
     node.bootstrap().await;
     node.serve(&mut events).await
+}
+
+/// Open the shard store with its disk quota (from the free space when not configured).
+fn open_store(config: &NodeConfig) -> Result<ShardStore> {
+    let dir = &config.data_dir;
+    let what = || format!("cannot use the data directory {}", dir.display());
+    let probe = ShardStore::open(dir, crate::store::DiskLimits::unlimited(0)).with_context(what)?;
+    let held = probe.usage().used;
+    let free = crate::store::disk_free(dir).with_context(what)?;
+    let quota = config.disk_limit_bytes(held, free);
+    let store = ShardStore::open(dir, config.disk_limits(quota)).with_context(what)?;
+    tracing::info!(
+        "shards may take {} MiB of disk ({} MiB held, {} MiB free on the disk{})",
+        quota >> 20,
+        held >> 20,
+        free >> 20,
+        if config.max_disk_mib.is_some() {
+            "; max_disk_mib"
+        } else {
+            "; 90% of it is the default quota"
+        }
+    );
+    if free < crate::store::DISK_MARGIN {
+        tracing::warn!(
+            "the data directory's disk is full ({} MiB free): uploads will be refused until \
+             space is freed",
+            free >> 20
+        );
+    }
+    if held > quota {
+        tracing::warn!(
+            "the shards held take {} MiB, more than max_disk_mib ({} MiB): new uploads are \
+             refused until unused ones are evicted",
+            held >> 20,
+            quota >> 20
+        );
+    }
+    Ok(store)
 }
 
 fn parse_bootstrap(addr: &str) -> Result<Multiaddr> {
@@ -208,6 +249,10 @@ impl Node {
     async fn serve(&mut self, events: &mut mpsc::Receiver<Event>) -> Result<()> {
         let mut ad_timer = tokio::time::interval(Duration::from_secs(self.config.ad_interval_s));
         let mut reconnect = tokio::time::interval(Duration::from_secs(10));
+        // stalled uploads and unused shards: often enough for the shortest timeout
+        let sweep_every =
+            Duration::from_secs(self.config.partial_upload_timeout_s.clamp(1, 240) / 4 + 1);
+        let mut sweep = tokio::time::interval(sweep_every);
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
@@ -217,6 +262,7 @@ impl Node {
                     return Ok(());
                 }
                 _ = ad_timer.tick() => self.advertise().await,
+                _ = sweep.tick() => self.sweep(),
                 _ = reconnect.tick() => {
                     if !self.config.bootstrap.is_empty()
                         && self.network.connected_peers().await.map(|p| p.is_empty()).unwrap_or(false)
@@ -230,6 +276,58 @@ impl Node {
                 },
             }
         }
+    }
+
+    /// Remove stalled uploads and unused shards, off the event loop; the upload lock keeps
+    /// it from racing an upload.
+    fn sweep(&self) {
+        let store = self.store.clone();
+        let board = self.board.clone();
+        let lock = self.uploads.clone();
+        tokio::spawn(async move {
+            let _guard = lock.lock().await;
+            let swept = tokio::task::spawn_blocking(move || {
+                store.sweep(&board.in_use(), std::time::SystemTime::now())
+            })
+            .await;
+            if let Ok(s) = swept {
+                if s.partial_removed > 0 {
+                    tracing::info!("removed {} stalled upload(s)", s.partial_removed);
+                }
+                for id in &s.shards_evicted {
+                    tracing::info!(
+                        "evicted shard {}: no session used it for evict_unused_shards_after_h",
+                        &hex::encode(id)[..12]
+                    );
+                }
+            }
+        });
+    }
+
+    /// A refusal for `peer` before any work, if it is over a limit or not allowed.
+    fn gate(
+        &mut self,
+        peer: veil_protocol::PeerId,
+        allow: &[veil_protocol::PeerId],
+        what: &str,
+    ) -> Option<(ErrorCode, String)> {
+        if !allow.is_empty() && !allow.contains(&peer) {
+            return Some((
+                ErrorCode::Forbidden,
+                format!("this node lets only the peers of its {what} list do that"),
+            ));
+        }
+        if !self.rates.allow(peer, Instant::now()) {
+            return Some((
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} requests per second from you (max_requests_per_s_per_peer): \
+                     slow down",
+                    self.config.max_requests_per_s_per_peer
+                ),
+            ));
+        }
+        None
     }
 
     async fn advertise(&mut self) {
@@ -251,6 +349,7 @@ impl Node {
             backend: self.compute.kind.to_string(),
             adapter: self.compute.adapter.clone(),
             free_memory_bytes: limit.saturating_sub(status.reserved_bytes),
+            free_disk_bytes: self.free_disk(),
             throughput_gflops: self.throughput_gflops,
             shards: self.store.list().iter().map(hex::encode).collect(),
             active_sessions: status.active_sessions,
@@ -271,6 +370,13 @@ impl Node {
         self.ads.prune(now_ms());
     }
 
+    /// Room left for uploads: the quota's and the disk's, whichever is smaller.
+    fn free_disk(&self) -> u64 {
+        let disk = crate::store::disk_free(&self.config.data_dir)
+            .map_or(0, |f| f.saturating_sub(crate::store::DISK_MARGIN));
+        self.store.free().min(disk)
+    }
+
     fn record<T: bincode::Encode>(&mut self, tag: u8, message: &T) {
         if let Some(r) = self.recorder.as_mut() {
             match veil_protocol::codec::encode(message) {
@@ -288,6 +394,48 @@ impl Node {
                 channel,
             } => {
                 self.record(1, &request);
+                let kind = match &request {
+                    InferRequest::Stats => "stats",
+                    InferRequest::Open { .. } => "open",
+                    InferRequest::Step { .. } => "step",
+                    InferRequest::Close { .. } => "close",
+                };
+                let sessions = !matches!(request, InferRequest::Stats);
+                let allow = if sessions {
+                    self.config.serve_allow.clone()
+                } else {
+                    Vec::new()
+                };
+                let refusal = self
+                    .gate(peer, &allow, "serve_allow")
+                    .map(|(code, message)| InferResponse::Error { code, message });
+                let place = match refusal {
+                    None if sessions => match self.queues.enter(peer) {
+                        Ok(p) => Ok(Some(p)),
+                        Err(n) => Err(InferResponse::Error {
+                            code: ErrorCode::Busy,
+                            message: format!(
+                                "{n} of your requests are already waiting here \
+                                 (max_queued_per_peer)"
+                            ),
+                        }),
+                    },
+                    None => Ok(None),
+                    Some(r) => Err(r),
+                };
+                let place = match place {
+                    Ok(p) => p,
+                    Err(response) => {
+                        tracing::debug!("refused a request from {peer}: {response:?}");
+                        let network = self.network.clone();
+                        let metrics = self.metrics.clone();
+                        tokio::spawn(async move {
+                            metrics.answered(kind, &response, Duration::ZERO);
+                            let _ = network.respond_infer(channel, response).await;
+                        });
+                        return;
+                    }
+                };
                 let engine = self.engine.clone();
                 let board = self.board.clone();
                 let network = self.network.clone();
@@ -295,12 +443,6 @@ impl Node {
                 let started = self.started;
                 let metrics = self.metrics.clone();
                 let arrived = Instant::now();
-                let kind = match &request {
-                    InferRequest::Stats => "stats",
-                    InferRequest::Open { .. } => "open",
-                    InferRequest::Step { .. } => "step",
-                    InferRequest::Close { .. } => "close",
-                };
                 traffic
                     .received
                     .fetch_add(encoded_len(&request), Ordering::Relaxed);
@@ -359,6 +501,7 @@ impl Node {
                             message: "the engine stopped".into(),
                         },
                     };
+                    drop(place);
                     metrics.answered(kind, &response, arrived.elapsed());
                     traffic
                         .sent
@@ -372,18 +515,29 @@ impl Node {
                 channel,
             } => {
                 self.record(2, &request);
+                let network = self.network.clone();
+                let allow = self.config.deploy_allow.clone();
+                if let Some((code, message)) = self.gate(peer, &allow, "deploy_allow") {
+                    tracing::debug!("refused an upload request from {peer}: {message}");
+                    tokio::spawn(async move {
+                        let response = UploadResponse::Error { code, message };
+                        let _ = network.respond_upload(channel, response).await;
+                    });
+                    return;
+                }
                 let store = self.store.clone();
                 let lock = self.uploads.clone();
-                let network = self.network.clone();
+                let board = self.board.clone();
                 tokio::spawn(async move {
                     let _guard = lock.lock().await;
-                    let response =
-                        tokio::task::spawn_blocking(move || upload(&store, request, peer))
-                            .await
-                            .unwrap_or_else(|e| UploadResponse::Error {
-                                code: ErrorCode::Internal,
-                                message: e.to_string(),
-                            });
+                    let response = tokio::task::spawn_blocking(move || {
+                        upload(&store, request, peer, &board.in_use())
+                    })
+                    .await
+                    .unwrap_or_else(|e| UploadResponse::Error {
+                        code: ErrorCode::Internal,
+                        message: e.to_string(),
+                    });
                     let _ = network.respond_upload(channel, response).await;
                 });
             }
@@ -469,16 +623,17 @@ fn upload(
     store: &ShardStore,
     request: UploadRequest,
     peer: veil_protocol::PeerId,
+    in_use: &std::collections::HashSet<veil_protocol::wire::ShardId>,
 ) -> UploadResponse {
     let result = match request {
-        UploadRequest::Query { shard, .. } => Ok(store.progress(&shard)),
+        UploadRequest::Query { shard, total } => store.admit(&shard, total, &peer, in_use),
         UploadRequest::Chunk {
             shard,
             total,
             offset,
             data,
         } => {
-            let r = store.write_chunk(&shard, total, offset, &data);
+            let r = store.write_chunk(&shard, total, offset, &data, &peer, in_use);
             if let Ok(p) = &r {
                 if p.complete && offset + data.len() as u64 == total {
                     tracing::info!(
@@ -498,7 +653,8 @@ fn upload(
         Err(e) => {
             tracing::warn!("upload from {peer} refused: {e}");
             let code = match e {
-                StoreError::TooLarge { .. } => ErrorCode::Busy,
+                _ if e.is_no_space() => ErrorCode::NoSpace,
+                StoreError::TooLarge { .. } => ErrorCode::NoSpace,
                 StoreError::Io(_) => ErrorCode::Internal,
                 _ => ErrorCode::BadRequest,
             };

@@ -31,6 +31,8 @@ pub struct CapacityAd {
     pub adapter: String,
     /// Memory the node can still give to shards and KV caches.
     pub free_memory_bytes: u64,
+    /// Disk the node can still give to uploaded shards (its quota less what it holds).
+    pub free_disk_bytes: u64,
     /// Matrix-product throughput measured at start (GFLOP/s).
     pub throughput_gflops: f64,
     /// Content hashes (hex SHA-256) of the shards the node holds.
@@ -193,6 +195,7 @@ mod tests {
             backend: "cpu".into(),
             adapter: "flex".into(),
             free_memory_bytes: 1 << 30,
+            free_disk_bytes: 1 << 30,
             throughput_gflops: 12.5,
             shards: vec!["ab".repeat(32)],
             active_sessions: 0,

@@ -120,6 +120,15 @@ pub enum ErrorCode {
     /// The session's sequence would exceed its maximum length.
     ContextFull,
     Internal,
+    /// The peer sent more requests per second than the node allows one peer; it may retry
+    /// after a pause (the message names the limit).
+    RateLimited,
+    /// The node's operator does not let this peer upload shards or run sessions here
+    /// (`deploy_allow` / `serve_allow`).
+    Forbidden,
+    /// No room on the node's disk for the shard (its quota, the peer's share of it, or the
+    /// disk itself); refused before any byte is sent.
+    NoSpace,
 }
 
 /// Responses of the inference protocol.

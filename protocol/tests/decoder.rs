@@ -167,6 +167,7 @@ fn signed_ads_survive_the_wire_and_reject_tampering() {
         backend: "cpu".into(),
         adapter: "flex".into(),
         free_memory_bytes: 1,
+        free_disk_bytes: 0,
         throughput_gflops: 1.0,
         shards: vec![],
         active_sessions: 0,

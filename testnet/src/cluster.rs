@@ -33,6 +33,8 @@ pub struct NodeSettings {
     /// further `node.toml` lines (limits, declared addresses).
     pub relays: usize,
     pub relay_config: String,
+    /// Further `node.toml` lines for every node (limits, allow-lists).
+    pub extra_config: String,
 }
 
 /// How the testnet's lying nodes lie (`lie_mode` / `lie_rate` in their `node.toml`).
@@ -62,6 +64,7 @@ impl Default for NodeSettings {
             byzantine: None,
             relays: 0,
             relay_config: String::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -143,7 +146,7 @@ impl NodeProcess {
         });
         let config = format!(
             "backend = \"{}\"\nmemory_limit_mib = {}\nad_interval_s = {}\nad_ttl_s = {}\n\
-             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}{metrics}{lie}",
+             step_delay_ms = {}\nrequest_timeout_s = {}\nsession_idle_timeout_s = {}\n{record}{metrics}{lie}{}\n",
             settings.backend,
             settings.memory_limit_mib,
             settings.ad_interval_s,
@@ -151,6 +154,7 @@ impl NodeProcess {
             settings.step_delay_ms,
             settings.request_timeout_s,
             settings.session_idle_timeout_s,
+            settings.extra_config,
         );
         std::fs::write(data_dir.join("node.toml"), config)?;
         Ok(NodeProcess {
@@ -266,6 +270,11 @@ impl NodeProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The node process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -128,6 +128,7 @@ fn ad(id: &Identity, ts: u64) -> CapacityAd {
         backend: "cpu".into(),
         adapter: "forged".into(),
         free_memory_bytes: u64::MAX,
+        free_disk_bytes: u64::MAX,
         throughput_gflops: 1e9,
         shards: vec![],
         active_sessions: 0,

@@ -200,13 +200,31 @@ impl RemotePipeline {
             .collect()
     }
 
+    /// Send `req` to `peer`. A node that asks this client to slow down (`RateLimited`) gets
+    /// the same request again after a growing pause, for up to about five seconds, before its
+    /// refusal counts as a failure.
     fn request(&mut self, peer: PeerId, req: InferRequest) -> Result<InferResponse> {
-        let sent = veil_protocol::codec::encode(&req).map_or(0, |b| b.len() as u64);
-        self.stats.bytes_sent += sent;
-        let resp = self.handle.block_on(self.network.infer(peer, req))?;
-        self.stats.bytes_received +=
-            veil_protocol::codec::encode(&resp).map_or(0, |b| b.len() as u64);
-        Ok(resp)
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let sent = veil_protocol::codec::encode(&req).map_or(0, |b| b.len() as u64);
+            self.stats.bytes_sent += sent;
+            let resp = self
+                .handle
+                .block_on(self.network.infer(peer, req.clone()))?;
+            self.stats.bytes_received +=
+                veil_protocol::codec::encode(&resp).map_or(0, |b| b.len() as u64);
+            match resp {
+                InferResponse::Error {
+                    code: veil_protocol::wire::ErrorCode::RateLimited,
+                    ref message,
+                } if pause < Duration::from_secs(5) => {
+                    tracing::debug!("{peer}: {message}; retrying in {pause:?}");
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                resp => return Ok(resp),
+            }
+        }
     }
 
     /// Send `x` (`[t, d]`) through stage `i`, failing over to replicas as needed, and check
