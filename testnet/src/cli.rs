@@ -34,6 +34,10 @@ pub(crate) enum Command {
     Bench(BenchArgs),
     /// Kill and restart random nodes while generating; check every output is unchanged.
     Chaos(ChaosArgs),
+    /// Normal generations for a long while (--duration) with abusive peers at the same time,
+    /// on nodes with tight limits; samples every node's memory, open files, disk and
+    /// sessions, writes a report, and fails if a bound is crossed or an output changes.
+    Soak(SoakArgs),
     /// Project throughput and latency to 10 … 1,000 nodes with a discrete-event model.
     Simulate(SimulateArgs),
     /// A wide-area network on this machine (network namespaces, NAT routers, links with
@@ -283,6 +287,66 @@ pub(crate) struct ChaosArgs {
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub(crate) json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SoakArgs {
+    #[command(flatten)]
+    pub(crate) net: NetOpts,
+    /// How long to soak: seconds, or with a unit (90s, 30m, 2h).
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub(crate) duration: std::time::Duration,
+    /// Normal sessions generating at once.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) sessions: usize,
+    #[arg(long, default_value_t = 16)]
+    pub(crate) prompt_tokens: usize,
+    #[arg(long, default_value_t = 24)]
+    pub(crate) gen_tokens: usize,
+    /// Seconds between samples of every node.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) sample_every: f64,
+    /// No abusive peers: the same soak, calm (for comparison).
+    #[arg(long)]
+    pub(crate) no_abuse: bool,
+    /// The nodes' memory_limit_mib (resident memory may exceed it by --rss-allowance-mib).
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) memory_limit_mib: u64,
+    /// The nodes' max_disk_mib.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) max_disk_mib: u64,
+    /// What a node process may take beyond memory_limit_mib (runtime, network, scratch).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) rss_allowance_mib: u64,
+    /// Seed of the abusers.
+    #[arg(long, default_value_t = 7)]
+    pub(crate) seed: u64,
+    /// Write soak.md, soak.json and SVG charts of memory and disk into this directory.
+    #[arg(long, value_name = "DIR", default_value = "soak-report")]
+    pub(crate) report: PathBuf,
+}
+
+/// `90`, `90s`, `30m`, `2h`.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 90s, 30m or 2h"))?;
+    let scale = match unit {
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown unit `{other}` in `{s}`: use s, m or h")),
+    };
+    if !(n > 0.0 && (n * scale).is_finite()) {
+        return Err(format!("`{s}` must be a positive duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(n * scale))
 }
 
 #[derive(Args, Debug)]

@@ -12,6 +12,7 @@ pub mod load;
 pub mod network;
 pub mod report;
 pub mod sim;
+pub mod soak;
 pub mod stats;
 pub mod up;
 pub mod wan;

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use cli::{BenchArgs, ChaosArgs, Cli, Command, SimulateArgs, Topology, UpArgs, WanArgs};
+use cli::{BenchArgs, ChaosArgs, Cli, Command, SimulateArgs, SoakArgs, Topology, UpArgs, WanArgs};
 use veil_testnet::bench::{self, BenchOptions, BenchReport};
 use veil_testnet::chaos::{self, ChaosOptions};
 use veil_testnet::integrity::{self, IntegrityOptions};
+use veil_testnet::network::LocalNetwork;
 use veil_testnet::sim::{self, SimParams};
 use veil_testnet::wan::ns::in_namespace;
 use veil_testnet::{cleanup, report, up};
@@ -196,6 +197,43 @@ fn run_chaos(args: ChaosArgs) -> Result<bool> {
     Ok(r.passed())
 }
 
+fn run_soak(args: SoakArgs) -> Result<bool> {
+    let limits = veil_testnet::soak::SoakLimits {
+        memory_limit_mib: args.memory_limit_mib,
+        max_disk_mib: args.max_disk_mib,
+        rss_allowance_mib: args.rss_allowance_mib,
+        ..Default::default()
+    };
+    if !(args.sample_every > 0.0 && args.sample_every.is_finite()) {
+        bail!("--sample-every must be a positive number of seconds");
+    }
+    let mut options = args.net.options();
+    options.node = limits.apply(options.node);
+    let mut network = LocalNetwork::start(&options, &|m| tracing::info!("{m}"))?;
+    let opts = veil_testnet::soak::SoakOptions {
+        duration: args.duration,
+        sessions: args.sessions,
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        sample_every: std::time::Duration::from_secs_f64(args.sample_every),
+        abuse: !args.no_abuse,
+        seed: args.seed,
+        limits,
+    };
+    let ns = network.client_namespace();
+    let r = in_namespace(ns.as_deref(), || {
+        veil_testnet::soak::run(&mut network, &opts, &args.net.model)
+    })??;
+    drop(network);
+    veil_testnet::soak::write(&r, &args.report)?;
+    print!("{}", veil_testnet::soak::markdown(&r));
+    eprintln!("report written to {}", args.report.display());
+    if !r.passed() {
+        eprintln!("error: the soak failed a check (see the table above)");
+    }
+    Ok(r.passed())
+}
+
 fn run_simulate(args: SimulateArgs) -> Result<()> {
     let mut base = SimParams {
         layers_per_node: args.layers_per_node,
@@ -323,6 +361,7 @@ fn main() -> ExitCode {
         Command::Up(a) => run_up(a).map(|()| true),
         Command::Bench(a) => run_bench(a).map(|()| true),
         Command::Chaos(a) => run_chaos(a),
+        Command::Soak(a) => run_soak(a),
         Command::Simulate(a) => run_simulate(a).map(|()| true),
         Command::Wan(a) => run_wan(a).map(|()| true),
     };

@@ -304,6 +304,67 @@ fn chaos_kills_nodes_and_every_completed_output_is_unchanged() {
     assert_clean(tmp.path());
 }
 
+/// A short soak on the tiny model: abusers get refusals of every kind, the nodes stay within
+/// their bounds, nothing of the abusers outlives them, and the report is written.
+#[test]
+fn a_short_soak_keeps_every_node_within_its_bounds() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let report = tmp.path().join("report");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "soak",
+            "--model",
+            "tiny",
+            "--quant",
+            "f32",
+            "--nodes",
+            "2",
+            "--step-delay-ms",
+            "5",
+            "--duration",
+            "40s",
+            "--max-disk-mib",
+            "64",
+            "--report",
+            &report.display().to_string(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&std::fs::read(report.join("soak.json")).expect("json"))
+        .expect("JSON");
+    assert!(v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .all(|c| c["passed"] == true));
+    assert!(v["generations"].as_u64() > Some(2));
+    assert_eq!(v["identical"], v["generations"]);
+    // every abuser was refused the way its limit says
+    let outcome =
+        |kind: &str, what: &str| v["abusers"][kind]["outcomes"][what].as_u64().unwrap_or(0);
+    assert!(
+        outcome("request flood", "RateLimited") > 0,
+        "{:#}",
+        v["abusers"]
+    );
+    assert!(outcome("upload flood", "NoSpace") > 0, "{:#}", v["abusers"]);
+    assert!(outcome("session flood", "Busy") > 0, "{:#}", v["abusers"]);
+    assert!(outcome("garbage", "BadRequest") > 0, "{:#}", v["abusers"]);
+    assert!(outcome("vanish mid-upload", "ok") > 0, "{:#}", v["abusers"]);
+    for n in v["series"].as_array().expect("series") {
+        assert!(n["samples"].as_array().expect("samples").len() >= 10);
+        assert_eq!(n["sessions_left"], 0);
+        assert_eq!(n["partial_uploads_left"], 0);
+    }
+    for f in ["soak.md", "soak-memory.svg", "soak-disk.svg"] {
+        assert!(report.join(f).exists(), "{f}");
+    }
+    assert!(stdout.contains("| check | result |"));
+    assert_clean(tmp.path());
+}
+
 #[test]
 fn ctrl_c_stops_a_running_testnet_and_removes_everything() {
     use std::io::{BufRead, BufReader};
