@@ -3,7 +3,7 @@
 # backend (the `wgpu` feature; the demo builds without it), fetches SmolLM2 and Gemma 3 270M
 # (cached under $VEIL_HOME, default ~/.veil), the `openai` and `selenium` Python packages and Debian's
 # chromium that the gateway tests drive, runs every test in release mode on the CPU and wgpu
-# backends, then a short testnet bench and chaos run on SmolLM2 (their report goes to
+# backends, then a short testnet bench, chaos run and soak on SmolLM2 (their reports go to
 # $CARGO_TARGET_DIR/testnet-report). Every step runs even when an earlier one fails; the
 # failing tests and steps are listed at the end, and the exit status is non-zero if any.
 #
@@ -120,6 +120,8 @@ step "short testnet bench on SmolLM2 (3 nodes, up to 2 sessions)" \
 step "short chaos run on SmolLM2 (a node killed every 2 s)" \
   "$testnet" chaos --sessions 2 --rounds 4 --gen-tokens 32 --kill-every 2 --down 1 \
   --json "$report/chaos.json"
+step "short soak on SmolLM2 (abusive peers beside normal generations for 45 s)" \
+  "$testnet" soak --duration 45s --report "$report/soak"
 if [ -f "$report/bench.json" ]; then
   step "projection to larger networks from this bench" \
     "$testnet" simulate --from "$report/bench.json" --nodes 10,100,1000 --duration 60

@@ -389,3 +389,72 @@ fn deploy_places_a_refused_stage_on_another_node() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_not_a_crash() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let small = root.path().join("small");
+    std::fs::create_dir_all(&small).expect("dir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _mount = Mount(small.clone());
+    let dir = small.join("node");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bin = find_bin("veil-node").expect("veil-node");
+    let settings = NodeSettings {
+        extra_config: "max_disk_mib = 100".into(),
+        ..NodeSettings::default()
+    };
+    let mut n = NodeProcess::init(&bin, "full", &dir, &settings).expect("init");
+    // fill the disk but for a little room for the node's log
+    let filler = vec![7u8; 64 << 10];
+    let mut f = std::fs::File::create(small.join("filler")).expect("filler");
+    use std::io::Write;
+    let mut written = 0usize;
+    while written < (4 << 20) - (512 << 10) && f.write_all(&filler).is_ok() {
+        written += filler.len();
+    }
+    drop(f);
+    n.start(&[]).expect("a node on a full disk starts");
+    assert!(n.log().contains("disk is full"), "{}", n.log());
+    let (id, bytes) = shard();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (net, peer, _) = client(&n).await;
+        let r = net
+            .upload(
+                peer,
+                UploadRequest::Query {
+                    shard: id,
+                    total: bytes.len() as u64,
+                },
+            )
+            .await
+            .expect("answer");
+        let (code, message) = refusal(&r);
+        assert_eq!(code, ErrorCode::NoSpace);
+        assert!(message.contains("disk has"), "{message}");
+        assert!(matches!(
+            net.infer(peer, InferRequest::Stats).await.expect("stats"),
+            InferResponse::Stats(_)
+        ));
+    });
+    assert!(n.is_running());
+    n.stop(Duration::from_secs(10));
+}
