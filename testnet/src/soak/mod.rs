@@ -88,6 +88,9 @@ pub struct SoakOptions {
     pub limits: SoakLimits,
 }
 
+/// Shortest time after the warm-up over which a memory or file trend is reported.
+pub const MIN_TREND_S: f64 = 300.0;
+
 /// One node's samples and verdicts.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeSeries {
@@ -98,7 +101,8 @@ pub struct NodeSeries {
     pub max_rss_mib: f64,
     pub max_disk_mib: f64,
     pub max_open_files: usize,
-    /// Resident memory's trend after the warm-up (the first fifth of the run), MiB/hour.
+    /// Resident memory's trend after the warm-up (the first fifth of the run), MiB/hour;
+    /// `None` when that is shorter than [`MIN_TREND_S`].
     pub rss_slope_mib_per_h: Option<f64>,
     pub open_files_slope_per_h: Option<f64>,
     /// At the end, once every abuser had been gone for the timeouts.
@@ -295,7 +299,12 @@ fn judge(
                 .filter_map(|row| row.get(i).copied())
                 .collect();
             let after: Vec<&Sample> = s.iter().filter(|x| x.t_s >= warm).collect();
+            // a trend over a few minutes is noise (allocators grow in steps): none below
+            let span = after.last().map_or(0.0, |l| l.t_s) - after.first().map_or(0.0, |f| f.t_s);
             let trend = |f: &dyn Fn(&Sample) -> f64| {
+                if span < MIN_TREND_S {
+                    return None;
+                }
                 sample::slope(&after.iter().map(|x| (x.t_s, f(x))).collect::<Vec<_>>())
                     .map(|per_s| per_s * 3600.0)
             };

@@ -92,6 +92,14 @@ pub fn markdown(r: &SoakReport) -> String {
             c.detail
         );
     }
+    if r.series.iter().all(|n| n.rss_slope_mib_per_h.is_none()) {
+        let _ = writeln!(
+            s,
+            "\nNo memory trend: the run after its warm-up (the first fifth) was shorter than {} \
+             s.",
+            super::MIN_TREND_S
+        );
+    }
     for e in r.errors.iter().take(5) {
         let _ = writeln!(s, "\nfailed generation: {e}");
     }
