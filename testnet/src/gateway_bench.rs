@@ -85,15 +85,7 @@ fn stream(addr: &str, prompt: &str, max_tokens: usize) -> Result<(f64, usize)> {
 }
 
 fn rss_bytes(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024.0)
+    crate::soak::sample::rss_mib(pid).map(|mib| mib * f64::from(1 << 20))
 }
 
 /// Measure every level of `in_process` again through a gateway on `network`.
