@@ -416,36 +416,41 @@ fn attack_table_on_the_tiny_model() {
     let rows = v.as_array().expect("list");
     assert_eq!(
         rows.len(),
-        20,
-        "4 attacks x (2 keys x public/private + the client-layers mitigation)"
+        33,
+        "5 attacks x dense key x public/noise/fine-tune, 4 x permutation key x public/noise, \
+         5 + 2 behind a client layer, 3 on a middle stage"
     );
-    let rate = |attack: &str, key: &str, private: bool| -> f64 {
+    let find = |attack: &str, key: &str, model: &str, client_layers: u64, stage: u64| -> f64 {
         rows.iter()
             .find(|r| {
                 r["attack"].as_str().is_some_and(|a| a.starts_with(attack))
                     && r["key"] == key
-                    && (r["private_noise"].as_f64().unwrap_or(0.0) > 0.0) == private
-                    && r["client_layers"] == 0
+                    && r["model"]["kind"] == model
+                    && r["client_layers"] == client_layers
+                    && r["stage"] == stage
             })
             .and_then(|r| r["rate"]["rate"].as_f64())
-            .expect("row")
+            .unwrap_or_else(|| panic!("no row {attack} {key} {model} {client_layers} {stage}"))
+    };
+    let rate = |attack: &str, key: &str, private: bool| -> f64 {
+        find(attack, key, if private { "noise" } else { "public" }, 0, 0)
     };
     assert_eq!(rate("key recovery", "Dense", false), 1.0);
     assert_eq!(rate("first token", "Dense", false), 1.0);
     assert_eq!(rate("all tokens by sorted", "Permutation", false), 1.0);
     assert!(rate("all tokens by sorted", "Dense", false) < 0.2);
     assert!(rate("key recovery", "Dense", true) < 0.5);
+    // the sequential attack: every token of the public model; a fine-tune keeps the token
+    // table, so its first token falls to the norm as the public model's does
+    assert_eq!(rate("all tokens by sequential", "Dense", false), 1.0);
+    assert_eq!(find("first token", "Dense", "finetune", 0, 0), 1.0);
+    assert!(find("all tokens by sequential", "Dense", "finetune", 0, 0) > 0.5);
     // with one client layer: the first token still falls to the position-0 table
-    let mitigated = |attack: &str| -> f64 {
-        rows.iter()
-            .find(|r| {
-                r["attack"].as_str().is_some_and(|a| a.starts_with(attack))
-                    && r["client_layers"] == 1
-            })
-            .and_then(|r| r["rate"]["rate"].as_f64())
-            .expect("mitigation row")
-    };
-    assert_eq!(mitigated("first token"), 1.0);
+    assert_eq!(find("first token", "Dense", "public", 1, 0), 1.0);
+    // rows of a middle stage exist for the three models
+    for model in ["public", "noise", "finetune"] {
+        find("all tokens by sequential", "Dense", model, 0, 1);
+    }
     for r in rows {
         assert!(r["rate"]["trials"].as_u64() > Some(0));
         assert!(r["rate"]["ci_low"].as_f64() <= r["rate"]["rate"].as_f64());
@@ -467,6 +472,43 @@ fn attack_rejects_bad_input() {
     let (ok, _, err) = run(&["attack", "key-recovery", "--model", "nope"]);
     assert!(!ok);
     assert!(err.contains("unknown model"), "{err}");
+    let (ok, _, err) = run(&[
+        "attack",
+        "sequential",
+        "--model",
+        "tiny",
+        "--private-noise",
+        "0.1",
+        "--finetune",
+        "0.1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("pick one"), "{err}");
+    let (ok, _, err) = run(&[
+        "attack",
+        "sequential",
+        "--model",
+        "tiny",
+        "--stages",
+        "2",
+        "--stage",
+        "2",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not a stage"), "{err}");
+    // a later stage's inputs match no token table: the table attacks say so
+    let (ok, _, err) = run(&[
+        "attack",
+        "first-token",
+        "--model",
+        "tiny",
+        "--stages",
+        "2",
+        "--stage",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("sequential attack"), "{err}");
 }
 
 #[test]

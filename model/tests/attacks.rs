@@ -8,8 +8,10 @@ use veil_model::attack::invariants::{self, InvariantOptions};
 use veil_model::attack::key_recovery::{
     decrypt_and_match, decrypt_rows, recover_q, relative_error,
 };
+use veil_model::attack::sequential::{self, SequentialOptions};
 use veil_model::attack::{
-    norms, perturbed, position0_table, record_views, sorted_coords, Deployment, NodeView, Rate,
+    finetuned, norms, perturbed, position0_table, record_views, sorted_coords, Deployment,
+    NodeView, Rate,
 };
 use veil_model::crypto::{KeyOptions, KeyShape, ModelKey};
 use veil_model::{Compute, ModelBundle};
@@ -44,11 +46,16 @@ fn view(owner: &ModelBundle, k: ModelKey) -> NodeView {
 }
 
 fn view_with(owner: &ModelBundle, k: ModelKey, client_layers: usize) -> NodeView {
+    view_at(owner, k, client_layers, 0)
+}
+
+fn view_at(owner: &ModelBundle, k: ModelKey, client_layers: usize, stage: usize) -> NodeView {
     let device = Compute::cpu().device;
     let p = prompts(owner);
     let deployment = Deployment {
         stages: 2,
         client_layers,
+        observed_stage: stage,
     };
     record_views(owner, k, deployment, &p, 8, &device).expect("record")
 }
@@ -196,4 +203,67 @@ fn client_layers_send_no_embedding_yet_the_key_and_first_token_still_fall() {
         .iter()
         .zip(&exact)
         .all(|(s, g)| g[0] == s.truth[0]));
+}
+
+fn sequential_rate(public: &ModelBundle, v: &NodeView, opts: SequentialOptions) -> Rate {
+    let device = Compute::cpu().device;
+    let t = &public.text.tokenizer;
+    let bos = t.bos.filter(|_| t.add_bos);
+    let r = sequential::guess(v, &public.weights, bos, opts, &device).expect("sequential");
+    score(v, &r.guesses)
+}
+
+#[test]
+fn the_whole_vocabulary_prefilter_alone_finds_every_token_of_a_public_model() {
+    // one candidate per position, from the prefilter only: it must predict the node's
+    // first-layer scores exactly (RoPE turned back on the keys, heads sorted)
+    let public = ModelBundle::tiny().expect("tiny");
+    let v = view(&public, key(&public, false, 12));
+    let only_prefilter = SequentialOptions {
+        layers: 1,
+        lm_candidates: 0,
+        norm_candidates: 1,
+    };
+    let rate = sequential_rate(&public, &v, only_prefilter);
+    assert_eq!(rate.hits, rate.trials, "{rate}");
+}
+
+#[test]
+fn sequential_matching_recovers_a_public_model_behind_client_layers_and_on_a_middle_stage() {
+    // every token of the tiny vocabulary as a candidate: the attack is exact wherever the
+    // public model is the owner's, whatever the node's position in the pipeline
+    let public = ModelBundle::tiny().expect("tiny");
+    let vocab = public.weights.config.vocab_size;
+    let all = SequentialOptions {
+        layers: 2,
+        lm_candidates: vocab,
+        norm_candidates: 0,
+    };
+    for (client_layers, stage) in [(0, 0), (1, 0), (0, 1)] {
+        let v = view_at(&public, key(&public, false, 13), client_layers, stage);
+        if stage == 1 {
+            assert!(v.shard.meta.layers.0 > 0, "a middle stage");
+        }
+        let rate = sequential_rate(&public, &v, all);
+        assert_eq!(
+            rate.hits, rate.trials,
+            "{client_layers} client layers, stage {stage}: {rate}"
+        );
+    }
+}
+
+#[test]
+fn sequential_matching_sees_through_a_finetune_but_not_a_distant_private_model() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let opts = SequentialOptions::default();
+    // a LoRA-style fine-tune keeps the token table and moves the projections a little
+    let tuned = finetuned(&public, 0.05, 4, 3).expect("finetune");
+    let v = view(&tuned, key(&tuned, false, 14));
+    let on_tuned = sequential_rate(&public, &v, opts);
+    assert!(on_tuned.rate > 0.6, "fine-tune: {on_tuned}");
+    // a model far from the public one: its computation is not the public one's
+    let far = perturbed(&public, 0.3, 9).expect("private");
+    let v = view(&far, key(&far, false, 14));
+    let on_far = sequential_rate(&public, &v, opts);
+    assert!(on_far.rate < 0.3, "distant private model: {on_far}");
 }

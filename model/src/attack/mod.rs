@@ -10,22 +10,33 @@
 //!   matrices across positions.
 //! - [`sorted_coords`]: match the multiset of a vector's coordinates, which a
 //!   permutation-only key keeps and a dense rotation destroys.
+//! - [`sequential`]: walk each session left to right, running the public model's candidate
+//!   tokens through the node's layers and matching everything the key leaves visible
+//!   (norms, attention scores, sorted gate pre-activations: [`features`]).
+//!
+//! [`private`] makes the owner's private model from the public one (noise, or a LoRA-style
+//! fine-tune).
 //!
 //! Against the client-layers mitigation the attacker matches against
 //! [`position0_table`] (the residual after the client's layers at position 0) instead of the
 //! embedding table.
 
+pub mod features;
 pub mod invariants;
 pub mod key_recovery;
 pub mod norms;
 pub mod position0;
+pub mod prefilter;
+pub mod private;
 pub mod rate;
+pub mod sequential;
 pub mod sorted_coords;
 pub mod view;
 
 pub use position0::position0_table;
+pub use private::{finetuned, perturbed};
 pub use rate::Rate;
-pub use view::{perturbed, record_views, Deployment, NodeView};
+pub use view::{record_views, Deployment, NodeView};
 
 /// Row `i` of a `[rows, cols]` row-major slice.
 pub(crate) fn row(data: &[f32], cols: usize, i: usize) -> &[f32] {

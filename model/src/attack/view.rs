@@ -3,16 +3,11 @@
 //! it feeds).
 
 use burn::tensor::Device;
-use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, Normal};
 
 use crate::crypto::{encrypt_model_split, ClientModel, EncryptedLocal, ModelKey, Shard};
 use crate::nn::tensor_to_vec;
-use crate::{
-    generate, GenerateParams, LlamaWeights, Matrix, ModelBundle, ModelError, SamplingParams,
-    TextCodec,
-};
+use crate::StageRunner;
+use crate::{generate, GenerateParams, ModelBundle, ModelError, SamplingParams};
 
 /// What the first stage's node received in one session, and the truth to score against.
 #[derive(Debug, Clone)]
@@ -59,10 +54,13 @@ pub struct Deployment {
     pub stages: usize,
     /// Layers the client runs itself (the mitigation); the first node serves the next ones.
     pub client_layers: usize,
+    /// The stage whose node is watched (0: the first, which receives the client's
+    /// encoding; later ones receive the previous stage's output).
+    pub observed_stage: usize,
 }
 
 /// Encrypt `owner` with `key` as `deployment` says, generate greedily from every prompt
-/// through the encrypted pipeline, and return what the first stage's node received.
+/// through the encrypted pipeline, and return what the observed stage's node received.
 pub fn record_views(
     owner: &ModelBundle,
     key: ModelKey,
@@ -78,7 +76,20 @@ pub fn record_views(
         deployment.client_layers,
         &mut |_, _| {},
     )?;
+    if deployment.observed_stage >= e.shards.len() {
+        return Err(ModelError::Shape(format!(
+            "stage {} observed, the deployment has {}",
+            deployment.observed_stage,
+            e.shards.len()
+        )));
+    }
     let mut pipeline = EncryptedLocal::new(&e.client, &e.shards, device, None)?;
+    let mut shards = e.shards.clone();
+    shards.sort_by_key(|s| s.meta.layers.0);
+    let before: Vec<StageRunner> = shards[..deployment.observed_stage]
+        .iter()
+        .map(|s| StageRunner::new(s, device))
+        .collect::<Result<_, _>>()?;
     let client = ClientModel::new(&e.client, device)?;
     let params = GenerateParams {
         max_tokens: gen_tokens.max(1),
@@ -99,78 +110,25 @@ pub fn record_views(
         let mut fed = prompt.clone();
         fed.extend_from_slice(&g.tokens[..g.tokens.len().saturating_sub(1)]);
         let mut cache = client.new_cache(fed.len());
-        let received = tensor_to_vec(client.encode(&fed, &mut cache)?)?;
+        let mut x = client.encode(&fed, &mut cache)?;
+        for runner in &before {
+            let mut c = runner.new_cache(fed.len());
+            x = runner
+                .forward(vec![x], &mut [&mut c])?
+                .pop()
+                .ok_or_else(|| ModelError::Shape("no stage output".into()))?;
+        }
+        let received = tensor_to_vec(x)?;
         sessions.push(SessionView {
             received,
             truth: fed,
             prompt_len: prompt.len(),
         });
     }
-    let shard = e
-        .shards
-        .into_iter()
-        .min_by_key(|s| s.meta.layers.0)
-        .ok_or_else(|| ModelError::Shape("no shard".into()))?;
+    let shard = shards.swap_remove(deployment.observed_stage);
     Ok(NodeView {
         d_model: owner.weights.config.d_model,
         shard,
         sessions,
-    })
-}
-
-fn perturb_values(values: &mut [f32], rel: f64, rng: &mut ChaCha20Rng) {
-    if rel == 0.0 {
-        return;
-    }
-    let n = values.len().max(1) as f64;
-    let rms = (values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / n).sqrt();
-    if let Ok(noise) = Normal::new(0.0, rel * rms) {
-        for v in values.iter_mut() {
-            *v += noise.sample(rng) as f32;
-        }
-    }
-}
-
-fn perturb_matrix(m: &Matrix, rel: f64, rng: &mut ChaCha20Rng) -> Matrix {
-    let mut out = m.clone();
-    perturb_values(&mut out.data, rel, rng);
-    out
-}
-
-/// A "private" model: `base` with Gaussian noise of `rel` times each tensor's RMS added to
-/// every weight (embeddings, norms, matrices, head) — a stand-in for a secret fine-tune the
-/// attacker does not have. `rel = 0` is an exact copy.
-pub fn perturbed(base: &ModelBundle, rel: f64, seed: u64) -> Result<ModelBundle, ModelError> {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let w = &base.weights;
-    let mut layers = w.layers.clone();
-    for l in &mut layers {
-        for m in [
-            &mut l.wq,
-            &mut l.wk,
-            &mut l.wv,
-            &mut l.wo,
-            &mut l.w_gate,
-            &mut l.w_up,
-            &mut l.w_down,
-        ] {
-            *m = perturb_matrix(m, rel, &mut rng);
-        }
-        perturb_values(&mut l.attn_norm, rel, &mut rng);
-        perturb_values(&mut l.ffn_norm, rel, &mut rng);
-    }
-    let mut final_norm = w.final_norm.clone();
-    perturb_values(&mut final_norm, rel, &mut rng);
-    let weights = LlamaWeights {
-        config: w.config.clone(),
-        embedding: perturb_matrix(&w.embedding, rel, &mut rng),
-        layers,
-        final_norm,
-        output: w.output.as_ref().map(|o| perturb_matrix(o, rel, &mut rng)),
-    };
-    Ok(ModelBundle {
-        name: format!("{} (private: +{rel} relative noise)", base.name),
-        weights,
-        text: TextCodec::new(base.text.spec.clone())?,
     })
 }

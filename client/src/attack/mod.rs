@@ -1,0 +1,302 @@
+//! `veil attack`: run the attack suite against recorded node views of real encrypted
+//! generations and print recovery rates with 95% confidence intervals.
+
+mod scenario;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use veil_model::attack::sequential::SequentialOptions;
+
+use crate::model_spec::ModelSpec;
+pub use scenario::{Outcome, Private, Recording, Scenario, Setup};
+
+/// Raw prompts (no chat template, so that first tokens vary).
+pub(crate) const PROMPTS: [&str; 24] = [
+    "The history of the Roman Empire",
+    "Photosynthesis converts light into",
+    "My favourite recipe for bread",
+    "In 1969 the first humans",
+    "Quantum computers differ from",
+    "Dear hiring manager, I am writing",
+    "A haiku about the autumn rain",
+    "Water boils at a temperature of",
+    "Once upon a time in a small village",
+    "The stock market fell sharply",
+    "Kubernetes schedules containers",
+    "Why do cats purr when",
+    "Shakespeare wrote many plays",
+    "Electric cars are becoming",
+    "Please summarise the following email",
+    "Mount Everest is the highest",
+    "def fibonacci(n):",
+    "Translate into French: good morning",
+    "Coffee beans are roasted",
+    "The patient reported chest pain",
+    "Ancient Egyptians built pyramids",
+    "Machine learning models need data",
+    "Jupiter has dozens of moons",
+    "Hello! Could you help me plan",
+];
+
+#[derive(Subcommand, Debug)]
+pub enum AttackCommand {
+    /// Solve the residual key from a shard with the public weights, decrypt the tokens.
+    KeyRecovery(AttackArgs),
+    /// Match the norm of each session's first received vector against the embedding table.
+    FirstToken(AttackArgs),
+    /// Match every token from key-invariant quantities (norms, Gram matrices).
+    VocabMatch(AttackArgs),
+    /// Match sorted coordinates (defeats permutation-only keys).
+    SortedCoords(AttackArgs),
+    /// Walk each session left to right: run the public model's candidate tokens through
+    /// the node's layers and keep the one whose norms, attention scores and sorted gate
+    /// values match what the node computed (works on any stage, behind client layers).
+    Sequential(AttackArgs),
+    /// Every attack against public, private and fine-tuned models, dense and permutation
+    /// keys, the client-layers mitigation and a middle stage: the table in SECURITY.md.
+    Table(AttackArgs),
+}
+
+/// Which key the owner uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum KeyKind {
+    /// Veil's key: dense rotation, attention blocks, MLP permutation and scaling.
+    Dense,
+    /// Permutations only (hidden units, MLP units, heads), as in earlier schemes.
+    Permutation,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AttackArgs {
+    /// The public model the attacker has: smollm2, tiny, or a .gguf path.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    #[arg(long, value_enum, default_value_t = KeyKind::Dense)]
+    pub key: KeyKind,
+    /// Make the owner's model private: add Gaussian noise of this size (relative to each
+    /// tensor's RMS) to every weight, which the attacker does not have. 0: public model.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub private_noise: f64,
+    /// Make the owner's model a LoRA-style fine-tune instead: a random low-rank update
+    /// whose size is this fraction of each attention and MLP matrix (embeddings, norms and
+    /// head stay public). 0: off.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub finetune: f64,
+    /// Rank of the fine-tune's update.
+    #[arg(long, default_value_t = 16)]
+    pub finetune_rank: usize,
+    /// Noise of the private model in `table`.
+    #[arg(long, default_value_t = 0.05)]
+    pub table_noise: f64,
+    /// Size of the fine-tuned model in `table`.
+    #[arg(long, default_value_t = 0.05)]
+    pub table_finetune: f64,
+    /// Sessions recorded (one prompt each, at most 24).
+    #[arg(long, default_value_t = 24)]
+    pub prompts: usize,
+    /// Tokens generated per session (the node sees all but the last).
+    #[arg(long, default_value_t = 16)]
+    pub gen_tokens: usize,
+    /// Stages of the deployment.
+    #[arg(long, default_value_t = 3)]
+    pub stages: usize,
+    /// The stage whose node attacks (0: the first; later stages receive the previous
+    /// stage's output, which only the sequential attack uses).
+    #[arg(long, default_value_t = 0)]
+    pub stage: usize,
+    /// The mitigation: the client runs this many layers itself, so the first node receives
+    /// their output instead of embeddings (the attacker then matches against the public
+    /// model's position-0 outputs of those layers).
+    #[arg(long, default_value_t = 0)]
+    pub client_layers: usize,
+    /// Client layers of the mitigation rows in `table`.
+    #[arg(long, default_value_t = 1)]
+    pub table_client_layers: usize,
+    /// Layers of the node's shard whose observables the sequential attack compares.
+    #[arg(long, default_value_t = 2)]
+    pub seq_layers: usize,
+    /// Candidates per position the sequential attack takes from the public model's
+    /// prediction (and as many again by norm where the node receives embeddings).
+    #[arg(long, default_value_t = 32)]
+    pub seq_candidates: usize,
+    /// A smaller run for CI: 6 prompts, 8 tokens each.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seed of the key and of the private model.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl AttackArgs {
+    fn recording(&self) -> Recording {
+        let (prompts, gen_tokens) = if self.quick {
+            (self.prompts.min(6), self.gen_tokens.min(8))
+        } else {
+            (self.prompts, self.gen_tokens)
+        };
+        Recording {
+            prompts,
+            gen_tokens,
+            stages: self.stages.max(1),
+            seed: self.seed,
+        }
+    }
+
+    fn sequential(&self) -> SequentialOptions {
+        SequentialOptions {
+            layers: self.seq_layers.max(1),
+            lm_candidates: self.seq_candidates,
+            norm_candidates: 2 * self.seq_candidates,
+        }
+    }
+
+    fn private(&self) -> Result<Private> {
+        match (self.private_noise > 0.0, self.finetune > 0.0) {
+            (true, true) => {
+                bail!("--private-noise and --finetune make two different private models: pick one")
+            }
+            (true, false) => Ok(Private::Noise(self.private_noise)),
+            (false, true) => Ok(Private::Finetune(self.finetune, self.finetune_rank.max(1))),
+            (false, false) => Ok(Private::Public),
+        }
+    }
+}
+
+/// Which attacks a table scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attacks {
+    /// The four attacks on the first stage's inputs, and the sequential one.
+    All,
+    /// The four without the sequential one (it ignores the key: its rows for a
+    /// permutation key would repeat the dense key's).
+    TableOnly,
+    /// The sequential attack alone.
+    Sequential,
+}
+
+fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
+    let setup = |key, private, client_layers, stage| Setup {
+        key,
+        private,
+        client_layers,
+        stage,
+    };
+    let noise = Private::Noise(args.table_noise);
+    let finetune = Private::Finetune(args.table_finetune, args.finetune_rank.max(1));
+    let mut out = vec![];
+    for private in [Private::Public, noise, finetune] {
+        out.push((setup(KeyKind::Dense, private, 0, 0), Attacks::All));
+    }
+    for private in [Private::Public, noise] {
+        out.push((
+            setup(KeyKind::Permutation, private, 0, 0),
+            Attacks::TableOnly,
+        ));
+    }
+    if args.table_client_layers > 0 {
+        let k = args.table_client_layers;
+        out.push((setup(KeyKind::Dense, Private::Public, k, 0), Attacks::All));
+        for private in [noise, finetune] {
+            out.push((setup(KeyKind::Dense, private, k, 0), Attacks::Sequential));
+        }
+    }
+    if args.stages > 1 {
+        for private in [Private::Public, noise, finetune] {
+            out.push((setup(KeyKind::Dense, private, 0, 1), Attacks::Sequential));
+        }
+    }
+    out
+}
+
+fn print(outcomes: &[Outcome], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(outcomes)?);
+        return Ok(());
+    }
+    println!(
+        "| attack | key | model | node | recovered (95% CI, trials) | random guess | most frequent token |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for o in outcomes {
+        let mut node = format!("stage {}", o.stage);
+        if o.client_layers > 0 {
+            node.push_str(&format!(", after {} client layer(s)", o.client_layers));
+        }
+        println!(
+            "| {} | {:?} | {} | {node} | {} | {:.4}% | {:.1}% |",
+            o.attack,
+            o.key,
+            o.model,
+            o.rate,
+            o.chance * 100.0,
+            o.majority * 100.0
+        );
+        if let Some(d) = &o.detail {
+            println!("|   ↳ {d} | | | | | | |");
+        }
+    }
+    Ok(())
+}
+
+pub fn run(command: AttackCommand) -> Result<()> {
+    let args = match &command {
+        AttackCommand::KeyRecovery(a)
+        | AttackCommand::FirstToken(a)
+        | AttackCommand::VocabMatch(a)
+        | AttackCommand::SortedCoords(a)
+        | AttackCommand::Sequential(a)
+        | AttackCommand::Table(a) => a.clone(),
+    };
+    for (name, v) in [
+        ("--private-noise", args.private_noise),
+        ("--table-noise", args.table_noise),
+        ("--finetune", args.finetune),
+        ("--table-finetune", args.table_finetune),
+    ] {
+        if !(0.0..=10.0).contains(&v) {
+            bail!("{name} must be between 0 and 10 (a size relative to the weights), not {v}");
+        }
+    }
+    let public = ModelSpec::parse(&args.model)?.load()?;
+    let rec = args.recording();
+    let seq = args.sequential();
+    let outcomes = match command {
+        AttackCommand::Table(_) => {
+            let mut all = Vec::new();
+            for (setup, attacks) in table_setups(&args) {
+                let s = Scenario::record(&public, setup, rec)?;
+                if attacks != Attacks::Sequential {
+                    all.push(s.first_token()?);
+                    all.push(s.vocab_match()?);
+                    all.push(s.key_recovery()?);
+                    all.push(s.sorted()?);
+                }
+                if attacks != Attacks::TableOnly {
+                    all.push(s.sequential(seq)?);
+                }
+            }
+            all
+        }
+        other => {
+            let setup = Setup {
+                key: args.key,
+                private: args.private()?,
+                client_layers: args.client_layers,
+                stage: args.stage,
+            };
+            let s = Scenario::record(&public, setup, rec)?;
+            vec![match other {
+                AttackCommand::KeyRecovery(_) => s.key_recovery()?,
+                AttackCommand::FirstToken(_) => s.first_token()?,
+                AttackCommand::VocabMatch(_) => s.vocab_match()?,
+                AttackCommand::SortedCoords(_) => s.sorted()?,
+                _ => s.sequential(seq)?,
+            }]
+        }
+    };
+    print(&outcomes, args.json)
+}
