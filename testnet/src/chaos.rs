@@ -1,7 +1,7 @@
 //! `veil-testnet chaos`: generations run while random nodes are killed (SIGKILL) and
 //! restarted; every completed output is compared with its fault-free output.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -19,7 +19,9 @@ pub struct ChaosOptions {
     pub sessions: usize,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
-    /// Generations each session runs one after the other.
+    /// Generations each session runs one after the other, at least: more rounds follow
+    /// until one kill and its restart fall inside the run (a fast machine finishes the
+    /// first rounds before the first kill), for at most `kill_every + down + 120` s.
     pub rounds: usize,
     /// Seconds between kills.
     pub kill_every: f64,
@@ -104,7 +106,9 @@ fn nap(d: Duration, stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
 }
 
-/// Kill a random running node every `every`, restart it after `down`, until `stop`.
+/// Kill a random running node every `every`, restart it after `down`, until `stop`;
+/// `done` counts the kills whose restart was attempted.
+#[allow(clippy::too_many_arguments)]
 fn killer(
     nodes: &mut [NodeProcess],
     victims: &[usize],
@@ -112,6 +116,7 @@ fn killer(
     down: Duration,
     seed: u64,
     stop: &AtomicBool,
+    done: &AtomicUsize,
     start: Instant,
 ) -> Vec<Kill> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -141,6 +146,7 @@ fn killer(
             node: nodes[i].name.clone(),
             restarted_after_s,
         });
+        done.fetch_add(1, Ordering::Relaxed);
     }
     kills
 }
@@ -181,15 +187,23 @@ pub fn run(network: &mut LocalNetwork, opts: &ChaosOptions) -> Result<ChaosRepor
     let bar = ProgressBar::new((opts.sessions * opts.rounds * opts.gen_tokens) as u64);
     bar.set_message("generating under chaos");
     let stop = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
     let start = Instant::now();
     let (every, down) = (
         Duration::from_secs_f64(opts.kill_every),
         Duration::from_secs_f64(opts.down),
     );
+    let deadline = every + down + Duration::from_secs(120);
     let nodes = &mut network.nodes;
     let (results, kills) = std::thread::scope(|scope| {
-        let k = scope.spawn(|| killer(nodes, &victims, every, down, opts.seed, &stop, start));
-        let results = client.run(&prompts, &params, opts.rounds.max(1), &bar);
+        let k =
+            scope.spawn(|| killer(nodes, &victims, every, down, opts.seed, &stop, &done, start));
+        let mut results = client.run(&prompts, &params, opts.rounds.max(1), &bar);
+        while done.load(Ordering::Relaxed) == 0 && start.elapsed() < deadline {
+            tracing::info!("no kill has completed yet: one more round");
+            bar.inc_length((opts.sessions * opts.gen_tokens) as u64);
+            results.extend(client.run(&prompts, &params, 1, &bar));
+        }
         stop.store(true, Ordering::Relaxed);
         (results, k.join().unwrap_or_default())
     });

@@ -270,7 +270,9 @@ pub(crate) struct ChaosArgs {
     /// Concurrent sessions.
     #[arg(long, default_value_t = 2)]
     pub(crate) sessions: usize,
-    /// Generations each session runs one after the other.
+    /// Generations each session runs one after the other, at least: more rounds follow
+    /// until a node has been killed and restarted during the run (on a fast machine the
+    /// first rounds may end before the first kill), for up to --kill-every + --down + 120 s.
     #[arg(long, default_value_t = 3)]
     pub(crate) rounds: usize,
     #[arg(long, default_value_t = 16)]

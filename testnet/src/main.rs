@@ -189,7 +189,7 @@ fn run_chaos(args: ChaosArgs) -> Result<bool> {
     }
     if r.kills.is_empty() {
         eprintln!(
-            "error: the run ended before the first kill; raise --rounds or lower --kill-every"
+            "error: no node was killed and restarted within the run; lower --kill-every or --down"
         );
     } else if !r.passed() {
         eprintln!("error: some completed outputs differ from the fault-free run");
