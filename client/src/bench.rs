@@ -2,7 +2,7 @@
 //! backend runs in a child process so that its peak memory is its own.
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -55,6 +55,11 @@ pub struct BenchArgs {
     pub quant: ShardQuant,
     #[arg(long, value_name = "FILE|none", help = crate::encrypt::CALIBRATION_HELP)]
     pub calibration: Option<String>,
+    /// With --encrypted: layers the client runs itself before the first stage (the
+    /// mitigation in SECURITY.md). The report then shows what the client's own work costs
+    /// per decoded token and the memory it holds, to compare with 0.
+    #[arg(long, default_value_t = 0, requires = "encrypted")]
+    pub client_layers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +82,8 @@ pub struct ChildArgs {
     quant: ShardQuant,
     #[arg(long)]
     calibration: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    client_layers: usize,
 }
 
 /// One backend's figures.
@@ -101,6 +108,13 @@ pub struct EncryptedFigures {
     pub decode_tokens_per_s: f64,
     pub prompt_ratio: f64,
     pub decode_ratio: f64,
+    /// Layers the client ran itself.
+    pub client_layers: usize,
+    /// The client's own work per decoded token (embedding or client layers, rotation,
+    /// head), in milliseconds: on a network, each token waits for it.
+    pub client_ms_per_token: f64,
+    /// Bytes of model the client holds (tables, client layers, key), in MiB.
+    pub client_mib: f64,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -112,6 +126,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // Resolve (and fetch) the model once, before the children start.
     let spec = ModelSpec::parse(&args.model)?;
+    if args.client_layers > 0 {
+        let n_layers = spec.load_quantized()?.weights.config.n_layers;
+        check_client_layers(args.client_layers, n_layers)?;
+    }
     let model_arg = match spec.path()? {
         Some(p) => p.display().to_string(),
         None => "tiny".to_string(),
@@ -141,6 +159,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(args.encrypted.then_some("--encrypted"))
             .args(args.exact.then_some("--exact"))
             .args(["--quant", args.quant.as_str()])
+            .args(["--client-layers", &args.client_layers.to_string()])
             .args(
                 args.calibration
                     .as_deref()
@@ -187,12 +206,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "{:<7} {:>13.1} {:>13.1}  encrypted; ratio to plaintext: prompt {:.3}, decode {:.3}",
                 r.backend, e.prompt_tokens_per_s, e.decode_tokens_per_s, e.prompt_ratio, e.decode_ratio
             );
+            println!(
+                "{:<7} client ({} client layer(s)): {:.2} ms per decoded token, {:.1} MiB of model",
+                r.backend, e.client_layers, e.client_ms_per_token, e.client_mib
+            );
         }
     }
     println!(
         "({} prompt tokens, {} decoded tokens, median of {} runs after a warm-up)",
         args.prompt_tokens, args.gen_tokens, args.runs
     );
+    Ok(())
+}
+
+fn check_client_layers(client_layers: usize, n_layers: usize) -> Result<()> {
+    if client_layers >= n_layers {
+        bail!("--client-layers must leave at least one of the model's {n_layers} layers to the stages");
+    }
     Ok(())
 }
 
@@ -225,6 +255,30 @@ fn timed_run(model: &mut dyn TokenModel, prompt: &[u32], gen: usize) -> Result<(
     Ok((prompt.len() as f64 / prefill, gen as f64 / decode))
 }
 
+/// [`timed_run`] on the encrypted pipeline, also returning the client's own time over
+/// the decoded tokens.
+fn timed_encrypted_run(
+    model: &mut EncryptedLocal,
+    prompt: &[u32],
+    gen: usize,
+) -> Result<(f64, f64, Duration)> {
+    let t = Instant::now();
+    let mut logits = model.feed(prompt)?;
+    let prefill = t.elapsed().as_secs_f64();
+    model.take_client_time();
+    let t = Instant::now();
+    for _ in 0..gen {
+        let next = veil_model::sampling::argmax(&logits);
+        logits = model.feed(&[next])?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    Ok((
+        prompt.len() as f64 / prefill,
+        gen as f64 / decode,
+        model.take_client_time(),
+    ))
+}
+
 pub fn run_child(args: ChildArgs) -> Result<()> {
     let compute = compute_for(Some(&args.backend))?;
     let t = Instant::now();
@@ -252,11 +306,13 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     if plain.context_len() < args.prompt_tokens + args.gen_tokens {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
+    let n_layers = q.weights.config.n_layers;
+    check_client_layers(args.client_layers, n_layers)?;
     let mut encrypted = if args.encrypted {
         let e = encrypt_with_progress(
             &q,
-            3.min(q.weights.config.n_layers),
-            0,
+            3.min(n_layers - args.client_layers),
+            args.client_layers,
             None,
             args.quant,
             args.calibration.as_deref(),
@@ -273,15 +329,17 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     };
     let load_s = t.elapsed().as_secs_f64();
     let (mut pp, mut pd, mut ep, mut ed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut client_ms = Vec::new();
     for run in 0..=args.runs {
         plain.reset();
         let (p, d) = timed_run(&mut plain, &prompt, args.gen_tokens)?;
         if let Some(enc) = encrypted.as_mut() {
             enc.reset();
-            let (p2, d2) = timed_run(enc, &prompt, args.gen_tokens)?;
+            let (p2, d2, client) = timed_encrypted_run(enc, &prompt, args.gen_tokens)?;
             if run > 0 {
                 ep.push(p2);
                 ed.push(d2);
+                client_ms.push(client.as_secs_f64() * 1e3 / args.gen_tokens as f64);
             }
         }
         if run > 0 {
@@ -299,13 +357,16 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
         prompt_tokens_per_s: prompt_rate,
         decode_tokens_per_s: decode_rate,
         peak_rss_mib: peak_rss_mib(),
-        encrypted: encrypted.map(|_| {
+        encrypted: encrypted.map(|enc| {
             let (p, d) = (median(ep), median(ed));
             EncryptedFigures {
                 prompt_tokens_per_s: p,
                 decode_tokens_per_s: d,
                 prompt_ratio: p / prompt_rate,
                 decode_ratio: d / decode_rate,
+                client_layers: enc.client().client_layers(),
+                client_ms_per_token: median(client_ms),
+                client_mib: enc.client().weight_bytes() as f64 / (1024.0 * 1024.0),
             }
         }),
     };

@@ -394,6 +394,61 @@ fn bench_reports_figures_and_the_encrypted_ratio() {
     let e = &r["encrypted"];
     assert!(e["decode_tokens_per_s"].as_f64().expect("rate") > 0.0);
     assert!(e["decode_ratio"].as_f64().expect("ratio") > 0.0);
+    assert_eq!(e["client_layers"], 0);
+    assert!(e["client_ms_per_token"].as_f64().expect("client time") > 0.0);
+    assert!(e["client_mib"].as_f64().expect("client memory") > 0.0);
+}
+
+/// The client-layers mitigation's cost: `bench --client-layers` reports the client's own
+/// time per token and the model bytes it holds, both above the plain client's.
+#[test]
+fn bench_reports_what_client_layers_cost_the_client() {
+    let client = |layers: &str| -> Value {
+        let (ok, stdout, stderr) = run(&[
+            "bench",
+            "--local",
+            "--encrypted",
+            "--model",
+            "tiny",
+            "--backend",
+            "cpu",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "16",
+            "--runs",
+            "1",
+            "--client-layers",
+            layers,
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        let v: Value = serde_json::from_str(&stdout).expect("JSON");
+        v[0]["encrypted"].clone()
+    };
+    let (plain, mitigated) = (client("0"), client("2"));
+    assert_eq!(mitigated["client_layers"], 2);
+    let mib = |e: &Value| e["client_mib"].as_f64().expect("client memory");
+    assert!(
+        mib(&mitigated) > mib(&plain),
+        "two client layers hold more than the tables alone: {mitigated} vs {plain}"
+    );
+    assert_clean_error(
+        &[
+            "bench",
+            "--local",
+            "--encrypted",
+            "--model",
+            "tiny",
+            "--backend",
+            "cpu",
+            "--client-layers",
+            "4",
+        ],
+        "at least one of the model's 4 layers",
+    );
+    let (ok, _, stderr) = run(&["bench", "--local", "--client-layers", "1"]);
+    assert!(!ok && stderr.contains("--encrypted"), "{stderr}");
 }
 
 #[test]

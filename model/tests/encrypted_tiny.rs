@@ -435,6 +435,49 @@ fn quantized_shards_are_smaller_round_trip_and_stay_close_to_plaintext() {
     assert!(err.to_string().contains("q3_xs"), "{err}");
 }
 
+/// With quantized shards the client's own layers are 8-bit blocks too (a quarter of f32's
+/// bytes) and the pipeline stays as close to the plaintext model as without them.
+#[test]
+fn quantized_deployments_quantize_the_client_layers_too() {
+    use veil_model::crypto::{encrypt_model_quant, ClientModel, ShardQuant};
+    use veil_model::Compute;
+    let b = ModelBundle::tiny().expect("tiny");
+    let key = || {
+        ModelKey::generate(
+            KeyShape::of(&b.weights.config),
+            KeyOptions::default(),
+            &mut ChaCha20Rng::seed_from_u64(6),
+        )
+    };
+    let device = Compute::cpu().device;
+    let layer_bytes = |e: &Encrypted| {
+        let c = ClientModel::new(&e.client, &device).expect("client");
+        assert_eq!(c.client_layers(), 2);
+        c.weight_bytes() - c.table_bytes()
+    };
+    let q8 = encrypt_model_quant(&b, key(), 2, 2, ShardQuant::Q8_0, &mut |_, _| {}).expect("q8");
+    let f32 = encrypt_model_quant(&b, key(), 2, 2, ShardQuant::F32, &mut |_, _| {}).expect("f32");
+    let (q, f) = (layer_bytes(&q8), layer_bytes(&f32));
+    assert!(3 * q < f, "client layers: {q} bytes in q8_0, {f} in f32");
+    let ids = b
+        .text
+        .prompt_tokens("client layers", false)
+        .expect("prompt");
+    let plain = LocalModel::new(&b.weights, &device, None)
+        .feed_all(&ids)
+        .expect("plain");
+    let scale = plain.iter().flatten().fold(0.0f32, |m, v| m.max(v.abs()));
+    // the bound of the q8_0 shards without client layers (quantized_shards_... above)
+    for err in quantized_errors(&q8.client, &q8.shards, &ids, &plain) {
+        assert!(
+            err < 0.15 * scale,
+            "max |Δlogit| {err} (logits up to {scale})"
+        );
+    }
+    // f32 deployments keep their client layers exact
+    assert_same_logits_as_plaintext(&b, &f32, &ids);
+}
+
 #[test]
 fn bundles_from_before_quantized_shards_mean_f32_shards() {
     let (_, e) = encrypted(4, 1);

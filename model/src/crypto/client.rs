@@ -19,7 +19,7 @@ use crate::nn::{
     matrix_to_tensor, tensor_to_vec, vector_to_tensor, Linear, RmsNorm, TokenEmbedding,
 };
 use crate::text::TextSpec;
-use crate::{Compute, LayerWeights, LlamaConfig, Matrix, ModelError};
+use crate::{Compute, LayerWeights, LlamaConfig, Matrix, ModelError, QuantLayer};
 
 pub const CLIENT_KIND: &str = "veil-client";
 /// Version of the client bundle layout.
@@ -285,6 +285,32 @@ struct LocalLayers {
     q: Tensor<2>,
 }
 
+/// Plaintext layer `l` (`[in, out]` matrices, gains kept) in `CLIENT_TABLE_TYPE` blocks,
+/// in GGUF's `[out, in]` layout, for the quantized kernels.
+fn quantize_client_layer(w: &LayerWeights, l: usize) -> Result<QuantLayer, ModelError> {
+    let q = |m: &Matrix, name: &str| -> Result<QMatrix, ModelError> {
+        let t = m.transpose();
+        QMatrix::quantize(CLIENT_TABLE_TYPE, t.rows, t.cols, &t.data).map_err(|e| {
+            ModelError::Shape(format!(
+                "cannot quantize the client's layer {l} {name}: {e}"
+            ))
+        })
+    };
+    Ok(QuantLayer {
+        attn_norm: w.attn_norm.clone(),
+        wq: q(&w.wq, "wq")?,
+        wk: q(&w.wk, "wk")?,
+        wv: q(&w.wv, "wv")?,
+        wo: q(&w.wo, "wo")?,
+        ffn_norm: w.ffn_norm.clone(),
+        w_gate: q(&w.w_gate, "w_gate")?,
+        w_up: q(&w.w_up, "w_up")?,
+        w_down: q(&w.w_down, "w_down")?,
+        extras: w.extras.clone(),
+        post_norms: w.post_norms.clone(),
+    })
+}
+
 impl ClientModel {
     /// Fold the key into the tables (on the CPU backend, in f32) and place them on `device`;
     /// quantized shards' bundles get quantized tables, multiplied with 8-bit activations.
@@ -312,8 +338,21 @@ impl ClientModel {
         let (table, local) = if bundle.local_layers.is_empty() {
             (e.matmul(q), None)
         } else {
+            let stage = if quantized {
+                // as the shards: 8-bit blocks and the CPU's kernels (in f32 a 1B model's
+                // client layer would read 4x the bytes of a node's per token)
+                let layers = bundle
+                    .local_layers
+                    .iter()
+                    .enumerate()
+                    .map(|(l, w)| quantize_client_layer(w, l))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Stage::from_quantized(0, &layers, &cfg, precision, device)?
+            } else {
+                Stage::from_layers(0, &bundle.local_layers, &cfg, device)
+            };
             let local = LocalLayers {
-                stage: Stage::from_layers(0, &bundle.local_layers, &cfg, device),
+                stage,
                 rope: RopeTables::new(&cfg, device),
                 q: q.to_device(device),
             };
@@ -352,6 +391,15 @@ impl ClientModel {
     /// Bytes of the client's tables (embedding and head).
     pub fn table_bytes(&self) -> usize {
         self.embedding.byte_len() + self.head.weight_bytes()
+    }
+
+    /// Bytes the client holds for the model: its tables, and with client layers their
+    /// matrices and the key `Q` (`[d, d]` f32) that rotates their output.
+    pub fn weight_bytes(&self) -> usize {
+        self.table_bytes()
+            + self.local.as_ref().map_or(0, |l| {
+                l.stage.weight_bytes() + l.q.dims().iter().product::<usize>() * 4
+            })
     }
 
     /// Layers the client runs itself before the first node.

@@ -1,5 +1,7 @@
 //! Encrypted generation in one process: client encode → every stage → client decode.
 
+use std::time::{Duration, Instant};
+
 use burn::tensor::Device;
 use veil_kernels::Precision;
 
@@ -20,6 +22,9 @@ pub struct EncryptedLocal {
     stages: Vec<StageRunner>,
     caches: Vec<KvCache>,
     context: usize,
+    /// Wall time spent in the client's own work (encoding, client layers, head) since the
+    /// last [`EncryptedLocal::take_client_time`].
+    client_time: Duration,
 }
 
 impl EncryptedLocal {
@@ -66,6 +71,7 @@ impl EncryptedLocal {
             stages,
             caches,
             context,
+            client_time: Duration::ZERO,
         })
     }
 
@@ -83,7 +89,9 @@ impl EncryptedLocal {
         if ids.is_empty() {
             return Err(ModelError::Shape("no tokens to run".into()));
         }
+        let started = Instant::now();
         let mut x = self.client.encode(ids, &mut self.client_cache)?;
+        self.client_time += started.elapsed();
         for (stage, cache) in self.stages.iter().zip(self.caches.iter_mut()) {
             x = stage
                 .forward(vec![x], &mut [cache])?
@@ -92,7 +100,22 @@ impl EncryptedLocal {
         }
         let t = ids.len();
         let x = if all { x } else { x.narrow(0, t - 1, 1) };
-        Ok(self.client.decode(x))
+        let started = Instant::now();
+        let logits = self.client.decode(x);
+        self.client_time += started.elapsed();
+        Ok(logits)
+    }
+
+    /// The client's side of the deployment.
+    pub fn client(&self) -> &ClientModel {
+        &self.client
+    }
+
+    /// Wall time the client's own work took since the last call (or since construction):
+    /// what client layers add to each token. Exact on the CPU backend, whose operations
+    /// run as they are issued; on wgpu, kernels queued by the client may finish later.
+    pub fn take_client_time(&mut self) -> Duration {
+        std::mem::take(&mut self.client_time)
     }
 
     /// Feed `ids` and return the logits of every new position, `[t][vocab]`.

@@ -74,6 +74,22 @@ impl Stage {
         self.blocks.len()
     }
 
+    /// Bytes of the blocks' matrices (norm gains and biases are negligible beside them).
+    pub fn weight_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.attention.wqkv,
+                    &b.attention.wo,
+                    &b.mlp.w_gate_up,
+                    &b.mlp.w_down,
+                ]
+            })
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+
     /// A fresh cache for one sequence of at most `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         KvCache::new(self.blocks.len(), capacity)
