@@ -39,7 +39,7 @@ impl Default for SequentialOptions {
     fn default() -> Self {
         SequentialOptions {
             layers: 2,
-            lm_candidates: 32,
+            lm_candidates: 512,
             norm_candidates: 64,
         }
     }
