@@ -241,18 +241,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prefill `prompt`, then decode `gen` tokens greedily; returns (prompt tok/s, decode tok/s).
-fn timed_run(model: &mut dyn TokenModel, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
+/// Prefill `prompt`; returns its tokens/s and the last position's logits.
+fn timed_prefill(model: &mut dyn TokenModel, prompt: &[u32]) -> Result<(f64, Vec<f32>)> {
     let t = Instant::now();
-    let mut logits = model.feed(prompt)?;
-    let prefill = t.elapsed().as_secs_f64();
+    let logits = model.feed(prompt)?;
+    Ok((prompt.len() as f64 / t.elapsed().as_secs_f64(), logits))
+}
+
+/// Decode `gen` tokens greedily after `logits`; returns tokens/s.
+fn timed_decode(model: &mut dyn TokenModel, mut logits: Vec<f32>, gen: usize) -> Result<f64> {
     let t = Instant::now();
     for _ in 0..gen {
         let next = veil_model::sampling::argmax(&logits);
         logits = model.feed(&[next])?;
     }
-    let decode = t.elapsed().as_secs_f64();
-    Ok((prompt.len() as f64 / prefill, gen as f64 / decode))
+    Ok(gen as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Prefill `prompt`, then decode `gen` tokens greedily; returns (prompt tok/s, decode tok/s).
+fn timed_run(model: &mut dyn TokenModel, prompt: &[u32], gen: usize) -> Result<(f64, f64)> {
+    let (prefill, logits) = timed_prefill(model, prompt)?;
+    Ok((prefill, timed_decode(model, logits, gen)?))
 }
 
 /// [`timed_run`] on the encrypted pipeline, also returning the client's own time over
@@ -262,21 +271,10 @@ fn timed_encrypted_run(
     prompt: &[u32],
     gen: usize,
 ) -> Result<(f64, f64, Duration)> {
-    let t = Instant::now();
-    let mut logits = model.feed(prompt)?;
-    let prefill = t.elapsed().as_secs_f64();
+    let (prefill, logits) = timed_prefill(model, prompt)?;
     model.take_client_time();
-    let t = Instant::now();
-    for _ in 0..gen {
-        let next = veil_model::sampling::argmax(&logits);
-        logits = model.feed(&[next])?;
-    }
-    let decode = t.elapsed().as_secs_f64();
-    Ok((
-        prompt.len() as f64 / prefill,
-        gen as f64 / decode,
-        model.take_client_time(),
-    ))
+    let decode = timed_decode(model, logits, gen)?;
+    Ok((prefill, decode, model.take_client_time()))
 }
 
 pub fn run_child(args: ChildArgs) -> Result<()> {

@@ -366,9 +366,9 @@ fn encrypt_rejects_impossible_stage_counts() {
     );
 }
 
-#[test]
-fn bench_reports_figures_and_the_encrypted_ratio() {
-    let (ok, stdout, stderr) = run(&[
+/// `veil bench --local --encrypted` on the tiny model and the CPU, short, as JSON.
+fn bench_tiny_encrypted(extra: &[&str]) -> Value {
+    let mut args = vec![
         "bench",
         "--local",
         "--encrypted",
@@ -383,9 +383,16 @@ fn bench_reports_figures_and_the_encrypted_ratio() {
         "--runs",
         "1",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = run(&args);
     assert!(ok, "{stderr}");
-    let v: Value = serde_json::from_str(&stdout).expect("JSON");
+    serde_json::from_str(&stdout).expect("JSON")
+}
+
+#[test]
+fn bench_reports_figures_and_the_encrypted_ratio() {
+    let v = bench_tiny_encrypted(&[]);
     let r = &v.as_array().expect("one result per backend")[0];
     assert_eq!(r["backend"], "cpu");
     assert!(r["prompt_tokens_per_s"].as_f64().expect("rate") > 0.0);
@@ -400,32 +407,11 @@ fn bench_reports_figures_and_the_encrypted_ratio() {
 }
 
 /// The client-layers mitigation's cost: `bench --client-layers` reports the client's own
-/// time per token and the model bytes it holds, both above the plain client's.
+/// time per token and the model bytes it holds, the latter above the plain client's.
 #[test]
 fn bench_reports_what_client_layers_cost_the_client() {
-    let client = |layers: &str| -> Value {
-        let (ok, stdout, stderr) = run(&[
-            "bench",
-            "--local",
-            "--encrypted",
-            "--model",
-            "tiny",
-            "--backend",
-            "cpu",
-            "--prompt-tokens",
-            "8",
-            "--gen-tokens",
-            "16",
-            "--runs",
-            "1",
-            "--client-layers",
-            layers,
-            "--json",
-        ]);
-        assert!(ok, "{stderr}");
-        let v: Value = serde_json::from_str(&stdout).expect("JSON");
-        v[0]["encrypted"].clone()
-    };
+    let client =
+        |layers: &str| bench_tiny_encrypted(&["--client-layers", layers])[0]["encrypted"].clone();
     let (plain, mitigated) = (client("0"), client("2"));
     assert_eq!(mitigated["client_layers"], 2);
     let mib = |e: &Value| e["client_mib"].as_f64().expect("client memory");

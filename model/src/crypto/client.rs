@@ -11,7 +11,7 @@ use veil_kernels::{GgmlType, Precision, QMatrix};
 use super::key::{short_fingerprint, ModelKey};
 use super::key_io::{read_key, write_key, KeyMeta};
 use super::linalg::to_f32;
-use super::shard::{read_extras, write_extras, ShardMeta, ShardQuant};
+use super::shard::{quantize_layer, read_extras, write_extras, ShardMeta, ShardQuant};
 use crate::cache::{KvCache, RopeTables};
 use crate::container::{Container, ContainerWriter};
 use crate::nn::Stage;
@@ -285,29 +285,18 @@ struct LocalLayers {
     q: Tensor<2>,
 }
 
-/// Plaintext layer `l` (`[in, out]` matrices, gains kept) in `CLIENT_TABLE_TYPE` blocks,
-/// in GGUF's `[out, in]` layout, for the quantized kernels.
-fn quantize_client_layer(w: &LayerWeights, l: usize) -> Result<QuantLayer, ModelError> {
-    let q = |m: &Matrix, name: &str| -> Result<QMatrix, ModelError> {
-        let t = m.transpose();
-        QMatrix::quantize(CLIENT_TABLE_TYPE, t.rows, t.cols, &t.data).map_err(|e| {
-            ModelError::Shape(format!(
-                "cannot quantize the client's layer {l} {name}: {e}"
-            ))
-        })
-    };
+/// Plaintext layer `l` (`[in, out]` matrices, gains kept) in `CLIENT_TABLE_TYPE` blocks:
+/// the shards' quantization, with the norm gains put back.
+fn quantize_client_layer(
+    w: &LayerWeights,
+    l: usize,
+    config: &LlamaConfig,
+) -> Result<QuantLayer, ModelError> {
     Ok(QuantLayer {
         attn_norm: w.attn_norm.clone(),
-        wq: q(&w.wq, "wq")?,
-        wk: q(&w.wk, "wk")?,
-        wv: q(&w.wv, "wv")?,
-        wo: q(&w.wo, "wo")?,
         ffn_norm: w.ffn_norm.clone(),
-        w_gate: q(&w.w_gate, "w_gate")?,
-        w_up: q(&w.w_up, "w_up")?,
-        w_down: q(&w.w_down, "w_down")?,
-        extras: w.extras.clone(),
         post_norms: w.post_norms.clone(),
+        ..quantize_layer(w, l, config, CLIENT_TABLE_TYPE)?
     })
 }
 
@@ -345,7 +334,7 @@ impl ClientModel {
                     .local_layers
                     .iter()
                     .enumerate()
-                    .map(|(l, w)| quantize_client_layer(w, l))
+                    .map(|(l, w)| quantize_client_layer(w, l, &cfg))
                     .collect::<Result<Vec<_>, _>>()?;
                 Stage::from_quantized(0, &layers, &cfg, precision, device)?
             } else {
