@@ -457,9 +457,9 @@ fn attack_table_on_the_tiny_model() {
     let rows = v.as_array().expect("list");
     assert_eq!(
         rows.len(),
-        33,
-        "5 attacks x dense key x public/noise/fine-tune, 4 x permutation key x public/noise, \
-         5 + 2 behind a client layer, 3 on a middle stage"
+        42,
+        "6 attacks x dense key x public/noise/fine-tune, 4 x permutation key x public/noise, \
+         6 + 2 x 2 behind a client layer, 3 x 2 on a middle stage"
     );
     let find = |attack: &str, key: &str, model: &str, client_layers: u64, stage: u64| -> f64 {
         rows.iter()
@@ -488,9 +488,13 @@ fn attack_table_on_the_tiny_model() {
     assert!(find("all tokens by sequential", "Dense", "finetune", 0, 0) > 0.5);
     // with one client layer: the first token still falls to the position-0 table
     assert_eq!(find("first token", "Dense", "public", 1, 0), 1.0);
+    // the learned inversion reads most of a public model's tokens, few of a distant one's
+    assert!(rate("all tokens by learned inversion", "Dense", false) > 0.5);
+    assert!(rate("all tokens by learned inversion", "Dense", true) < 0.3);
     // rows of a middle stage exist for the three models
     for model in ["public", "noise", "finetune"] {
         find("all tokens by sequential", "Dense", model, 0, 1);
+        find("all tokens by learned inversion", "Dense", model, 0, 1);
     }
     for r in rows {
         assert!(r["rate"]["trials"].as_u64() > Some(0));

@@ -5,6 +5,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use veil_model::attack::invariants::{self, InvariantOptions};
+use veil_model::attack::inversion::{self, Corpus, InversionOptions, Inverter};
 use veil_model::attack::key_recovery::{
     decrypt_and_match, decrypt_rows, recover_q, relative_error,
 };
@@ -265,5 +266,29 @@ fn sequential_matching_sees_through_a_finetune_but_not_a_distant_private_model()
     let far = perturbed(&public, 0.3, 9).expect("private");
     let v = view(&far, key(&far, false, 14));
     let on_far = sequential_rate(&public, &v, opts);
+    assert!(on_far.rate < 0.3, "distant private model: {on_far}");
+}
+
+fn inversion_rate(public: &ModelBundle, v: &NodeView) -> (Rate, inversion::TrainReport) {
+    let device = Compute::cpu().device;
+    let opts = InversionOptions::default();
+    let corpus = Corpus::build(public, opts, &device).expect("corpus");
+    let inverter =
+        Inverter::train(public, &corpus, v.shard.meta.layers, opts, &device).expect("train");
+    let guesses = inverter.guess(v, &device).expect("guess");
+    (score(v, &guesses), inverter.report)
+}
+
+#[test]
+fn learned_inversion_reads_a_public_model_but_not_a_distant_private_one() {
+    let public = ModelBundle::tiny().expect("tiny");
+    let v = view(&public, key(&public, false, 15));
+    let (on_public, report) = inversion_rate(&public, &v);
+    eprintln!("public: {on_public}, {report:?}");
+    let far = perturbed(&public, 0.3, 9).expect("private");
+    let v = view(&far, key(&far, false, 15));
+    let (on_far, _) = inversion_rate(&public, &v);
+    eprintln!("distant private: {on_far}");
+    assert!(on_public.rate > 0.5, "public model: {on_public}");
     assert!(on_far.rate < 0.3, "distant private model: {on_far}");
 }

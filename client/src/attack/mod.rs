@@ -6,7 +6,11 @@ mod scenario;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
+use std::collections::BTreeMap;
+
+use veil_model::attack::inversion::{Corpus, InversionOptions, Inverter};
 use veil_model::attack::sequential::SequentialOptions;
+use veil_model::{Compute, ModelBundle};
 
 use crate::model_spec::ModelSpec;
 pub use scenario::{Outcome, Private, Recording, Scenario, Setup};
@@ -53,6 +57,10 @@ pub enum AttackCommand {
     /// the node's layers and keep the one whose norms, attention scores and sorted gate
     /// values match what the node computed (works on any stage, behind client layers).
     Sequential(AttackArgs),
+    /// Train a small network on the quantities the key leaves visible, computed with the
+    /// public model over a text corpus (its own samples and the calibration text), and
+    /// let it read each position's token from what the node computed.
+    Inversion(AttackArgs),
     /// Every attack against public, private and fine-tuned models, dense and permutation
     /// keys, the client-layers mitigation and a middle stage: the table in SECURITY.md.
     Table(AttackArgs),
@@ -123,7 +131,11 @@ pub struct AttackArgs {
     /// 78% at 512); time grows more slowly.
     #[arg(long, default_value_t = 512)]
     pub seq_candidates: usize,
-    /// A smaller run for CI: 6 prompts, 8 tokens each.
+    /// Sequences the learned inversion's corpus takes from the public model's own samples
+    /// (40 tokens each; besides the calibration text).
+    #[arg(long, default_value_t = 160)]
+    pub inversion_samples: usize,
+    /// A smaller run for CI: 6 prompts, 8 tokens each, a smaller inversion corpus.
     #[arg(long)]
     pub quick: bool,
     /// Seed of the key and of the private model.
@@ -157,6 +169,20 @@ impl AttackArgs {
         }
     }
 
+    fn inversion(&self) -> InversionOptions {
+        let d = InversionOptions::default();
+        InversionOptions {
+            samples: if self.quick {
+                self.inversion_samples.min(32)
+            } else {
+                self.inversion_samples
+            },
+            epochs: if self.quick { 15 } else { d.epochs },
+            seed: self.seed ^ 0x1e4,
+            ..d
+        }
+    }
+
     fn private(&self) -> Result<Private> {
         match (self.private_noise > 0.0, self.finetune > 0.0) {
             (true, true) => {
@@ -172,13 +198,61 @@ impl AttackArgs {
 /// Which attacks a table scenario runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Attacks {
-    /// The four attacks on the first stage's inputs, and the sequential one.
+    /// The four attacks on the first stage's inputs, the sequential one and the learned
+    /// inversion.
     All,
-    /// The four without the sequential one (it ignores the key: its rows for a
+    /// The four without the invariant ones (those ignore the key: their rows for a
     /// permutation key would repeat the dense key's).
     TableOnly,
-    /// The sequential attack alone.
+    /// The sequential attack and the learned inversion.
     Sequential,
+}
+
+/// Inverters trained for this run, one per layer range of a watched node, on one corpus.
+struct Inverters<'a> {
+    public: &'a ModelBundle,
+    opts: InversionOptions,
+    corpus: Option<Corpus>,
+    trained: BTreeMap<(usize, usize), Inverter>,
+}
+
+impl<'a> Inverters<'a> {
+    fn new(public: &'a ModelBundle, opts: InversionOptions) -> Self {
+        Inverters {
+            public,
+            opts,
+            corpus: None,
+            trained: BTreeMap::new(),
+        }
+    }
+
+    fn for_node(&mut self, layers: (usize, usize)) -> Result<&Inverter> {
+        let device = Compute::cpu().device;
+        if !self.trained.contains_key(&layers) {
+            if self.corpus.is_none() {
+                let started = std::time::Instant::now();
+                let c = Corpus::build(self.public, self.opts, &device)?;
+                tracing::info!(
+                    "inversion corpus: {} sequences, {} tokens in {:.1} s",
+                    c.sequences.len(),
+                    c.tokens(),
+                    started.elapsed().as_secs_f64()
+                );
+                self.corpus = Some(c);
+            }
+            let corpus = self.corpus.as_ref().expect("built above");
+            let started = std::time::Instant::now();
+            let inverter = Inverter::train(self.public, corpus, layers, self.opts, &device)?;
+            tracing::info!(
+                "inverter for layers {}..{} trained in {:.1} s",
+                layers.0,
+                layers.1,
+                started.elapsed().as_secs_f64()
+            );
+            self.trained.insert(layers, inverter);
+        }
+        Ok(&self.trained[&layers])
+    }
 }
 
 fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
@@ -252,6 +326,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
         | AttackCommand::VocabMatch(a)
         | AttackCommand::SortedCoords(a)
         | AttackCommand::Sequential(a)
+        | AttackCommand::Inversion(a)
         | AttackCommand::Table(a) => a.clone(),
     };
     for (name, v) in [
@@ -267,6 +342,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
     let public = ModelSpec::parse(&args.model)?.load()?;
     let rec = args.recording();
     let seq = args.sequential();
+    let mut inverters = Inverters::new(&public, args.inversion());
     let outcomes = match command {
         AttackCommand::Table(_) => {
             let mut all = Vec::new();
@@ -280,6 +356,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
                 }
                 if attacks != Attacks::TableOnly {
                     all.push(s.sequential(seq)?);
+                    all.push(s.inversion(inverters.for_node(s.node_layers())?)?);
                 }
             }
             all
@@ -297,6 +374,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
                 AttackCommand::FirstToken(_) => s.first_token()?,
                 AttackCommand::VocabMatch(_) => s.vocab_match()?,
                 AttackCommand::SortedCoords(_) => s.sorted()?,
+                AttackCommand::Inversion(_) => s.inversion(inverters.for_node(s.node_layers())?)?,
                 _ => s.sequential(seq)?,
             }]
         }

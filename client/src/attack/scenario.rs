@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use veil_model::attack::invariants::{self, InvariantOptions};
+use veil_model::attack::inversion::Inverter;
 use veil_model::attack::key_recovery::{decrypt_and_match, recover_q, relative_error};
 use veil_model::attack::sequential::{self, SequentialOptions};
 use veil_model::attack::{
@@ -278,6 +279,32 @@ impl<'a> Scenario<'a> {
             "all tokens by sorted coordinates",
             self.view.score(&guesses),
             None,
+        ))
+    }
+
+    /// The layers the watched node serves, `first..end`.
+    pub fn node_layers(&self) -> (usize, usize) {
+        self.view.shard.meta.layers
+    }
+
+    pub fn inversion(&self, inverter: &Inverter) -> Result<Outcome> {
+        let started = Instant::now();
+        let guesses = inverter.guess(&self.view, &Compute::cpu().device)?;
+        let rate = self.view.score(&guesses);
+        tracing::info!(
+            "learned inversion: {rate} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let r = inverter.report;
+        Ok(self.outcome(
+            "all tokens by learned inversion",
+            rate,
+            Some(format!(
+                "network trained on {} positions of public-model text ({} distinct tokens); on held-out public-model text: {}",
+                r.positions,
+                r.classes,
+                Rate::new(r.validation.0, r.validation.1)
+            )),
         ))
     }
 

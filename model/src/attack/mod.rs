@@ -14,6 +14,9 @@
 //!   tokens through the node's layers and matching everything the key leaves visible
 //!   (norms, attention scores, sorted gate pre-activations: [`features`]).
 //!
+//! - [`inversion`]: a network trained on those same quantities, computed with the public
+//!   model over a text corpus, reads each position's token directly.
+//!
 //! [`private`] makes the owner's private model from the public one (noise, or a LoRA-style
 //! fine-tune).
 //!
@@ -23,6 +26,7 @@
 
 pub mod features;
 pub mod invariants;
+pub mod inversion;
 pub mod key_recovery;
 pub mod norms;
 pub mod position0;

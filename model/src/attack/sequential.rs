@@ -112,7 +112,10 @@ pub fn guess(
     let observed: Vec<Vec<Features>> = view
         .sessions
         .iter()
-        .map(|session| observe(&runner, session, view.d_model, &attacker, device))
+        .map(|session| {
+            let layers = (attacker.first, attacker.layers, attacker.heads);
+            observe(&runner, session, view.d_model, layers, device)
+        })
         .collect::<Result<_, _>>()?;
     // Nothing predicts the first token without BOS or prefilter: its observables depend
     // on it alone, so one pass over the vocabulary serves every session.
@@ -162,21 +165,21 @@ pub fn guess(
 }
 
 /// The node's observables at every position of one session: its shard run over what it
-/// received, in one pass.
-fn observe(
+/// received, in one pass. `(first, layers, heads)`: the layers probed, the query heads.
+pub(crate) fn observe(
     runner: &StageRunner,
     session: &SessionView,
     d: usize,
-    attacker: &Attacker,
+    (first, layers, heads): (usize, usize, usize),
     device: &Device,
 ) -> Result<Vec<Features>, ModelError> {
     let n = session.truth.len();
     let x = Tensor::<2>::from_data(TensorData::new(session.received.clone(), [n, d]), device);
     let mut cache = runner.new_cache(n);
-    let mut probe = FeatureProbe::new(attacker.first, attacker.layers);
+    let mut probe = FeatureProbe::new(first, layers);
     runner.forward_probed(vec![x], &mut [&mut cache], &mut probe)?;
     probe
-        .features(&[(n, 0)], attacker.heads)
+        .features(&[(n, 0)], heads)
         .map_err(ModelError::Shape)?
         .pop()
         .ok_or_else(|| ModelError::Shape("no features".into()))
