@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use veil_model::crypto::{EncryptedLocal, ShardQuant};
+use veil_model::crypto::{ClientLayers, EncryptedLocal, ShardQuant};
 use veil_model::{BackendKind, LocalModel, TokenModel};
 
 use crate::encrypt::encrypt_with_progress;
@@ -60,6 +60,9 @@ pub struct BenchArgs {
     /// per decoded token and the memory it holds, to compare with 0.
     #[arg(long, default_value_t = 0, requires = "encrypted")]
     pub client_layers: usize,
+    /// With --encrypted: layers the client runs itself after the last stage.
+    #[arg(long, default_value_t = 0, requires = "encrypted")]
+    pub client_last_layers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +87,8 @@ pub struct ChildArgs {
     calibration: Option<String>,
     #[arg(long, default_value_t = 0)]
     client_layers: usize,
+    #[arg(long, default_value_t = 0)]
+    client_last_layers: usize,
 }
 
 /// One backend's figures.
@@ -108,8 +113,11 @@ pub struct EncryptedFigures {
     pub decode_tokens_per_s: f64,
     pub prompt_ratio: f64,
     pub decode_ratio: f64,
-    /// Layers the client ran itself.
+    /// Layers the client ran itself before the first stage.
     pub client_layers: usize,
+    /// Layers the client ran itself after the last stage.
+    #[serde(default)]
+    pub client_last_layers: usize,
     /// The client's own work per decoded token (embedding or client layers, rotation,
     /// head), in milliseconds: on a network, each token waits for it.
     pub client_ms_per_token: f64,
@@ -126,9 +134,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // Resolve (and fetch) the model once, before the children start.
     let spec = ModelSpec::parse(&args.model)?;
-    if args.client_layers > 0 {
+    if args.client_layers + args.client_last_layers > 0 {
         let n_layers = spec.load_quantized()?.weights.config.n_layers;
-        check_client_layers(args.client_layers, n_layers)?;
+        check_client_layers(args.client_layers + args.client_last_layers, n_layers)?;
     }
     let model_arg = match spec.path()? {
         Some(p) => p.display().to_string(),
@@ -160,6 +168,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(args.exact.then_some("--exact"))
             .args(["--quant", args.quant.as_str()])
             .args(["--client-layers", &args.client_layers.to_string()])
+            .args(["--client-last-layers", &args.client_last_layers.to_string()])
             .args(
                 args.calibration
                     .as_deref()
@@ -207,8 +216,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 r.backend, e.prompt_tokens_per_s, e.decode_tokens_per_s, e.prompt_ratio, e.decode_ratio
             );
             println!(
-                "{:<7} client ({} client layer(s)): {:.2} ms per decoded token, {:.1} MiB of model",
-                r.backend, e.client_layers, e.client_ms_per_token, e.client_mib
+                "{:<7} client ({} client layer(s) first, {} last): {:.2} ms per decoded token, {:.1} MiB of model",
+                r.backend, e.client_layers, e.client_last_layers, e.client_ms_per_token, e.client_mib
             );
         }
     }
@@ -221,7 +230,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 fn check_client_layers(client_layers: usize, n_layers: usize) -> Result<()> {
     if client_layers >= n_layers {
-        bail!("--client-layers must leave at least one of the model's {n_layers} layers to the stages");
+        bail!("--client-layers and --client-last-layers must leave at least one of the model's {n_layers} layers to the stages");
     }
     Ok(())
 }
@@ -305,12 +314,16 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
         bail!("the model's context is shorter than the benchmark's sequence");
     }
     let n_layers = q.weights.config.n_layers;
-    check_client_layers(args.client_layers, n_layers)?;
+    let client_layers = ClientLayers {
+        first: args.client_layers,
+        last: args.client_last_layers,
+    };
+    check_client_layers(client_layers.first + client_layers.last, n_layers)?;
     let mut encrypted = if args.encrypted {
         let e = encrypt_with_progress(
             &q,
-            3.min(n_layers - args.client_layers),
-            args.client_layers,
+            3.min(n_layers - client_layers.first - client_layers.last),
+            client_layers,
             None,
             args.quant,
             args.calibration.as_deref(),
@@ -363,6 +376,7 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
                 prompt_ratio: p / prompt_rate,
                 decode_ratio: d / decode_rate,
                 client_layers: enc.client().client_layers(),
+                client_last_layers: enc.client().client_last_layers(),
                 client_ms_per_token: median(client_ms),
                 client_mib: enc.client().weight_bytes() as f64 / (1024.0 * 1024.0),
             }

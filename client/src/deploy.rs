@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use veil_model::crypto::{shard_path, Encrypted, ShardQuant};
+use veil_model::crypto::{shard_path, ClientLayers, Encrypted, ShardQuant};
 use veil_protocol::ad::now_ms;
 use veil_protocol::behaviour::UPLOAD_CHUNK;
 use veil_protocol::wire::{UploadRequest, UploadResponse};
@@ -38,6 +38,11 @@ pub struct DeployArgs {
     /// the first node then never receives embedding rows; see SECURITY.md). 0: none.
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// Layers the client also runs itself after the last node (the mitigation's other end:
+    /// the last node then serves a middle part of the model and never sees the final
+    /// layers' computation; see SECURITY.md). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub client_last_layers: usize,
     /// How shards store their weights: q8_0 (default; 8-bit blocks, about a quarter of
     /// f32's bytes, run by the nodes' quantized kernels), q4_0, q4_k (4-bit; rows must be
     /// whole blocks of 256), or f32 (exact: encrypted output equals the f32 model's).
@@ -390,22 +395,23 @@ pub fn deploy(args: &DeployArgs) -> Result<Deployment> {
     }
     let bundle = ModelSpec::parse(&args.model)?.load_quantized()?;
     let n_layers = bundle.weights.config.n_layers;
-    if args.client_layers >= n_layers {
-        bail!(
-            "--client-layers must leave at least one of the model's {n_layers} layers to the nodes"
-        );
-    }
-    let stages = args
-        .stages
-        .unwrap_or(found.len())
-        .clamp(1, n_layers - args.client_layers);
+    let client_layers = ClientLayers {
+        first: args.client_layers,
+        last: args.client_last_layers,
+    };
+    let nodes = client_layers.node_range(n_layers).map_err(|_| {
+        anyhow::anyhow!(
+            "--client-layers and --client-last-layers must leave at least one of the model's {n_layers} layers to the nodes"
+        )
+    })?;
+    let stages = args.stages.unwrap_or(found.len()).clamp(1, nodes.len());
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
     let e = encrypt_with_progress(
         &bundle,
         stages,
-        args.client_layers,
+        client_layers,
         None,
         args.quant,
         args.calibration.as_deref(),

@@ -10,8 +10,8 @@ use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use veil_model::calibrate::{self, Calibration};
 use veil_model::crypto::{
-    calibrates, client_path, encrypt_model_with, shard_path, short_fingerprint, Encrypted,
-    KeyOptions, KeyShape, ModelKey, ShardQuant,
+    calibrates, client_path, encrypt_model_with, shard_path, short_fingerprint, ClientLayers,
+    Encrypted, KeyOptions, KeyShape, ModelKey, ShardQuant,
 };
 use veil_model::{PlainModel, TextCodec};
 
@@ -29,6 +29,11 @@ pub struct EncryptArgs {
     /// the first node then never receives embedding rows; see SECURITY.md). 0: none.
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// Layers the client also runs itself after the last node (the mitigation's other end:
+    /// the last node then serves a middle part of the model and never sees the final
+    /// layers' computation; see SECURITY.md). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub client_last_layers: usize,
     /// How shards store their weights: q8_0 (default; 8-bit blocks, about a quarter of
     /// f32's bytes, run by the nodes' quantized kernels), q4_0, q4_k (4-bit; rows must be
     /// whole blocks of 256), or f32 (exact: encrypted output equals the f32 model's).
@@ -100,12 +105,13 @@ pub fn calibration_for(
 pub fn encrypt_with_progress<'a>(
     model: impl Into<PlainModel<'a>>,
     stages: usize,
-    client_layers: usize,
+    client_layers: impl Into<ClientLayers>,
     seed: Option<u64>,
     quant: ShardQuant,
     calibration: Option<&str>,
 ) -> Result<Encrypted> {
     let model = model.into();
+    let client_layers: ClientLayers = client_layers.into();
     let calibration = calibration_for(&model, quant, calibration)?;
     let n_layers = model.weights.config().n_layers;
     let shape = KeyShape::of(model.weights.config());
@@ -120,7 +126,7 @@ pub fn encrypt_with_progress<'a>(
     };
     let key = ModelKey::generate(shape, KeyOptions::default(), &mut rng);
     let bar = crate::progress::bar(
-        Some(n_layers.saturating_sub(client_layers) as u64),
+        Some(n_layers.saturating_sub(client_layers.first + client_layers.last) as u64),
         "{msg} [{bar:30}] {pos}/{len} layers ({elapsed})",
     );
     bar.set_message(if calibration.is_some() {
@@ -171,7 +177,10 @@ pub fn run(args: EncryptArgs) -> Result<()> {
     let e = encrypt_with_progress(
         &bundle,
         args.stages,
-        args.client_layers,
+        ClientLayers {
+            first: args.client_layers,
+            last: args.client_last_layers,
+        },
         args.seed,
         args.quant,
         args.calibration.as_deref(),

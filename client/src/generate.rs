@@ -5,7 +5,9 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use veil_model::crypto::{short_fingerprint, ClientBundle, Encrypted, EncryptedLocal, ShardQuant};
+use veil_model::crypto::{
+    short_fingerprint, ClientBundle, ClientLayers, Encrypted, EncryptedLocal, ShardQuant,
+};
 use veil_model::{
     generate, BackendKind, Compute, GenerateParams, Generation, LocalModel, Precision,
     SamplingParams, TextCodec, TokenLogit, TokenModel,
@@ -37,6 +39,10 @@ pub struct GenerateArgs {
     /// before the first stage (a deployment's bundle records its own).
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// With --encrypted (without --shards): layers the client runs itself after the last
+    /// stage.
+    #[arg(long, default_value_t = 0)]
+    pub client_last_layers: usize,
     /// With --encrypted: the shards' weight format, q8_0 (default), q4_0, q4_k or f32 (the
     /// exact one; see `veil encrypt --help`).
     #[arg(long, default_value = "q8_0", value_name = "FORMAT")]
@@ -175,7 +181,10 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
         let e = encrypt_with_progress(
             &bundle,
             args.stages,
-            args.client_layers,
+            ClientLayers {
+                first: args.client_layers,
+                last: args.client_last_layers,
+            },
             None,
             args.quant,
             args.calibration.as_deref(),

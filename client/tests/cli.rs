@@ -457,9 +457,10 @@ fn attack_table_on_the_tiny_model() {
     let rows = v.as_array().expect("list");
     assert_eq!(
         rows.len(),
-        42,
+        54,
         "6 attacks x dense key x public/noise/fine-tune, 4 x permutation key x public/noise, \
-         6 + 2 x 2 behind a client layer, 3 x 2 on a middle stage"
+         6 + 2 x 2 behind a client layer, 3 x 2 on a middle stage, 2 x 3 x 2 on the last \
+         stage without and with a last client layer"
     );
     let find = |attack: &str, key: &str, model: &str, client_layers: u64, stage: u64| -> f64 {
         rows.iter()
@@ -495,6 +496,17 @@ fn attack_table_on_the_tiny_model() {
     for model in ["public", "noise", "finetune"] {
         find("all tokens by sequential", "Dense", model, 0, 1);
         find("all tokens by learned inversion", "Dense", model, 0, 1);
+    }
+    // and of the last stage, without and with the client's last layer
+    for tail in [0, 1] {
+        let on_last = rows.iter().filter(|r| {
+            r["stage"] == 2 && r["client_last_layers"] == tail && r["model"]["kind"] == "public"
+        });
+        assert_eq!(
+            on_last.count(),
+            2,
+            "last stage, {tail} last client layer(s)"
+        );
     }
     for r in rows {
         assert!(r["rate"]["trials"].as_u64() > Some(0));
@@ -590,7 +602,33 @@ fn client_layers_give_the_plaintext_tokens() {
         serde_json::from_str(&encrypted).expect("JSON"),
     );
     assert_eq!(p["tokens"], e["tokens"]);
+    // the client's layers at both ends of the model
+    let mut both = base.to_vec();
+    both.extend([
+        "--encrypted",
+        "--stages",
+        "2",
+        "--client-layers",
+        "1",
+        "--client-last-layers",
+        "1",
+        "--quant",
+        "f32",
+    ]);
+    let (ok, encrypted, err) = run(&both);
+    assert!(ok, "{err}");
+    let e: Value = serde_json::from_str(&encrypted).expect("JSON");
+    assert_eq!(p["tokens"], e["tokens"]);
     let mut bad = base.to_vec();
     bad.extend(["--encrypted", "--client-layers", "4"]);
+    assert_clean_error(&bad, "at least one");
+    let mut bad = base.to_vec();
+    bad.extend([
+        "--encrypted",
+        "--client-layers",
+        "2",
+        "--client-last-layers",
+        "2",
+    ]);
     assert_clean_error(&bad, "at least one");
 }

@@ -56,6 +56,7 @@ fn view_at(owner: &ModelBundle, k: ModelKey, client_layers: usize, stage: usize)
     let deployment = Deployment {
         stages: 2,
         client_layers,
+        client_last_layers: 0,
         observed_stage: stage,
     };
     record_views(owner, k, deployment, &p, 8, &device).expect("record")

@@ -305,6 +305,73 @@ fn client_layers_run_on_the_client_and_change_nothing_in_the_output() {
     assert!(err.to_string().contains("at least one"), "{err}");
 }
 
+#[test]
+fn client_first_and_last_layers_change_nothing_in_the_output() {
+    use veil_model::crypto::{encrypt_model_quant, ClientLayers, ClientModel, ShardQuant};
+    let b = ModelBundle::tiny().expect("tiny");
+    let key = || {
+        ModelKey::generate(
+            KeyShape::of(&b.weights.config),
+            KeyOptions::default(),
+            &mut ChaCha20Rng::seed_from_u64(8),
+        )
+    };
+    let split = ClientLayers { first: 1, last: 1 };
+    let e = veil_model::crypto::encrypt_model_split(&b, key(), 2, split, &mut |_, _| {})
+        .expect("encrypt");
+    assert_eq!(e.client.meta.client_last_layers, 1);
+    let ranges: Vec<(usize, usize)> = e.shards.iter().map(|s| s.meta.layers).collect();
+    assert_eq!(
+        ranges,
+        vec![(1, 2), (2, 3)],
+        "the nodes serve the middle layers"
+    );
+    // the bundle round-trips, last layers included, and the pipeline is exact
+    let dir = tempfile::tempdir().expect("tempdir");
+    e.write(dir.path()).expect("write");
+    let back = Encrypted::read(dir.path()).expect("read");
+    assert_eq!(back.client.tail_layers.len(), 1);
+    assert_eq!(
+        back.client.tail_layers[0].w_down,
+        b.weights.layers[3].w_down
+    );
+    for prompt in ["client layers at both ends", "x"] {
+        let ids = b.text.prompt_tokens(prompt, false).expect("prompt");
+        assert_same_logits_as_plaintext(&b, &back, &ids);
+    }
+    // greedy generation token by token (the last layers' cache grows one row at a time)
+    let device = veil_model::Compute::cpu().device;
+    let ids = b.text.prompt_tokens("step by step", false).expect("prompt");
+    let params = GenerateParams {
+        max_tokens: 8,
+        sampling: SamplingParams::default(),
+        top_logits: 0,
+    };
+    let mut plain = LocalModel::new(&b.weights, &device, None);
+    let want = generate(&mut plain, &b.text.tokenizer, &ids, &params, &mut |_| {}).expect("plain");
+    let mut enc = EncryptedLocal::new(&back.client, &back.shards, &device, None).expect("pipeline");
+    let got = generate(&mut enc, &b.text.tokenizer, &ids, &params, &mut |_| {}).expect("encrypted");
+    assert_eq!(got.tokens, want.tokens);
+    // shards that cover the client's last layer are refused
+    let (_, full) = encrypted(8, 2);
+    assert!(EncryptedLocal::new(&back.client, &full.shards, &device, None).is_err());
+    // quantized: the client holds its last layer in 8-bit blocks too
+    let q8 =
+        encrypt_model_quant(&b, key(), 2, split, ShardQuant::Q8_0, &mut |_, _| {}).expect("q8");
+    let c = ClientModel::new(&q8.client, &device).expect("client");
+    assert_eq!((c.client_layers(), c.client_last_layers()), (1, 1));
+    // and the client cannot keep every layer
+    let err = veil_model::crypto::encrypt_model_split(
+        &b,
+        key(),
+        1,
+        ClientLayers { first: 2, last: 2 },
+        &mut |_, _| {},
+    )
+    .expect_err("must fail");
+    assert!(err.to_string().contains("at least one"), "{err}");
+}
+
 /// Logits of the pipeline of `client` and `shards` against `plain`'s, per precision.
 fn quantized_errors(
     client: &ClientBundle,

@@ -211,6 +211,7 @@ impl LocalNetwork {
                 replicas: opts.replicas.min(opts.nodes),
                 max_len: 1024,
                 client_layers: opts.client_layers,
+                client_last_layers: 0,
                 quant: opts.quant,
                 calibration: opts.calibration.clone(),
                 repair: None,

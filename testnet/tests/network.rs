@@ -176,6 +176,69 @@ fn nodes_learn_they_are_reachable_and_advertise_declared_addresses() {
 }
 
 #[test]
+fn client_layers_at_both_ends_give_the_plaintext_tokens_over_the_network() {
+    // the client runs layer 0 and layer 3 itself; two nodes serve layers 1 and 2, and
+    // every new row of a step comes back through the client's last layer
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(root.path(), 2, &NodeSettings::default()).expect("nodes");
+    let boot = addr(&nodes[0]);
+    let veil = Veil::new();
+    wait_for_ads(&veil, &boot, 2);
+    let out = veil.ok(&[
+        "deploy",
+        "--quant",
+        "f32",
+        "--model",
+        "tiny",
+        "--stages",
+        "2",
+        "--replicas",
+        "1",
+        "--client-layers",
+        "1",
+        "--client-last-layers",
+        "1",
+        "--bootstrap",
+        &boot,
+        "--wait",
+        "3",
+    ]);
+    let id = out
+        .lines()
+        .last()
+        .expect("deployment id")
+        .trim()
+        .to_string();
+    let record = deployment(&veil, &id);
+    let layers: Vec<Value> = record["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| s["layers"].clone())
+        .collect();
+    assert_eq!(
+        layers,
+        vec![serde_json::json!([1, 2]), serde_json::json!([2, 3])]
+    );
+    let prompt = "both ends stay home";
+    let expected = local_tokens(&veil, prompt, 16);
+    let out = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "16",
+        "--json",
+        "--bootstrap",
+        &boot,
+    ]);
+    assert_eq!(out["tokens"], expected);
+    drop(nodes);
+}
+
+#[test]
 fn deploy_generate_and_survive_a_node_dying() {
     let root = tempfile::tempdir().expect("tempdir");
     let settings = NodeSettings {

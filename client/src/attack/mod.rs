@@ -118,7 +118,12 @@ pub struct AttackArgs {
     /// model's position-0 outputs of those layers).
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
-    /// Client layers of the mitigation rows in `table`.
+    /// The other end of the mitigation: the client also runs the model's last this many
+    /// layers, so the last node serves a middle part of the model.
+    #[arg(long, default_value_t = 0)]
+    pub client_last_layers: usize,
+    /// Client layers of the mitigation rows in `table` (first, and last for the rows of
+    /// the last stage).
     #[arg(long, default_value_t = 1)]
     pub table_client_layers: usize,
     /// Layers of the node's shard whose observables the sequential attack compares.
@@ -260,6 +265,7 @@ fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
         key,
         private,
         client_layers,
+        client_last_layers: 0,
         stage,
     };
     let noise = Private::Noise(args.table_noise);
@@ -286,6 +292,17 @@ fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
             out.push((setup(KeyKind::Dense, private, 0, 1), Attacks::Sequential));
         }
     }
+    if args.stages > 2 {
+        // the last node, then the same node when the client runs the last layers
+        let last = args.stages - 1;
+        for tail in [0, args.table_client_layers] {
+            for private in [Private::Public, noise, finetune] {
+                let mut s = setup(KeyKind::Dense, private, 0, last);
+                s.client_last_layers = tail;
+                out.push((s, Attacks::Sequential));
+            }
+        }
+    }
     out
 }
 
@@ -302,6 +319,12 @@ fn print(outcomes: &[Outcome], json: bool) -> Result<()> {
         let mut node = format!("stage {}", o.stage);
         if o.client_layers > 0 {
             node.push_str(&format!(", after {} client layer(s)", o.client_layers));
+        }
+        if o.client_last_layers > 0 {
+            node.push_str(&format!(
+                ", before {} client layer(s) at the end",
+                o.client_last_layers
+            ));
         }
         println!(
             "| {} | {:?} | {} | {node} | {} | {:.4}% | {:.1}% |",
@@ -366,6 +389,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
                 key: args.key,
                 private: args.private()?,
                 client_layers: args.client_layers,
+                client_last_layers: args.client_last_layers,
                 stage: args.stage,
             };
             let s = Scenario::record(&public, setup, rec)?;

@@ -49,6 +49,8 @@ pub struct Setup {
     pub key: KeyKind,
     pub private: Private,
     pub client_layers: usize,
+    /// Layers the client runs after the last node.
+    pub client_last_layers: usize,
     /// The watched node's stage (0: the first).
     pub stage: usize,
 }
@@ -62,6 +64,7 @@ pub struct Outcome {
     pub private_noise: f64,
     pub model: Private,
     pub client_layers: usize,
+    pub client_last_layers: usize,
     /// The watched node's stage.
     pub stage: usize,
     pub rate: Rate,
@@ -101,8 +104,8 @@ impl<'a> Scenario<'a> {
     /// what the watched node received.
     pub fn record(public: &'a ModelBundle, setup: Setup, rec: Recording) -> Result<Self> {
         let n_layers = public.weights.config.n_layers;
-        if setup.client_layers >= n_layers {
-            bail!("--client-layers must be below the model's {n_layers} layers");
+        if setup.client_layers + setup.client_last_layers >= n_layers {
+            bail!("--client-layers and --client-last-layers must leave at least one of the model's {n_layers} layers to the nodes");
         }
         if setup.stage >= rec.stages.max(1) {
             bail!(
@@ -135,6 +138,7 @@ impl<'a> Scenario<'a> {
         let deployment = Deployment {
             stages: rec.stages.max(1),
             client_layers: setup.client_layers,
+            client_last_layers: setup.client_last_layers,
             observed_stage: setup.stage,
         };
         let device = Compute::cpu().device;
@@ -147,7 +151,7 @@ impl<'a> Scenario<'a> {
             &device,
         )?;
         tracing::info!(
-            "recorded {} sessions ({} received vectors) on the node of stage {} (layers {}..{}) in {:.1} s ({:?} key, {}, {} client layers)",
+            "recorded {} sessions ({} received vectors) on the node of stage {} (layers {}..{}) in {:.1} s ({:?} key, {}, {} client layers first, {} last)",
             view.sessions.len(),
             view.sessions.iter().map(|s| s.truth.len()).sum::<usize>(),
             setup.stage,
@@ -157,6 +161,7 @@ impl<'a> Scenario<'a> {
             setup.key,
             setup.private,
             setup.client_layers,
+            setup.client_last_layers,
         );
         // the tables match the first stage's inputs; a later stage's are not token-wise
         let table = if setup.stage > 0 {
@@ -205,6 +210,7 @@ impl<'a> Scenario<'a> {
             },
             model: self.setup.private,
             client_layers: self.setup.client_layers,
+            client_last_layers: self.setup.client_last_layers,
             stage: self.setup.stage,
             rate,
             chance: 1.0 / self.public.weights.config.vocab_size as f64,

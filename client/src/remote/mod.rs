@@ -69,7 +69,7 @@ pub struct RemotePipeline {
     network: Network,
     client: ClientModel,
     /// The KV cache of the layers the client runs itself (empty without client layers).
-    client_cache: veil_model::cache::KvCache,
+    client_cache: veil_model::crypto::ClientCache,
     stages: Vec<RemoteStage>,
     d_model: usize,
     context: usize,
@@ -322,9 +322,10 @@ impl RemotePipeline {
         self.position += ids.len();
         let t = ids.len();
         let device = veil_model::Compute::cpu().device;
-        let last = x[(t - 1) * self.d_model..].to_vec();
-        let hidden = Tensor::<2>::from_data(TensorData::new(last, [1, self.d_model]), &device);
-        Ok(tensor_to_vec(self.client.decode(hidden))?)
+        // every new row: with last client layers each one runs through them
+        let hidden = Tensor::<2>::from_data(TensorData::new(x, [t, self.d_model]), &device);
+        let logits = self.client.decode(hidden, &mut self.client_cache, false)?;
+        Ok(tensor_to_vec(logits)?)
     }
 }
 

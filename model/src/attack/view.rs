@@ -4,7 +4,9 @@
 
 use burn::tensor::Device;
 
-use crate::crypto::{encrypt_model_split, ClientModel, EncryptedLocal, ModelKey, Shard};
+use crate::crypto::{
+    encrypt_model_split, ClientLayers, ClientModel, EncryptedLocal, ModelKey, Shard,
+};
 use crate::nn::tensor_to_vec;
 use crate::StageRunner;
 use crate::{generate, GenerateParams, ModelBundle, ModelError, SamplingParams};
@@ -54,6 +56,8 @@ pub struct Deployment {
     pub stages: usize,
     /// Layers the client runs itself (the mitigation); the first node serves the next ones.
     pub client_layers: usize,
+    /// Layers the client runs itself after the last node (the other end of the mitigation).
+    pub client_last_layers: usize,
     /// The stage whose node is watched (0: the first, which receives the client's
     /// encoding; later ones receive the previous stage's output).
     pub observed_stage: usize,
@@ -73,7 +77,10 @@ pub fn record_views(
         owner,
         key,
         deployment.stages,
-        deployment.client_layers,
+        ClientLayers {
+            first: deployment.client_layers,
+            last: deployment.client_last_layers,
+        },
         &mut |_, _| {},
     )?;
     if deployment.observed_stage >= e.shards.len() {

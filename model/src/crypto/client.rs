@@ -47,6 +47,11 @@ pub struct ClientMeta {
     /// node then never sees embedding rows); the shards cover the rest.
     #[serde(default)]
     pub client_layers: usize,
+    /// The last `client_last_layers` layers also run in plaintext on the client (the last
+    /// node's output is rotated back and finished here); bundles from before say nothing
+    /// and mean 0.
+    #[serde(default)]
+    pub client_last_layers: usize,
     /// The shards' weight format (a [`ShardQuant`] name; bundles from before quantized
     /// shards say nothing and mean f32). With quantized shards the client's own tables are
     /// quantized too (see [`ClientModel::new`]).
@@ -56,6 +61,37 @@ pub struct ClientMeta {
 
 fn f32_name() -> String {
     ShardQuant::F32.to_string()
+}
+
+/// Layers the client runs itself, in plaintext: `0..first` before the first node and the
+/// last `last` after the last node. The nodes' shards cover the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientLayers {
+    pub first: usize,
+    pub last: usize,
+}
+
+impl From<usize> for ClientLayers {
+    /// `first` layers before the first node, none after the last.
+    fn from(first: usize) -> Self {
+        ClientLayers { first, last: 0 }
+    }
+}
+
+impl ClientLayers {
+    /// The layers the nodes serve, `first..n_layers - last`; an error unless they hold at
+    /// least one.
+    pub fn node_range(&self, n_layers: usize) -> Result<std::ops::Range<usize>, ModelError> {
+        if self.first + self.last >= n_layers {
+            return Err(ModelError::InvalidConfig(format!(
+                "the client cannot run {} of the model's {n_layers} layers ({} first, {} last): leave at least one to the nodes",
+                self.first + self.last,
+                self.first,
+                self.last
+            )));
+        }
+        Ok(self.first..n_layers - self.last)
+    }
 }
 
 /// The format of the client's tables (rotated embedding and head) when the shards are
@@ -75,6 +111,8 @@ pub struct ClientBundle {
     pub output: Option<Matrix>,
     /// The plaintext layers `0..client_layers` the client runs itself.
     pub local_layers: Vec<LayerWeights>,
+    /// The plaintext last `client_last_layers` layers, in order.
+    pub tail_layers: Vec<LayerWeights>,
 }
 
 /// Container names of a local (plaintext) layer's tensors: `(name, shape)`.
@@ -121,6 +159,16 @@ fn read_local_layer(
     })
 }
 
+impl ClientMeta {
+    /// The layers the client runs itself.
+    pub fn client_layers(&self) -> ClientLayers {
+        ClientLayers {
+            first: self.client_layers,
+            last: self.client_last_layers,
+        }
+    }
+}
+
 impl ClientBundle {
     /// Write with owner-only permissions (0600).
     pub fn write(&self, path: &Path) -> Result<(), ModelError> {
@@ -136,7 +184,13 @@ impl ClientBundle {
         if let Some(o) = &self.output {
             w.add_f32("output", &[o.rows, o.cols], &o.data);
         }
-        for (l, layer) in self.local_layers.iter().enumerate() {
+        let tail_start = c.n_layers - self.tail_layers.len();
+        let tail = self
+            .tail_layers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (tail_start + i, w));
+        for (l, layer) in self.local_layers.iter().enumerate().chain(tail) {
             let values: [&[f32]; 9] = [
                 &layer.attn_norm,
                 &layer.wq.data,
@@ -195,13 +249,14 @@ impl ClientBundle {
                 c.f32_shaped("output", &[cfg.d_model, cfg.vocab_size])?,
             ))
         };
-        if meta.client_layers >= cfg.n_layers {
-            return Err(ModelError::Format(format!(
-                "the client bundle runs {} of {} layers itself",
-                meta.client_layers, cfg.n_layers
-            )));
-        }
-        let local_layers = (0..meta.client_layers)
+        let nodes = meta
+            .client_layers()
+            .node_range(cfg.n_layers)
+            .map_err(|e| ModelError::Format(format!("the client bundle: {e}")))?;
+        let local_layers = (0..nodes.start)
+            .map(|l| read_local_layer(&c, l, cfg))
+            .collect::<Result<_, _>>()?;
+        let tail_layers = (nodes.end..cfg.n_layers)
             .map(|l| read_local_layer(&c, l, cfg))
             .collect::<Result<_, _>>()?;
         Ok(ClientBundle {
@@ -211,6 +266,7 @@ impl ClientBundle {
             final_norm,
             output,
             local_layers,
+            tail_layers,
         })
     }
 
@@ -264,7 +320,9 @@ impl ClientBundle {
 /// The client's computations on a device. Products with the key are folded once into the
 /// tables: `E' = E Q` and `W' = Q^T diag(gf) Wout`, so encoding is a row lookup and
 /// decoding costs what the plaintext head costs. With client layers, encoding runs them in
-/// plaintext on `E` and rotates their output by `Q` instead. With quantized shards both
+/// plaintext on `E` and rotates their output by `Q` instead; with last client layers,
+/// decoding rotates the last node's output back by `Q^T`, runs them in plaintext and applies
+/// the plaintext head. With quantized shards both
 /// tables are quantized to `CLIENT_TABLE_TYPE` and the head runs on the CPU's kernels:
 /// in f32 the head alone would read more bytes per token than a 1B model's layers.
 #[derive(Debug, Clone)]
@@ -272,8 +330,10 @@ pub struct ClientModel {
     embedding: TokenEmbedding,
     /// Plaintext layers `0..k`, their RoPE tables and `Q` (`[d, d]`).
     local: Option<LocalLayers>,
+    /// Plaintext last layers, their RoPE tables and `Q^T`.
+    tail: Option<LocalLayers>,
     norm: RmsNorm,
-    /// `x -> x W'`, `[d, vocab]`.
+    /// `x -> x W'`, `[d, vocab]` (`W' = diag(gf) Wout`, unrotated, after last layers).
     head: Linear,
     pub config: LlamaConfig,
 }
@@ -282,7 +342,16 @@ pub struct ClientModel {
 struct LocalLayers {
     stage: Stage,
     rope: RopeTables,
+    /// The rotation applied to the stage's output (`Q`) or input (`Q^T`).
     q: Tensor<2>,
+}
+
+/// The state of one sequence on the client: the KV caches of its first and last layers
+/// (empty without them).
+#[derive(Debug, Clone)]
+pub struct ClientCache {
+    first: KvCache,
+    last: KvCache,
 }
 
 /// Plaintext layer `l` (`[in, out]` matrices, gains kept) in `CLIENT_TABLE_TYPE` blocks:
@@ -298,6 +367,38 @@ fn quantize_client_layer(
         post_norms: w.post_norms.clone(),
         ..quantize_layer(w, l, config, CLIENT_TABLE_TYPE)?
     })
+}
+
+/// The client's plaintext layers `first..first + layers.len()` on `device`: as the shards
+/// are stored (8-bit blocks on the CPU's kernels when they are quantized: in f32 a 1B
+/// model's client layer would read 4x the bytes of a node's per token), with `rotation`.
+fn local_layers(
+    layers: &[LayerWeights],
+    first: usize,
+    rotation: Tensor<2>,
+    cfg: &LlamaConfig,
+    quantized: bool,
+    precision: Precision,
+    device: &Device,
+) -> Result<Option<LocalLayers>, ModelError> {
+    if layers.is_empty() {
+        return Ok(None);
+    }
+    let stage = if quantized {
+        let layers = layers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| quantize_client_layer(w, first + i, cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        Stage::from_quantized(first, &layers, cfg, precision, device)?
+    } else {
+        Stage::from_layers(first, layers, cfg, device)
+    };
+    Ok(Some(LocalLayers {
+        stage,
+        rope: RopeTables::new(cfg, device),
+        q: rotation.to_device(device),
+    }))
 }
 
 impl ClientModel {
@@ -322,31 +423,20 @@ impl ClientModel {
         let head = match &bundle.output {
             Some(o) => matrix_to_tensor(o, &cpu),
             None => e.clone().transpose(),
+        } * gf;
+        let local = |layers: &[LayerWeights], first: usize, rotation: Tensor<2>| {
+            local_layers(layers, first, rotation, &cfg, quantized, precision, device)
         };
-        let head_rot = q.clone().transpose().matmul(head * gf);
-        let (table, local) = if bundle.local_layers.is_empty() {
-            (e.matmul(q), None)
+        let tail_start = cfg.n_layers - bundle.tail_layers.len();
+        let tail = local(&bundle.tail_layers, tail_start, q.clone().transpose())?;
+        // without last layers the head takes the rotated vector: fold `Q^T` into it
+        let head = if tail.is_some() {
+            head
         } else {
-            let stage = if quantized {
-                // as the shards: 8-bit blocks and the CPU's kernels (in f32 a 1B model's
-                // client layer would read 4x the bytes of a node's per token)
-                let layers = bundle
-                    .local_layers
-                    .iter()
-                    .enumerate()
-                    .map(|(l, w)| quantize_client_layer(w, l, &cfg))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Stage::from_quantized(0, &layers, &cfg, precision, device)?
-            } else {
-                Stage::from_layers(0, &bundle.local_layers, &cfg, device)
-            };
-            let local = LocalLayers {
-                stage,
-                rope: RopeTables::new(&cfg, device),
-                q: q.to_device(device),
-            };
-            (e, Some(local))
+            q.clone().transpose().matmul(head)
         };
+        let first = local(&bundle.local_layers, 0, q.clone())?;
+        let table = if first.is_some() { e } else { e.matmul(q) };
         let (embedding, head) = if quantized {
             let quantize = |t: Tensor<2>, what: &str| -> Result<QMatrix, ModelError> {
                 let [rows, cols] = t.dims();
@@ -356,7 +446,7 @@ impl ClientModel {
             };
             let table = quantize(table, "embedding table")?;
             // `[vocab, d]`: one row per output, as the kernels take it
-            let head = quantize(head_rot.transpose(), "head")?;
+            let head = quantize(head.transpose(), "head")?;
             (
                 TokenEmbedding::from_quantized(table, device).with_scale(cfg.embedding_scale()),
                 Linear::quantized(vec![head], precision, device)?,
@@ -365,12 +455,13 @@ impl ClientModel {
             (
                 TokenEmbedding::from_tensor(table.to_device(device))
                     .with_scale(cfg.embedding_scale()),
-                Linear::Dense(head_rot.to_device(device)),
+                Linear::Dense(head.to_device(device)),
             )
         };
         Ok(ClientModel {
             embedding,
-            local,
+            local: first,
+            tail,
             norm: RmsNorm::from_gain(None, f64::from(cfg.rms_eps), device),
             head,
             config: cfg,
@@ -383,12 +474,14 @@ impl ClientModel {
     }
 
     /// Bytes the client holds for the model: its tables, and with client layers their
-    /// matrices and the key `Q` (`[d, d]` f32) that rotates their output.
+    /// matrices and the key `Q` (`[d, d]` f32) that rotates their output or input.
     pub fn weight_bytes(&self) -> usize {
-        self.table_bytes()
-            + self.local.as_ref().map_or(0, |l| {
+        let layers = |l: &Option<LocalLayers>| {
+            l.as_ref().map_or(0, |l| {
                 l.stage.weight_bytes() + l.q.dims().iter().product::<usize>() * 4
             })
+        };
+        self.table_bytes() + layers(&self.local) + layers(&self.tail)
     }
 
     /// Layers the client runs itself before the first node.
@@ -396,33 +489,58 @@ impl ClientModel {
         self.local.as_ref().map_or(0, |l| l.stage.n_layers())
     }
 
-    /// The state of one sequence on the client: the KV cache of its own layers (empty
-    /// without client layers).
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.client_layers(), capacity.min(self.config.max_seq_len))
+    /// Layers the client runs itself after the last node.
+    pub fn client_last_layers(&self) -> usize {
+        self.tail.as_ref().map_or(0, |l| l.stage.n_layers())
+    }
+
+    /// The state of one sequence on the client.
+    pub fn new_cache(&self, capacity: usize) -> ClientCache {
+        let capacity = capacity.min(self.config.max_seq_len);
+        ClientCache {
+            first: KvCache::new(self.client_layers(), capacity),
+            last: KvCache::new(self.client_last_layers(), capacity),
+        }
     }
 
     /// Token ids → the first node's input, `[t, d]`: `E[id] Q`, or with client layers the
     /// residual stream after them, times `Q`. `cache` holds the sequence so far.
-    pub fn encode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor<2>, ModelError> {
+    pub fn encode(&self, ids: &[u32], cache: &mut ClientCache) -> Result<Tensor<2>, ModelError> {
         let x = self.embedding.forward(ids)?;
         match &self.local {
             None => Ok(x),
-            Some(l) => {
-                let x = l
-                    .stage
-                    .forward(vec![x], &mut [cache], &l.rope)?
-                    .pop()
-                    .ok_or_else(|| {
-                        ModelError::Shape("the client layers returned nothing".into())
-                    })?;
-                Ok(x.matmul(l.q.clone()))
-            }
+            Some(l) => Ok(run(l, x, &mut cache.first)?.matmul(l.q.clone())),
         }
     }
 
-    /// The last stage's output `[n, d]` → logits `[n, vocab]`.
-    pub fn decode(&self, hidden: Tensor<2>) -> Tensor<2> {
-        self.head.forward(self.norm.forward(hidden))
+    /// The last stage's output for the new positions, `[t, d]` → logits: `[t, vocab]` if
+    /// `all`, else `[1, vocab]` for the last position. With last client layers every new
+    /// position runs through them (their cache needs each); without, only the rows whose
+    /// logits are wanted reach the head.
+    pub fn decode(
+        &self,
+        hidden: Tensor<2>,
+        cache: &mut ClientCache,
+        all: bool,
+    ) -> Result<Tensor<2>, ModelError> {
+        let x = match &self.tail {
+            None => hidden,
+            Some(l) => run(l, hidden.matmul(l.q.clone()), &mut cache.last)?,
+        };
+        let [t, _] = x.dims();
+        let x = if all || t == 0 {
+            x
+        } else {
+            x.narrow(0, t - 1, 1)
+        };
+        Ok(self.head.forward(self.norm.forward(x)))
     }
+}
+
+/// `x` through client layers `l`, growing `cache`.
+fn run(l: &LocalLayers, x: Tensor<2>, cache: &mut KvCache) -> Result<Tensor<2>, ModelError> {
+    l.stage
+        .forward(vec![x], &mut [cache], &l.rope)?
+        .pop()
+        .ok_or_else(|| ModelError::Shape("the client layers returned nothing".into()))
 }

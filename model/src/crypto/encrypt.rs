@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::client::{ClientBundle, ClientMeta, StageRecord, CLIENT_VERSION};
+use super::client::{ClientBundle, ClientLayers, ClientMeta, StageRecord, CLIENT_VERSION};
 use super::key::ModelKey;
 use super::key_io::KeyMeta;
 use super::shard::{
@@ -37,13 +37,14 @@ pub fn encrypt_model(
     encrypt_model_split(model, key, n_stages, 0, progress)
 }
 
-/// [`encrypt_model`] with the first `client_layers` layers kept in plaintext in the client
-/// bundle (the client runs them), and the rest split into `n_stages` shards.
+/// [`encrypt_model`] with the client's layers (the first `client_layers`, or a
+/// [`ClientLayers`] with last ones too) kept in plaintext in the client bundle (the client
+/// runs them), and the rest split into `n_stages` shards.
 pub fn encrypt_model_split(
     model: &ModelBundle,
     key: ModelKey,
     n_stages: usize,
-    client_layers: usize,
+    client_layers: impl Into<ClientLayers>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
     encrypt_model_quant(
@@ -64,7 +65,7 @@ pub fn encrypt_model_quant<'a>(
     model: impl Into<PlainModel<'a>>,
     key: ModelKey,
     n_stages: usize,
-    client_layers: usize,
+    client_layers: impl Into<ClientLayers>,
     quant: ShardQuant,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
@@ -87,12 +88,13 @@ pub fn encrypt_model_with<'a>(
     model: impl Into<PlainModel<'a>>,
     key: ModelKey,
     n_stages: usize,
-    client_layers: usize,
+    client_layers: impl Into<ClientLayers>,
     quant: ShardQuant,
     calibration: Option<&Calibration>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Encrypted, ModelError> {
     let model = model.into();
+    let split: ClientLayers = client_layers.into();
     let w = model.weights;
     let config = w.config();
     if config.spec().post_norms {
@@ -106,21 +108,16 @@ pub fn encrypt_model_with<'a>(
     }
     key.check_fits(config)?;
     let fingerprint = key.fingerprint();
-    if client_layers >= config.n_layers {
-        return Err(ModelError::InvalidConfig(format!(
-            "the client cannot run {client_layers} of the model's {} layers: leave at least one to the nodes",
-            config.n_layers
-        )));
-    }
-    let ranges: Vec<std::ops::Range<usize>> =
-        plan_stages(config.n_layers - client_layers, n_stages)?
-            .into_iter()
-            .map(|r| r.start + client_layers..r.end + client_layers)
-            .collect();
+    let nodes = split.node_range(config.n_layers)?;
+    let client_layers = nodes.start;
+    let ranges: Vec<std::ops::Range<usize>> = plan_stages(nodes.len(), n_stages)?
+        .into_iter()
+        .map(|r| r.start + client_layers..r.end + client_layers)
+        .collect();
     let mut shards = Vec::with_capacity(n_stages);
     let mut records = Vec::with_capacity(n_stages);
     let mut done = 0;
-    let total = config.n_layers - client_layers;
+    let total = nodes.len();
     let encrypt = |l: usize| -> Result<LayerWeights, ModelError> {
         Ok(encrypt_layer(&*w.layer(l)?, &key.layers[l], &key.q, config))
     };
@@ -191,9 +188,12 @@ pub fn encrypt_model_with<'a>(
         });
         shards.push(shard);
     }
-    let local_layers = (0..client_layers)
-        .map(|l| w.layer(l).map(std::borrow::Cow::into_owned))
-        .collect::<Result<_, _>>()?;
+    let plain = |r: std::ops::Range<usize>| -> Result<Vec<LayerWeights>, ModelError> {
+        r.map(|l| w.layer(l).map(std::borrow::Cow::into_owned))
+            .collect()
+    };
+    let local_layers = plain(0..client_layers)?;
+    let tail_layers = plain(nodes.end..config.n_layers)?;
     let client = ClientBundle {
         meta: ClientMeta {
             version: CLIENT_VERSION,
@@ -208,6 +208,7 @@ pub fn encrypt_model_with<'a>(
             stages: records,
             text: model.text.clone(),
             client_layers,
+            client_last_layers: split.last,
             shard_dtype: quant.to_string(),
         },
         key,
@@ -215,6 +216,7 @@ pub fn encrypt_model_with<'a>(
         final_norm: w.final_norm(),
         output: w.output()?,
         local_layers,
+        tail_layers,
     };
     Ok(Encrypted { client, shards })
 }
@@ -283,10 +285,14 @@ impl Encrypted {
                 .map_err(|e| ModelError::Shard(format!("{}: {e}", path.display())))?;
             shards.push(shard);
         }
+        let nodes = client
+            .meta
+            .client_layers()
+            .node_range(client.meta.config.n_layers)?;
         check_coverage(
             shards.iter().map(|s| s.meta.layer_range()).collect(),
-            client.meta.client_layers,
-            client.meta.config.n_layers,
+            nodes.start,
+            nodes.end,
         )?;
         Ok(Encrypted { client, shards })
     }

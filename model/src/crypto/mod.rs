@@ -10,7 +10,7 @@ mod pipeline;
 mod shard;
 mod transform;
 
-pub use client::{ClientBundle, ClientMeta, ClientModel, StageRecord};
+pub use client::{ClientBundle, ClientCache, ClientLayers, ClientMeta, ClientModel, StageRecord};
 pub use encrypt::{
     calibrates, client_path, encrypt_model, encrypt_model_quant, encrypt_model_split,
     encrypt_model_with, shard_path, Encrypted,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use veil_kernels::Precision;
 
-use super::client::{ClientBundle, ClientModel};
+use super::client::{ClientBundle, ClientCache, ClientModel};
 use super::shard::Shard;
 use super::transform::check_coverage;
 use crate::cache::KvCache;
@@ -18,7 +18,7 @@ use crate::ModelError;
 #[derive(Debug)]
 pub struct EncryptedLocal {
     client: ClientModel,
-    client_cache: KvCache,
+    client_cache: ClientCache,
     stages: Vec<StageRunner>,
     caches: Vec<KvCache>,
     context: usize,
@@ -51,10 +51,11 @@ impl EncryptedLocal {
             bundle.verify_shard(&s.meta, None)?;
         }
         let config = &bundle.meta.config;
+        let nodes = bundle.meta.client_layers().node_range(config.n_layers)?;
         check_coverage(
             shards.iter().map(|s| s.meta.layer_range()).collect(),
-            bundle.meta.client_layers,
-            config.n_layers,
+            nodes.start,
+            nodes.end,
         )?;
         let mut ordered: Vec<&Shard> = shards.iter().collect();
         ordered.sort_by_key(|s| s.meta.layers.0);
@@ -98,10 +99,8 @@ impl EncryptedLocal {
                 .pop()
                 .ok_or_else(|| ModelError::Shape("a stage returned nothing".into()))?;
         }
-        let t = ids.len();
-        let x = if all { x } else { x.narrow(0, t - 1, 1) };
         let started = Instant::now();
-        let logits = self.client.decode(x);
+        let logits = self.client.decode(x, &mut self.client_cache, all)?;
         self.client_time += started.elapsed();
         Ok(logits)
     }

@@ -267,7 +267,8 @@ pub fn plan_stages(n_layers: usize, n_stages: usize) -> Result<Vec<Range<usize>>
 }
 
 /// Check that `ranges` (in any order) tile `first..n_layers` exactly (`first` is the
-/// number of layers the client runs itself).
+/// number of layers the client runs first; `n_layers`, the end of the nodes' layers, is
+/// short of the model's by the layers the client runs last).
 pub fn check_coverage(
     mut ranges: Vec<Range<usize>>,
     first: usize,

@@ -187,7 +187,9 @@ mod tests {
         let right = (0..n)
             .filter(|&i| {
                 let row = &logits[i * 3..(i + 1) * 3];
-                let best = (0..3).max_by(|a, b| row[*a].total_cmp(&row[*b])).expect("three classes");
+                let best = (0..3)
+                    .max_by(|a, b| row[*a].total_cmp(&row[*b]))
+                    .expect("three classes");
                 best == labels[i]
             })
             .count();
