@@ -11,6 +11,7 @@ use serde::Serialize;
 use veil_model::attack::invariants::{self, InvariantOptions};
 use veil_model::attack::inversion::Inverter;
 use veil_model::attack::key_recovery::{decrypt_and_match, recover_q, relative_error};
+use veil_model::attack::private::update_spectrum;
 use veil_model::attack::sequential::{self, SequentialOptions};
 use veil_model::attack::{
     finetuned, norms, perturbed, position0_table, record_views, sorted_coords, Deployment,
@@ -118,7 +119,20 @@ impl<'a> Scenario<'a> {
         let owner = match setup.private {
             Private::Public => perturbed(public, 0.0, seed)?,
             Private::Noise(n) => perturbed(public, n, seed)?,
-            Private::Finetune(s, r) => finetuned(public, s, r, seed)?,
+            Private::Finetune(s, r) => {
+                let tuned = finetuned(public, s, r, seed)?;
+                let layer = n_layers / 2;
+                let spectrum = update_spectrum(&public.weights, &tuned.weights, layer)?;
+                let ranks: Vec<String> = spectrum
+                    .iter()
+                    .map(|(name, rank, ratio)| format!("{name} #{rank} ({ratio:.2} of σ1)"))
+                    .collect();
+                tracing::info!(
+                    "fine-tune, layer {layer}: the update's largest singular value would rank {}",
+                    ranks.join(", ")
+                );
+                tuned
+            }
         };
         let model_key = ModelKey::generate(
             KeyShape::of(&owner.weights.config),

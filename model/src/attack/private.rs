@@ -137,9 +137,67 @@ pub fn finetuned(
     })
 }
 
+/// Where a fine-tune's update sits in the spectrum of the matrix it changes, for the seven
+/// projections of `layer`: per matrix, the rank its largest singular value would take among
+/// the public matrix's singular values (1: above them all) and its ratio to the largest.
+/// Trained LoRA adapters add such "intruder dimensions" *high* in the spectrum (Shuttleworth
+/// et al., arXiv 2410.21228); an update that ranks low moves the model less than they do.
+pub fn update_spectrum(
+    public: &LlamaWeights,
+    tuned: &LlamaWeights,
+    layer: usize,
+) -> Result<Vec<(&'static str, usize, f64)>, ModelError> {
+    let (p, t) = match (public.layers.get(layer), tuned.layers.get(layer)) {
+        (Some(p), Some(t)) => (p, t),
+        _ => return Err(ModelError::Shape(format!("no layer {layer}"))),
+    };
+    let pairs = [
+        ("attn_q", &p.wq, &t.wq),
+        ("attn_k", &p.wk, &t.wk),
+        ("attn_v", &p.wv, &t.wv),
+        ("attn_output", &p.wo, &t.wo),
+        ("ffn_gate", &p.w_gate, &t.w_gate),
+        ("ffn_up", &p.w_up, &t.w_up),
+        ("ffn_down", &p.w_down, &t.w_down),
+    ];
+    Ok(pairs
+        .into_iter()
+        .map(|(name, a, b)| {
+            let m = |data: Vec<f64>| nalgebra::DMatrix::from_row_slice(a.rows, a.cols, &data);
+            let w = m(a.data.iter().map(|x| f64::from(*x)).collect());
+            let delta = m(b
+                .data
+                .iter()
+                .zip(&a.data)
+                .map(|(x, y)| f64::from(x - y))
+                .collect());
+            let sw = w.singular_values();
+            let top = delta.singular_values().max();
+            let rank = 1 + sw.iter().filter(|s| **s > top).count();
+            (name, rank, top / sw.max().max(f64::MIN_POSITIVE))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bigger_update_ranks_higher_in_the_spectrum() {
+        let base = ModelBundle::tiny().expect("tiny");
+        let small = finetuned(&base, 0.01, 2, 1).expect("small");
+        let big = finetuned(&base, 0.5, 2, 1).expect("big");
+        let s = update_spectrum(&base.weights, &small.weights, 1).expect("small");
+        let b = update_spectrum(&base.weights, &big.weights, 1).expect("big");
+        assert_eq!(s.len(), 7);
+        for ((name, rs, xs), (_, rb, xb)) in s.iter().zip(&b) {
+            assert!(
+                rb < rs && xb > xs,
+                "{name}: rank {rs} -> {rb}, ratio {xs} -> {xb}"
+            );
+        }
+    }
 
     #[test]
     fn a_low_rank_update_has_the_asked_size_and_rank() {
