@@ -45,6 +45,9 @@ pub struct PerplexityArgs {
     /// With --encrypted: layers the client runs itself before the first stage.
     #[arg(long, default_value_t = 0)]
     pub client_layers: usize,
+    /// With --encrypted: layers the client runs itself after the last stage.
+    #[arg(long, default_value_t = 0)]
+    pub client_last_layers: usize,
     /// f32 activations against dequantized weights (see `veil generate --help`).
     #[arg(long)]
     pub exact: bool,
@@ -99,7 +102,10 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         let e = encrypt_with_progress(
             &bundle,
             args.stages,
-            args.client_layers,
+            veil_model::crypto::ClientLayers {
+                first: args.client_layers,
+                last: args.client_last_layers,
+            },
             None,
             args.quant,
             args.calibration.as_deref(),

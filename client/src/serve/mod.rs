@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use veil_model::crypto::{short_fingerprint, ClientModel, EncryptedLocal, ShardQuant};
+use veil_model::crypto::{
+    short_fingerprint, ClientLayers, ClientModel, EncryptedLocal, ShardQuant,
+};
 use veil_model::{LocalModel, TextCodec, TokenModel};
 
 use crate::deployment::Deployment;
@@ -59,6 +61,9 @@ pub struct ServeArgs {
     /// With --encrypted: layers the gateway runs itself in plaintext before the first stage.
     #[arg(long, default_value_t = 0, requires = "encrypted")]
     pub client_layers: usize,
+    /// With --encrypted: layers the gateway runs itself after the last stage.
+    #[arg(long, default_value_t = 0, requires = "encrypted")]
+    pub client_last_layers: usize,
     /// With --encrypted: the shards' weight format, q8_0 (default), q4_0, q4_k or f32 (see
     /// `veil encrypt --help`).
     #[arg(
@@ -209,7 +214,7 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
             client.bootstrap_peers.clone(),
             deployment.clone(),
             short_fingerprint(&bundle.meta.key.fingerprint).to_string(),
-            bundle.meta.client_layers,
+            bundle.meta.client_layers(),
         )));
         let codec = Arc::new(TextCodec::new(bundle.meta.text.clone())?);
         let context = args
@@ -245,7 +250,10 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
         let e = encrypt_with_progress(
             &bundle,
             args.stages,
-            args.client_layers,
+            ClientLayers {
+                first: args.client_layers,
+                last: args.client_last_layers,
+            },
             None,
             args.quant,
             args.calibration.as_deref(),
@@ -275,7 +283,7 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
             "local-encrypted",
             &model_id,
             Some(short_fingerprint(&e.client.meta.key.fingerprint).to_string()),
-            e.client.meta.client_layers,
+            e.client.meta.client_layers(),
             &layers,
             "cpu",
         );
@@ -301,7 +309,14 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
     }
     let codec = Arc::new(bundle.text);
     let pool = Pool::start(workers, codec.clone(), options, metrics.clone());
-    let view = network::local_view("local", &model_id, None, 0, &[(0, n_layers)], "cpu");
+    let view = network::local_view(
+        "local",
+        &model_id,
+        None,
+        ClientLayers::default(),
+        &[(0, n_layers)],
+        "cpu",
+    );
     Ok(Ready {
         pool,
         codec,

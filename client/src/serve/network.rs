@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde::Serialize;
 use tokio::runtime::Handle;
+use veil_model::crypto::ClientLayers;
 use veil_protocol::ad::now_ms;
 use veil_protocol::wire::{InferRequest, InferResponse, NodeStats};
 use veil_protocol::{AdBook, CapacityAd, Network, PeerId};
@@ -35,6 +36,8 @@ pub struct View {
     pub key: Option<String>,
     /// Layers the gateway runs itself before the first stage.
     pub client_layers: usize,
+    /// Layers the gateway runs itself after the last stage.
+    pub client_last_layers: usize,
     pub stages: Vec<StageView>,
 }
 
@@ -128,7 +131,7 @@ pub struct Nodes {
     pub bootstrap: Vec<PeerId>,
     pub deployment: Deployment,
     pub key: String,
-    pub client_layers: usize,
+    pub client_layers: ClientLayers,
     last: Mutex<Option<(Instant, View)>>,
 }
 
@@ -139,7 +142,7 @@ impl Nodes {
         bootstrap: Vec<PeerId>,
         deployment: Deployment,
         key: String,
-        client_layers: usize,
+        client_layers: ClientLayers,
     ) -> Self {
         Nodes {
             handle,
@@ -239,7 +242,8 @@ impl Nodes {
             mode: "deployment",
             model: self.deployment.id.clone(),
             key: Some(self.key.clone()),
-            client_layers: self.client_layers,
+            client_layers: self.client_layers.first,
+            client_last_layers: self.client_layers.last,
             stages,
         }
     }
@@ -250,7 +254,7 @@ pub fn local_view(
     mode: &'static str,
     model: &str,
     key: Option<String>,
-    client_layers: usize,
+    client_layers: ClientLayers,
     stages: &[(usize, usize)],
     backend: &str,
 ) -> View {
@@ -258,7 +262,8 @@ pub fn local_view(
         mode,
         model: model.to_string(),
         key,
-        client_layers,
+        client_layers: client_layers.first,
+        client_last_layers: client_layers.last,
         stages: stages
             .iter()
             .enumerate()
