@@ -214,7 +214,7 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
             client.bootstrap_peers.clone(),
             deployment.clone(),
             short_fingerprint(&bundle.meta.key.fingerprint).to_string(),
-            bundle.meta.client_layers(),
+            bundle.meta.client_side(),
         )));
         let codec = Arc::new(TextCodec::new(bundle.meta.text.clone())?);
         let context = args
@@ -283,7 +283,7 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
             "local-encrypted",
             &model_id,
             Some(short_fingerprint(&e.client.meta.key.fingerprint).to_string()),
-            e.client.meta.client_layers(),
+            e.client.meta.client_side(),
             &layers,
             "cpu",
         );

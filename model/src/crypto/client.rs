@@ -160,8 +160,8 @@ fn read_local_layer(
 }
 
 impl ClientMeta {
-    /// The layers the client runs itself.
-    pub fn client_layers(&self) -> ClientLayers {
+    /// The layers the client runs itself, at both ends.
+    pub fn client_side(&self) -> ClientLayers {
         ClientLayers {
             first: self.client_layers,
             last: self.client_last_layers,
@@ -250,7 +250,7 @@ impl ClientBundle {
             ))
         };
         let nodes = meta
-            .client_layers()
+            .client_side()
             .node_range(cfg.n_layers)
             .map_err(|e| ModelError::Format(format!("the client bundle: {e}")))?;
         let local_layers = (0..nodes.start)

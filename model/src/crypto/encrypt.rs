@@ -287,7 +287,7 @@ impl Encrypted {
         }
         let nodes = client
             .meta
-            .client_layers()
+            .client_side()
             .node_range(client.meta.config.n_layers)?;
         check_coverage(
             shards.iter().map(|s| s.meta.layer_range()).collect(),

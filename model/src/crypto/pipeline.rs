@@ -51,7 +51,7 @@ impl EncryptedLocal {
             bundle.verify_shard(&s.meta, None)?;
         }
         let config = &bundle.meta.config;
-        let nodes = bundle.meta.client_layers().node_range(config.n_layers)?;
+        let nodes = bundle.meta.client_side().node_range(config.n_layers)?;
         check_coverage(
             shards.iter().map(|s| s.meta.layer_range()).collect(),
             nodes.start,

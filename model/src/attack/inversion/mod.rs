@@ -99,12 +99,17 @@ impl Corpus {
         })?;
         // the start of a sequence without BOS: a token of the calibration text
         let starts: Vec<u32> = text.iter().copied().step_by(7).collect();
+        if bos.is_none() && starts.is_empty() && opts.samples > 0 {
+            return Err(ModelError::InvalidConfig(
+                "the model has no BOS token and the calibration text no tokens to start samples from".into(),
+            ));
+        }
         for batch_start in (0..opts.samples).step_by(32) {
             let b = (opts.samples - batch_start).min(32);
             let mut seqs: Vec<Vec<u32>> = (0..b)
                 .map(|k| match bos {
                     Some(bos) => vec![bos],
-                    None => vec![starts[(batch_start + k) % starts.len().max(1)]],
+                    None => vec![starts[(batch_start + k) % starts.len()]],
                 })
                 .collect();
             let mut caches: Vec<_> = (0..b).map(|_| model.stage.new_cache(len + 2)).collect();
