@@ -92,21 +92,36 @@ fn deploy_model(
     stages: usize,
     replicas: usize,
 ) -> String {
-    let out = veil.ok(&[
+    deploy_with(veil, bootstrap, model, stages, replicas, &[])
+}
+
+/// [`deploy_model`] with `extra` arguments for `veil deploy` (client layers, say).
+fn deploy_with(
+    veil: &Veil,
+    bootstrap: &str,
+    model: &str,
+    stages: usize,
+    replicas: usize,
+    extra: &[&str],
+) -> String {
+    let (stages, replicas) = (stages.to_string(), replicas.to_string());
+    let mut args = vec![
         "deploy",
         "--quant",
         "f32",
         "--model",
         model,
         "--stages",
-        &stages.to_string(),
+        &stages,
         "--replicas",
-        &replicas.to_string(),
+        &replicas,
         "--bootstrap",
         bootstrap,
         "--wait",
         "3",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = veil.ok(&args);
     out.lines()
         .last()
         .expect("deployment id")
@@ -184,31 +199,14 @@ fn client_layers_at_both_ends_give_the_plaintext_tokens_over_the_network() {
     let boot = addr(&nodes[0]);
     let veil = Veil::new();
     wait_for_ads(&veil, &boot, 2);
-    let out = veil.ok(&[
-        "deploy",
-        "--quant",
-        "f32",
-        "--model",
-        "tiny",
-        "--stages",
-        "2",
-        "--replicas",
-        "1",
-        "--client-layers",
-        "1",
-        "--client-last-layers",
-        "1",
-        "--bootstrap",
+    let id = deploy_with(
+        &veil,
         &boot,
-        "--wait",
-        "3",
-    ]);
-    let id = out
-        .lines()
-        .last()
-        .expect("deployment id")
-        .trim()
-        .to_string();
+        "tiny",
+        2,
+        1,
+        &["--client-layers", "1", "--client-last-layers", "1"],
+    );
     let record = deployment(&veil, &id);
     let layers: Vec<Value> = record["stages"]
         .as_array()
