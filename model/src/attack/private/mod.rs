@@ -8,6 +8,12 @@
 //!   as they are. That is what a LoRA fine-tune (the common way to make a private variant of
 //!   a public model) changes: its adapters sit on these projections, and the token table is
 //!   frozen.
+//! - [`lora_finetuned`]: a *trained* LoRA fine-tune on a private text (burn autodiff), the
+//!   realistic private model that the random ones stand in for.
+
+mod lora;
+
+pub use lora::{lora_finetuned, LoraOptions, LoraReport, FINETUNE_TEXT};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
