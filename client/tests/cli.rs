@@ -457,10 +457,10 @@ fn attack_table_on_the_tiny_model() {
     let rows = v.as_array().expect("list");
     assert_eq!(
         rows.len(),
-        54,
-        "6 attacks x dense key x public/noise/fine-tune, 4 x permutation key x public/noise, \
-         6 + 2 x 2 behind a client layer, 3 x 2 on a middle stage, 2 x 3 x 2 on the last \
-         stage without and with a last client layer"
+        64,
+        "6 attacks x dense key x public/noise/fine-tune/trained LoRA, 4 x permutation key x \
+         public/noise, 6 + 2 x 3 behind a client layer, 4 x 2 on a middle stage, 2 x 3 x 2 \
+         on the last stage without and with a last client layer"
     );
     let find = |attack: &str, key: &str, model: &str, client_layers: u64, stage: u64| -> f64 {
         rows.iter()
@@ -492,8 +492,11 @@ fn attack_table_on_the_tiny_model() {
     // the learned inversion reads most of a public model's tokens, few of a distant one's
     assert!(rate("all tokens by learned inversion", "Dense", false) > 0.5);
     assert!(rate("all tokens by learned inversion", "Dense", true) < 0.3);
-    // rows of a middle stage exist for the three models
-    for model in ["public", "noise", "finetune"] {
+    // the trained LoRA keeps the public token table too: its first token falls
+    assert_eq!(find("first token", "Dense", "lora", 0, 0), 1.0);
+    find("all tokens by sequential", "Dense", "lora", 1, 0);
+    // rows of a middle stage exist for the four models
+    for model in ["public", "noise", "finetune", "lora"] {
         find("all tokens by sequential", "Dense", model, 0, 1);
         find("all tokens by learned inversion", "Dense", model, 0, 1);
     }
@@ -536,6 +539,18 @@ fn attack_rejects_bad_input() {
         "tiny",
         "--private-noise",
         "0.1",
+        "--finetune",
+        "0.1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("pick one"), "{err}");
+    let (ok, _, err) = run(&[
+        "attack",
+        "sequential",
+        "--model",
+        "tiny",
+        "--lora-steps",
+        "3",
         "--finetune",
         "0.1",
     ]);

@@ -75,6 +75,26 @@ pub enum KeyKind {
     Permutation,
 }
 
+/// The owner's models of `table`'s rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelKind {
+    Public,
+    Noise,
+    Finetune,
+    Lora,
+}
+
+impl ModelKind {
+    fn of(p: Private) -> Self {
+        match p {
+            Private::Public => ModelKind::Public,
+            Private::Noise(_) => ModelKind::Noise,
+            Private::Finetune(..) => ModelKind::Finetune,
+            Private::Lora(..) => ModelKind::Lora,
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct AttackArgs {
     /// The public model the attacker has: smollm2, tiny, or a .gguf path.
@@ -91,9 +111,21 @@ pub struct AttackArgs {
     /// head stay public). 0: off.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub finetune: f64,
-    /// Rank of the fine-tune's update.
+    /// Rank of the fine-tune's update (random or trained).
     #[arg(long, default_value_t = 16)]
     pub finetune_rank: usize,
+    /// Make the owner's model a *trained* LoRA fine-tune instead: adapters of rank
+    /// --finetune-rank on every attention and MLP projection, trained this many Adam steps
+    /// (4 windows of 64 tokens each) on a private text the attacker never sees (an invented
+    /// operator handbook); embeddings, norms and head stay public. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub lora_steps: usize,
+    /// Training steps of the trained fine-tune in `table` (0: no such rows).
+    #[arg(long, default_value_t = 60)]
+    pub table_lora_steps: usize,
+    /// Run only `table`'s rows of this owner's model (to refresh them without the rest).
+    #[arg(long, value_enum)]
+    pub only: Option<ModelKind>,
     /// Noise of the private model in `table`.
     #[arg(long, default_value_t = 0.05)]
     pub table_noise: f64,
@@ -189,13 +221,21 @@ impl AttackArgs {
     }
 
     fn private(&self) -> Result<Private> {
-        match (self.private_noise > 0.0, self.finetune > 0.0) {
-            (true, true) => {
-                bail!("--private-noise and --finetune make two different private models: pick one")
-            }
-            (true, false) => Ok(Private::Noise(self.private_noise)),
-            (false, true) => Ok(Private::Finetune(self.finetune, self.finetune_rank.max(1))),
-            (false, false) => Ok(Private::Public),
+        let rank = self.finetune_rank.max(1);
+        let chosen: Vec<Private> = [
+            (self.private_noise > 0.0).then_some(Private::Noise(self.private_noise)),
+            (self.finetune > 0.0).then_some(Private::Finetune(self.finetune, rank)),
+            (self.lora_steps > 0).then_some(Private::Lora(self.lora_steps, rank)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match chosen[..] {
+            [] => Ok(Private::Public),
+            [one] => Ok(one),
+            _ => bail!(
+                "--private-noise, --finetune and --lora-steps make different private models: pick one"
+            ),
         }
     }
 }
@@ -270,8 +310,20 @@ fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
     };
     let noise = Private::Noise(args.table_noise);
     let finetune = Private::Finetune(args.table_finetune, args.finetune_rank.max(1));
+    // the trained fine-tune joins the rows where attacks read something: the first stage,
+    // behind client layers and the middle stage
+    let trained: Vec<Private> = (args.table_lora_steps > 0)
+        .then_some(Private::Lora(
+            args.table_lora_steps,
+            args.finetune_rank.max(1),
+        ))
+        .into_iter()
+        .collect();
     let mut out = vec![];
     for private in [Private::Public, noise, finetune] {
+        out.push((setup(KeyKind::Dense, private, 0, 0), Attacks::All));
+    }
+    for &private in &trained {
         out.push((setup(KeyKind::Dense, private, 0, 0), Attacks::All));
     }
     for private in [Private::Public, noise] {
@@ -283,12 +335,15 @@ fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
     if args.table_client_layers > 0 {
         let k = args.table_client_layers;
         out.push((setup(KeyKind::Dense, Private::Public, k, 0), Attacks::All));
-        for private in [noise, finetune] {
+        for private in [noise, finetune].into_iter().chain(trained.iter().copied()) {
             out.push((setup(KeyKind::Dense, private, k, 0), Attacks::Sequential));
         }
     }
     if args.stages > 1 {
-        for private in [Private::Public, noise, finetune] {
+        for private in [Private::Public, noise, finetune]
+            .into_iter()
+            .chain(trained.iter().copied())
+        {
             out.push((setup(KeyKind::Dense, private, 0, 1), Attacks::Sequential));
         }
     }
@@ -302,6 +357,9 @@ fn table_setups(args: &AttackArgs) -> Vec<(Setup, Attacks)> {
                 out.push((s, Attacks::Sequential));
             }
         }
+    }
+    if let Some(only) = args.only {
+        out.retain(|(s, _)| ModelKind::of(s.private) == only);
     }
     out
 }

@@ -1,7 +1,9 @@
 //! One attack scenario — an owner's model, key and deployment, the node watched — and the
 //! attacks run on what that node recorded.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -11,14 +13,14 @@ use serde::Serialize;
 use veil_model::attack::invariants::{self, InvariantOptions};
 use veil_model::attack::inversion::Inverter;
 use veil_model::attack::key_recovery::{decrypt_and_match, recover_q, relative_error};
-use veil_model::attack::private::update_spectrum;
+use veil_model::attack::private::{lora_finetuned, update_spectrum, LoraOptions, FINETUNE_TEXT};
 use veil_model::attack::sequential::{self, SequentialOptions};
 use veil_model::attack::{
     finetuned, norms, perturbed, position0_table, record_views, sorted_coords, Deployment,
     NodeView, Rate,
 };
 use veil_model::crypto::{KeyOptions, KeyShape, ModelKey};
-use veil_model::{Compute, Matrix, ModelBundle};
+use veil_model::{Compute, LlamaWeights, Matrix, ModelBundle, TextCodec};
 
 use super::{KeyKind, PROMPTS};
 
@@ -32,6 +34,9 @@ pub enum Private {
     Noise(f64),
     /// A LoRA-style update of this relative size on every projection; embeddings kept.
     Finetune(f64, usize),
+    /// A LoRA fine-tune trained this many steps with adapters of this rank on a private
+    /// text ([`lora_finetuned`]).
+    Lora(usize, usize),
 }
 
 impl fmt::Display for Private {
@@ -40,8 +45,79 @@ impl fmt::Display for Private {
             Private::Public => write!(f, "public"),
             Private::Noise(n) => write!(f, "private (+{n} noise)"),
             Private::Finetune(s, r) => write!(f, "private (rank-{r} fine-tune, {s})"),
+            Private::Lora(steps, r) => write!(f, "private (rank-{r} LoRA, {steps} trained steps)"),
         }
     }
+}
+
+/// Log where an update of `public` sits in its matrices' spectrum (the middle layer).
+fn log_spectrum(public: &ModelBundle, tuned: &ModelBundle) -> Result<()> {
+    let layer = public.weights.config.n_layers / 2;
+    let spectrum = update_spectrum(&public.weights, &tuned.weights, layer)?;
+    let ranks: Vec<String> = spectrum
+        .iter()
+        .map(|(name, rank, ratio)| format!("{name} #{rank} ({ratio:.2} of σ1)"))
+        .collect();
+    tracing::info!(
+        "fine-tune, layer {layer}: the update's largest singular value would rank {}",
+        ranks.join(", ")
+    );
+    Ok(())
+}
+
+/// LoRA fine-tunes trained in this process, by steps, rank and seed: a table trains each
+/// once.
+static TRAINED: Mutex<BTreeMap<(usize, usize, u64), LlamaWeights>> = Mutex::new(BTreeMap::new());
+
+/// `public` fine-tuned by `steps` of LoRA training of rank `rank` on the private text.
+fn trained_lora(public: &ModelBundle, steps: usize, rank: usize, seed: u64) -> Result<ModelBundle> {
+    let key = (steps, rank, seed);
+    let name = format!(
+        "{} (private: rank-{rank} LoRA, {steps} trained steps)",
+        public.name
+    );
+    let cached = TRAINED
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .get(&key)
+        .cloned();
+    if let Some(weights) = cached {
+        return Ok(ModelBundle {
+            name,
+            weights,
+            text: TextCodec::new(public.text.spec.clone())?,
+        });
+    }
+    let opts = LoraOptions {
+        rank,
+        alpha: 2.0 * rank as f64,
+        steps,
+        seed,
+        ..LoraOptions::default()
+    };
+    let started = Instant::now();
+    let (tuned, report) = lora_finetuned(public, FINETUNE_TEXT, opts, &mut |step, loss| {
+        if step == 1 || step % 10 == 0 {
+            tracing::info!(
+                "LoRA training step {step}/{steps}: loss {loss:.3} ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    tracing::info!(
+        "LoRA fine-tune: {} tokens of private text, loss {:.3} -> {:.3} nats/token, updates {:.3} of each matrix (Frobenius), trained in {:.0} s",
+        report.tokens,
+        report.loss_before,
+        report.loss_after,
+        report.relative_update,
+        started.elapsed().as_secs_f64()
+    );
+    log_spectrum(public, &tuned)?;
+    TRAINED
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .insert(key, tuned.weights.clone());
+    Ok(tuned)
 }
 
 /// What the owner deploys and which node is watched.
@@ -121,18 +197,10 @@ impl<'a> Scenario<'a> {
             Private::Noise(n) => perturbed(public, n, seed)?,
             Private::Finetune(s, r) => {
                 let tuned = finetuned(public, s, r, seed)?;
-                let layer = n_layers / 2;
-                let spectrum = update_spectrum(&public.weights, &tuned.weights, layer)?;
-                let ranks: Vec<String> = spectrum
-                    .iter()
-                    .map(|(name, rank, ratio)| format!("{name} #{rank} ({ratio:.2} of σ1)"))
-                    .collect();
-                tracing::info!(
-                    "fine-tune, layer {layer}: the update's largest singular value would rank {}",
-                    ranks.join(", ")
-                );
+                log_spectrum(public, &tuned)?;
                 tuned
             }
+            Private::Lora(steps, r) => trained_lora(public, steps, r, seed)?,
         };
         let model_key = ModelKey::generate(
             KeyShape::of(&owner.weights.config),
