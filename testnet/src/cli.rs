@@ -133,6 +133,9 @@ pub(crate) struct NetOpts {
     /// Layers the client runs itself in plaintext before the first node (see SECURITY.md).
     #[arg(long, default_value_t = 0)]
     pub(crate) client_layers: usize,
+    /// Layers the client runs itself in plaintext after the last node (see SECURITY.md).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) client_last_layers: usize,
     /// Make every node wait this long per forward pass, to mimic slower machines.
     #[arg(long, default_value_t = 0)]
     pub(crate) step_delay_ms: u64,
@@ -182,6 +185,7 @@ impl NetOpts {
             },
             keep: self.keep,
             client_layers: self.client_layers,
+            client_last_layers: self.client_last_layers,
             quant: self.quant,
             calibration: self.calibration.clone(),
             verify: self.verify,

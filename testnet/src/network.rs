@@ -33,6 +33,8 @@ pub struct NetworkOptions {
     pub keep: bool,
     /// Layers the client runs itself before the first node.
     pub client_layers: usize,
+    /// Layers the client runs itself after the last node.
+    pub client_last_layers: usize,
     /// The shards' weight format.
     pub quant: ShardQuant,
     /// With 4-bit shards: the calibration text's path, `none`, or the built-in text (`None`).
@@ -56,6 +58,7 @@ impl Default for NetworkOptions {
             node: NodeSettings::default(),
             keep: false,
             client_layers: 0,
+            client_last_layers: 0,
             quant: ShardQuant::default(),
             calibration: None,
             verify: None,
@@ -211,7 +214,7 @@ impl LocalNetwork {
                 replicas: opts.replicas.min(opts.nodes),
                 max_len: 1024,
                 client_layers: opts.client_layers,
-                client_last_layers: 0,
+                client_last_layers: opts.client_last_layers,
                 quant: opts.quant,
                 calibration: opts.calibration.clone(),
                 repair: None,

@@ -74,7 +74,7 @@ fn up_answers_through_three_nodes_and_cleans_up() {
     assert!(stderr(&out).contains("waiting for every node's capacity ad"));
     assert_clean(tmp.path());
 
-    // with the client running its first layer, the network gives the same answer
+    // with the client running its first and last layers, the network gives the same answer
     let mitigated = testnet(
         tmp.path(),
         &[
@@ -89,6 +89,11 @@ fn up_answers_through_three_nodes_and_cleans_up() {
             "12",
             "--client-layers",
             "1",
+            "--client-last-layers",
+            "1",
+            // the tiny model's 4 layers: 1 at each end, 2 for the nodes
+            "--stages",
+            "2",
         ],
     );
     assert!(mitigated.status.success(), "{}", stderr(&mitigated));
