@@ -518,6 +518,33 @@ fn attack_table_on_the_tiny_model() {
 }
 
 #[test]
+fn a_trained_fine_tune_attacked_on_its_own_domain() {
+    // the handbook's prompts against the LoRA trained on the handbook
+    let (ok, out, err) = run(&[
+        "attack",
+        "sequential",
+        "--model",
+        "tiny",
+        "--lora-steps",
+        "5",
+        "--prompt-set",
+        "handbook",
+        "--prompts",
+        "3",
+        "--gen-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let row = &v[0];
+    assert_eq!(row["model"]["kind"], "lora");
+    assert_eq!(row["model"]["size"], serde_json::json!([5, 16]));
+    // three sessions, each a prompt of several tokens and three generated ones
+    assert!(row["rate"]["trials"].as_u64() > Some(9), "{row}");
+}
+
+#[test]
 fn attack_rejects_bad_input() {
     let (ok, _, err) = run(&[
         "attack",

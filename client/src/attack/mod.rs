@@ -1,6 +1,7 @@
 //! `veil attack`: run the attack suite against recorded node views of real encrypted
 //! generations and print recovery rates with 95% confidence intervals.
 
+mod prompts;
 mod scenario;
 
 use anyhow::{bail, Result};
@@ -13,35 +14,8 @@ use veil_model::attack::sequential::SequentialOptions;
 use veil_model::{Compute, ModelBundle};
 
 use crate::model_spec::ModelSpec;
+pub use prompts::PromptSet;
 pub use scenario::{Outcome, Private, Recording, Scenario, Setup};
-
-/// Raw prompts (no chat template, so that first tokens vary).
-pub(crate) const PROMPTS: [&str; 24] = [
-    "The history of the Roman Empire",
-    "Photosynthesis converts light into",
-    "My favourite recipe for bread",
-    "In 1969 the first humans",
-    "Quantum computers differ from",
-    "Dear hiring manager, I am writing",
-    "A haiku about the autumn rain",
-    "Water boils at a temperature of",
-    "Once upon a time in a small village",
-    "The stock market fell sharply",
-    "Kubernetes schedules containers",
-    "Why do cats purr when",
-    "Shakespeare wrote many plays",
-    "Electric cars are becoming",
-    "Please summarise the following email",
-    "Mount Everest is the highest",
-    "def fibonacci(n):",
-    "Translate into French: good morning",
-    "Coffee beans are roasted",
-    "The patient reported chest pain",
-    "Ancient Egyptians built pyramids",
-    "Machine learning models need data",
-    "Jupiter has dozens of moons",
-    "Hello! Could you help me plan",
-];
 
 #[derive(Subcommand, Debug)]
 pub enum AttackCommand {
@@ -132,9 +106,13 @@ pub struct AttackArgs {
     /// Size of the fine-tuned model in `table`.
     #[arg(long, default_value_t = 0.05)]
     pub table_finetune: f64,
-    /// Sessions recorded (one prompt each, at most 24).
+    /// Sessions recorded (one prompt each, at most 24 general or 12 handbook prompts).
     #[arg(long, default_value_t = 24)]
     pub prompts: usize,
+    /// What the users ask: general text, or the trained fine-tune's own domain (prompts
+    /// from its private handbook, whose answers hold what only the fine-tune knows).
+    #[arg(long, value_enum, default_value_t = PromptSet::General)]
+    pub prompt_set: PromptSet,
     /// Tokens generated per session (the node sees all but the last).
     #[arg(long, default_value_t = 16)]
     pub gen_tokens: usize,
@@ -192,6 +170,7 @@ impl AttackArgs {
         };
         Recording {
             prompts,
+            prompt_set: self.prompt_set,
             gen_tokens,
             stages: self.stages.max(1),
             seed: self.seed,

@@ -22,7 +22,7 @@ use veil_model::attack::{
 use veil_model::crypto::{KeyOptions, KeyShape, ModelKey};
 use veil_model::{Compute, LlamaWeights, Matrix, ModelBundle, TextCodec};
 
-use super::{KeyKind, PROMPTS};
+use super::{KeyKind, PromptSet};
 
 /// The owner's model, as the attacker's public model relates to it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -171,6 +171,7 @@ pub struct Scenario<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Recording {
     pub prompts: usize,
+    pub prompt_set: PromptSet,
     pub gen_tokens: usize,
     pub stages: usize,
     pub seed: u64,
@@ -211,8 +212,9 @@ impl<'a> Scenario<'a> {
             &mut ChaCha20Rng::seed_from_u64(rec.seed),
         );
         let key_q = model_key.q.clone();
-        let n = rec.prompts.clamp(1, PROMPTS.len());
-        let prompts: Vec<Vec<u32>> = PROMPTS[..n]
+        let texts = rec.prompt_set.prompts();
+        let n = rec.prompts.clamp(1, texts.len());
+        let prompts: Vec<Vec<u32>> = texts[..n]
             .iter()
             .map(|p| owner.text.prompt_tokens(p, true))
             .collect::<std::result::Result<_, _>>()?;
