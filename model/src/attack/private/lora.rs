@@ -560,9 +560,7 @@ mod tests {
             ..LoraOptions::default()
         };
         let qwen = ModelBundle::tiny_variant(TinyVariant::Qwen2).expect("qwen2");
-        let err = lora_finetuned(&qwen, FINETUNE_TEXT, opts, &mut |_, _| {})
-            .err()
-            .expect("refused");
+        let err = lora_finetuned(&qwen, FINETUNE_TEXT, opts, &mut |_, _| {}).expect_err("refused");
         assert!(err.to_string().contains("plain Llama"), "{err}");
         let llama3 = ModelBundle::tiny_variant(TinyVariant::Llama3).expect("llama3");
         lora_finetuned(&llama3, FINETUNE_TEXT, opts, &mut |_, _| {}).expect("llama3 trains");
@@ -572,8 +570,7 @@ mod tests {
     fn a_text_shorter_than_a_window_is_refused() {
         let base = ModelBundle::tiny().expect("tiny");
         let err = lora_finetuned(&base, "too short", LoraOptions::default(), &mut |_, _| {})
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(err.to_string().contains("tokens"), "{err}");
     }
 }
