@@ -10,6 +10,7 @@ pub mod act;
 pub mod cpu;
 pub mod dot;
 pub mod format;
+pub mod glu;
 pub mod matmul;
 pub mod pack;
 

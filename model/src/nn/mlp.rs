@@ -1,6 +1,7 @@
 use burn::config::Config;
 use burn::tensor::activation::{silu, tanh};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use veil_kernels::glu::{gated, Gate};
 use veil_kernels::{Precision, QMatrix};
 
 use super::linear::Linear;
@@ -85,6 +86,22 @@ impl Mlp {
     pub fn forward(&self, u: Tensor<2>, layer: usize, probe: &mut dyn Probe) -> Tensor<2> {
         let gu = self.w_gate_up.forward(u);
         let [n, _] = gu.dims();
+        let device = gu.device();
+        if !probe.active() && device == Device::flex() {
+            // On the CPU, one pass over host memory instead of a tensor operation per step
+            // of the formula (and libm's tanhf per element for GELU).
+            let host = gu
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("a CPU tensor of f32 reads back");
+            let gate = match self.activation {
+                Activation::Silu => Gate::Silu,
+                Activation::GeluTanh => Gate::GeluTanh,
+            };
+            let hidden = gated(&host, self.d_ff, gate);
+            let hidden = Tensor::from_data(TensorData::new(hidden, [n, self.d_ff]), &device);
+            return self.w_down.forward(hidden);
+        }
         let gate = gu.clone().slice([0..n, 0..self.d_ff]);
         let up = gu.slice([0..n, self.d_ff..2 * self.d_ff]);
         tap(probe, layer, Site::Gate, &gate);
