@@ -247,6 +247,12 @@ impl<'a> Scenario<'a> {
             setup.client_layers,
             setup.client_last_layers,
         );
+        for (i, s) in view.sessions.iter().enumerate() {
+            tracing::debug!(
+                "session {i} as the node received it: {:?}",
+                owner.text.tokenizer.decode(&s.truth)
+            );
+        }
         // the tables match the first stage's inputs; a later stage's are not token-wise
         let table = if setup.stage > 0 {
             None
@@ -377,9 +383,20 @@ impl<'a> Scenario<'a> {
         self.view.shard.meta.layers
     }
 
+    /// Log (debug) what `attack` read of each session, as text.
+    fn log_guesses(&self, attack: &str, guesses: &[Vec<u32>]) {
+        for (i, g) in guesses.iter().enumerate() {
+            tracing::debug!(
+                "session {i} as the {attack} read it: {:?}",
+                self.public.text.tokenizer.decode(g)
+            );
+        }
+    }
+
     pub fn inversion(&self, inverter: &Inverter) -> Result<Outcome> {
         let started = Instant::now();
         let guesses = inverter.guess(&self.view, &Compute::cpu().device)?;
+        self.log_guesses("learned inversion", &guesses);
         let rate = self.view.score(&guesses);
         tracing::info!(
             "learned inversion: {rate} in {:.1} s",
@@ -408,6 +425,7 @@ impl<'a> Scenario<'a> {
             opts,
             &Compute::cpu().device,
         )?;
+        self.log_guesses("sequential attack", &r.guesses);
         let rate = self.view.score(&r.guesses);
         let total: usize = self.view.sessions.iter().map(|s| s.truth.len()).sum();
         tracing::info!(
