@@ -894,6 +894,16 @@ fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (
     (String::from_utf8_lossy(&out.stdout).into_owned(), log)
 }
 
+/// A child process killed when dropped, so that a failing test leaves none running.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `curl` a JSON body to the gateway at `base`; the parsed answer.
 fn curl_json(base: &str, path: &str, body: &Value) -> Value {
     let out = Command::new("curl")
@@ -951,25 +961,27 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
         })
         .collect();
     let bin = find_bin("veil").expect("veil binary");
-    let mut gateway = std::process::Command::new(bin)
-        .args(["serve", "--deployment", &id, "--bootstrap", &boot])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--parallel",
-            "4",
-            "--request-timeout",
-            "5",
-        ])
-        .env("VEIL_HOME", veil.home.path())
-        .env("VEIL_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("start the gateway");
+    let mut gateway = Reaped(
+        std::process::Command::new(bin)
+            .args(["serve", "--deployment", &id, "--bootstrap", &boot])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--parallel",
+                "4",
+                "--request-timeout",
+                "5",
+            ])
+            .env("VEIL_HOME", veil.home.path())
+            .env("VEIL_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start the gateway"),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(gateway.stdout.take().expect("stdout")),
+        &mut std::io::BufReader::new(gateway.0.stdout.take().expect("stdout")),
         &mut line,
     )
     .expect("address");
@@ -1173,8 +1185,7 @@ fn the_gateway_answers_through_a_deployment_as_generate_does() {
             .is_some_and(|m| !m.is_empty()),
         "{v}"
     );
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    drop(gateway);
 }
 
 /// Two nodes, the second lying on a fraction `rate` of its answers as `mode` says.
