@@ -583,6 +583,9 @@ fn attack_rejects_bad_input() {
     ]);
     assert!(!ok);
     assert!(err.contains("pick one"), "{err}");
+    let (ok, _, err) = run(&["attack", "first-token", "--model", "tiny", "--only", "lora"]);
+    assert!(!ok);
+    assert!(err.contains("veil attack table"), "{err}");
     let (ok, _, err) = run(&[
         "attack",
         "sequential",

@@ -399,6 +399,9 @@ pub fn run(command: AttackCommand) -> Result<()> {
             bail!("{name} must be between 0 and 10 (a size relative to the weights), not {v}");
         }
     }
+    if args.only.is_some() && !matches!(command, AttackCommand::Table(_)) {
+        bail!("--only picks rows of `veil attack table`; the other attacks run one model (--private-noise, --finetune or --lora-steps)");
+    }
     let public = ModelSpec::parse(&args.model)?.load()?;
     let rec = args.recording();
     let seq = args.sequential();

@@ -78,7 +78,7 @@ fn trained_lora(public: &ModelBundle, steps: usize, rank: usize, seed: u64) -> R
     );
     let cached = TRAINED
         .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .map_err(|_| anyhow::anyhow!("a panic poisoned the cache of trained fine-tunes"))?
         .get(&key)
         .cloned();
     if let Some(weights) = cached {
@@ -115,7 +115,7 @@ fn trained_lora(public: &ModelBundle, steps: usize, rank: usize, seed: u64) -> R
     log_spectrum(public, &tuned)?;
     TRAINED
         .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .map_err(|_| anyhow::anyhow!("a panic poisoned the cache of trained fine-tunes"))?
         .insert(key, tuned.weights.clone());
     Ok(tuned)
 }
