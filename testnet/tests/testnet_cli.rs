@@ -413,6 +413,21 @@ fn a_short_soak_keeps_every_node_within_its_bounds() {
     assert_clean(tmp.path());
 }
 
+/// A `veil-testnet` child stopped with ctrl-c when dropped while still running (so that it
+/// removes its nodes), should a test fail before stopping it itself.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn ctrl_c_stops_a_running_testnet_and_removes_everything() {
     use std::io::{BufRead, BufReader};
@@ -420,15 +435,17 @@ fn ctrl_c_stops_a_running_testnet_and_removes_everything() {
     let bin = find_bin("veil-testnet").expect("veil-testnet");
     let home = tmp.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
-    let mut child = Command::new(bin)
-        .args(["up", "--model", "tiny", "--max-tokens", "4"])
-        .env("TMPDIR", tmp.path())
-        .env("VEIL_HOME", &home)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = Stopped(
+        Command::new(bin)
+            .args(["up", "--model", "tiny", "--max-tokens", "4"])
+            .env("TMPDIR", tmp.path())
+            .env("VEIL_HOME", &home)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let mut seen = String::new();
     for line in lines.by_ref().map_while(Result::ok) {
@@ -442,11 +459,11 @@ fn ctrl_c_stops_a_running_testnet_and_removes_everything() {
     let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
     assert!(seen.contains("veil chat --deployment"), "{seen}");
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    let exit = child.wait().expect("wait");
+    let exit = child.0.wait().expect("wait");
     assert_eq!(exit.code(), Some(130));
     let rest = rest.join().expect("stderr").join("\n");
     assert!(rest.contains("stopping the testnet"), "{rest}");
@@ -498,17 +515,19 @@ fn up_with_serve_keeps_a_gateway_to_the_deployment() {
     let bin = find_bin("veil-testnet").expect("veil-testnet");
     let home = tmp.path().join("home");
     std::fs::create_dir_all(&home).expect("home");
-    let mut child = Command::new(bin)
-        .args(["up", "--model", "tiny", "--max-tokens", "4", "--serve", "0"])
-        .env("TMPDIR", tmp.path())
-        .env("VEIL_HOME", &home)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = Stopped(
+        Command::new(bin)
+            .args(["up", "--model", "tiny", "--max-tokens", "4", "--serve", "0"])
+            .env("TMPDIR", tmp.path())
+            .env("VEIL_HOME", &home)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
     // keep reading stdout to the end: a closed pipe would make the harness's later prints fail
     let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
+    let stdout = child.0.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for l in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(l);
@@ -545,10 +564,10 @@ fn up_with_serve_keeps_a_gateway_to_the_deployment() {
         "{v}"
     );
     Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &child.0.id().to_string()])
         .status()
         .expect("kill");
-    assert_eq!(child.wait().expect("wait").code(), Some(130));
+    assert_eq!(child.0.wait().expect("wait").code(), Some(130));
     assert_clean(tmp.path());
     // the gateway went with the nodes
     let addr = url.trim_start_matches("http://");
