@@ -13,6 +13,7 @@ pub mod format;
 pub mod glu;
 pub mod matmul;
 pub mod pack;
+pub mod ring;
 
 pub use cpu::Isa;
 pub use format::{GgmlType, QuantizeError};
