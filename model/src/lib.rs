@@ -15,6 +15,7 @@ mod error;
 pub mod generate;
 pub mod gguf;
 pub mod integrity;
+pub mod masked;
 pub mod matrix;
 pub mod nn;
 pub mod perplexity;

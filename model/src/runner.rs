@@ -1,9 +1,13 @@
 //! Running the whole plaintext model in this process.
 
+use std::sync::Arc;
+
 use burn::tensor::Device;
+use rand::SeedableRng;
 
 use crate::cache::{KvCache, RopeTables};
 use crate::generate::TokenModel;
+use crate::masked::{MaskSeed, MaskedStats};
 use crate::nn::{tensor_to_vec, Llama};
 use crate::qweights::QuantWeights;
 use crate::{LlamaConfig, LlamaWeights, ModelError};
@@ -53,6 +57,24 @@ impl LocalModel {
             rope,
             cache,
             config,
+        })
+    }
+
+    /// This model in masked mode with a fresh mask seed, both parties in this process
+    /// (`crate::masked`): the linear ops run as integers per row on masked words, the
+    /// rest as before. `stats` collects where the time goes and what the checks found.
+    pub fn masked(self, stats: &Arc<MaskedStats>) -> Result<Self, ModelError> {
+        let seed = Arc::new(MaskSeed::random());
+        let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
+        let stage = self.model.stage.masked(&seed, stats, &mut rng)?;
+        let cache = stage.new_cache(self.config.max_seq_len);
+        Ok(LocalModel {
+            model: Llama {
+                stage,
+                ..self.model
+            },
+            cache,
+            ..self
         })
     }
 

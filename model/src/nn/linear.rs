@@ -7,7 +7,8 @@ use std::sync::Arc;
 use burn::tensor::{Device, Tensor, TensorData};
 use veil_kernels::{matmul_fused, Precision, QMatrix};
 
-use super::tensor_io::matrix_to_tensor;
+use super::tensor_io::{matrix_to_tensor, tensor_to_vec};
+use crate::masked::MaskedLinear;
 use crate::{Matrix, ModelError};
 
 /// `x -> x W`.
@@ -17,6 +18,8 @@ pub enum Linear {
     Dense(Tensor<2>),
     /// `W` in GGML blocks, on the CPU.
     Quant(QuantLinear),
+    /// `W` as integers per row, multiplied on masked words (masked mode).
+    Masked(MaskedLinear),
 }
 
 /// Quantized matrices of the same width whose outputs sit side by side: one projection,
@@ -75,7 +78,7 @@ impl Linear {
     /// dense map is unchanged).
     pub fn with_precision(&self, precision: Precision) -> Linear {
         match self {
-            Linear::Dense(_) => self.clone(),
+            Linear::Dense(_) | Linear::Masked(_) => self.clone(),
             Linear::Quant(q) => Linear::Quant(QuantLinear {
                 precision,
                 ..q.clone()
@@ -88,6 +91,7 @@ impl Linear {
         match self {
             Linear::Dense(w) => w.dims()[1],
             Linear::Quant(q) => q.d_out,
+            Linear::Masked(m) => m.d_out(),
         }
     }
 
@@ -108,6 +112,42 @@ impl Linear {
                 matmul_fused(&parts, &host, n, &mut out, q.precision);
                 Tensor::from_data(TensorData::new(out, [n, q.d_out]), &q.device)
             }
+            Linear::Masked(m) => {
+                let [n, _] = x.dims();
+                let device = x.device();
+                let host = tensor_to_vec(x).expect("a masked model's tensors read back");
+                let out = m.forward(&host, n);
+                Tensor::from_data(TensorData::new(out, [n, m.d_out()]), &device)
+            }
+        }
+    }
+
+    /// `W` as f32 rows (`[out, in]`, dequantized where it is quantized): what masked mode
+    /// rounds to integers.
+    pub fn rows_f32(&self) -> Result<Matrix, ModelError> {
+        match self {
+            Linear::Dense(w) => {
+                let [d_in, d_out] = w.dims();
+                let host = tensor_to_vec(w.clone())?;
+                let mut rows = vec![0f32; d_in * d_out];
+                for (i, row) in host.chunks_exact(d_out.max(1)).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        rows[j * d_in + i] = v;
+                    }
+                }
+                Ok(Matrix::new(d_out, d_in, rows))
+            }
+            Linear::Quant(q) => {
+                let cols = q.parts.first().map_or(0, QMatrix::cols);
+                let mut rows = Vec::with_capacity(q.d_out * cols);
+                for p in q.parts.iter() {
+                    rows.extend(p.dequantize());
+                }
+                Ok(Matrix::new(q.d_out, cols, rows))
+            }
+            Linear::Masked(_) => Err(ModelError::Shape(
+                "a masked map keeps only its integers".into(),
+            )),
         }
     }
 
@@ -116,6 +156,7 @@ impl Linear {
         match self {
             Linear::Dense(w) => w.dims().iter().product::<usize>() * 4,
             Linear::Quant(q) => q.parts.iter().map(QMatrix::byte_len).sum(),
+            Linear::Masked(m) => m.weights().byte_len(),
         }
     }
 }

@@ -1,10 +1,14 @@
+use std::sync::Arc;
+
 use burn::tensor::{Device, Tensor};
 use veil_kernels::Precision;
 
 use super::attention::Segment;
+use super::linear::Linear;
 use super::probe::{NoProbe, Probe};
 use super::Block;
 use crate::cache::{KvCache, LayerKv, RopeTables};
+use crate::masked::{MaskSeed, MaskedLinear, MaskedStats, ACTIVATION_BITS};
 use crate::qweights::QuantLayer;
 use crate::{LayerWeights, LlamaConfig, ModelError};
 
@@ -68,6 +72,42 @@ impl Stage {
             }
         }
         stage
+    }
+
+    /// This stage in masked mode (`crate::masked`): each block's four linear ops (query,
+    /// key and value; output; gate and up; down) as integers per row (as wide as
+    /// [`ACTIVATION_BITS`]-bit activations allow), computed on masked words with both
+    /// parties in this process. Op `k` of layer `l` is op `4 l + k` of the
+    /// session's mask stream; each op's Freivalds secret is drawn from `rng`.
+    pub fn masked(
+        &self,
+        seed: &Arc<MaskSeed>,
+        stats: &Arc<MaskedStats>,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Stage, ModelError> {
+        let mut stage = self.clone();
+        for (i, b) in stage.blocks.iter_mut().enumerate() {
+            let layer = (self.first_layer + i) as u64;
+            for (k, l) in [
+                &mut b.attention.wqkv,
+                &mut b.attention.wo,
+                &mut b.mlp.w_gate_up,
+                &mut b.mlp.w_down,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                *l = Linear::Masked(MaskedLinear::prepare(
+                    &l.rows_f32()?,
+                    ACTIVATION_BITS,
+                    4 * layer + k as u64,
+                    seed.clone(),
+                    stats.clone(),
+                    rng,
+                )?);
+            }
+        }
+        Ok(stage)
     }
 
     pub fn n_layers(&self) -> usize {

@@ -1,0 +1,202 @@
+//! A linear op run in masked mode with both parties in this process: the compute node's
+//! `W (x + r)` and the mask provider's `W r`, then the client's unmasking and check.
+//!
+//! This is the local path (`--local --privacy masked`, mask provider `local`): it runs the
+//! same arithmetic the network will, so its outputs are the network's outputs, and it
+//! counts where the time goes. Being both parties at once, it multiplies the masked words
+//! and the masks in one pass over the weights (each party alone reads them once too).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use veil_kernels::ring::RingMatrix;
+
+use super::{dequantize_product, quantize_positions, Freivalds, MaskSeed};
+use crate::{Matrix, ModelError};
+
+/// Where a masked model's time went and what its checks found, summed over its ops.
+#[derive(Debug, Default)]
+pub struct MaskedStats {
+    /// Linear ops run (one per op per forward pass).
+    pub ops: AtomicU64,
+    /// Positions masked (words of an op's width).
+    pub positions: AtomicU64,
+    /// Products that failed their Freivalds check.
+    pub check_failures: AtomicU64,
+    /// Nanoseconds drawing masks (the mask provider and the client each draw them).
+    pub mask_ns: AtomicU64,
+    /// Nanoseconds in the products: the compute node's `W (x + r)` and the mask provider's
+    /// `W r`, in one pass.
+    pub product_ns: AtomicU64,
+    /// Nanoseconds in the client's role: quantizing, masking, unmasking, checking.
+    pub client_ns: AtomicU64,
+}
+
+/// [`MaskedStats`] read out: counts, and seconds per role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MaskedTotals {
+    pub ops: u64,
+    pub positions: u64,
+    pub check_failures: u64,
+    pub masks_s: f64,
+    pub products_s: f64,
+    pub client_s: f64,
+}
+
+impl MaskedStats {
+    fn add(counter: &AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The totals so far.
+    pub fn totals(&self) -> MaskedTotals {
+        self.read(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// The totals so far, and zero from here on.
+    pub fn take(&self) -> MaskedTotals {
+        self.read(|c| c.swap(0, Ordering::Relaxed))
+    }
+
+    fn read(&self, get: impl Fn(&AtomicU64) -> u64) -> MaskedTotals {
+        let secs = |c: &AtomicU64| get(c) as f64 / 1e9;
+        MaskedTotals {
+            ops: get(&self.ops),
+            positions: get(&self.positions),
+            check_failures: get(&self.check_failures),
+            masks_s: secs(&self.mask_ns),
+            products_s: secs(&self.product_ns),
+            client_s: secs(&self.client_ns),
+        }
+    }
+}
+
+/// One op: its integer weights, its address in the mask stream, and its check.
+#[derive(Debug, Clone)]
+pub struct MaskedLinear {
+    w: Arc<RingMatrix>,
+    op: u64,
+    seed: Arc<MaskSeed>,
+    /// Positions this op has masked so far: the next mask's address.
+    next: Arc<AtomicU64>,
+    check: Arc<Freivalds>,
+    stats: Arc<MaskedStats>,
+}
+
+impl MaskedLinear {
+    /// Op number `op` of a session with mask seed `seed`, for the f32 rows `w` (`[out,
+    /// in]`): rounded per row to the widest integers that leave the activations
+    /// `act_bits` bits ([`RingMatrix::quantize_within`]), with the client's Freivalds
+    /// secret drawn from `rng`.
+    pub fn prepare(
+        w: &Matrix,
+        act_bits: u32,
+        op: u64,
+        seed: Arc<MaskSeed>,
+        stats: Arc<MaskedStats>,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Self, ModelError> {
+        let ring = RingMatrix::quantize_within(w.rows, w.cols, &w.data, act_bits)
+            .map_err(|e| ModelError::Shape(format!("masked op {op}: {e}")))?
+            .ok_or_else(|| {
+                ModelError::Shape(format!(
+                    "masked op {op}: rows of {} inputs are too wide for {act_bits}-bit \
+                     activations modulo 2^32",
+                    w.cols
+                ))
+            })?;
+        let check = Arc::new(Freivalds::new(&ring, rng));
+        Ok(Self::new(Arc::new(ring), op, seed, check, stats))
+    }
+
+    /// Op number `op` of a session with mask seed `seed`, whose weights are `w`; `check`
+    /// is the client's secret for `w`.
+    pub fn new(
+        w: Arc<RingMatrix>,
+        op: u64,
+        seed: Arc<MaskSeed>,
+        check: Arc<Freivalds>,
+        stats: Arc<MaskedStats>,
+    ) -> Self {
+        MaskedLinear {
+            w,
+            op,
+            seed,
+            next: Arc::new(AtomicU64::new(0)),
+            check,
+            stats,
+        }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.w.cols()
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.w.rows()
+    }
+
+    pub fn weights(&self) -> &RingMatrix {
+        &self.w
+    }
+
+    /// `x` (`[n, d_in]`) → `x Wᵀ` (`[n, d_out]`), computed on masked words.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let (rows, cols) = (self.w.rows(), self.w.cols());
+        let stats = &self.stats;
+        let first = self.next.fetch_add(n as u64, Ordering::Relaxed);
+
+        // client: integers, masked
+        let t = Instant::now();
+        let (q, x_scales) = quantize_positions(x, n, cols, self.w.activation_bound());
+        MaskedStats::add(&stats.client_ns, t);
+
+        // the masks from the seed
+        let t = Instant::now();
+        let mut words = vec![0u32; 2 * n * cols];
+        let (masked, r) = words.split_at_mut(n * cols);
+        self.seed.fill(self.op, first, n, cols, r);
+        MaskedStats::add(&stats.mask_ns, t);
+
+        // client: the masked words (all a compute node sees)
+        let t = Instant::now();
+        for ((m, &x), &r) in masked.iter_mut().zip(&q).zip(r.iter()) {
+            *m = (x as u32).wrapping_add(r);
+        }
+        MaskedStats::add(&stats.client_ns, t);
+
+        // compute node, W (x + r), and mask provider, W r: one pass over the weights
+        let t = Instant::now();
+        let mut products = vec![0u32; 2 * n * rows];
+        self.w.mul(&words, 2 * n, &mut products);
+        let (wu, wr) = products.split_at(n * rows);
+        MaskedStats::add(&stats.product_ns, t);
+
+        // client: unmask, lift, check, back to f32
+        let t = Instant::now();
+        let y: Vec<i32> = wu
+            .iter()
+            .zip(wr)
+            .map(|(&a, &b)| a.wrapping_sub(b) as i32)
+            .collect();
+        for p in 0..n {
+            if !self
+                .check
+                .holds(&q[p * cols..(p + 1) * cols], &y[p * rows..(p + 1) * rows])
+            {
+                stats.check_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    op = self.op,
+                    position = first + p as u64,
+                    "a masked product failed its check"
+                );
+            }
+        }
+        let out = dequantize_product(&y, &x_scales, self.w.scales());
+        MaskedStats::add(&stats.client_ns, t);
+        stats.ops.fetch_add(1, Ordering::Relaxed);
+        stats.positions.fetch_add(n as u64, Ordering::Relaxed);
+        out
+    }
+}
