@@ -2,12 +2,14 @@
 //! backend runs in a child process so that its peak memory is its own.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use veil_model::crypto::{ClientLayers, EncryptedLocal, ShardQuant};
+use veil_model::masked::{MaskedStats, MaskedTotals, Privacy, Traffic};
 use veil_model::{BackendKind, LocalModel, TokenModel};
 
 use crate::encrypt::encrypt_with_progress;
@@ -63,6 +65,16 @@ pub struct BenchArgs {
     /// With --encrypted: layers the client runs itself after the last stage.
     #[arg(long, default_value_t = 0, requires = "encrypted")]
     pub client_last_layers: usize,
+    /// `masked`: also run the model in masked mode (both parties in this process; see
+    /// `veil generate --help`) alternating with the plaintext runs, and report the ratio,
+    /// where the time goes per decoded token, and the traffic a network would carry.
+    #[arg(
+        long,
+        default_value = "rotated",
+        value_name = "MODE",
+        conflicts_with = "encrypted"
+    )]
+    pub privacy: Privacy,
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +101,8 @@ pub struct ChildArgs {
     client_layers: usize,
     #[arg(long, default_value_t = 0)]
     client_last_layers: usize,
+    #[arg(long, default_value = "rotated")]
+    privacy: Privacy,
 }
 
 /// One backend's figures.
@@ -105,6 +119,27 @@ pub struct BenchResult {
     /// With --encrypted: the encrypted pipeline's figures and encrypted/plaintext ratios.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<EncryptedFigures>,
+    /// With --privacy masked: masked mode's figures and masked/plaintext ratios.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<MaskedFigures>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MaskedFigures {
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub prompt_ratio: f64,
+    pub decode_ratio: f64,
+    /// Per decoded token, in milliseconds: drawing the masks, the products of the compute
+    /// nodes and the mask providers (in one pass here), and the client's quantizing,
+    /// masking, unmasking and checks (its norms, attention and head come on top).
+    pub masks_ms_per_token: f64,
+    pub products_ms_per_token: f64,
+    pub client_ms_per_token: f64,
+    /// Products that failed their check (0 unless something is broken).
+    pub check_failures: u64,
+    /// What a network would carry per decoded token.
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -142,7 +177,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(p) => p.display().to_string(),
         None => "tiny".to_string(),
     };
-    let backends: Vec<BackendKind> = if args.backend.is_empty() {
+    let masked = args.privacy == Privacy::Masked;
+    let backends: Vec<BackendKind> = if masked && args.backend.is_empty() {
+        vec![BackendKind::Cpu]
+    } else if args.backend.is_empty() {
         // every backend this build has
         BackendKind::ALL
             .into_iter()
@@ -154,6 +192,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .map(|b| b.parse::<BackendKind>())
             .collect::<Result<_, _>>()?
     };
+    if masked && backends.iter().any(|b| *b != BackendKind::Cpu) {
+        bail!("masked mode runs on the CPU backend only (its products are exact integer kernels)");
+    }
     let exe = std::env::current_exe().context("cannot find the veil executable")?;
     let mut results = Vec::new();
     for backend in backends {
@@ -169,6 +210,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .args(["--quant", args.quant.as_str()])
             .args(["--client-layers", &args.client_layers.to_string()])
             .args(["--client-last-layers", &args.client_last_layers.to_string()])
+            .args(["--privacy", args.privacy.name()])
             .args(
                 args.calibration
                     .as_deref()
@@ -210,6 +252,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     for r in &results {
+        if let Some(m) = &r.masked {
+            println!(
+                "{:<7} {:>13.1} {:>13.1}  masked; ratio to plaintext: prompt {:.3}, decode {:.3}",
+                r.backend,
+                m.prompt_tokens_per_s,
+                m.decode_tokens_per_s,
+                m.prompt_ratio,
+                m.decode_ratio
+            );
+            println!(
+                "{:<7} per decoded token: masks {:.2} ms, products (nodes and mask providers) {:.2} ms, client {:.2} ms; \
+                 {} round trips, {:.1} KiB to the nodes, {:.1} KiB back from each party; {} failed checks",
+                r.backend,
+                m.masks_ms_per_token,
+                m.products_ms_per_token,
+                m.client_ms_per_token,
+                m.traffic.round_trips,
+                m.traffic.bytes_to_nodes as f64 / 1024.0,
+                m.traffic.bytes_from_nodes as f64 / 1024.0,
+                m.check_failures
+            );
+        }
         if let Some(e) = &r.encrypted {
             println!(
                 "{:<7} {:>13.1} {:>13.1}  encrypted; ratio to plaintext: prompt {:.3}, decode {:.3}",
@@ -338,12 +402,42 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
     } else {
         None
     };
+    let stats = Arc::new(MaskedStats::default());
+    let mut masked = if args.privacy == Privacy::Masked {
+        if compute.kind != BackendKind::Cpu {
+            bail!("masked mode runs on the CPU backend");
+        }
+        Some(
+            LocalModel::quantized(
+                &q.weights,
+                &compute.device,
+                context,
+                crate::generate::precision(args.exact),
+            )?
+            .masked(&stats)?,
+        )
+    } else {
+        None
+    };
     let load_s = t.elapsed().as_secs_f64();
     let (mut pp, mut pd, mut ep, mut ed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut client_ms = Vec::new();
+    let (mut mp, mut md, mut mtotals) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
         plain.reset();
         let (p, d) = timed_run(&mut plain, &prompt, args.gen_tokens)?;
+        if let Some(m) = masked.as_mut() {
+            m.reset();
+            let (p2, logits) = timed_prefill(m, &prompt)?;
+            stats.take();
+            let d2 = timed_decode(m, logits, args.gen_tokens)?;
+            let totals = stats.take();
+            if run > 0 {
+                mp.push(p2);
+                md.push(d2);
+                mtotals.push(totals);
+            }
+        }
         if let Some(enc) = encrypted.as_mut() {
             enc.reset();
             let (p2, d2, client) = timed_encrypted_run(enc, &prompt, args.gen_tokens)?;
@@ -368,6 +462,23 @@ pub fn run_child(args: ChildArgs) -> Result<()> {
         prompt_tokens_per_s: prompt_rate,
         decode_tokens_per_s: decode_rate,
         peak_rss_mib: peak_rss_mib(),
+        masked: masked.map(|_| {
+            let (p, d) = (median(mp), median(md));
+            let per_token = |f: fn(&MaskedTotals) -> f64| {
+                median(mtotals.iter().map(f).collect()) * 1e3 / args.gen_tokens as f64
+            };
+            MaskedFigures {
+                prompt_tokens_per_s: p,
+                decode_tokens_per_s: d,
+                prompt_ratio: p / prompt_rate,
+                decode_ratio: d / decode_rate,
+                masks_ms_per_token: per_token(|t| t.masks_s),
+                products_ms_per_token: per_token(|t| t.products_s),
+                client_ms_per_token: per_token(|t| t.client_s),
+                check_failures: mtotals.iter().map(|t| t.check_failures).sum(),
+                traffic: Traffic::per_position(&q.weights.config),
+            }
+        }),
         encrypted: encrypted.map(|enc| {
             let (p, d) = (median(ep), median(ed));
             EncryptedFigures {

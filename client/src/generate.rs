@@ -8,6 +8,7 @@ use serde::Serialize;
 use veil_model::crypto::{
     short_fingerprint, ClientBundle, ClientLayers, Encrypted, EncryptedLocal, ShardQuant,
 };
+use veil_model::masked::{MaskedStats, Privacy};
 use veil_model::{
     generate, BackendKind, Compute, GenerateParams, Generation, LocalModel, Precision,
     SamplingParams, TextCodec, TokenLogit, TokenModel,
@@ -97,6 +98,16 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// How the nodes' inputs are hidden. `rotated` (default): the key's rotations folded
+    /// into the weights (--encrypted, --deployment). `masked`: every linear op's input is
+    /// quantized to integers and sent with fresh uniformly random masks, so a node sees
+    /// nothing but uniform numbers even when the weights are public (SECURITY.md, "Masked
+    /// mode"); a mask provider computes the masks' share and the client checks every
+    /// product. For now with --local only, where this process plays every party on the
+    /// CPU: the same arithmetic, to measure its fidelity and cost.
+    #[arg(long, default_value = "rotated", value_name = "MODE",
+          conflicts_with_all = ["encrypted", "deployment"])]
+    pub privacy: Privacy,
 }
 
 #[derive(Serialize)]
@@ -191,6 +202,21 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
         )?;
         return Ok((bundle.text, encrypted(&e)?));
     }
+    if args.privacy == Privacy::Masked {
+        if compute.kind != BackendKind::Cpu {
+            bail!("masked mode runs on the CPU backend only (--backend cpu)");
+        }
+        let bundle = spec.load_quantized()?;
+        let stats = std::sync::Arc::new(MaskedStats::default());
+        let model = LocalModel::quantized(
+            &bundle.weights,
+            &compute.device,
+            None,
+            precision(args.exact),
+        )?
+        .masked(&stats)?;
+        return Ok((bundle.text, Box::new(MaskedRun { model, stats })));
+    }
     if compute.kind == BackendKind::Cpu {
         // the GGUF's own blocks, multiplied by the quantized kernels
         let bundle = spec.load_quantized()?;
@@ -205,6 +231,40 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
     let bundle = spec.load()?;
     let model = LocalModel::new(&bundle.weights, &compute.device, None);
     Ok((bundle.text, Box::new(model)))
+}
+
+/// A masked model that says on stderr, when dropped, what its parties did.
+struct MaskedRun {
+    model: LocalModel,
+    stats: std::sync::Arc<MaskedStats>,
+}
+
+impl TokenModel for MaskedRun {
+    fn context_len(&self) -> usize {
+        self.model.context_len()
+    }
+    fn position(&self) -> usize {
+        self.model.position()
+    }
+    fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, veil_model::ModelError> {
+        self.model.feed(ids)
+    }
+}
+
+impl Drop for MaskedRun {
+    fn drop(&mut self) {
+        let t = self.stats.totals();
+        tracing::info!(
+            "masked: {} ops on {} positions, {} failed checks; masks {:.2} s, products \
+             (compute node and mask provider) {:.2} s, client {:.2} s",
+            t.ops,
+            t.positions,
+            t.check_failures,
+            t.masks_s,
+            t.products_s,
+            t.client_s
+        );
+    }
 }
 
 /// Say on stderr which nodes were caught answering wrongly.

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use veil_model::crypto::{EncryptedLocal, ShardQuant};
+use veil_model::masked::{MaskedStats, MaskedTotals, Privacy};
 use veil_model::perplexity::{perplexity, Perplexity, PerplexityReport, SequenceModel};
-use veil_model::{BackendKind, LocalModel};
+use veil_model::{BackendKind, LocalModel, Precision};
 
 use crate::encrypt::encrypt_with_progress;
 use crate::generate::{compute_for, precision};
@@ -51,6 +52,16 @@ pub struct PerplexityArgs {
     /// f32 activations against dequantized weights (see `veil generate --help`).
     #[arg(long)]
     pub exact: bool,
+    /// `masked`: also score the model in masked mode (every linear op on masked integer
+    /// words, both parties in this process; see `veil generate --help`) beside the exact
+    /// plaintext model, with their top-1 agreement and the checks' findings.
+    #[arg(
+        long,
+        default_value = "rotated",
+        value_name = "MODE",
+        conflicts_with = "encrypted"
+    )]
+    pub privacy: Privacy,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -77,11 +88,18 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         }
         tokens.truncate(n.saturating_mul(args.ctx));
     }
+    let masked = args.privacy == Privacy::Masked;
+    // masked mode is compared with the exact plaintext model
+    let plain_precision = if masked {
+        Precision::Exact
+    } else {
+        precision(args.exact)
+    };
     let mut plain = LocalModel::quantized(
         &bundle.weights,
         &compute.device,
         Some(args.ctx),
-        precision(args.exact),
+        plain_precision,
     )?;
     if plain.config().max_seq_len < args.ctx {
         bail!(
@@ -98,7 +116,26 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let report = if args.encrypted {
+    let stats = std::sync::Arc::new(MaskedStats::default());
+    let report = if masked {
+        bar.set_message("preparing masked mode");
+        let mut m = LocalModel::quantized(
+            &bundle.weights,
+            &compute.device,
+            Some(args.ctx),
+            precision(args.exact),
+        )?
+        .masked(&stats)?;
+        bar.set_message("scoring masked and plaintext");
+        perplexity(
+            &mut m,
+            Some(&mut plain as &mut dyn SequenceModel),
+            &tokens,
+            args.ctx,
+            bos,
+            &mut on_chunk,
+        )?
+    } else if args.encrypted {
         let e = encrypt_with_progress(
             &bundle,
             args.stages,
@@ -139,7 +176,9 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
             file: &args.file,
             encrypted: args.encrypted,
             quant: args.encrypted.then(|| args.quant.to_string()),
-            exact: args.exact,
+            exact: args.exact || masked,
+            privacy: masked.then_some(args.privacy),
+            masked: masked.then(|| stats.totals()),
             report: &report,
         };
         serde_json::to_writer(&mut out, &json)?;
@@ -158,12 +197,24 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         )
     };
     if let (Some(r), Some(g)) = (&report.reference, &report.agreement) {
-        writeln!(out, "{}", line("plaintext", r))?;
         writeln!(
             out,
             "{}",
-            line(&format!("encrypted {}", args.quant), &report.model)
+            line(
+                if masked {
+                    "plaintext (exact)"
+                } else {
+                    "plaintext"
+                },
+                r
+            )
         )?;
+        let name = if masked {
+            "masked".to_string()
+        } else {
+            format!("encrypted {}", args.quant)
+        };
+        writeln!(out, "{}", line(&name, &report.model))?;
         writeln!(
             out,
             "ratio {:.4}, top-1 agreement {:.2}%, mean KL {:.5} nats",
@@ -173,6 +224,15 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         )?;
     } else {
         writeln!(out, "{}", line("plaintext", &report.model))?;
+    }
+    if masked {
+        let f = stats.totals();
+        writeln!(
+            out,
+            "masked: {} ops on {} positions, {} failed checks; masks {:.1} s, products \
+             (compute node and mask provider) {:.1} s, client {:.1} s",
+            f.ops, f.positions, f.check_failures, f.masks_s, f.products_s, f.client_s
+        )?;
     }
     Ok(())
 }
@@ -185,7 +245,12 @@ struct Json<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     quant: Option<String>,
     exact: bool,
-    /// With --encrypted, `model` is the encrypted pipeline and `reference` the plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    privacy: Option<Privacy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    masked: Option<MaskedTotals>,
+    /// With --encrypted or --privacy masked, `model` is that model and `reference` the
+    /// plaintext.
     #[serde(flatten)]
     report: &'a PerplexityReport,
 }
