@@ -7,10 +7,12 @@ use rand::SeedableRng;
 
 use crate::cache::{KvCache, RopeTables};
 use crate::generate::TokenModel;
-use crate::masked::{MaskSeed, MaskedStats};
+use crate::masked::{MaskSeed, MaskedStats, Parties};
 use crate::nn::{tensor_to_vec, Llama};
 use crate::qweights::QuantWeights;
 use crate::{LlamaConfig, LlamaWeights, ModelError};
+use std::collections::HashMap;
+use veil_kernels::ring::RingMatrix;
 
 /// The plaintext model on one device with the state of one sequence.
 #[derive(Debug)]
@@ -76,6 +78,28 @@ impl LocalModel {
             cache,
             ..self
         })
+    }
+
+    /// A masked model's ops (number → integer weights) and mask seed: what its parties
+    /// hold. Empty and `None` for a model that is not masked.
+    pub fn masked_ops(&self) -> (HashMap<u64, Arc<RingMatrix>>, Option<Arc<MaskSeed>>) {
+        (
+            self.model.stage.masked_ops().into_iter().collect(),
+            self.model.stage.mask_seed(),
+        )
+    }
+
+    /// This masked model with its products computed by `parties` (the sequence so far is
+    /// kept).
+    pub fn with_parties(self, parties: &Parties) -> Self {
+        let stage = self.model.stage.with_parties(parties);
+        LocalModel {
+            model: Llama {
+                stage,
+                ..self.model
+            },
+            ..self
+        }
     }
 
     pub fn config(&self) -> &LlamaConfig {

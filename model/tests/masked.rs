@@ -1,12 +1,15 @@
 //! Masked mode in one process: exact ring arithmetic whatever the masks, every
-//! architecture, and SmolLM2's fidelity against the exact plaintext model.
+//! architecture, SmolLM2's fidelity against the exact plaintext model, and lying parties
+//! caught without changing a bit of the output.
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use common::{max_abs_diff, smollm2_path};
-use veil_model::masked::MaskedStats;
+use veil_model::masked::{
+    ComputeParty, LocalParty, MaskParty, MaskedStats, Parties, PartyError, SplitParties,
+};
 use veil_model::perplexity::{perplexity, SequenceModel};
 use veil_model::sampling::argmax;
 use veil_model::tiny::TinyVariant;
@@ -139,4 +142,152 @@ fn smollm2_masked_scores_like_the_exact_model() {
     plain.reset();
     m.reset();
     assert_eq!(run(&mut m), run(&mut plain));
+}
+
+/// A party that answers honestly until its `lie_from`-th call, then adds one to a word of
+/// every answer; it records the ops it lied on.
+#[derive(Debug)]
+struct Liar {
+    inner: LocalParty,
+    lie_from: usize,
+    calls: Mutex<usize>,
+    lies: Mutex<Vec<u64>>,
+}
+
+impl Liar {
+    fn new(inner: LocalParty, lie_from: usize) -> Self {
+        Liar {
+            inner,
+            lie_from,
+            calls: Mutex::new(0),
+            lies: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn maybe_lie(&self, op: u64, mut v: Vec<u32>) -> Vec<u32> {
+        let mut calls = self.calls.lock().expect("calls");
+        *calls += 1;
+        if *calls >= self.lie_from {
+            v[0] = v[0].wrapping_add(1);
+            self.lies.lock().expect("lies").push(op);
+        }
+        v
+    }
+}
+
+impl ComputeParty for Liar {
+    fn name(&self) -> String {
+        ComputeParty::name(&self.inner)
+    }
+    fn products(&self, op: u64, words: &[u32], n: usize) -> Result<Vec<u32>, PartyError> {
+        let v = self.inner.products(op, words, n)?;
+        Ok(self.maybe_lie(op, v))
+    }
+}
+
+impl MaskParty for Liar {
+    fn name(&self) -> String {
+        MaskParty::name(&self.inner)
+    }
+    fn mask_products(&self, op: u64, first: u64, n: usize) -> Result<Vec<u32>, PartyError> {
+        let v = self.inner.mask_products(op, first, n)?;
+        Ok(self.maybe_lie(op, v))
+    }
+}
+
+/// A compute node that is never reachable.
+#[derive(Debug)]
+struct Down;
+
+impl ComputeParty for Down {
+    fn name(&self) -> String {
+        "down".into()
+    }
+    fn products(&self, _: u64, _: &[u32], _: usize) -> Result<Vec<u32>, PartyError> {
+        Err(PartyError {
+            party: "down".into(),
+            reason: "connection refused".into(),
+        })
+    }
+}
+
+/// Prefill `ids`, then 6 greedy steps: every logit on the way.
+fn run(m: &mut LocalModel, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut out = m.feed_all(ids).expect("prefill");
+    for _ in 0..6 {
+        let next = argmax(out.last().expect("logits"));
+        out.push(m.feed(&[next]).expect("step"));
+    }
+    out
+}
+
+#[test]
+fn lying_parties_are_caught_at_their_first_wrong_answer_and_change_nothing() {
+    let q = QuantBundle::tiny().expect("tiny");
+    let ids = q
+        .text
+        .tokenizer
+        .encode("a lying node is caught", false)
+        .expect("ids");
+    let want = run(&mut masked(&q, &Arc::new(MaskedStats::default())), &ids);
+
+    let stats = Arc::new(MaskedStats::default());
+    let m = masked(&q, &stats);
+    let (ops, seed) = m.masked_ops();
+    assert_eq!(ops.len(), 4 * q.weights.config.n_layers);
+    let ops = Arc::new(ops);
+    let party = |name: &str, seed| LocalParty::new(name, ops.clone(), seed);
+    let lying_node = Arc::new(Liar::new(party("lying-node", None), 5));
+    let lying_provider = Arc::new(Liar::new(party("lying-provider", seed.clone()), 3));
+    let split = Arc::new(SplitParties::new(
+        vec![
+            lying_node.clone() as Arc<dyn ComputeParty>,
+            Arc::new(Down),
+            Arc::new(party("honest-node", None)),
+        ],
+        vec![
+            lying_provider.clone() as Arc<dyn MaskParty>,
+            Arc::new(party("honest-provider", seed)),
+        ],
+    ));
+    let mut m = m.with_parties(&Parties::Split(split.clone()));
+    assert_eq!(run(&mut m, &ids), want, "the output changed");
+
+    // each liar lied once: caught at once, never asked again
+    let (node_lies, provider_lies) = (
+        lying_node.lies.lock().expect("lies").clone(),
+        lying_provider.lies.lock().expect("lies").clone(),
+    );
+    assert_eq!(node_lies.len(), 1);
+    assert_eq!(provider_lies.len(), 1);
+    let found = split.detections();
+    assert_eq!(found.len(), 2, "{found:?}");
+    let role_of = |name: &str| {
+        found
+            .iter()
+            .find(|d| d.party == name)
+            .map(|d| (d.role.clone(), d.op))
+    };
+    assert_eq!(
+        role_of("lying-node"),
+        Some(("compute node".into(), node_lies[0]))
+    );
+    assert_eq!(
+        role_of("lying-provider"),
+        Some(("mask provider".into(), provider_lies[0]))
+    );
+    assert_eq!(stats.totals().check_failures, 2);
+
+    // with no honest compute node left, the client computes the ops itself: same output
+    let m = masked(&q, &Arc::new(MaskedStats::default()));
+    let (ops, _) = m.masked_ops();
+    let liar = Arc::new(Liar::new(LocalParty::new("liar", Arc::new(ops), None), 1));
+    let split = Arc::new(SplitParties::new(
+        vec![liar.clone() as Arc<dyn ComputeParty>],
+        vec![],
+    ));
+    let mut m = m.with_parties(&Parties::Split(split.clone()));
+    assert_eq!(run(&mut m, &ids), want);
+    assert_eq!(liar.lies.lock().expect("lies").len(), 1);
+    assert_eq!(split.detections().len(), 1);
 }

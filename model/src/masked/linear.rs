@@ -1,10 +1,10 @@
-//! A linear op run in masked mode with both parties in this process: the compute node's
-//! `W (x + r)` and the mask provider's `W r`, then the client's unmasking and check.
+//! A linear op in masked mode, from the client's side: quantize, mask, have the parties
+//! multiply ([`Parties`]), unmask, check, and back to f32.
 //!
-//! This is the local path (`--local --privacy masked`, mask provider `local`): it runs the
-//! same arithmetic the network will, so its outputs are the network's outputs, and it
-//! counts where the time goes. Being both parties at once, it multiplies the masked words
-//! and the masks in one pass over the weights (each party alone reads them once too).
+//! With [`Parties::Local`] (`--local --privacy masked`) this process plays both parties: the
+//! same arithmetic the network runs, so the same outputs, and a count of where the time
+//! goes. Being both at once, it multiplies the masked words and the masks in one pass over
+//! the weights (each party alone reads them once too).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use veil_kernels::ring::RingMatrix;
 
+use super::party::{Parties, SplitParties};
 use super::{dequantize_product, quantize_positions, Freivalds, MaskSeed};
 use crate::{Matrix, ModelError};
 
@@ -82,6 +83,7 @@ pub struct MaskedLinear {
     next: Arc<AtomicU64>,
     check: Arc<Freivalds>,
     stats: Arc<MaskedStats>,
+    parties: Parties,
 }
 
 impl MaskedLinear {
@@ -126,7 +128,31 @@ impl MaskedLinear {
             next: Arc::new(AtomicU64::new(0)),
             check,
             stats,
+            parties: Parties::Local,
         }
+    }
+
+    /// This op with its products computed by `parties`.
+    pub fn with_parties(&self, parties: Parties) -> Self {
+        MaskedLinear {
+            parties,
+            ..self.clone()
+        }
+    }
+
+    /// The op's number in the session's mask stream.
+    pub fn op(&self) -> u64 {
+        self.op
+    }
+
+    /// The session's mask seed (what a mask provider is given).
+    pub fn seed(&self) -> &Arc<MaskSeed> {
+        &self.seed
+    }
+
+    /// The op's integer weights, shared.
+    pub fn weights_arc(&self) -> &Arc<RingMatrix> {
+        &self.w
     }
 
     pub fn d_in(&self) -> usize {
@@ -166,37 +192,146 @@ impl MaskedLinear {
         }
         MaskedStats::add(&stats.client_ns, t);
 
-        // compute node, W (x + r), and mask provider, W r: one pass over the weights
-        let t = Instant::now();
-        let mut products = vec![0u32; 2 * n * rows];
-        self.w.mul(&words, 2 * n, &mut products);
-        let (wu, wr) = products.split_at(n * rows);
-        MaskedStats::add(&stats.product_ns, t);
-
-        // client: unmask, lift, check, back to f32
-        let t = Instant::now();
-        let y: Vec<i32> = wu
-            .iter()
-            .zip(wr)
-            .map(|(&a, &b)| a.wrapping_sub(b) as i32)
-            .collect();
-        for p in 0..n {
-            if !self
-                .check
-                .holds(&q[p * cols..(p + 1) * cols], &y[p * rows..(p + 1) * rows])
-            {
-                stats.check_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    op = self.op,
-                    position = first + p as u64,
-                    "a masked product failed its check"
-                );
+        let y = match &self.parties {
+            Parties::Local => {
+                // compute node, W (x + r), and mask provider, W r: one pass over the weights
+                let t = Instant::now();
+                let mut products = vec![0u32; 2 * n * rows];
+                self.w.mul(&words, 2 * n, &mut products);
+                let (wu, wr) = products.split_at(n * rows);
+                MaskedStats::add(&stats.product_ns, t);
+                let t = Instant::now();
+                let y = unmask(wu, wr);
+                if let Some(p) = self.failed_position(&q, &y, n) {
+                    stats.check_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        op = self.op,
+                        position = first + p as u64,
+                        "a masked product failed its check"
+                    );
+                }
+                MaskedStats::add(&stats.client_ns, t);
+                y
             }
-        }
+            Parties::Split(parties) => {
+                let (masked, r) = words.split_at(n * cols);
+                self.split_products(parties, masked, r, &q, first, n)
+            }
+        };
+
+        // client: back to f32
+        let t = Instant::now();
         let out = dequantize_product(&y, &x_scales, self.w.scales());
         MaskedStats::add(&stats.client_ns, t);
         stats.ops.fetch_add(1, Ordering::Relaxed);
         stats.positions.fetch_add(n as u64, Ordering::Relaxed);
         out
     }
+
+    /// The first of `n` positions whose product `y` fails its check.
+    fn failed_position(&self, q: &[i32], y: &[i32], n: usize) -> Option<usize> {
+        let (rows, cols) = (self.w.rows(), self.w.cols());
+        (0..n).find(|&p| {
+            !self
+                .check
+                .holds(&q[p * cols..(p + 1) * cols], &y[p * rows..(p + 1) * rows])
+        })
+    }
+
+    /// `W x` from separate parties (see `party`): the first mask provider and compute
+    /// replica not yet caught, checked, and on a mismatch found out and replaced.
+    fn split_products(
+        &self,
+        s: &SplitParties,
+        masked: &[u32],
+        r: &[u32],
+        q: &[i32],
+        first: u64,
+        n: usize,
+    ) -> Vec<i32> {
+        let (op, rows) = (self.op, self.w.rows());
+        let stats = &self.stats;
+        let own_wr = || {
+            let mut out = vec![0u32; n * rows];
+            self.w.mul(r, n, &mut out);
+            out
+        };
+        let t = Instant::now();
+        let mut provider = None;
+        for p in s.providers.iter().filter(|p| !s.is_caught(&p.name())) {
+            match p.mask_products(op, first, n) {
+                Ok(v) if v.len() == n * rows => {
+                    provider = Some((p.name(), v));
+                    break;
+                }
+                Ok(v) => {
+                    tracing::warn!("masked op {op}: {} sent {} words", p.name(), v.len());
+                    s.catch(p.name(), "mask provider", op, first);
+                }
+                Err(e) => tracing::warn!("masked op {op}: {e}"),
+            }
+        }
+        let (mut provider, mut wr) = match provider {
+            Some((name, v)) => (Some(name), v),
+            None => {
+                tracing::warn!(
+                    "masked op {op}: no mask provider answered; the client computes the \
+                     masks' products"
+                );
+                (None, own_wr())
+            }
+        };
+        let mut own: Option<Vec<u32>> = None;
+        for c in s.compute.iter().filter(|c| !s.is_caught(&c.name())) {
+            let wu = match c.products(op, masked, n) {
+                Ok(v) if v.len() == n * rows => v,
+                Ok(v) => {
+                    tracing::warn!("masked op {op}: {} sent {} words", c.name(), v.len());
+                    s.catch(c.name(), "compute node", op, first);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("masked op {op}: {e}; trying the next replica");
+                    continue;
+                }
+            };
+            let y = unmask(&wu, &wr);
+            if self.failed_position(q, &y, n).is_none() {
+                MaskedStats::add(&stats.product_ns, t);
+                return y;
+            }
+            stats.check_failures.fetch_add(1, Ordering::Relaxed);
+            // who lied: the masks' products against the client's own
+            let mine = own.get_or_insert_with(own_wr);
+            if *mine != wr {
+                if let Some(name) = provider.take() {
+                    s.catch(name, "mask provider", op, first);
+                }
+                wr = mine.clone();
+                let y = unmask(&wu, &wr);
+                if self.failed_position(q, &y, n).is_none() {
+                    MaskedStats::add(&stats.product_ns, t);
+                    return y;
+                }
+            }
+            s.catch(c.name(), "compute node", op, first);
+        }
+        tracing::error!(
+            "masked op {op}: no compute replica left that answers correctly; the client \
+             computes it"
+        );
+        let words: Vec<u32> = q.iter().map(|&v| v as u32).collect();
+        let mut wx = vec![0u32; n * rows];
+        self.w.mul(&words, n, &mut wx);
+        MaskedStats::add(&stats.product_ns, t);
+        wx.into_iter().map(|v| v as i32).collect()
+    }
+}
+
+/// `W u - W r`, lifted to signed integers.
+fn unmask(wu: &[u32], wr: &[u32]) -> Vec<i32> {
+    wu.iter()
+        .zip(wr)
+        .map(|(&a, &b)| a.wrapping_sub(b) as i32)
+        .collect()
 }

@@ -16,11 +16,15 @@
 pub mod freivalds;
 pub mod linear;
 pub mod mask;
+pub mod party;
 pub mod quant;
 
 pub use freivalds::Freivalds;
 pub use linear::{MaskedLinear, MaskedStats, MaskedTotals};
 pub use mask::MaskSeed;
+pub use party::{
+    ComputeParty, Detection, LocalParty, MaskParty, Parties, PartyError, SplitParties,
+};
 pub use quant::{dequantize_product, quantize_positions};
 
 /// Bits (sign included) each activation keeps in masked mode; the weights get the rest of

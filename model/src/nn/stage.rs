@@ -8,9 +8,10 @@ use super::linear::Linear;
 use super::probe::{NoProbe, Probe};
 use super::Block;
 use crate::cache::{KvCache, LayerKv, RopeTables};
-use crate::masked::{MaskSeed, MaskedLinear, MaskedStats, ACTIVATION_BITS};
+use crate::masked::{MaskSeed, MaskedLinear, MaskedStats, Parties, ACTIVATION_BITS};
 use crate::qweights::QuantLayer;
 use crate::{LayerWeights, LlamaConfig, ModelError};
+use veil_kernels::ring::RingMatrix;
 
 /// A contiguous range of decoder blocks: the unit a node serves. The plaintext model is
 /// one stage with every layer.
@@ -108,6 +109,51 @@ impl Stage {
             }
         }
         Ok(stage)
+    }
+
+    /// Every masked op of this stage (see [`Self::masked`]): its number and weights.
+    pub fn masked_ops(&self) -> Vec<(u64, Arc<RingMatrix>)> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.attention.wqkv,
+                    &b.attention.wo,
+                    &b.mlp.w_gate_up,
+                    &b.mlp.w_down,
+                ]
+            })
+            .filter_map(|l| match l {
+                Linear::Masked(m) => Some((m.op(), m.weights_arc().clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The session's mask seed, if this stage is masked.
+    pub fn mask_seed(&self) -> Option<Arc<MaskSeed>> {
+        self.blocks.first().and_then(|b| match &b.attention.wqkv {
+            Linear::Masked(m) => Some(m.seed().clone()),
+            _ => None,
+        })
+    }
+
+    /// This masked stage with its products computed by `parties`.
+    pub fn with_parties(&self, parties: &Parties) -> Stage {
+        let mut stage = self.clone();
+        for b in &mut stage.blocks {
+            for l in [
+                &mut b.attention.wqkv,
+                &mut b.attention.wo,
+                &mut b.mlp.w_gate_up,
+                &mut b.mlp.w_down,
+            ] {
+                if let Linear::Masked(m) = l {
+                    *l = Linear::Masked(m.with_parties(parties.clone()));
+                }
+            }
+        }
+        stage
     }
 
     pub fn n_layers(&self) -> usize {
