@@ -1,10 +1,12 @@
 //! x86-64 products modulo 2^32: AVX2 (`vpmaddwd`) and AVX-512 VNNI (`vpdpwssd` on 512-bit
 //! registers).
 //!
-//! Sixteen (or thirty-two) int8 weights are sign-extended to 16 bits once and multiplied
-//! with the low and the high halves of up to four masked words; pairs of products add into
-//! 32-bit lanes (at most 2^23 each: no saturation) and lanes add with wrapping, which is
-//! addition modulo 2^32. Each kernel gives the bits of `portable::rows_planes`.
+//! Sixteen (or thirty-two) weights of two rows are loaded as 16-bit lanes (int8
+//! sign-extended) and multiplied with the low and the high halves of up to two (AVX2) or
+//! four (AVX-512) masked words, so that each load serves several products; pairs of
+//! products add into 32-bit lanes (below 2^31 in magnitude: no saturation) and lanes add
+//! with wrapping, which is addition modulo 2^32. Each kernel gives the bits of
+//! `portable::rows_planes`.
 //!
 //! Safety: every function here is `unsafe` only because of `#[target_feature]`; the safe
 //! entry points check the CPU with [`crate::cpu::has`] and every load lies inside a slice
@@ -14,11 +16,8 @@
 use std::arch::x86_64::*;
 
 use super::portable::{dot_planes, rows_planes};
-use super::{Planes, RingMatrix, Row};
+use super::{Ints, Planes, RingMatrix};
 use crate::cpu::{self, Isa};
-
-/// Words multiplied per pass over a row's weights.
-const TILE: usize = 4;
 
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -63,82 +62,123 @@ impl Weight for i16 {
     }
 }
 
-/// Row `w` against words `t0..t0 + K` of `p`, into `out[0..K]`.
+/// Rows `ws` against words `t0..t0 + K` of `p`: `out[a][s]` for row `a`, word `t0 + s`.
+/// Each weight load serves `K` words and each activation load `R` rows.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_avx2<W: Weight, const K: usize>(w: &[W], p: &Planes, t0: usize, out: &mut [u32]) {
+unsafe fn tile_avx2<W: Weight, const R: usize, const K: usize>(
+    ws: [&[W]; R],
+    p: &Planes,
+    t0: usize,
+) -> [[u32; K]; R] {
     let cols = p.cols;
     let main = cols / 16 * 16;
     let lo: [&[i16]; K] = std::array::from_fn(|s| &p.lo[(t0 + s) * cols..(t0 + s + 1) * cols]);
     let hi: [&[i16]; K] = std::array::from_fn(|s| &p.hi[(t0 + s) * cols..(t0 + s + 1) * cols]);
-    let mut acc_lo = [_mm256_setzero_si256(); K];
-    let mut acc_hi = [_mm256_setzero_si256(); K];
+    let mut acc_lo = [[_mm256_setzero_si256(); K]; R];
+    let mut acc_hi = [[_mm256_setzero_si256(); K]; R];
     let mut j = 0;
     while j < main {
-        // safety: j + 16 <= cols = w.len() = lo[s].len() = hi[s].len()
-        let wv = W::load16(w.as_ptr().add(j));
+        // safety: j + 16 <= cols = ws[a].len() = lo[s].len() = hi[s].len()
+        let wv: [__m256i; R] = std::array::from_fn(|a| W::load16(ws[a].as_ptr().add(j)));
         for s in 0..K {
             let l = _mm256_loadu_si256(lo[s].as_ptr().add(j).cast());
             let h = _mm256_loadu_si256(hi[s].as_ptr().add(j).cast());
-            acc_lo[s] = _mm256_add_epi32(acc_lo[s], _mm256_madd_epi16(wv, l));
-            acc_hi[s] = _mm256_add_epi32(acc_hi[s], _mm256_madd_epi16(wv, h));
+            for a in 0..R {
+                acc_lo[a][s] = _mm256_add_epi32(acc_lo[a][s], _mm256_madd_epi16(wv[a], l));
+                acc_hi[a][s] = _mm256_add_epi32(acc_hi[a][s], _mm256_madd_epi16(wv[a], h));
+            }
         }
         j += 16;
     }
-    for s in 0..K {
-        let (tl, th) = dot_planes(w, lo[s], hi[s], main);
-        let l = hsum256(acc_lo[s]).wrapping_add(tl);
-        let h = hsum256(acc_hi[s]).wrapping_add(th);
-        out[s] = l.wrapping_add(h << 16);
+    let mut out = [[0u32; K]; R];
+    for a in 0..R {
+        for s in 0..K {
+            let (tl, th) = dot_planes(ws[a], lo[s], hi[s], main);
+            let l = hsum256(acc_lo[a][s]).wrapping_add(tl);
+            let h = hsum256(acc_hi[a][s]).wrapping_add(th);
+            out[a][s] = l.wrapping_add(h << 16);
+        }
     }
+    out
 }
 
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_avx512<W: Weight, const K: usize>(w: &[W], p: &Planes, t0: usize, out: &mut [u32]) {
+unsafe fn tile_avx512<W: Weight, const R: usize, const K: usize>(
+    ws: [&[W]; R],
+    p: &Planes,
+    t0: usize,
+) -> [[u32; K]; R] {
     let cols = p.cols;
     let main = cols / 32 * 32;
     let lo: [&[i16]; K] = std::array::from_fn(|s| &p.lo[(t0 + s) * cols..(t0 + s + 1) * cols]);
     let hi: [&[i16]; K] = std::array::from_fn(|s| &p.hi[(t0 + s) * cols..(t0 + s + 1) * cols]);
-    let mut acc_lo = [_mm512_setzero_si512(); K];
-    let mut acc_hi = [_mm512_setzero_si512(); K];
+    let mut acc_lo = [[_mm512_setzero_si512(); K]; R];
+    let mut acc_hi = [[_mm512_setzero_si512(); K]; R];
     let mut j = 0;
     while j < main {
-        // safety: j + 32 <= cols = w.len() = lo[s].len() = hi[s].len()
-        let wv = W::load32(w.as_ptr().add(j));
+        // safety: j + 32 <= cols = ws[a].len() = lo[s].len() = hi[s].len()
+        let wv: [__m512i; R] = std::array::from_fn(|a| W::load32(ws[a].as_ptr().add(j)));
         for s in 0..K {
             let l = _mm512_loadu_si512(lo[s].as_ptr().add(j).cast());
             let h = _mm512_loadu_si512(hi[s].as_ptr().add(j).cast());
-            acc_lo[s] = _mm512_dpwssd_epi32(acc_lo[s], wv, l);
-            acc_hi[s] = _mm512_dpwssd_epi32(acc_hi[s], wv, h);
+            for a in 0..R {
+                acc_lo[a][s] = _mm512_dpwssd_epi32(acc_lo[a][s], wv[a], l);
+                acc_hi[a][s] = _mm512_dpwssd_epi32(acc_hi[a][s], wv[a], h);
+            }
         }
         j += 32;
     }
-    for s in 0..K {
-        let (tl, th) = dot_planes(w, lo[s], hi[s], main);
-        let l = (_mm512_reduce_add_epi32(acc_lo[s]) as u32).wrapping_add(tl);
-        let h = (_mm512_reduce_add_epi32(acc_hi[s]) as u32).wrapping_add(th);
-        out[s] = l.wrapping_add(h << 16);
+    let mut out = [[0u32; K]; R];
+    for a in 0..R {
+        for s in 0..K {
+            let (tl, th) = dot_planes(ws[a], lo[s], hi[s], main);
+            let l = (_mm512_reduce_add_epi32(acc_lo[a][s]) as u32).wrapping_add(tl);
+            let h = (_mm512_reduce_add_epi32(acc_hi[a][s]) as u32).wrapping_add(th);
+            out[a][s] = l.wrapping_add(h << 16);
+        }
     }
+    out
 }
 
 macro_rules! rows_kernel {
-    ($name:ident, $inner:ident, $tile:ident, $features:literal, $isa:expr) => {
+    ($name:ident, $inner:ident, $tile:ident, $features:literal, $isa:expr, $kmax:literal) => {
+        /// Rows `r0..r1` of `w` (rows of `p.cols`) against every word of `p`, into
+        /// `out[(i - r0) n + t]`: pairs of rows by up to `$kmax` words at a time.
         #[target_feature(enable = $features)]
-        unsafe fn $inner<W: Weight>(w: &[W], p: &Planes, out: &mut [u32]) {
-            let n = p.n;
-            let mut buf = [0u32; TILE];
-            let mut t = 0;
-            while t < n {
-                let k = (n - t).min(TILE);
-                match k {
-                    4 => $tile::<W, 4>(w, p, t, &mut buf),
-                    3 => $tile::<W, 3>(w, p, t, &mut buf),
-                    2 => $tile::<W, 2>(w, p, t, &mut buf),
-                    _ => $tile::<W, 1>(w, p, t, &mut buf),
+        unsafe fn $inner<W: Weight>(w: &[W], r0: usize, r1: usize, p: &Planes, out: &mut [u32]) {
+            let (n, cols) = (p.n, p.cols);
+            let row = |i: usize| &w[i * cols..(i + 1) * cols];
+            let mut i = r0;
+            while i < r1 {
+                let pair = i + 1 < r1;
+                let mut t = 0;
+                while t < n {
+                    let k = (n - t).min($kmax);
+                    macro_rules! put {
+                        ($r:literal, $k:literal) => {{
+                            let rows: [&[W]; $r] = std::array::from_fn(|a| row(i + a));
+                            let o = $tile::<W, $r, $k>(rows, p, t);
+                            for (a, o) in o.iter().enumerate() {
+                                let at = (i - r0 + a) * n + t;
+                                out[at..at + $k].copy_from_slice(o);
+                            }
+                        }};
+                    }
+                    match (pair, k) {
+                        (true, 4) => put!(2, 4),
+                        (true, 3) => put!(2, 3),
+                        (true, 2) => put!(2, 2),
+                        (true, _) => put!(2, 1),
+                        (false, 4) => put!(1, 4),
+                        (false, 3) => put!(1, 3),
+                        (false, 2) => put!(1, 2),
+                        (false, _) => put!(1, 1),
+                    }
+                    t += k;
                 }
-                out[t..t + k].copy_from_slice(&buf[..k]);
-                t += k;
+                i += if pair { 2 } else { 1 };
             }
         }
 
@@ -152,25 +192,21 @@ macro_rules! rows_kernel {
             if !cpu::has($isa) {
                 return rows_planes(m, r0, r1, p, out);
             }
-            let n = p.n;
-            for i in r0..r1 {
-                let o = &mut out[(i - r0) * n..(i - r0 + 1) * n];
-                // safety: the CPU has the features (checked above) and the lengths are
-                // checked
-                match m.row(i) {
-                    Row::I8(w) => unsafe { $inner(w, p, o) },
-                    Row::I16(w) => unsafe { $inner(w, p, o) },
-                }
+            // safety: the CPU has the features (checked above) and the lengths are checked
+            match m.ints() {
+                Ints::I8(w) => unsafe { $inner(w, r0, r1, p, out) },
+                Ints::I16(w) => unsafe { $inner(w, r0, r1, p, out) },
             }
         }
     };
 }
 
-rows_kernel!(rows_avx2, rows_avx2_impl, tile_avx2, "avx2", Isa::Avx2);
+rows_kernel!(rows_avx2, rows_avx2_impl, tile_avx2, "avx2", Isa::Avx2, 2);
 rows_kernel!(
     rows_avx512,
     rows_avx512_impl,
     tile_avx512,
     "avx2,avx512f,avx512bw,avx512vnni",
-    Isa::Avx512Vnni
+    Isa::Avx512Vnni,
+    4
 );
