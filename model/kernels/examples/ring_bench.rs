@@ -48,7 +48,7 @@ fn main() {
         let q8 = QMatrix::quantize(GgmlType::Q8_0, rows, cols, &data)
             .expect("whole blocks")
             .pack();
-        for n in [1usize, 64] {
+        for n in [1usize, 2, 64] {
             let u: Vec<u32> = (0..n * cols).map(|_| next() as u32).collect();
             let x: Vec<f32> = (0..n * cols)
                 .map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
@@ -60,7 +60,7 @@ fn main() {
                 for isa in Isa::available() {
                     let t = time(|| m.mul_with(isa, &u, n, &mut out), 0.3);
                     let w = format!("i{}", m.stored_bits());
-                    line += &if n == 1 {
+                    line += &if n <= 2 {
                         format!(" {w} {isa} {:5.1} GB/s", m.byte_len() as f64 / t / 1e9)
                     } else {
                         format!(
@@ -74,7 +74,7 @@ fn main() {
                 || veil_kernels::matmul_fused(&[&q8], &x, n, &mut outf, Precision::Fast),
                 0.3,
             );
-            line += &if n == 1 {
+            line += &if n <= 2 {
                 format!(" | q8_0 {:6.1} GB/s", q8.byte_len() as f64 / t / 1e9)
             } else {
                 format!(" | q8_0 {:6.1} GMAC/s", (rows * cols * n) as f64 / t / 1e9)
