@@ -291,3 +291,55 @@ fn lying_parties_are_caught_at_their_first_wrong_answer_and_change_nothing() {
     assert_eq!(liar.lies.lock().expect("lies").len(), 1);
     assert_eq!(split.detections().len(), 1);
 }
+
+#[test]
+fn a_node_reads_nothing_from_masked_words_and_everything_without_masks() {
+    use veil_model::attack::masked::{embedding_match, uniformity, unmasked, Recorder};
+    let q = QuantBundle::tiny().expect("tiny");
+    let m = masked(&q, &Arc::new(MaskedStats::default()));
+    let (ops, seed) = m.masked_ops();
+    let (ops, seed) = (Arc::new(ops), seed.expect("seed"));
+    let recorder = Arc::new(Recorder::new(LocalParty::new("node", ops.clone(), None)));
+    let split = Arc::new(SplitParties::new(
+        vec![recorder.clone() as Arc<dyn ComputeParty>],
+        vec![Arc::new(LocalParty::new("provider", ops, Some(seed.clone()))) as Arc<dyn MaskParty>],
+    ));
+    let mut m = m.with_parties(&Parties::Split(split));
+    let mut truth = Vec::new();
+    for text in [
+        "the cat sat on the mat",
+        "a dog ran in the park",
+        "one two three four five six",
+    ] {
+        m.reset();
+        let ids = q.text.tokenizer.encode(text, false).expect("ids");
+        m.feed_all(&ids).expect("run");
+        truth.extend(ids);
+    }
+    let served = recorder.served();
+    let (mut masked_in, mut plain_in) = (Vec::new(), Vec::new());
+    for s in served.iter().filter(|s| s.op == 0) {
+        let cols = s.words.len() / s.n;
+        let plain = unmasked(s, &seed);
+        for p in 0..s.n {
+            masked_in.push(s.words[p * cols..(p + 1) * cols].to_vec());
+            plain_in.push(plain[p * cols..(p + 1) * cols].to_vec());
+        }
+    }
+    assert_eq!(masked_in.len(), truth.len());
+    let control = embedding_match(&q.weights, &plain_in, &truth);
+    let attack = embedding_match(&q.weights, &masked_in, &truth);
+    assert!(control.rate >= 0.9, "the control attack fails: {control:?}");
+    assert!(
+        attack.hits <= 2,
+        "masked words gave tokens away: {attack:?}"
+    );
+    let words: Vec<u32> = served
+        .iter()
+        .flat_map(|s| s.words.iter().copied())
+        .collect();
+    assert!(words.len() > 10_000);
+    for lane in uniformity(&words) {
+        assert!(lane.p > 1e-6, "{lane:?}");
+    }
+}

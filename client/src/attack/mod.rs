@@ -1,6 +1,7 @@
 //! `veil attack`: run the attack suite against recorded node views of real encrypted
 //! generations and print recovery rates with 95% confidence intervals.
 
+mod masked;
 mod prompts;
 mod scenario;
 
@@ -38,6 +39,10 @@ pub enum AttackCommand {
     /// Every attack against public, private and fine-tuned models, dense and permutation
     /// keys, the client-layers mitigation and a middle stage: the table in SECURITY.md.
     Table(AttackArgs),
+    /// Masked mode: record what a compute node receives, read the prompt from it with the
+    /// strongest attack on the first layer (and, as a control, from the same integers
+    /// without masks), and test every byte lane for uniformity.
+    Masked(masked::MaskedArgs),
 }
 
 /// Which key the owner uses.
@@ -388,6 +393,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
         | AttackCommand::Sequential(a)
         | AttackCommand::Inversion(a)
         | AttackCommand::Table(a) => a.clone(),
+        AttackCommand::Masked(a) => return masked::run(a),
     };
     for (name, v) in [
         ("--private-noise", args.private_noise),

@@ -28,6 +28,7 @@ pub mod features;
 pub mod invariants;
 pub mod inversion;
 pub mod key_recovery;
+pub mod masked;
 pub mod norms;
 pub mod position0;
 pub mod prefilter;
