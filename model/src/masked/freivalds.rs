@@ -8,6 +8,7 @@
 //! through.
 
 use rand::Rng;
+use rayon::prelude::*;
 use veil_kernels::ring::{RingMatrix, Row};
 
 /// The Mersenne prime `2^61 - 1`.
@@ -29,18 +30,33 @@ impl Freivalds {
     pub fn new(w: &RingMatrix, rng: &mut impl Rng) -> Self {
         let s: Vec<u64> = (0..w.rows()).map(|_| rng.gen_range(0..P)).collect();
         // terms below 2^76, sums of at most 2^24 rows below 2^100: no reduction inside
-        let mut acc = vec![0i128; w.cols()];
         fn add<T: Copy + Into<i128>>(acc: &mut [i128], s: u64, row: &[T]) {
             for (a, &q) in acc.iter_mut().zip(row) {
                 *a += s as i128 * q.into();
             }
         }
-        for (i, &si) in s.iter().enumerate() {
-            match w.row(i) {
-                Row::I8(r) => add(&mut acc, si, r),
-                Row::I16(r) => add(&mut acc, si, r),
-            }
-        }
+        let cols = w.cols();
+        let acc = (0..w.rows())
+            .into_par_iter()
+            .fold(
+                || vec![0i128; cols],
+                |mut acc, i| {
+                    match w.row(i) {
+                        Row::I8(r) => add(&mut acc, s[i], r),
+                        Row::I16(r) => add(&mut acc, s[i], r),
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0i128; cols],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
         Freivalds {
             s,
             sw: acc.into_iter().map(reduce).collect(),

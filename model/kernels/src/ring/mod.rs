@@ -117,26 +117,27 @@ impl RingMatrix {
             return Err(RingError::Bits { bits });
         }
         let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+        if let Some(i) = data
+            .par_chunks(cols.max(1))
+            .position_first(|row| row.iter().any(|v| !v.is_finite()))
+        {
+            return Err(RingError::NotFinite { row: i });
+        }
         let mut w = vec![0i16; rows * cols];
         let mut scales = vec![0f32; rows];
-        for (i, (row, out)) in data
-            .chunks_exact(cols.max(1))
-            .zip(w.chunks_exact_mut(cols.max(1)))
-            .enumerate()
-        {
-            if row.iter().any(|v| !v.is_finite()) {
-                return Err(RingError::NotFinite { row: i });
-            }
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / qmax;
-            scales[i] = scale;
-            if scale > 0.0 {
-                let inv = 1.0 / scale;
-                for (q, v) in out.iter_mut().zip(row) {
-                    *q = round_even((v * inv).clamp(-qmax, qmax)) as i16;
+        data.par_chunks(cols.max(1))
+            .zip(w.par_chunks_mut(cols.max(1)))
+            .zip(scales.par_iter_mut())
+            .for_each(|((row, out), scale)| {
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                *scale = amax / qmax;
+                if *scale > 0.0 {
+                    let inv = 1.0 / *scale;
+                    for (q, v) in out.iter_mut().zip(row) {
+                        *q = round_even((v * inv).clamp(-qmax, qmax)) as i16;
+                    }
                 }
-            }
-        }
+            });
         let w = if bits <= 8 {
             Ints::I8(w.into_iter().map(|v| v as i8).collect())
         } else {
