@@ -116,10 +116,18 @@ pub fn unpack_row(ty: GgmlType, group: &[u8], r: usize, out: &mut [u8]) {
     let bytes = shape.bytes();
     assert_eq!(group.len(), GROUP * out.len(), "a group of eight rows");
     assert!(r < GROUP);
+    let head = 2 * shape.fields;
     for (b, blk) in out.chunks_exact_mut(bytes).enumerate() {
         let packed = &group[b * GROUP * bytes..(b + 1) * GROUP * bytes];
-        for (j, v) in blk.iter_mut().enumerate() {
-            *v = packed[shape.packed_offset(r, j)];
+        // the layout of `packed_offset`, a field and four quant bytes at a time
+        for f in 0..shape.fields {
+            let at = (f * GROUP + r) * 2;
+            blk[2 * f..2 * f + 2].copy_from_slice(&packed[at..at + 2]);
+        }
+        let quants = &packed[GROUP * head..];
+        for (c, dst) in blk[head..].chunks_exact_mut(4).enumerate() {
+            let at = c * 4 * GROUP + 4 * r;
+            dst.copy_from_slice(&quants[at..at + 4]);
         }
     }
 }
