@@ -352,7 +352,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         drop(pipeline);
         return finish(&args, &out, extra);
     }
-    let compute = compute_for(args.backend.as_deref())?;
+    // masked mode's products are integer kernels on the CPU: that is its default backend
+    let backend = match (&args.backend, args.privacy) {
+        (None, Privacy::Masked) => Some("cpu"),
+        (b, _) => b.as_deref(),
+    };
+    let compute = compute_for(backend)?;
     let (text, mut model) = load_runner(&args, &compute)?;
     let out = run_generation(&args, &params, &text, model.as_mut())?;
     finish(

@@ -677,3 +677,108 @@ fn client_layers_give_the_plaintext_tokens() {
     ]);
     assert_clean_error(&bad, "at least one");
 }
+
+/// Masked mode from the command line: generation, the bench's figures, the perplexity
+/// report, and clear refusals where it does not run.
+#[test]
+fn masked_mode_generates_measures_and_refuses_clearly() {
+    let (ok, stdout, stderr) = run(&tiny_args(&[
+        "--privacy",
+        "masked",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]));
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert!(!v["tokens"].as_array().expect("tokens").is_empty());
+
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "--local",
+        "--privacy",
+        "masked",
+        "--model",
+        "tiny",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).expect("JSON");
+    let m = &v[0]["masked"];
+    assert!(m["decode_tokens_per_s"].as_f64().expect("rate") > 0.0);
+    assert_eq!(m["check_failures"], 0);
+    // four ops per layer, four layers in the tiny model
+    assert_eq!(m["traffic"]["round_trips"], 16);
+    assert!(m["traffic"]["bytes_to_nodes"].as_u64().expect("bytes") > 0);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "the cat sat on the mat and the dog sat on the rug. ".repeat(8),
+    )
+    .expect("write");
+    let text = text.to_str().expect("utf-8 path");
+    let (ok, stdout, stderr) = run(&[
+        "perplexity",
+        "--model",
+        "tiny",
+        "--file",
+        text,
+        "--ctx",
+        "32",
+        "--privacy",
+        "masked",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(v["privacy"], "masked");
+    assert_eq!(v["masked"]["check_failures"], 0);
+    assert!(v["agreement"]["top1"].as_f64().expect("agreement") > 0.0);
+
+    assert_clean_error(
+        &tiny_args(&["--privacy", "masked", "--encrypted", "--prompt", "x"]),
+        "--encrypted",
+    );
+    assert_clean_error(
+        &[
+            "generate",
+            "--local",
+            "--model",
+            "tiny",
+            "--privacy",
+            "masked",
+            "--backend",
+            "wgpu",
+            "--prompt",
+            "x",
+        ],
+        "CPU",
+    );
+    assert_clean_error(
+        &[
+            "bench",
+            "--local",
+            "--privacy",
+            "masked",
+            "--backend",
+            "wgpu",
+            "--model",
+            "tiny",
+        ],
+        "CPU",
+    );
+    assert_clean_error(
+        &tiny_args(&["--privacy", "hidden", "--prompt", "x"]),
+        "hidden",
+    );
+}
