@@ -183,3 +183,39 @@ impl SplitParties {
             });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_kernels::ring::Ints;
+
+    fn party(seed: Option<Arc<MaskSeed>>) -> LocalParty {
+        let w = RingMatrix::from_parts(2, 3, Ints::I8(vec![1, 2, 3, -1, -2, -3]), vec![1.0; 2])
+            .expect("sizes");
+        LocalParty::new("p", Arc::new(HashMap::from([(7, Arc::new(w))])), seed)
+    }
+
+    #[test]
+    fn bad_requests_are_clear_errors_and_good_ones_are_answered() {
+        let p = party(None);
+        assert_eq!(p.products(7, &[1, 1, 1], 1), Ok(vec![6, (-6i32) as u32]));
+        let e = p.products(7, &[1, 1], 1).expect_err("short");
+        assert!(
+            e.to_string().contains("2 words are not 1 inputs of 3"),
+            "{e}"
+        );
+        let e = p.products(8, &[1, 1, 1], 1).expect_err("unknown op");
+        assert!(e.to_string().contains("no op 8"), "{e}");
+        let e = p.mask_products(7, 0, 1).expect_err("no seed");
+        assert!(e.to_string().contains("no mask seed"), "{e}");
+        // a provider's W r is the compute node's product of the same masks
+        let seed = Arc::new(MaskSeed::new([3; 32]));
+        let mut r = vec![0u32; 2 * 3];
+        seed.fill(7, 5, 2, 3, &mut r);
+        let provider = party(Some(seed));
+        assert_eq!(
+            provider.mask_products(7, 5, 2).expect("masks"),
+            p.products(7, &r, 2).expect("products")
+        );
+    }
+}
