@@ -294,17 +294,10 @@ fn lying_parties_are_caught_at_their_first_wrong_answer_and_change_nothing() {
 
 #[test]
 fn a_node_reads_nothing_from_masked_words_and_everything_without_masks() {
-    use veil_model::attack::masked::{embedding_match, uniformity, unmasked, Recorder};
+    use veil_model::attack::masked::{embedding_match, layer0_inputs, recording, uniformity};
     let q = QuantBundle::tiny().expect("tiny");
     let m = masked(&q, &Arc::new(MaskedStats::default()));
-    let (ops, seed) = m.masked_ops();
-    let (ops, seed) = (Arc::new(ops), seed.expect("seed"));
-    let recorder = Arc::new(Recorder::new(LocalParty::new("node", ops.clone(), None)));
-    let split = Arc::new(SplitParties::new(
-        vec![recorder.clone() as Arc<dyn ComputeParty>],
-        vec![Arc::new(LocalParty::new("provider", ops, Some(seed.clone()))) as Arc<dyn MaskParty>],
-    ));
-    let mut m = m.with_parties(&Parties::Split(split));
+    let (mut m, recorder, seed) = recording(m).expect("masked");
     let mut truth = Vec::new();
     for text in [
         "the cat sat on the mat",
@@ -317,15 +310,7 @@ fn a_node_reads_nothing_from_masked_words_and_everything_without_masks() {
         truth.extend(ids);
     }
     let served = recorder.served();
-    let (mut masked_in, mut plain_in) = (Vec::new(), Vec::new());
-    for s in served.iter().filter(|s| s.op == 0) {
-        let cols = s.words.len() / s.n;
-        let plain = unmasked(s, &seed);
-        for p in 0..s.n {
-            masked_in.push(s.words[p * cols..(p + 1) * cols].to_vec());
-            plain_in.push(plain[p * cols..(p + 1) * cols].to_vec());
-        }
-    }
+    let (masked_in, plain_in) = layer0_inputs(&served, &seed);
     assert_eq!(masked_in.len(), truth.len());
     let control = embedding_match(&q.weights, &plain_in, &truth);
     let attack = embedding_match(&q.weights, &masked_in, &truth);

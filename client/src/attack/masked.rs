@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
-use veil_model::attack::masked::{embedding_match, uniformity, unmasked, LaneTest, Recorder};
+use veil_model::attack::masked::{embedding_match, layer0_inputs, recording, uniformity, LaneTest};
 use veil_model::attack::Rate;
-use veil_model::masked::{ComputeParty, LocalParty, MaskParty, MaskedStats, Parties, SplitParties};
+use veil_model::masked::MaskedStats;
 use veil_model::sampling::argmax;
 use veil_model::{LocalModel, Precision, TokenModel};
 
@@ -61,15 +61,7 @@ pub fn run(args: &MaskedArgs) -> Result<()> {
     let stats = Arc::new(MaskedStats::default());
     let model = LocalModel::quantized(&q.weights, &compute.device, None, Precision::Fast)?
         .masked(&stats)?;
-    let (ops, seed) = model.masked_ops();
-    let seed = seed.context("the masked model has no mask seed")?;
-    let ops = Arc::new(ops);
-    let recorder = Arc::new(Recorder::new(LocalParty::new("node", ops.clone(), None)));
-    let split = Arc::new(SplitParties::new(
-        vec![recorder.clone() as Arc<dyn ComputeParty>],
-        vec![Arc::new(LocalParty::new("provider", ops, Some(seed.clone()))) as Arc<dyn MaskParty>],
-    ));
-    let mut model = model.with_parties(&Parties::Split(split));
+    let (mut model, recorder, seed) = recording(model)?;
 
     // every token the node's layer-0 op sees, session after session
     let mut truth = Vec::new();
@@ -85,15 +77,7 @@ pub fn run(args: &MaskedArgs) -> Result<()> {
         }
     }
     let served = recorder.served();
-    let (mut masked_in, mut plain_in) = (Vec::new(), Vec::new());
-    for s in served.iter().filter(|s| s.op == 0) {
-        let cols = s.words.len() / s.n;
-        let plain = unmasked(s, &seed);
-        for p in 0..s.n {
-            masked_in.push(s.words[p * cols..(p + 1) * cols].to_vec());
-            plain_in.push(plain[p * cols..(p + 1) * cols].to_vec());
-        }
-    }
+    let (masked_in, plain_in) = layer0_inputs(&served, &seed);
     if masked_in.len() != truth.len() {
         bail!(
             "recorded {} positions of layer 0 for {} tokens",

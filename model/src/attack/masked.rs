@@ -11,13 +11,15 @@
 //!   reads the prompt; on masked words it is left with chance.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
 use super::Rate;
-use crate::masked::{ComputeParty, MaskSeed, PartyError};
-use crate::QuantWeights;
+use crate::masked::{
+    ComputeParty, LocalParty, MaskParty, MaskSeed, Parties, PartyError, SplitParties,
+};
+use crate::{LocalModel, ModelError, QuantWeights};
 
 /// One request a compute node served.
 #[derive(Debug, Clone)]
@@ -79,6 +81,40 @@ impl<P: ComputeParty> ComputeParty for Recorder<P> {
             });
         self.inner.products(op, words, n)
     }
+}
+
+/// A recorder in front of a compute node in this process.
+pub type LocalRecorder = Recorder<LocalParty>;
+
+/// `model` (masked) with its compute node replaced by a [`Recorder`] and its mask
+/// provider by a [`LocalParty`]; returns the recorder and the session's seed too.
+pub fn recording(
+    model: LocalModel,
+) -> Result<(LocalModel, Arc<LocalRecorder>, Arc<MaskSeed>), ModelError> {
+    let (ops, seed) = model.masked_ops();
+    let seed = seed.ok_or_else(|| ModelError::InvalidConfig("the model is not masked".into()))?;
+    let ops = Arc::new(ops);
+    let recorder = Arc::new(Recorder::new(LocalParty::new("node", ops.clone(), None)));
+    let split = Arc::new(SplitParties::new(
+        vec![recorder.clone() as Arc<dyn ComputeParty>],
+        vec![Arc::new(LocalParty::new("provider", ops, Some(seed.clone()))) as Arc<dyn MaskParty>],
+    ));
+    Ok((model.with_parties(&Parties::Split(split)), recorder, seed))
+}
+
+/// Layer 0's query|key|value inputs, one word vector per position in the order served:
+/// as the node received them, and without their masks (the control).
+pub fn layer0_inputs(served: &[Served], seed: &MaskSeed) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let (mut masked, mut plain) = (Vec::new(), Vec::new());
+    for s in served.iter().filter(|s| s.op == 0) {
+        let cols = s.words.len() / s.n.max(1);
+        let clear = unmasked(s, seed);
+        for p in 0..s.n {
+            masked.push(s.words[p * cols..(p + 1) * cols].to_vec());
+            plain.push(clear[p * cols..(p + 1) * cols].to_vec());
+        }
+    }
+    (masked, plain)
 }
 
 /// The words of `s` with their masks taken away: what an unmasked integer channel would

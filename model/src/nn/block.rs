@@ -3,6 +3,7 @@ use burn::tensor::{Device, Tensor};
 use veil_kernels::Precision;
 
 use super::attention::Segment;
+use super::linear::Linear;
 use super::probe::{tap, Probe, Site};
 use super::{Attention, AttentionConfig, Mlp, MlpConfig, RmsNorm, RmsNormConfig};
 use crate::cache::{LayerKv, RopeTables};
@@ -135,6 +136,26 @@ impl Block {
             mlp: Mlp::from_quantized(&mlp_config, [l.w_gate, l.w_up, l.w_down], precision, device)?,
             post_norms: post_norms(layer.post_norms.as_ref(), eps, device),
         })
+    }
+
+    /// The block's four linear maps, in op order: query|key|value, output, gate|up, down.
+    pub fn linears(&self) -> [&Linear; 4] {
+        [
+            &self.attention.wqkv,
+            &self.attention.wo,
+            &self.mlp.w_gate_up,
+            &self.mlp.w_down,
+        ]
+    }
+
+    /// [`Self::linears`], to replace them.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.attention.wqkv,
+            &mut self.attention.wo,
+            &mut self.mlp.w_gate_up,
+            &mut self.mlp.w_down,
+        ]
     }
 
     /// `x`: `[n, d]` rows of the sequences in `segments` → `[n, d]`.

@@ -63,12 +63,7 @@ impl Stage {
     pub fn with_precision(&self, precision: Precision) -> Stage {
         let mut stage = self.clone();
         for b in &mut stage.blocks {
-            for l in [
-                &mut b.attention.wqkv,
-                &mut b.attention.wo,
-                &mut b.mlp.w_gate_up,
-                &mut b.mlp.w_down,
-            ] {
+            for l in b.linears_mut() {
                 *l = l.with_precision(precision);
             }
         }
@@ -89,15 +84,7 @@ impl Stage {
         let mut stage = self.clone();
         for (i, b) in stage.blocks.iter_mut().enumerate() {
             let layer = (self.first_layer + i) as u64;
-            for (k, l) in [
-                &mut b.attention.wqkv,
-                &mut b.attention.wo,
-                &mut b.mlp.w_gate_up,
-                &mut b.mlp.w_down,
-            ]
-            .into_iter()
-            .enumerate()
-            {
+            for (k, l) in b.linears_mut().into_iter().enumerate() {
                 *l = Linear::Masked(MaskedLinear::prepare(
                     &l.rows_f32()?,
                     ACTIVATION_BITS,
@@ -115,14 +102,7 @@ impl Stage {
     pub fn masked_ops(&self) -> Vec<(u64, Arc<RingMatrix>)> {
         self.blocks
             .iter()
-            .flat_map(|b| {
-                [
-                    &b.attention.wqkv,
-                    &b.attention.wo,
-                    &b.mlp.w_gate_up,
-                    &b.mlp.w_down,
-                ]
-            })
+            .flat_map(Block::linears)
             .filter_map(|l| match l {
                 Linear::Masked(m) => Some((m.op(), m.weights_arc().clone())),
                 _ => None,
@@ -142,12 +122,7 @@ impl Stage {
     pub fn with_parties(&self, parties: &Parties) -> Stage {
         let mut stage = self.clone();
         for b in &mut stage.blocks {
-            for l in [
-                &mut b.attention.wqkv,
-                &mut b.attention.wo,
-                &mut b.mlp.w_gate_up,
-                &mut b.mlp.w_down,
-            ] {
+            for l in b.linears_mut() {
                 if let Linear::Masked(m) = l {
                     *l = Linear::Masked(m.with_parties(parties.clone()));
                 }
@@ -164,14 +139,7 @@ impl Stage {
     pub fn weight_bytes(&self) -> usize {
         self.blocks
             .iter()
-            .flat_map(|b| {
-                [
-                    &b.attention.wqkv,
-                    &b.attention.wo,
-                    &b.mlp.w_gate_up,
-                    &b.mlp.w_down,
-                ]
-            })
+            .flat_map(Block::linears)
             .map(|l| l.weight_bytes())
             .sum()
     }
