@@ -8,7 +8,7 @@ use serde::Serialize;
 use veil_model::crypto::{
     short_fingerprint, ClientBundle, ClientLayers, Encrypted, EncryptedLocal, ShardQuant,
 };
-use veil_model::masked::{MaskedStats, Privacy};
+use veil_model::masked::{MaskedStats, Parties, Privacy};
 use veil_model::{
     generate, BackendKind, Compute, GenerateParams, Generation, LocalModel, Precision,
     SamplingParams, TextCodec, TokenLogit, TokenModel,
@@ -103,11 +103,18 @@ pub struct GenerateArgs {
     /// quantized to integers and sent with fresh uniformly random masks, so a node sees
     /// nothing but uniform numbers even when the weights are public (SECURITY.md, "Masked
     /// mode"); a mask provider computes the masks' share and the client checks every
-    /// product. For now with --local only, where this process plays every party on the
-    /// CPU: the same arithmetic, to measure its fidelity and cost.
-    #[arg(long, default_value = "rotated", value_name = "MODE",
-          conflicts_with_all = ["encrypted", "deployment"])]
+    /// product. With --deployment the client runs norms, attention and the rest itself on
+    /// the deployment's shards and the nodes compute the linear ops; with --local or
+    /// --encrypted this process plays every party (the same arithmetic, to measure it).
+    #[arg(long, default_value = "rotated", value_name = "MODE")]
     pub privacy: Privacy,
+    /// With --privacy masked --deployment: who computes the masks' products. `local`
+    /// (default): this process, so the mask seed never leaves it. Or peer ids
+    /// (comma-separated) of nodes that hold the stages' shards: each is then never the
+    /// compute node of the ops it provides masks for, and you trust that it does not
+    /// collude with the compute nodes (SECURITY.md).
+    #[arg(long, default_value = "local", value_name = "local|PEER,...")]
+    pub mask_provider: crate::remote::masked::MaskProviders,
 }
 
 #[derive(Serialize)]
@@ -131,6 +138,8 @@ struct JsonOut<'a> {
     route: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     network: Option<NetworkFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    masked: Option<MaskedFigures>,
 }
 
 #[derive(Serialize)]
@@ -174,6 +183,15 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
             None,
             precision(args.exact),
         )?;
+        if args.privacy == Privacy::Masked {
+            // the rotated shards' weights, masked: every party in this process
+            let stats = std::sync::Arc::new(MaskedStats::default());
+            let model = model.masked(&stats, |_, _, _| Ok(Parties::Local))?;
+            return Ok(Box::new(MaskedRun {
+                model: Box::new(model),
+                stats,
+            }));
+        }
         Ok(Box::new(model))
     };
     if let Some(dir) = &args.shards {
@@ -215,6 +233,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
             precision(args.exact),
         )?
         .masked(&stats)?;
+        let model = Box::new(model);
         return Ok((bundle.text, Box::new(MaskedRun { model, stats })));
     }
     if compute.kind == BackendKind::Cpu {
@@ -235,7 +254,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
 
 /// A masked model that says on stderr, when dropped, what its parties did.
 struct MaskedRun {
-    model: LocalModel,
+    model: Box<dyn TokenModel>,
     stats: std::sync::Arc<MaskedStats>,
 }
 
@@ -312,6 +331,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_logits: args.top_logits,
     };
     params.sampling.validate()?;
+    if let (Some(id), Privacy::Masked) = (&args.deployment, args.privacy) {
+        return run_masked(&args, &params, id);
+    }
     if let Some(id) = &args.deployment {
         let (client, bundle, deployment) = connect_deployment(id, &args.net)?;
         let text = TextCodec::new(bundle.meta.text.clone())?;
@@ -348,6 +370,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 verification: stats.audit,
                 connections,
             }),
+            masked: None,
         };
         drop(pipeline);
         return finish(&args, &out, extra);
@@ -367,6 +390,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             backend: compute.kind.to_string(),
             route: None,
             network: None,
+            masked: None,
         },
     )
 }
@@ -375,6 +399,86 @@ struct Extra {
     backend: String,
     route: Option<Vec<String>>,
     network: Option<NetworkFigures>,
+    masked: Option<MaskedFigures>,
+}
+
+/// What a masked generation through a deployment cost and found.
+#[derive(Serialize)]
+struct MaskedFigures {
+    bytes_sent: u64,
+    bytes_received: u64,
+    ops: u64,
+    positions: u64,
+    /// Products that failed their check (each replayed elsewhere).
+    failed_checks: u64,
+    /// Parties caught answering wrongly.
+    detections: Vec<veil_model::masked::Detection>,
+}
+
+/// `--privacy masked --deployment D`: the client runs all but the linear ops; the nodes
+/// compute those on masked words.
+fn run_masked(args: &GenerateArgs, params: &GenerateParams, id: &str) -> Result<()> {
+    if args.verify.is_some() {
+        tracing::info!("masked mode checks every product (Freivalds): --verify is not used");
+    }
+    let (client, bundle, deployment) = connect_deployment(id, &args.net)?;
+    let text = TextCodec::new(bundle.meta.text.clone())?;
+    let mut pipeline = crate::remote::masked::MaskedPipeline::new(
+        client.runtime.handle().clone(),
+        client.network.clone(),
+        &bundle,
+        &deployment,
+        &args.mask_provider,
+        bundle.meta.config.max_seq_len,
+        precision(args.exact),
+    )?;
+    let out = run_generation(args, params, &text, &mut pipeline)?;
+    pipeline.close();
+    let t = pipeline.stats.totals();
+    let detections = pipeline.detections();
+    for d in &detections {
+        tracing::warn!(
+            "caught {} ({}) answering masked op {} wrongly (from position {}); it was not \
+             asked again",
+            d.party,
+            d.role,
+            d.op,
+            d.position
+        );
+    }
+    let figures = MaskedFigures {
+        bytes_sent: pipeline
+            .traffic
+            .sent
+            .load(std::sync::atomic::Ordering::Relaxed),
+        bytes_received: pipeline
+            .traffic
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        ops: t.ops,
+        positions: t.positions,
+        failed_checks: t.check_failures,
+        detections,
+    };
+    tracing::info!(
+        "masked: {} ops on {} positions, {} failed checks, {} KiB sent, {} KiB received",
+        figures.ops,
+        figures.positions,
+        figures.failed_checks,
+        figures.bytes_sent >> 10,
+        figures.bytes_received >> 10
+    );
+    drop(pipeline);
+    finish(
+        args,
+        &out,
+        Extra {
+            backend: "network (masked)".into(),
+            route: None,
+            network: None,
+            masked: Some(figures),
+        },
+    )
 }
 
 /// Generate, streaming text to stdout unless `--json`.
@@ -420,6 +524,7 @@ fn finish(args: &GenerateArgs, out: &Generation, extra: Extra) -> Result<()> {
             backend: extra.backend,
             route: extra.route,
             network: extra.network,
+            masked: extra.masked,
         };
         serde_json::to_writer(&mut stdout, &obj)?;
     }

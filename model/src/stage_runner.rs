@@ -7,8 +7,11 @@ use crate::cache::{KvCache, RopeTables};
 use veil_kernels::Precision;
 
 use crate::crypto::{Shard, ShardLayers, ShardMeta};
+use crate::masked::{MaskSeed, MaskedStats, Parties};
 use crate::nn::{tensor_to_vec, Probe, Stage};
 use crate::ModelError;
+use std::sync::Arc;
+use veil_kernels::ring::RingMatrix;
 
 /// A shard uploaded to a device, ready to serve sequences.
 #[derive(Debug)]
@@ -56,6 +59,30 @@ impl StageRunner {
 
     pub fn meta(&self) -> &ShardMeta {
         &self.meta
+    }
+
+    /// The shard's linear ops as integers (see [`Stage::ring_ops`]): what a node serving
+    /// masked sessions multiplies.
+    pub fn ring_ops(&self) -> Result<Vec<(u64, Arc<RingMatrix>)>, ModelError> {
+        self.stage.ring_ops()
+    }
+
+    /// This runner in masked mode (see [`Stage::masked`]), its products computed by
+    /// `parties`; the shard's weights stay shared.
+    pub fn masked(
+        &self,
+        seed: &Arc<MaskSeed>,
+        stats: &Arc<MaskedStats>,
+        parties: &Parties,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Self, ModelError> {
+        Ok(StageRunner {
+            meta: self.meta.clone(),
+            stage: self.stage.masked(seed, stats, rng)?.with_parties(parties),
+            exact: None,
+            rope: self.rope.clone(),
+            device: self.device.clone(),
+        })
     }
 
     /// A cache for one sequence of at most `capacity` positions (capped by the model).

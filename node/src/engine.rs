@@ -16,6 +16,8 @@ use veil_protocol::wire::{ErrorCode, InferResponse, SessionId, ShardId, TensorFr
 use veil_protocol::{Identity, InputChain, PeerId, Statement};
 
 use crate::lie::{Liar, LieMode};
+
+mod masked;
 use crate::store::ShardStore;
 
 /// Work for the engine.
@@ -39,6 +41,30 @@ pub enum Job {
     Close {
         peer: PeerId,
         session: SessionId,
+        reply: oneshot::Sender<InferResponse>,
+    },
+    /// A masked-mode session (see `masked`): compute node without `seed`, mask provider
+    /// with it.
+    OpenMasked {
+        peer: PeerId,
+        session: SessionId,
+        shard: ShardId,
+        seed: Option<[u8; 32]>,
+        reply: oneshot::Sender<InferResponse>,
+    },
+    Linear {
+        peer: PeerId,
+        session: SessionId,
+        op: u64,
+        words: Vec<u8>,
+        reply: oneshot::Sender<InferResponse>,
+    },
+    MaskProducts {
+        peer: PeerId,
+        session: SessionId,
+        op: u64,
+        first: u64,
+        n: u32,
         reply: oneshot::Sender<InferResponse>,
     },
 }
@@ -130,6 +156,8 @@ pub struct Limits {
 
 struct Loaded {
     runner: StageRunner,
+    /// The shard's linear ops as integers, built when a masked session first needs them.
+    ring: Option<masked::RingOps>,
     bytes: u64,
     last_used: Instant,
 }
@@ -153,6 +181,7 @@ struct Engine {
     limits: Limits,
     runners: HashMap<ShardId, Loaded>,
     sessions: HashMap<SessionId, Session>,
+    masked: HashMap<SessionId, masked::MaskedSession>,
     largest_batch: u32,
     busy: Duration,
     steps: u64,
@@ -220,6 +249,7 @@ impl Engine {
             limits,
             runners: HashMap::new(),
             sessions: HashMap::new(),
+            masked: HashMap::new(),
             largest_batch: 0,
             busy: Duration::ZERO,
             steps: 0,
@@ -229,7 +259,7 @@ impl Engine {
     }
 
     fn publish(&self) {
-        let in_use = self.sessions.values().map(|s| s.shard).collect();
+        let in_use = self.shards_in_use();
         self.board.set(self.status(), in_use);
     }
 
@@ -300,17 +330,53 @@ impl Engine {
                         session,
                         reply,
                     } => {
-                        let r = match self.sessions.get(&session) {
-                            Some(s) if s.peer == peer => {
+                        let r = match (self.sessions.get(&session), self.masked.get(&session)) {
+                            (Some(s), _) if s.peer == peer => {
                                 self.store.touch(&s.shard);
                                 self.sessions.remove(&session);
                                 tracing::info!("session {} closed", short(&session));
+                                InferResponse::Closed
+                            }
+                            (_, Some(s)) if s.peer == peer => {
+                                self.store.touch(&s.shard);
+                                self.masked.remove(&session);
+                                tracing::info!("masked session {} closed", short(&session));
                                 InferResponse::Closed
                             }
                             _ => error(ErrorCode::UnknownSession, "no such session"),
                         };
                         self.publish();
                         let _ = reply.send(r);
+                    }
+                    Job::OpenMasked {
+                        peer,
+                        session,
+                        shard,
+                        seed,
+                        reply,
+                    } => {
+                        let r = self.open_masked(peer, session, shard, seed);
+                        self.publish();
+                        let _ = reply.send(r);
+                    }
+                    Job::Linear {
+                        peer,
+                        session,
+                        op,
+                        words,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.linear(peer, session, op, &words));
+                    }
+                    Job::MaskProducts {
+                        peer,
+                        session,
+                        op,
+                        first,
+                        n,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.mask_products(peer, session, op, first, n));
                     }
                 }
             }
@@ -327,7 +393,7 @@ impl Engine {
 
     fn status(&self) -> Status {
         Status {
-            active_sessions: self.sessions.len() as u32,
+            active_sessions: (self.sessions.len() + self.masked.len()) as u32,
             reserved_bytes: self.reserved(),
             loaded_shards: self.runners.len() as u32,
             largest_batch: self.largest_batch,
@@ -344,7 +410,7 @@ impl Engine {
 
     fn expire(&mut self) {
         let timeout = self.limits.idle_timeout;
-        let before = self.sessions.len();
+        let before = self.sessions.len() + self.masked.len();
         let store = &self.store;
         self.sessions.retain(|_, s| {
             let keep = s.last_used.elapsed() < timeout;
@@ -353,7 +419,14 @@ impl Engine {
             }
             keep
         });
-        let gone = before - self.sessions.len();
+        self.masked.retain(|_, s| {
+            let keep = s.last_used.elapsed() < timeout;
+            if !keep {
+                store.touch(&s.shard);
+            }
+            keep
+        });
+        let gone = before - self.sessions.len() - self.masked.len();
         if gone > 0 {
             tracing::info!("closed {gone} idle session(s)");
             self.publish();
@@ -368,7 +441,10 @@ impl Engine {
                 .runners
                 .iter()
                 .filter(|(id, _)| Some(**id) != keep)
-                .filter(|(id, _)| !self.sessions.values().any(|s| &s.shard == *id))
+                .filter(|(id, _)| {
+                    !self.sessions.values().any(|s| &s.shard == *id)
+                        && !self.masked.values().any(|s| &s.shard == *id)
+                })
                 .min_by_key(|(_, l)| l.last_used)
                 .map(|(id, _)| *id);
             match idle {
@@ -381,49 +457,49 @@ impl Engine {
         true
     }
 
-    fn open(
-        &mut self,
-        peer: PeerId,
-        session: SessionId,
-        shard: ShardId,
-        max_len: u32,
-        exact: bool,
-    ) -> InferResponse {
-        if self.sessions.contains_key(&session) {
-            return error(ErrorCode::BadRequest, "session id already in use");
+    /// A refusal if `peer` may not open `session` now (id in use, session limits).
+    fn admit(&self, peer: PeerId, session: &SessionId) -> Result<(), InferResponse> {
+        if self.sessions.contains_key(session) || self.masked.contains_key(session) {
+            return Err(error(ErrorCode::BadRequest, "session id already in use"));
         }
-        if self.sessions.len() >= self.limits.max_sessions as usize {
-            return error(
+        if self.sessions.len() + self.masked.len() >= self.limits.max_sessions as usize {
+            return Err(error(
                 ErrorCode::Busy,
                 format!(
                     "this node serves its maximum of {} sessions",
                     self.limits.max_sessions
                 ),
-            );
+            ));
         }
-        let mine = self.sessions.values().filter(|s| s.peer == peer).count();
+        let mine = self.sessions.values().filter(|s| s.peer == peer).count()
+            + self.masked.values().filter(|s| s.peer == peer).count();
         if mine >= self.limits.max_sessions_per_peer as usize {
-            return error(
+            return Err(error(
                 ErrorCode::Busy,
                 format!(
                     "you hold {mine} sessions here, this node's limit per peer \
                      (max_sessions_per_peer)"
                 ),
-            );
+            ));
         }
-        if max_len == 0 {
-            return error(ErrorCode::BadRequest, "max_len must be positive");
-        }
+        Ok(())
+    }
+
+    /// Load `shard` unless it is loaded (making room for it).
+    fn load(&mut self, shard: ShardId) -> Result<(), InferResponse> {
         if !self.runners.contains_key(&shard) {
             if !self.store.has(&shard) {
-                return error(
+                return Err(error(
                     ErrorCode::UnknownShard,
                     format!("no shard {}", hex::encode(shard)),
-                );
+                ));
             }
             let bytes = self.store.size(&shard);
             if !self.make_room(bytes, None) {
-                return error(ErrorCode::Busy, "not enough memory to load the shard");
+                return Err(error(
+                    ErrorCode::Busy,
+                    "not enough memory to load the shard",
+                ));
             }
             match self.store.load(&shard) {
                 Ok(s) => {
@@ -435,19 +511,40 @@ impl Engine {
                     );
                     let runner = match StageRunner::new(&s, &self.device) {
                         Ok(r) => r,
-                        Err(e) => return error(ErrorCode::Internal, e.to_string()),
+                        Err(e) => return Err(error(ErrorCode::Internal, e.to_string())),
                     };
                     self.runners.insert(
                         shard,
                         Loaded {
                             runner,
+                            ring: None,
                             bytes,
                             last_used: Instant::now(),
                         },
                     );
                 }
-                Err(e) => return error(ErrorCode::Internal, e.to_string()),
+                Err(e) => return Err(error(ErrorCode::Internal, e.to_string())),
             }
+        }
+        Ok(())
+    }
+
+    fn open(
+        &mut self,
+        peer: PeerId,
+        session: SessionId,
+        shard: ShardId,
+        max_len: u32,
+        exact: bool,
+    ) -> InferResponse {
+        if let Err(refusal) = self.admit(peer, &session) {
+            return refusal;
+        }
+        if max_len == 0 {
+            return error(ErrorCode::BadRequest, "max_len must be positive");
+        }
+        if let Err(refusal) = self.load(shard) {
+            return refusal;
         }
         let Some(loaded) = self.runners.get(&shard) else {
             return error(ErrorCode::Internal, "shard vanished");

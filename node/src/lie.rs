@@ -89,6 +89,27 @@ impl Liar {
     }
 }
 
+impl Liar {
+    /// Maybe corrupt `out`, an honest masked-mode answer (`W u mod 2^32` words), the way
+    /// the mode says where words allow it: zeros, or a random word added to each (noise,
+    /// and what a skip or a stale answer looks like once masked: unrelated words). True
+    /// when it lied.
+    pub fn apply_words(&mut self, out: &mut [u32]) -> bool {
+        if self.rate <= 0.0 || !self.rng.gen_bool(self.rate.min(1.0)) {
+            return false;
+        }
+        match self.mode {
+            LieMode::Zeros => out.fill(0),
+            _ => {
+                for w in out.iter_mut() {
+                    *w = w.wrapping_add(self.rng.gen_range(1..=u32::MAX));
+                }
+            }
+        }
+        true
+    }
+}
+
 /// A standard normal sample (Box-Muller).
 fn gaussian(rng: &mut impl Rng) -> f32 {
     let u: f32 = rng.gen_range(f32::EPSILON..1.0);
@@ -131,6 +152,12 @@ mod tests {
             }
             assert!((850..1150).contains(&lies), "{mode:?}: {lies} lies of 4000");
         }
+        let mut liar = Liar::new(LieMode::Noise, 1.0, 3);
+        let mut words = [5u32, 6, 7];
+        assert!(liar.apply_words(&mut words));
+        assert!(words.iter().zip([5, 6, 7]).all(|(a, b)| *a != b));
+        let mut honest = Liar::new(LieMode::Zeros, 0.0, 3);
+        assert!(!honest.apply_words(&mut words));
         assert!("sometimes".parse::<LieMode>().is_err());
         assert_eq!("replay-stale".parse::<LieMode>(), Ok(LieMode::Stale));
     }

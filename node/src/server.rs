@@ -399,6 +399,9 @@ impl Node {
                     InferRequest::Open { .. } => "open",
                     InferRequest::Step { .. } => "step",
                     InferRequest::Close { .. } => "close",
+                    InferRequest::OpenMasked { .. } => "open_masked",
+                    InferRequest::Linear { .. } => "linear",
+                    InferRequest::MaskProducts { .. } => "mask_products",
                 };
                 let sessions = !matches!(request, InferRequest::Stats);
                 let allow = if sessions {
@@ -488,6 +491,37 @@ impl Node {
                         InferRequest::Close { session } => Job::Close {
                             peer,
                             session,
+                            reply: tx,
+                        },
+                        InferRequest::OpenMasked {
+                            session,
+                            shard,
+                            seed,
+                        } => Job::OpenMasked {
+                            peer,
+                            session,
+                            shard,
+                            seed,
+                            reply: tx,
+                        },
+                        InferRequest::Linear { session, op, words } => Job::Linear {
+                            peer,
+                            session,
+                            op,
+                            words,
+                            reply: tx,
+                        },
+                        InferRequest::MaskProducts {
+                            session,
+                            op,
+                            first,
+                            n,
+                        } => Job::MaskProducts {
+                            peer,
+                            session,
+                            op,
+                            first,
+                            n,
                             reply: tx,
                         },
                     };

@@ -91,6 +91,29 @@ pub enum InferRequest {
     },
     /// The node's work counters since it started (for operators and the testnet).
     Stats,
+    /// Open a masked-mode session on a shard the node holds (see `veil_model::masked`): the
+    /// node serves the shard's linear ops as integers. Without `seed` it is the session's
+    /// compute node (it answers [`InferRequest::Linear`]); with the session's mask seed it
+    /// is its mask provider (it answers [`InferRequest::MaskProducts`]). Never both: a
+    /// session has one role.
+    OpenMasked {
+        session: SessionId,
+        shard: ShardId,
+        seed: Option<[u8; 32]>,
+    },
+    /// `W_op u (mod 2^32)` for masked words `u` (`[n, d_in]` u32, little-endian).
+    Linear {
+        session: SessionId,
+        op: u64,
+        words: Vec<u8>,
+    },
+    /// `W_op r (mod 2^32)` for the session's masks of positions `first..first + n`.
+    MaskProducts {
+        session: SessionId,
+        op: u64,
+        first: u64,
+        n: u32,
+    },
 }
 
 /// Work counters of a node since it started.
@@ -150,10 +173,40 @@ pub enum InferResponse {
     },
     Closed,
     Stats(NodeStats),
+    /// A masked session is open: the shard's layers and its ops as (op, rows, columns).
+    OpenedMasked {
+        session: SessionId,
+        layers: (u32, u32),
+        ops: Vec<(u64, u32, u32)>,
+    },
+    /// The answer to [`InferRequest::Linear`] or [`InferRequest::MaskProducts`]: `[n,
+    /// d_out]` u32, little-endian.
+    Words {
+        words: Vec<u8>,
+    },
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// Words as the wire carries them: u32 little-endian.
+pub fn words_to_bytes(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The words of a `Linear` or `Words` payload; its length must be a whole number of words.
+pub fn bytes_to_words(bytes: &[u8]) -> Result<Vec<u32>, ProtocolError> {
+    if bytes.len() % 4 != 0 {
+        return Err(ProtocolError::Malformed(format!(
+            "{} bytes are not whole 32-bit words",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Requests of the shard-upload protocol: chunks in order; the node answers how much it has.

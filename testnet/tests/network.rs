@@ -1617,3 +1617,102 @@ fn qwen_and_llama3_models_deploy_and_generate_what_they_generate_locally() {
         assert_eq!(remote["route"].as_array().expect("route").len(), 2);
     }
 }
+
+/// Masked mode through a deployment (`--privacy masked`): the nodes compute the linear ops
+/// on masked words and the tokens equal those of the same shards masked in one process. A
+/// node that lies on every answer is caught on its first one, as compute node or as mask
+/// provider, and the tokens do not change; a provider is never the compute node of the
+/// ops it masks, and a placement that would need it is refused with the reason.
+#[test]
+fn masked_mode_through_nodes_catches_liars_and_keeps_the_tokens() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = with_a_liar(root.path(), "noise", 1.0);
+    let (honest, liar) = (nodes[0].peer_id.clone(), nodes[1].peer_id.clone());
+    let veil = Veil::new();
+    let boot = addr(&nodes[0]);
+    wait_for_ads(&veil, &boot, 2);
+    let id = deploy(&veil, &boot, 1);
+    let prompt = "Tell me about rivers.";
+    let dir = veil.home.path().join("deployments").join(&id);
+    let dir = dir.to_str().expect("utf-8");
+    let common = ["--prompt", prompt, "--max-tokens", "8", "--json"];
+    let mut local = vec![
+        "generate",
+        "--local",
+        "--encrypted",
+        "--shards",
+        dir,
+        "--backend",
+        "cpu",
+        "--privacy",
+        "masked",
+    ];
+    local.extend_from_slice(&common);
+    let reference = veil.json(&local)["tokens"].clone();
+    let masked = |provider: &str| {
+        let mut args = vec![
+            "generate",
+            "--deployment",
+            &id,
+            "--bootstrap",
+            &boot,
+            "--privacy",
+            "masked",
+            "--mask-provider",
+            provider,
+        ];
+        args.extend_from_slice(&common);
+        veil.json(&args)
+    };
+    let caught = |out: &Value| -> Vec<(String, String)> {
+        out["masked"]["detections"]
+            .as_array()
+            .expect("detections")
+            .iter()
+            .map(|d| {
+                (
+                    d["party"].as_str().expect("party").to_string(),
+                    d["role"].as_str().expect("role").to_string(),
+                )
+            })
+            .collect()
+    };
+    // the honest node provides the masks: the liar is the only compute node left
+    let out = masked(&honest);
+    assert_eq!(out["tokens"], reference, "{out}");
+    assert_eq!(caught(&out), [(liar.clone(), "compute node".to_string())]);
+    let m = &out["masked"];
+    assert!(
+        m["bytes_sent"].as_u64() > Some(0) && m["ops"].as_u64() > Some(0),
+        "{m}"
+    );
+    // the liar provides the masks: caught too, and the client computes them instead
+    let out = masked(&liar);
+    assert_eq!(out["tokens"], reference, "{out}");
+    assert_eq!(caught(&out), [(liar.clone(), "mask provider".to_string())]);
+    // the client provides the masks; whichever node computes, the tokens are the same
+    let out = masked("local");
+    assert_eq!(out["tokens"], reference, "{out}");
+    assert!(caught(&out).iter().all(|(p, _)| *p == liar), "{out}");
+    // both replicas named as providers: nobody may compute
+    let both = format!("{honest},{liar}");
+    let out = veil.run(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--bootstrap",
+        &boot,
+        "--privacy",
+        "masked",
+        "--mask-provider",
+        &both,
+        "--prompt",
+        prompt,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("may not compute"),
+        "{err}"
+    );
+    drop(nodes);
+}

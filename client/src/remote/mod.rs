@@ -7,6 +7,7 @@
 
 mod audit;
 mod check;
+pub mod masked;
 mod publish;
 mod session;
 

@@ -2,7 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use burn::tensor::Device;
+use rand::SeedableRng;
+use veil_kernels::ring::RingMatrix;
 use veil_kernels::Precision;
 
 use super::client::{ClientBundle, ClientCache, ClientModel};
@@ -10,6 +14,7 @@ use super::shard::Shard;
 use super::transform::check_coverage;
 use crate::cache::KvCache;
 use crate::generate::TokenModel;
+use crate::masked::{MaskSeed, MaskedStats, Parties};
 use crate::nn::tensor_to_vec;
 use crate::stage_runner::StageRunner;
 use crate::ModelError;
@@ -74,6 +79,35 @@ impl EncryptedLocal {
             context,
             client_time: Duration::ZERO,
         })
+    }
+
+    /// This pipeline in masked mode (`crate::masked`), with a fresh mask seed for the
+    /// session: every stage's linear ops run on masked words, computed by the parties that
+    /// `parties` names for each stage (given its runner, the integer weights of its ops and
+    /// the seed); the client checks every product. The sequence starts over.
+    pub fn masked(
+        self,
+        stats: &Arc<MaskedStats>,
+        mut parties: impl FnMut(
+            &StageRunner,
+            &[(u64, Arc<RingMatrix>)],
+            &Arc<MaskSeed>,
+        ) -> Result<Parties, ModelError>,
+    ) -> Result<Self, ModelError> {
+        let seed = Arc::new(MaskSeed::random());
+        let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| {
+                let ops = s.ring_ops()?;
+                let p = parties(s, &ops, &seed)?;
+                s.masked(&seed, stats, &p, &mut rng)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut masked = EncryptedLocal { stages, ..self };
+        masked.reset();
+        Ok(masked)
     }
 
     /// Forget the current sequence.

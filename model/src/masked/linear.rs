@@ -99,7 +99,15 @@ impl MaskedLinear {
         stats: Arc<MaskedStats>,
         rng: &mut impl rand::Rng,
     ) -> Result<Self, ModelError> {
-        let ring = RingMatrix::quantize_within(w.rows, w.cols, &w.data, act_bits)
+        let ring = Self::ring(w, act_bits, op)?;
+        let check = Arc::new(Freivalds::new(&ring, rng));
+        Ok(Self::new(Arc::new(ring), op, seed, check, stats))
+    }
+
+    /// The integer weights of op `op` for the f32 rows `w`: rounded per row to the widest
+    /// integers that leave the activations `act_bits` bits.
+    pub fn ring(w: &Matrix, act_bits: u32, op: u64) -> Result<RingMatrix, ModelError> {
+        RingMatrix::quantize_within(w.rows, w.cols, &w.data, act_bits)
             .map_err(|e| ModelError::Shape(format!("masked op {op}: {e}")))?
             .ok_or_else(|| {
                 ModelError::Shape(format!(
@@ -107,9 +115,7 @@ impl MaskedLinear {
                      activations modulo 2^32",
                     w.cols
                 ))
-            })?;
-        let check = Arc::new(Freivalds::new(&ring, rng));
-        Ok(Self::new(Arc::new(ring), op, seed, check, stats))
+            })
     }
 
     /// Op number `op` of a session with mask seed `seed`, whose weights are `w`; `check`

@@ -20,6 +20,12 @@ impl MaskSeed {
         MaskSeed(bytes)
     }
 
+    /// The seed's bytes: what the session's mask provider is sent (a secret: whoever holds
+    /// it and a compute node's inputs can unmask them).
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
     /// A fresh seed from the operating system's generator.
     pub fn random() -> Self {
         let mut b = [0u8; 32];

@@ -70,29 +70,42 @@ impl Stage {
         stage
     }
 
-    /// This stage in masked mode (`crate::masked`): each block's four linear ops (query,
-    /// key and value; output; gate and up; down) as integers per row (as wide as
-    /// [`ACTIVATION_BITS`]-bit activations allow), computed on masked words with both
-    /// parties in this process. Op `k` of layer `l` is op `4 l + k` of the
-    /// session's mask stream; each op's Freivalds secret is drawn from `rng`.
+    /// Every linear op of this stage as integers per row, as wide as
+    /// [`ACTIVATION_BITS`]-bit activations allow modulo 2^32: what a node serving masked
+    /// ops multiplies. Op `k` of layer `l` is op `4 l + k` (query, key and value; output;
+    /// gate and up; down). Deterministic: the client and every node holding the same
+    /// weights get the same integers.
+    pub fn ring_ops(&self) -> Result<Vec<(u64, Arc<RingMatrix>)>, ModelError> {
+        let mut ops = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let layer = (self.first_layer + i) as u64;
+            for (k, l) in b.linears().into_iter().enumerate() {
+                let op = 4 * layer + k as u64;
+                let w = l.rows_f32()?;
+                ops.push((op, Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op)?)));
+            }
+        }
+        Ok(ops)
+    }
+
+    /// This stage in masked mode (`crate::masked`): each block's four linear ops as
+    /// [`Self::ring_ops`], computed on masked words with both parties in this process.
+    /// Each op's Freivalds secret is drawn from `rng`.
     pub fn masked(
         &self,
         seed: &Arc<MaskSeed>,
         stats: &Arc<MaskedStats>,
         rng: &mut impl rand::Rng,
     ) -> Result<Stage, ModelError> {
+        let mut ops = self.ring_ops()?.into_iter();
         let mut stage = self.clone();
-        for (i, b) in stage.blocks.iter_mut().enumerate() {
-            let layer = (self.first_layer + i) as u64;
-            for (k, l) in b.linears_mut().into_iter().enumerate() {
-                *l = Linear::Masked(MaskedLinear::prepare(
-                    &l.rows_f32()?,
-                    ACTIVATION_BITS,
-                    4 * layer + k as u64,
-                    seed.clone(),
-                    stats.clone(),
-                    rng,
-                )?);
+        for b in &mut stage.blocks {
+            for l in b.linears_mut() {
+                let (op, w) = ops
+                    .next()
+                    .ok_or_else(|| ModelError::Shape("a linear op without weights".into()))?;
+                let check = Arc::new(crate::masked::Freivalds::new(&w, rng));
+                *l = Linear::Masked(MaskedLinear::new(w, op, seed.clone(), check, stats.clone()));
             }
         }
         Ok(stage)

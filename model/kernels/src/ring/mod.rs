@@ -283,6 +283,11 @@ impl RingMatrix {
         self.cols
     }
 
+    /// Bytes of the integers and scales in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.rows * self.cols * self.stored_bits() as usize / 8 + 4 * self.rows
+    }
+
     /// The integers, row-major.
     pub fn ints(&self) -> &Ints {
         &self.w
