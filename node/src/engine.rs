@@ -1244,4 +1244,132 @@ mod tests {
             other => panic!("expected the session to have expired, got {other:?}"),
         }
     }
+
+    fn open_masked(f: &Fixture, session: SessionId, seed: Option<[u8; 32]>) -> InferResponse {
+        call(f, |reply| Job::OpenMasked {
+            peer: peer(),
+            session,
+            shard: f.shard_id,
+            seed,
+            reply,
+        })
+    }
+
+    fn words(r: InferResponse) -> Vec<u32> {
+        match r {
+            InferResponse::Words { words } => {
+                veil_protocol::wire::bytes_to_words(&words).expect("words")
+            }
+            other => panic!("expected words, got {other:?}"),
+        }
+    }
+
+    fn refused(r: InferResponse, code: ErrorCode, says: &str) {
+        match r {
+            InferResponse::Error { code: c, message } => {
+                assert_eq!(c, code, "{message}");
+                assert!(message.contains(says), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Masked sessions: a compute node returns `W u` for any words and a mask provider `W r`
+    /// for the seed's masks, each exactly as the client's own integer weights give them;
+    /// each role refuses the other's request, and wrong lengths, unknown ops and sessions
+    /// are clear errors that leave the session serving.
+    #[test]
+    fn masked_sessions_answer_in_their_role_and_refuse_bad_requests() {
+        use veil_protocol::wire::words_to_bytes;
+        let f = fixture(limits());
+        let (compute, provider) = ([31u8; 16], [32u8; 16]);
+        let seed = [5u8; 32];
+        let ops = match open_masked(&f, compute, None) {
+            InferResponse::OpenedMasked { ops, layers, .. } => {
+                assert_eq!(layers.0, 0);
+                ops
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ops.len(), 4 * f.shard.meta.layer_range().len());
+        assert!(matches!(
+            open_masked(&f, provider, Some(seed)),
+            InferResponse::OpenedMasked { .. }
+        ));
+        // the client's integers for the same shard
+        let runner = StageRunner::new(&f.shard, &Compute::cpu().device).expect("runner");
+        let mine: HashMap<u64, _> = runner.ring_ops().expect("ops").into_iter().collect();
+        let (op, rows, cols) = ops[1];
+        let w = &mine[&op];
+        assert_eq!((w.rows(), w.cols()), (rows as usize, cols as usize));
+        let n = 3;
+        let u: Vec<u32> = (0..n * cols as usize)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
+            .collect();
+        let linear = |session, op, words: &[u32]| {
+            call(&f, |reply| Job::Linear {
+                peer: peer(),
+                session,
+                op,
+                words: words_to_bytes(words),
+                reply,
+            })
+        };
+        let mut expected = vec![0u32; n * rows as usize];
+        w.mul(&u, n, &mut expected);
+        assert_eq!(words(linear(compute, op, &u)), expected);
+        let masks = |session, op, first, n| {
+            call(&f, |reply| Job::MaskProducts {
+                peer: peer(),
+                session,
+                op,
+                first,
+                n,
+                reply,
+            })
+        };
+        let mut r = vec![0u32; 2 * cols as usize];
+        veil_model::masked::MaskSeed::new(seed).fill(op, 7, 2, cols as usize, &mut r);
+        let mut wr = vec![0u32; 2 * rows as usize];
+        w.mul(&r, 2, &mut wr);
+        assert_eq!(words(masks(provider, op, 7, 2)), wr);
+        // each role refuses the other's request
+        refused(masks(compute, op, 0, 1), ErrorCode::BadRequest, "no mask seed");
+        refused(linear(provider, op, &u), ErrorCode::BadRequest, "mask provider");
+        // bad input: a clear error, the session intact
+        refused(
+            linear(compute, op, &u[..cols as usize + 1]),
+            ErrorCode::BadRequest,
+            "not whole inputs",
+        );
+        refused(linear(compute, 9999, &u), ErrorCode::BadRequest, "op 9999");
+        refused(masks(provider, op, 0, 0), ErrorCode::BadRequest, "positions");
+        refused(linear([77; 16], op, &u), ErrorCode::UnknownSession, "no such");
+        let odd = call(&f, |reply| Job::Linear {
+            peer: peer(),
+            session: compute,
+            op,
+            words: vec![1, 2, 3],
+            reply,
+        });
+        refused(odd, ErrorCode::BadRequest, "32-bit words");
+        assert_eq!(words(linear(compute, op, &u)), expected);
+        // another peer cannot use the session; its owner can close it
+        let stranger = call(&f, |reply| Job::Linear {
+            peer: PeerId::random(),
+            session: compute,
+            op,
+            words: words_to_bytes(&u),
+            reply,
+        });
+        refused(stranger, ErrorCode::UnknownSession, "no such");
+        let closed = call(&f, |reply| Job::Close {
+            peer: peer(),
+            session: compute,
+            reply,
+        });
+        assert_eq!(closed, InferResponse::Closed);
+        refused(linear(compute, op, &u), ErrorCode::UnknownSession, "no such");
+    }
+
 }
