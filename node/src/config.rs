@@ -95,6 +95,11 @@ request_timeout_s = 60
 # Append every request this node receives to this file (audits and tests).
 # record_traffic = "traffic.bin"
 
+# Write the activation payload of every step and masked op this node receives, exactly as
+# received, to DIR/<n>.bin (n counts from 0): what a curious operator would keep, for the
+# attack suite (`veil attack uniformity DIR`). Off unless set.
+# record_payloads = "payloads"
+
 # Serve Prometheus metrics (sessions, steps, batch sizes, step latency, memory, requests by
 # outcome, and libp2p's own: connections, Kademlia, gossipsub, identify, ping) on
 # http://ADDRESS/metrics. Off unless set; keep it on a private address.
@@ -139,6 +144,7 @@ pub struct NodeConfig {
     pub ad_ttl_s: u32,
     pub request_timeout_s: u64,
     pub record_traffic: Option<PathBuf>,
+    pub record_payloads: Option<PathBuf>,
     pub step_delay_ms: u64,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub external_addresses: Vec<String>,
@@ -180,6 +186,7 @@ struct Partial {
     ad_ttl_s: Option<u32>,
     request_timeout_s: Option<u64>,
     record_traffic: Option<PathBuf>,
+    record_payloads: Option<PathBuf>,
     step_delay_ms: Option<u64>,
     metrics_listen: Option<String>,
     external_addresses: Option<Vec<String>>,
@@ -228,6 +235,7 @@ pub fn parse_config(text: &str, base: Option<&Path>) -> Result<NodeConfig, Strin
         ad_ttl_s: p.ad_ttl_s.unwrap_or(60),
         request_timeout_s: p.request_timeout_s.unwrap_or(60),
         record_traffic: p.record_traffic.map(resolve),
+        record_payloads: p.record_payloads.map(resolve),
         step_delay_ms: p.step_delay_ms.unwrap_or(0),
         metrics_listen: match p.metrics_listen {
             Some(a) => Some(a.parse().map_err(|_| {
@@ -360,6 +368,7 @@ mod tests {
         assert_eq!(c.max_sessions, 64);
         assert_eq!(c.backend, "auto");
         assert!(c.record_traffic.is_none());
+        assert!(c.record_payloads.is_none());
         assert!(c.relay.is_none());
         assert!(c.external_addresses.is_empty());
         assert_eq!(c.max_disk_mib, None);

@@ -1334,8 +1334,16 @@ mod tests {
         w.mul(&r, 2, &mut wr);
         assert_eq!(words(masks(provider, op, 7, 2)), wr);
         // each role refuses the other's request
-        refused(masks(compute, op, 0, 1), ErrorCode::BadRequest, "no mask seed");
-        refused(linear(provider, op, &u), ErrorCode::BadRequest, "mask provider");
+        refused(
+            masks(compute, op, 0, 1),
+            ErrorCode::BadRequest,
+            "no mask seed",
+        );
+        refused(
+            linear(provider, op, &u),
+            ErrorCode::BadRequest,
+            "mask provider",
+        );
         // bad input: a clear error, the session intact
         refused(
             linear(compute, op, &u[..cols as usize + 1]),
@@ -1343,8 +1351,16 @@ mod tests {
             "not whole inputs",
         );
         refused(linear(compute, 9999, &u), ErrorCode::BadRequest, "op 9999");
-        refused(masks(provider, op, 0, 0), ErrorCode::BadRequest, "positions");
-        refused(linear([77; 16], op, &u), ErrorCode::UnknownSession, "no such");
+        refused(
+            masks(provider, op, 0, 0),
+            ErrorCode::BadRequest,
+            "positions",
+        );
+        refused(
+            linear([77; 16], op, &u),
+            ErrorCode::UnknownSession,
+            "no such",
+        );
         let odd = call(&f, |reply| Job::Linear {
             peer: peer(),
             session: compute,
@@ -1369,7 +1385,10 @@ mod tests {
             reply,
         });
         assert_eq!(closed, InferResponse::Closed);
-        refused(linear(compute, op, &u), ErrorCode::UnknownSession, "no such");
+        refused(
+            linear(compute, op, &u),
+            ErrorCode::UnknownSession,
+            "no such",
+        );
     }
-
 }

@@ -45,6 +45,27 @@ impl TrafficRecorder {
     }
 }
 
+/// Writes the activation payload of every step and masked op as received to `<n>.bin`.
+struct PayloadRecorder {
+    dir: PathBuf,
+    next: u64,
+}
+
+impl PayloadRecorder {
+    fn record(&mut self, request: &InferRequest) {
+        let payload = match request {
+            InferRequest::Step { hidden, .. } => &hidden.data,
+            InferRequest::Linear { words, .. } => words,
+            _ => return,
+        };
+        let path = self.dir.join(format!("{}.bin", self.next));
+        self.next += 1;
+        if let Err(e) = std::fs::write(&path, payload) {
+            tracing::warn!("cannot record a payload to {}: {e}", path.display());
+        }
+    }
+}
+
 /// Inference traffic counters, shared with the tasks that answer requests.
 #[derive(Default)]
 struct Traffic {
@@ -71,6 +92,7 @@ struct Node {
     compute: Compute,
     throughput_gflops: f64,
     recorder: Option<TrafficRecorder>,
+    payloads: Option<PayloadRecorder>,
     metrics: Arc<NodeMetrics>,
     rates: RateLimiter,
     queues: Queues,
@@ -157,6 +179,21 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         }),
         None => None,
     };
+    let payloads = match &config.record_payloads {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            tracing::warn!(
+                "recording every activation payload received to {} (record_payloads)",
+                dir.display()
+            );
+            Some(PayloadRecorder {
+                dir: dir.clone(),
+                next: 0,
+            })
+        }
+        None => None,
+    };
     let metrics = Arc::new(metrics);
     if let Some(addr) = config.metrics_listen {
         let bound = crate::metrics::serve(addr, metrics.clone()).await?;
@@ -182,6 +219,7 @@ pub async fn run(config: NodeConfig, identity: Identity) -> Result<()> {
         compute,
         throughput_gflops,
         recorder,
+        payloads,
         metrics,
         rates: RateLimiter::new(config_rate),
         queues: Queues::new(config_queue),
@@ -394,6 +432,9 @@ impl Node {
                 channel,
             } => {
                 self.record(1, &request);
+                if let Some(p) = self.payloads.as_mut() {
+                    p.record(&request);
+                }
                 let kind = match &request {
                     InferRequest::Stats => "stats",
                     InferRequest::Open { .. } => "open",

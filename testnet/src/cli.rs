@@ -162,6 +162,11 @@ pub(crate) struct NetOpts {
     /// Where the nodes run: loopback, or a WAN with NATs, relays and link delays.
     #[arg(long, value_enum, default_value_t = Topology::Loopback)]
     pub(crate) topology: Topology,
+    /// Each node writes every activation payload it receives, as received, to
+    /// DIR/<node>/<n>.bin (rotated hidden states as f32, masked words as u32, little-endian):
+    /// what curious operators would keep. `veil attack uniformity DIR` tests them.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) record: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub(crate) wan: WanShape,
 }
@@ -181,6 +186,7 @@ impl NetOpts {
                     mode: self.lie.clone(),
                     rate: self.lie_rate,
                 }),
+                record_payloads: self.record.clone(),
                 ..NodeSettings::default()
             },
             keep: self.keep,
@@ -221,6 +227,11 @@ pub(crate) struct UpArgs {
     /// Print one JSON object (answer, route, speed) instead of text.
     #[arg(long)]
     pub(crate) json: bool,
+    /// How the nodes' inputs are hidden: rotated (the key folded into the shards) or
+    /// masked (the nodes compute the linear ops on uniformly random words; the client runs
+    /// the rest and provides the masks; see SECURITY.md, "Masked mode").
+    #[arg(long, default_value = "rotated", value_name = "MODE")]
+    pub(crate) privacy: veil_model::masked::Privacy,
 }
 
 #[derive(Args, Debug)]

@@ -19,6 +19,9 @@ pub struct NodeSettings {
     pub ad_ttl_s: u32,
     pub step_delay_ms: u64,
     pub record_traffic: bool,
+    /// Each node writes every activation payload it receives to `<dir>/<node name>/<n>.bin`
+    /// (`record_payloads`).
+    pub record_payloads: Option<std::path::PathBuf>,
     pub request_timeout_s: u64,
     /// Also listen on QUIC.
     pub quic: bool,
@@ -56,6 +59,7 @@ impl Default for NodeSettings {
             ad_ttl_s: 10,
             step_delay_ms: 0,
             record_traffic: false,
+            record_payloads: None,
             request_timeout_s: 30,
             quic: false,
             session_idle_timeout_s: 300,
@@ -131,11 +135,15 @@ impl NodeProcess {
             );
         }
         let peer_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let record = if settings.record_traffic {
-            "record_traffic = \"traffic.bin\"\n"
+        let mut record = if settings.record_traffic {
+            "record_traffic = \"traffic.bin\"\n".to_string()
         } else {
-            ""
+            String::new()
         };
+        if let Some(dir) = &settings.record_payloads {
+            let dir = std::path::absolute(dir.join(&name))?;
+            record += &format!("record_payloads = {:?}\n", dir.display().to_string());
+        }
         let metrics = if settings.metrics {
             "metrics_listen = \"127.0.0.1:0\"\n"
         } else {

@@ -41,6 +41,7 @@ fn run_up(args: UpArgs) -> Result<()> {
                 &network,
                 &args.prompt,
                 args.max_tokens,
+                args.privacy,
                 &mut std::io::sink(),
             )
         } else {
@@ -48,6 +49,7 @@ fn run_up(args: UpArgs) -> Result<()> {
                 &network,
                 &args.prompt,
                 args.max_tokens,
+                args.privacy,
                 &mut std::io::stdout(),
             )
         }
@@ -61,12 +63,22 @@ fn run_up(args: UpArgs) -> Result<()> {
              tokens/s; {:.0} bytes on the wire per token",
             r.tokens, r.time_to_first_token_s, r.decode_tokens_per_s, r.bytes_per_token
         );
-        println!(
-            "the nodes received only hidden states rotated by key {}… (held by this client \
-             alone); with public weights like these a curious node can undo the rotation: \
-             see SECURITY.md",
-            &r.key_fingerprint[..r.key_fingerprint.len().min(12)]
-        );
+        match &r.masked {
+            Some(m) => println!(
+                "masked mode: the nodes received only uniformly random words ({} ops, {} \
+                 failed checks, {} nodes caught); the client ran the rest and provided the \
+                 masks: see SECURITY.md",
+                m.ops,
+                m.failed_checks,
+                m.detections.len()
+            ),
+            None => println!(
+                "the nodes received only hidden states rotated by key {}… (held by this \
+                 client alone); with public weights like these a curious node can undo the \
+                 rotation: see SECURITY.md",
+                &r.key_fingerprint[..r.key_fingerprint.len().min(12)]
+            ),
+        }
     }
     if args.exit {
         return Ok(());

@@ -6,8 +6,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use std::sync::atomic::Ordering;
 use veil_client::net::Client;
+
+use veil_client::remote::masked::{MaskProviders, MaskedPipeline};
 use veil_client::remote::RemotePipeline;
+use veil_model::masked::Privacy;
 use veil_model::{generate, GenerateParams, SamplingParams};
 
 use crate::network::LocalNetwork;
@@ -27,52 +31,99 @@ pub struct UpReport {
     pub bootstrap: String,
     pub deployment: String,
     pub key_fingerprint: String,
-    /// What checking the nodes found (the deployment's `--verify` rate).
+    /// `rotated` or `masked`.
+    pub privacy: String,
+    /// What checking the nodes found (the deployment's `--verify` rate; rotated mode).
     pub verification: veil_client::remote::AuditStats,
+    /// Masked mode: ops computed, products that failed their check, parties caught.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<MaskedReport>,
 }
 
-/// Run `prompt` (chat-templated) through the network, streaming the answer to `out`.
+/// What a masked generation's checks found.
+#[derive(Debug, Serialize)]
+pub struct MaskedReport {
+    pub ops: u64,
+    pub failed_checks: u64,
+    pub detections: Vec<veil_model::masked::Detection>,
+}
+
+/// Run `prompt` (chat-templated) through the network, streaming the answer to `out`:
+/// rotated (the deployment's encrypted stages on the nodes) or masked (the nodes compute
+/// the linear ops on masked words; the client runs the rest and provides the masks).
 pub fn ask(
     network: &LocalNetwork,
     prompt: &str,
     max_tokens: usize,
+    privacy: Privacy,
     out: &mut dyn Write,
 ) -> Result<UpReport> {
     let client = Client::connect(&network.net_args())?;
-    let mut pipeline = RemotePipeline::new(
-        client.runtime.handle().clone(),
-        client.network.clone(),
-        &network.bundle,
-        &network.deployment,
-        network.bundle.meta.config.max_seq_len,
-        veil_model::Precision::Fast,
-    )?;
-    veil_client::verify::prepare(
-        &mut pipeline,
-        veil_client::verify::verification_for(&network.deployment, None)?,
-    )?;
+    let handle = client.runtime.handle().clone();
+    let context = network.bundle.meta.config.max_seq_len;
     let ids = network.text.prompt_tokens(prompt, false)?;
     let params = GenerateParams {
         max_tokens,
         sampling: SamplingParams::default(),
         top_logits: 0,
     };
+    let mut stream = |piece: &str| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    };
+    let tokenizer = &network.text.tokenizer;
     let start = Instant::now();
-    let g = generate(
-        &mut pipeline,
-        &network.text.tokenizer,
-        &ids,
-        &params,
-        &mut |piece| {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        },
-    )
-    .context("generation through the testnet failed")?;
+    let (g, route, bytes, verification, masked) = match privacy {
+        Privacy::Rotated => {
+            let mut pipeline = RemotePipeline::new(
+                handle,
+                client.network.clone(),
+                &network.bundle,
+                &network.deployment,
+                context,
+                veil_model::Precision::Fast,
+            )?;
+            veil_client::verify::prepare(
+                &mut pipeline,
+                veil_client::verify::verification_for(&network.deployment, None)?,
+            )?;
+            let g = generate(&mut pipeline, tokenizer, &ids, &params, &mut stream)
+                .context("generation through the testnet failed")?;
+            let route = pipeline.route();
+            let bytes = pipeline.stats.bytes_sent + pipeline.stats.bytes_received;
+            pipeline.close();
+            veil_client::generate::report_detections(&pipeline.stats.audit);
+            veil_client::verify::record(&pipeline, &network.deployment.id)?;
+            (g, route, bytes, pipeline.stats.audit.clone(), None)
+        }
+        Privacy::Masked => {
+            let mut pipeline = MaskedPipeline::new(
+                handle,
+                client.network.clone(),
+                &network.bundle,
+                &network.deployment,
+                &MaskProviders::Local,
+                context,
+                veil_model::Precision::Fast,
+            )?;
+            let g = generate(&mut pipeline, tokenizer, &ids, &params, &mut stream)
+                .context("masked generation through the testnet failed")?;
+            let route = pipeline.route();
+            pipeline.close();
+            let bytes = pipeline.traffic.sent.load(Ordering::Relaxed)
+                + pipeline.traffic.received.load(Ordering::Relaxed);
+            let t = pipeline.stats.totals();
+            let report = MaskedReport {
+                ops: t.ops,
+                failed_checks: t.check_failures,
+                detections: pipeline.detections(),
+            };
+            (g, route, bytes, Default::default(), Some(report))
+        }
+    };
     let wall = start.elapsed().as_secs_f64();
     let _ = writeln!(out);
-    let route = pipeline
-        .route()
+    let route = route
         .into_iter()
         .map(|peer| {
             let name = network
@@ -83,10 +134,6 @@ pub fn ask(
             format!("{name} ({peer})")
         })
         .collect();
-    let bytes = pipeline.stats.bytes_sent + pipeline.stats.bytes_received;
-    pipeline.close();
-    veil_client::generate::report_detections(&pipeline.stats.audit);
-    veil_client::verify::record(&pipeline, &network.deployment.id)?;
     Ok(UpReport {
         text: g.text.clone(),
         tokens: g.tokens.len(),
@@ -101,7 +148,9 @@ pub fn ask(
         bootstrap: network.bootstrap.clone(),
         deployment: network.deployment.id.clone(),
         key_fingerprint: network.deployment.key_fingerprint.clone(),
-        verification: pipeline.stats.audit.clone(),
+        privacy: privacy.name().to_string(),
+        verification,
+        masked,
     })
 }
 

@@ -576,3 +576,60 @@ fn up_with_serve_keeps_a_gateway_to_the_deployment() {
         "{addr} still answers"
     );
 }
+
+/// `up --privacy masked` answers through three nodes with every product checked, and
+/// `--record DIR` keeps what each node received: masked words pass the uniformity test
+/// lane by lane, rotated hidden states fail it.
+#[test]
+fn up_masked_answers_and_its_recordings_are_uniform() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let record = tmp.path().join("record");
+    let run = |privacy: &str| {
+        let dir = record.join(privacy);
+        let out = testnet(
+            tmp.path(),
+            &[
+                "up",
+                "--model",
+                "tiny",
+                "--quant",
+                "f32",
+                "--exit",
+                "--json",
+                "--max-tokens",
+                "12",
+                "--privacy",
+                privacy,
+                "--record",
+                dir.to_str().expect("utf-8"),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(v["tokens"], 12, "{v}");
+        assert_eq!(v["privacy"], privacy, "{v}");
+        let veil = find_bin("veil").expect("veil");
+        let out = Command::new(veil)
+            .args(["attack", "uniformity", "--json"])
+            .arg(&dir)
+            .output()
+            .expect("veil attack uniformity");
+        assert!(out.status.success(), "{}", stderr(&out));
+        let u: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        (v, u)
+    };
+    let (v, u) = run("masked");
+    let m = &v["masked"];
+    assert!(m["ops"].as_u64() > Some(0), "{v}");
+    assert_eq!(m["failed_checks"], 0, "{v}");
+    assert_eq!(u["uniform"], true, "{u}");
+    let nodes = u["nodes"].as_array().expect("nodes");
+    assert!(!nodes.is_empty(), "{u}");
+    assert!(
+        nodes.iter().all(|n| n["words"].as_u64() > Some(10_000)),
+        "{u}"
+    );
+    let (_, u) = run("rotated");
+    assert_eq!(u["uniform"], false, "{u}");
+    assert_clean(tmp.path());
+}

@@ -4,6 +4,7 @@
 mod masked;
 mod prompts;
 mod scenario;
+mod uniformity;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -43,6 +44,9 @@ pub enum AttackCommand {
     /// strongest attack on the first layer (and, as a control, from the same integers
     /// without masks), and test every byte lane for uniformity.
     Masked(masked::MaskedArgs),
+    /// Test what nodes recorded (`veil-testnet --record DIR`, a node's `record_payloads`)
+    /// for uniformity, byte lane by byte lane: masked words pass, rotated states fail.
+    Uniformity(uniformity::UniformityArgs),
 }
 
 /// Which key the owner uses.
@@ -394,6 +398,7 @@ pub fn run(command: AttackCommand) -> Result<()> {
         | AttackCommand::Inversion(a)
         | AttackCommand::Table(a) => a.clone(),
         AttackCommand::Masked(a) => return masked::run(a),
+        AttackCommand::Uniformity(a) => return uniformity::run(a),
     };
     for (name, v) in [
         ("--private-noise", args.private_noise),

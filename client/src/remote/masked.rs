@@ -370,6 +370,14 @@ impl MaskedPipeline {
         })
     }
 
+    /// The peer computing each stage's ops now (the first replica not caught).
+    pub fn route(&self) -> Vec<String> {
+        self.parties
+            .iter()
+            .map(|p| p.serving().unwrap_or_else(|| "-".into()))
+            .collect()
+    }
+
     /// Every party caught answering wrongly so far.
     pub fn detections(&self) -> Vec<Detection> {
         self.parties.iter().flat_map(|p| p.detections()).collect()

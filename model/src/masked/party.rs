@@ -156,6 +156,14 @@ impl SplitParties {
             .clone()
     }
 
+    /// The compute party asked first now: the first not caught.
+    pub fn serving(&self) -> Option<String> {
+        self.compute
+            .iter()
+            .map(|c| c.name())
+            .find(|n| !self.is_caught(n))
+    }
+
     pub(super) fn is_caught(&self, name: &str) -> bool {
         self.caught
             .lock()
