@@ -186,7 +186,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
         if args.privacy == Privacy::Masked {
             // the rotated shards' weights, masked: every party in this process
             let stats = std::sync::Arc::new(MaskedStats::default());
-            let model = model.masked(&stats, |_, _, _| Ok(Parties::Local))?;
+            let model = model.masked(&model.ring_ops()?, &stats, |_, _, _| Ok(Parties::Local))?;
             return Ok(Box::new(MaskedRun {
                 model: Box::new(model),
                 stats,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use veil_kernels::ring::RingMatrix;
 
 /// A shard uploaded to a device, ready to serve sequences.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StageRunner {
     meta: ShardMeta,
     stage: Stage,
@@ -67,10 +67,11 @@ impl StageRunner {
         self.stage.ring_ops()
     }
 
-    /// This runner in masked mode (see [`Stage::masked`]), its products computed by
-    /// `parties`; the shard's weights stay shared.
+    /// This runner in masked mode (see [`Stage::masked`]) with its [`Self::ring_ops`]
+    /// `ops`, its products computed by `parties`; the shard's weights stay shared.
     pub fn masked(
         &self,
+        ops: &[(u64, Arc<RingMatrix>)],
         seed: &Arc<MaskSeed>,
         stats: &Arc<MaskedStats>,
         parties: &Parties,
@@ -78,7 +79,10 @@ impl StageRunner {
     ) -> Result<Self, ModelError> {
         Ok(StageRunner {
             meta: self.meta.clone(),
-            stage: self.stage.masked(seed, stats, rng)?.with_parties(parties),
+            stage: self
+                .stage
+                .masked_from(ops, seed, stats, rng)?
+                .with_parties(parties),
             exact: None,
             rope: self.rope.clone(),
             device: self.device.clone(),

@@ -162,6 +162,11 @@ pub(crate) struct NetOpts {
     /// Where the nodes run: loopback, or a WAN with NATs, relays and link delays.
     #[arg(long, value_enum, default_value_t = Topology::Loopback)]
     pub(crate) topology: Topology,
+    /// How the clients hide the nodes' inputs: rotated (the key folded into the shards) or
+    /// masked (the nodes compute only the linear ops, on uniformly random words; the
+    /// client runs the rest and provides the masks; see SECURITY.md, "Masked mode").
+    #[arg(long, default_value = "rotated", value_name = "MODE")]
+    pub(crate) privacy: veil_model::masked::Privacy,
     /// Each node writes every activation payload it receives, as received, to
     /// DIR/<node>/<n>.bin (rotated hidden states as f32, masked words as u32, little-endian):
     /// what curious operators would keep. `veil attack uniformity DIR` tests them.
@@ -196,6 +201,7 @@ impl NetOpts {
             calibration: self.calibration.clone(),
             verify: self.verify,
             wan: (self.topology == Topology::Wan).then(|| self.wan.options()),
+            privacy: self.privacy,
         }
     }
 
@@ -227,11 +233,6 @@ pub(crate) struct UpArgs {
     /// Print one JSON object (answer, route, speed) instead of text.
     #[arg(long)]
     pub(crate) json: bool,
-    /// How the nodes' inputs are hidden: rotated (the key folded into the shards) or
-    /// masked (the nodes compute the linear ops on uniformly random words; the client runs
-    /// the rest and provides the masks; see SECURITY.md, "Masked mode").
-    #[arg(long, default_value = "rotated", value_name = "MODE")]
-    pub(crate) privacy: veil_model::masked::Privacy,
 }
 
 #[derive(Args, Debug)]

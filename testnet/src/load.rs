@@ -7,9 +7,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use serde::Serialize;
+use std::sync::atomic::Ordering;
 use veil_client::net::Client;
+
+use veil_client::remote::masked::{MaskProviders, MaskedDeployment};
 use veil_client::remote::{RemotePipeline, RemoteStats};
 use veil_model::crypto::ClientModel;
+use veil_model::masked::Privacy;
 use veil_model::{generate, GenerateParams, Generation, ModelError, TextCodec, TokenModel};
 
 use crate::network::LocalNetwork;
@@ -104,6 +108,8 @@ impl SessionResult {
 pub struct LoadClient {
     client: Client,
     model: ClientModel,
+    /// In masked mode: what every session shares.
+    masked: Option<MaskedDeployment>,
     net: Arc<NetworkView>,
     /// How sessions check the nodes (the deployment's `--verify` rate, off without one); no
     /// record of nodes is kept between sessions, so that each is an independent trial.
@@ -122,9 +128,21 @@ impl LoadClient {
         let client = Client::connect(&network.net_args()).context("cannot join the testnet")?;
         let device = veil_model::Compute::cpu().device;
         let model = ClientModel::new(&network.bundle, &device)?;
+        let masked = match network.privacy {
+            Privacy::Rotated => None,
+            Privacy::Masked => Some(MaskedDeployment::load(
+                client.runtime.handle().clone(),
+                client.network.clone(),
+                &network.bundle,
+                &network.deployment,
+                network.bundle.meta.config.max_seq_len,
+                veil_model::Precision::Fast,
+            )?),
+        };
         Ok(LoadClient {
             client,
             model,
+            masked,
             net: Arc::new(NetworkView {
                 deployment: network.deployment.clone(),
                 text: TextCodec::new(network.bundle.meta.text.clone())?,
@@ -202,6 +220,30 @@ impl LoadClient {
         params: &GenerateParams,
         bar: &ProgressBar,
     ) -> Result<(Generation, Vec<String>, RemoteStats)> {
+        if let Some(base) = &self.masked {
+            let mut pipeline = base.session(&MaskProviders::Local)?;
+            let g = {
+                let mut metered = Metered {
+                    inner: &mut pipeline,
+                    bar: bar.clone(),
+                };
+                generate(
+                    &mut metered,
+                    &self.net.text.tokenizer,
+                    prompt,
+                    params,
+                    &mut |_| {},
+                )?
+            };
+            let route = pipeline.route();
+            pipeline.close();
+            let stats = RemoteStats {
+                bytes_sent: pipeline.traffic.sent.load(Ordering::Relaxed),
+                bytes_received: pipeline.traffic.received.load(Ordering::Relaxed),
+                ..RemoteStats::default()
+            };
+            return Ok((g, route, stats));
+        }
         let mut pipeline = RemotePipeline::with_client(
             self.client.runtime.handle().clone(),
             self.client.network.clone(),

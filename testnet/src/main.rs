@@ -41,7 +41,7 @@ fn run_up(args: UpArgs) -> Result<()> {
                 &network,
                 &args.prompt,
                 args.max_tokens,
-                args.privacy,
+                network.privacy,
                 &mut std::io::sink(),
             )
         } else {
@@ -49,7 +49,7 @@ fn run_up(args: UpArgs) -> Result<()> {
                 &network,
                 &args.prompt,
                 args.max_tokens,
-                args.privacy,
+                network.privacy,
                 &mut std::io::stdout(),
             )
         }

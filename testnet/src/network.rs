@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use veil_model::masked::Privacy;
 
 use anyhow::{bail, Context, Result};
 use veil_client::deploy::{deploy, DeployArgs};
@@ -46,6 +47,8 @@ pub struct NetworkOptions {
     /// (the kinds of `homes` taken in turn), two more nodes on the public segment that
     /// bootstrap and relay but hold no stage, and the client behind its own NAT.
     pub wan: Option<WanOptions>,
+    /// How clients of this testnet hide the nodes' inputs (rotated or masked).
+    pub privacy: Privacy,
 }
 
 impl Default for NetworkOptions {
@@ -63,6 +66,7 @@ impl Default for NetworkOptions {
             calibration: None,
             verify: None,
             wan: None,
+            privacy: Privacy::Rotated,
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct LocalNetwork {
     /// The peer ids of the nodes that may hold stages (all of them on loopback; on the WAN,
     /// the nodes at home).
     pub serving: Vec<String>,
+    /// How this testnet's clients hide the nodes' inputs.
+    pub privacy: Privacy,
     root: Option<tempfile::TempDir>,
     root_path: PathBuf,
     /// Dropped after the nodes: their namespaces go last.
@@ -253,6 +259,7 @@ impl LocalNetwork {
             root,
             root_path,
             wan,
+            privacy: opts.privacy,
         })
     }
 

@@ -45,6 +45,11 @@ pub struct UpReport {
 pub struct MaskedReport {
     pub ops: u64,
     pub failed_checks: u64,
+    /// Seconds the client spent making masks, waiting for both parties' products (at once),
+    /// and on its own share of the ops (quantizing, masking, unmasking, checking).
+    pub masks_s: f64,
+    pub products_s: f64,
+    pub client_s: f64,
     pub detections: Vec<veil_model::masked::Detection>,
 }
 
@@ -116,6 +121,9 @@ pub fn ask(
             let report = MaskedReport {
                 ops: t.ops,
                 failed_checks: t.check_failures,
+                masks_s: t.masks_s,
+                products_s: t.products_s,
+                client_s: t.client_s,
                 detections: pipeline.detections(),
             };
             (g, route, bytes, Default::default(), Some(report))

@@ -633,3 +633,40 @@ fn up_masked_answers_and_its_recordings_are_uniform() {
     assert_eq!(u["uniform"], false, "{u}");
     assert_clean(tmp.path());
 }
+
+/// `chaos --privacy masked`: nodes killed and restarted under masked sessions; their ops
+/// move to the other replica (a restarted node gets its session opened again) and every
+/// completed output equals the fault-free run's.
+#[test]
+fn chaos_masked_keeps_every_completed_output() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let json = tmp.path().join("chaos.json");
+    let out = testnet(
+        tmp.path(),
+        &[
+            "chaos",
+            "--model",
+            "tiny",
+            "--privacy",
+            "masked",
+            "--sessions",
+            "2",
+            "--rounds",
+            "3",
+            "--gen-tokens",
+            "40",
+            "--kill-every",
+            "1",
+            "--down",
+            "0.5",
+            "--json",
+            &json.display().to_string(),
+        ],
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("JSON");
+    assert!(out.status.success(), "{}\n{v:#}", stderr(&out));
+    assert!(!v["kills"].as_array().expect("kills").is_empty());
+    assert!(v["completed"].as_u64() > Some(0), "{v:#}");
+    assert_eq!(v["identical"], v["completed"], "{v:#}");
+    assert_clean(tmp.path());
+}

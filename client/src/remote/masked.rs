@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tokio::runtime::Handle;
@@ -31,6 +31,9 @@ use crate::deployment::Deployment;
 /// whole positions below this, so that even the widest answer (gate and up, up to 8 times
 /// its input in today's shapes) stays within the protocol's frame.
 const CHUNK_BYTES: usize = 2 << 20;
+
+/// How long a party that did not answer is left out before it is asked again.
+const RETRY_DOWN_AFTER: Duration = Duration::from_secs(5);
 
 /// Positions per mask-provider request.
 const PROVIDER_POSITIONS: usize = 128;
@@ -80,6 +83,8 @@ pub struct NetParty {
     session: Mutex<Option<SessionId>>,
     /// Set once opening failed: the party is not tried again.
     failed: AtomicBool,
+    /// Not asked before then: it did not answer (a node down or unreachable).
+    down_until: Mutex<Option<Instant>>,
     traffic: Arc<Traffic>,
 }
 
@@ -100,6 +105,7 @@ impl NetParty {
             network,
             session: Mutex::new(None),
             failed: AtomicBool::new(false),
+            down_until: Mutex::new(None),
             traffic,
         }
     }
@@ -117,10 +123,18 @@ impl NetParty {
         loop {
             let sent = veil_protocol::codec::encode(&req).map_or(0, |b| b.len() as u64);
             self.traffic.sent.fetch_add(sent, Ordering::Relaxed);
-            let resp = self
+            let resp = match self
                 .handle
                 .block_on(self.network.infer(self.peer, req.clone()))
-                .map_err(|e| self.err(e.to_string()))?;
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // its replicas serve meanwhile, without waiting for it on every op
+                    *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now() + RETRY_DOWN_AFTER);
+                    return Err(self.err(e.to_string()));
+                }
+            };
             let got = veil_protocol::codec::encode(&resp).map_or(0, |b| b.len() as u64);
             self.traffic.received.fetch_add(got, Ordering::Relaxed);
             match resp {
@@ -143,6 +157,13 @@ impl NetParty {
     fn session(&self) -> Result<SessionId, PartyError> {
         if self.failed.load(Ordering::Relaxed) {
             return Err(self.err("its masked session could not be opened"));
+        }
+        let down = *self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        if down.is_some_and(|t| Instant::now() < t) {
+            return Err(self.err(format!(
+                "skipped: it did not answer in the last {} s",
+                RETRY_DOWN_AFTER.as_secs()
+            )));
         }
         let mut current = self.session.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = *current {
@@ -178,8 +199,24 @@ impl NetParty {
         }
     }
 
-    fn words(&self, req: InferRequest) -> Result<Vec<u32>, PartyError> {
-        match self.call(req)? {
+    /// The words answering `make(session)`. A node that lost the session (it restarted,
+    /// or the session idled out) gets it opened again: a masked session holds no state but
+    /// its role and seed, so nothing is replayed.
+    fn words(&self, make: impl Fn(SessionId) -> InferRequest) -> Result<Vec<u32>, PartyError> {
+        let session = self.session()?;
+        let answer = match self.call(make(session)) {
+            Err(e) if e.reason.starts_with("UnknownSession") => {
+                tracing::info!(
+                    "{}: its masked session was gone; opening another",
+                    self.peer
+                );
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let session = self.session()?;
+                self.call(make(session))?
+            }
+            other => other?,
+        };
+        match answer {
             InferResponse::Words { words } => {
                 bytes_to_words(&words).map_err(|e| self.err(e.to_string()))
             }
@@ -216,7 +253,6 @@ impl ComputeParty for NetParty {
     }
 
     fn products(&self, op: u64, words: &[u32], n: usize) -> Result<Vec<u32>, PartyError> {
-        let session = self.session()?;
         if n == 0 || words.len() % n != 0 {
             return Err(self.err(format!("{} words are not {n} positions", words.len())));
         }
@@ -224,10 +260,11 @@ impl ComputeParty for NetParty {
         let per = chunk_positions(cols);
         let mut out = Vec::new();
         for chunk in words.chunks(per * cols) {
-            out.extend(self.words(InferRequest::Linear {
+            let bytes = words_to_bytes(chunk);
+            out.extend(self.words(|session| InferRequest::Linear {
                 session,
                 op,
-                words: words_to_bytes(chunk),
+                words: bytes.clone(),
             })?);
         }
         Ok(out)
@@ -240,13 +277,12 @@ impl MaskParty for NetParty {
     }
 
     fn mask_products(&self, op: u64, first: u64, n: usize) -> Result<Vec<u32>, PartyError> {
-        let session = self.session()?;
         let per = PROVIDER_POSITIONS;
         let mut out = Vec::new();
         let mut done = 0;
         while done < n {
             let k = per.min(n - done);
-            out.extend(self.words(InferRequest::MaskProducts {
+            out.extend(self.words(|session| InferRequest::MaskProducts {
                 session,
                 op,
                 first: first + done as u64,
@@ -267,21 +303,33 @@ pub struct MaskedPipeline {
     pub traffic: Arc<Traffic>,
 }
 
-impl MaskedPipeline {
-    /// Masked sessions on `deployment`'s nodes (opened on first use), the client running
-    /// the rest on the deployment's own shards (kept in its directory by `veil deploy`).
-    pub fn new(
+/// What every masked session on a deployment shares: the client's side of its stages,
+/// loaded from the deployment's own shards, their ops as integers, and where each stage's
+/// replicas are. Cheap to turn into a session ([`MaskedDeployment::session`]).
+#[derive(Clone)]
+pub struct MaskedDeployment {
+    local: EncryptedLocal,
+    ops: Vec<Vec<(u64, Arc<veil_kernels::ring::RingMatrix>)>>,
+    /// Per stage: its layers, its shard and its replicas.
+    stages: Vec<((usize, usize), ShardId, Vec<PeerId>)>,
+    handle: Handle,
+    network: Network,
+}
+
+impl MaskedDeployment {
+    /// Load `deployment`'s shards (kept in its directory by `veil deploy`) for the client's
+    /// side and tell `network` where its replicas are.
+    pub fn load(
         handle: Handle,
         network: Network,
         bundle: &ClientBundle,
         deployment: &Deployment,
-        providers: &MaskProviders,
         context: usize,
         precision: Precision,
     ) -> Result<Self> {
         let dir = Deployment::dir(&deployment.id)?;
         let mut shards = Vec::new();
-        let mut stage_peers = Vec::new();
+        let mut stages = Vec::new();
         for s in &deployment.stages {
             let path = shard_path(&dir, s.stage);
             let shard = Shard::read(&path).with_context(|| {
@@ -308,22 +356,44 @@ impl MaskedPipeline {
                 }
                 replicas.push(peer);
             }
-            let (compute, provide) = place(s.stage, &replicas, providers)?;
-            stage_peers.push((shard.meta.layers, id, compute, provide));
+            if replicas.is_empty() {
+                bail!(
+                    "stage {} has no replica; run `veil deploy --repair {}`",
+                    s.stage,
+                    deployment.id
+                );
+            }
+            stages.push((shard.meta.layers, id, replicas));
             shards.push(shard);
         }
         let device = veil_model::Compute::cpu().device;
         let local =
             EncryptedLocal::with_precision(bundle, &shards, &device, Some(context), precision)?;
         drop(shards);
+        let ops = local.ring_ops()?;
+        Ok(MaskedDeployment {
+            local,
+            ops,
+            stages,
+            handle,
+            network,
+        })
+    }
+
+    /// A new session (a fresh mask seed), its masks' products computed by `providers`.
+    pub fn session(&self, providers: &MaskProviders) -> Result<MaskedPipeline> {
+        let mut placed = Vec::new();
+        for (i, (layers, shard, replicas)) in self.stages.iter().enumerate() {
+            let (compute, provide) = place(i, replicas, providers)?;
+            placed.push((*layers, *shard, compute, provide));
+        }
         let stats = Arc::new(MaskedStats::default());
         let traffic = Arc::new(Traffic::default());
         let mut parties = Vec::new();
         let mut nodes = Vec::new();
-        let model = local.masked(&stats, |runner, ops, seed| {
+        let model = self.local.masked(&self.ops, &stats, |runner, ops, seed| {
             let layers = runner.meta().layers;
-            let Some((_, shard, compute, provide)) =
-                stage_peers.iter().find(|s| s.0 == layers).cloned()
+            let Some((_, shard, compute, provide)) = placed.iter().find(|s| s.0 == layers).cloned()
             else {
                 return Err(ModelError::Shape(format!(
                     "no stage of the deployment serves layers {}..{}",
@@ -335,8 +405,8 @@ impl MaskedPipeline {
                     peer,
                     shard,
                     seed,
-                    handle.clone(),
-                    network.clone(),
+                    self.handle.clone(),
+                    self.network.clone(),
                     traffic.clone(),
                 ));
                 nodes.push(p.clone());
@@ -368,6 +438,23 @@ impl MaskedPipeline {
             stats,
             traffic,
         })
+    }
+}
+
+impl MaskedPipeline {
+    /// Masked sessions on `deployment`'s nodes (opened on first use), the client running
+    /// the rest on the deployment's own shards (see [`MaskedDeployment`]).
+    pub fn new(
+        handle: Handle,
+        network: Network,
+        bundle: &ClientBundle,
+        deployment: &Deployment,
+        providers: &MaskProviders,
+        context: usize,
+        precision: Precision,
+    ) -> Result<Self> {
+        MaskedDeployment::load(handle, network, bundle, deployment, context, precision)?
+            .session(providers)
     }
 
     /// The peer computing each stage's ops now (the first replica not caught).

@@ -20,7 +20,7 @@ use crate::stage_runner::StageRunner;
 use crate::ModelError;
 
 /// The client and all stage runners of a deployment on one device, with one sequence.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct EncryptedLocal {
     client: ClientModel,
     client_cache: ClientCache,
@@ -86,7 +86,8 @@ impl EncryptedLocal {
     /// `parties` names for each stage (given its runner, the integer weights of its ops and
     /// the seed); the client checks every product. The sequence starts over.
     pub fn masked(
-        self,
+        &self,
+        ops: &[Vec<(u64, Arc<RingMatrix>)>],
         stats: &Arc<MaskedStats>,
         mut parties: impl FnMut(
             &StageRunner,
@@ -96,18 +97,34 @@ impl EncryptedLocal {
     ) -> Result<Self, ModelError> {
         let seed = Arc::new(MaskSeed::random());
         let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
+        if ops.len() != self.stages.len() {
+            return Err(ModelError::Shape(format!(
+                "integer weights for {} stages, not {}",
+                ops.len(),
+                self.stages.len()
+            )));
+        }
         let stages = self
             .stages
             .iter()
-            .map(|s| {
-                let ops = s.ring_ops()?;
-                let p = parties(s, &ops, &seed)?;
-                s.masked(&seed, stats, &p, &mut rng)
+            .zip(ops)
+            .map(|(s, ops)| {
+                let p = parties(s, ops, &seed)?;
+                s.masked(ops, &seed, stats, &p, &mut rng)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut masked = EncryptedLocal { stages, ..self };
+        let mut masked = EncryptedLocal {
+            stages,
+            ..self.clone()
+        };
         masked.reset();
         Ok(masked)
+    }
+
+    /// Every stage's linear ops as integers ([`StageRunner::ring_ops`]), in order: what
+    /// [`Self::masked`] takes, the same for every session.
+    pub fn ring_ops(&self) -> Result<Vec<Vec<(u64, Arc<RingMatrix>)>>, ModelError> {
+        self.stages.iter().map(StageRunner::ring_ops).collect()
     }
 
     /// Forget the current sequence.

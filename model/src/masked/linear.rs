@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use veil_kernels::ring::RingMatrix;
 
-use super::party::{Parties, SplitParties};
+use super::party::{ComputeParty, Parties, SplitParties};
 use super::{dequantize_product, quantize_positions, Freivalds, MaskSeed};
 use crate::{Matrix, ModelError};
 
@@ -263,21 +263,29 @@ impl MaskedLinear {
             out
         };
         let t = Instant::now();
-        let mut provider = None;
-        for p in s.providers.iter().filter(|p| !s.is_caught(&p.name())) {
-            match p.mask_products(op, first, n) {
-                Ok(v) if v.len() == n * rows => {
-                    provider = Some((p.name(), v));
-                    break;
+        // the masks' products and the first replica's answer, asked at once
+        let replicas: Vec<&Arc<dyn ComputeParty>> = s
+            .compute
+            .iter()
+            .filter(|c| !s.is_caught(&c.name()))
+            .collect();
+        let (provided, mut first_answer) = rayon::join(
+            || {
+                for p in s.providers.iter().filter(|p| !s.is_caught(&p.name())) {
+                    match p.mask_products(op, first, n) {
+                        Ok(v) if v.len() == n * rows => return Some((p.name(), v)),
+                        Ok(v) => {
+                            tracing::warn!("masked op {op}: {} sent {} words", p.name(), v.len());
+                            s.catch(p.name(), "mask provider", op, first);
+                        }
+                        Err(e) => tracing::warn!("masked op {op}: {e}"),
+                    }
                 }
-                Ok(v) => {
-                    tracing::warn!("masked op {op}: {} sent {} words", p.name(), v.len());
-                    s.catch(p.name(), "mask provider", op, first);
-                }
-                Err(e) => tracing::warn!("masked op {op}: {e}"),
-            }
-        }
-        let (mut provider, mut wr) = match provider {
+                None
+            },
+            || replicas.first().map(|c| c.products(op, masked, n)),
+        );
+        let (mut provider, mut wr) = match provided {
             Some((name, v)) => (Some(name), v),
             None => {
                 tracing::warn!(
@@ -288,12 +296,19 @@ impl MaskedLinear {
             }
         };
         let mut own: Option<Vec<u32>> = None;
-        for c in s.compute.iter().filter(|c| !s.is_caught(&c.name())) {
-            let wu = match c.products(op, masked, n) {
+        for c in replicas {
+            let answer = first_answer
+                .take()
+                .unwrap_or_else(|| c.products(op, masked, n));
+            let wu = match answer {
                 Ok(v) if v.len() == n * rows => v,
                 Ok(v) => {
                     tracing::warn!("masked op {op}: {} sent {} words", c.name(), v.len());
                     s.catch(c.name(), "compute node", op, first);
+                    continue;
+                }
+                Err(e) if e.reason.starts_with("skipped") => {
+                    tracing::debug!("masked op {op}: {e}");
                     continue;
                 }
                 Err(e) => {

@@ -97,7 +97,19 @@ impl Stage {
         stats: &Arc<MaskedStats>,
         rng: &mut impl rand::Rng,
     ) -> Result<Stage, ModelError> {
-        let mut ops = self.ring_ops()?.into_iter();
+        self.masked_from(&self.ring_ops()?, seed, stats, rng)
+    }
+
+    /// [`Self::masked`] with the stage's [`Self::ring_ops`] already computed (they are
+    /// the same for every session).
+    pub fn masked_from(
+        &self,
+        ops: &[(u64, Arc<RingMatrix>)],
+        seed: &Arc<MaskSeed>,
+        stats: &Arc<MaskedStats>,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Stage, ModelError> {
+        let mut ops = ops.iter().cloned();
         let mut stage = self.clone();
         for b in &mut stage.blocks {
             for l in b.linears_mut() {
