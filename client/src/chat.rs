@@ -10,7 +10,9 @@ use veil_model::{generate, GenerateParams, SamplingParams, TextCodec, TokenModel
 
 use crate::generate::connect_deployment;
 use crate::net::NetArgs;
+use crate::remote::masked::{MaskProviders, MaskedDeployment, MaskedPipeline};
 use crate::remote::RemotePipeline;
+use veil_model::masked::Privacy;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -37,6 +39,42 @@ pub struct ChatArgs {
     #[arg(long, value_name = "RATE", value_parser = crate::verify::parse_rate,
           help = crate::verify::VERIFY_HELP)]
     pub verify: Option<f64>,
+    /// rotated (default) or masked: the nodes compute only the linear ops, on uniformly
+    /// random words (see `veil generate --help` and SECURITY.md, "Masked mode").
+    #[arg(long, default_value = "rotated", value_name = "MODE")]
+    pub privacy: Privacy,
+    /// With --privacy masked: `local` (default) or the peer ids of mask providers.
+    #[arg(long, default_value = "local", value_name = "local|PEER,...")]
+    pub mask_provider: MaskProviders,
+}
+
+/// A conversation's sessions in either mode.
+enum Pipeline {
+    Rotated(Box<RemotePipeline>),
+    Masked(Box<MaskedPipeline>),
+}
+
+impl TokenModel for Pipeline {
+    fn context_len(&self) -> usize {
+        match self {
+            Pipeline::Rotated(p) => p.context_len(),
+            Pipeline::Masked(p) => p.context_len(),
+        }
+    }
+
+    fn position(&self) -> usize {
+        match self {
+            Pipeline::Rotated(p) => p.position(),
+            Pipeline::Masked(p) => p.position(),
+        }
+    }
+
+    fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, veil_model::ModelError> {
+        match self {
+            Pipeline::Rotated(p) => p.feed(ids),
+            Pipeline::Masked(p) => p.feed(ids),
+        }
+    }
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
@@ -55,7 +93,21 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let text = TextCodec::new(bundle.meta.text.clone())?;
     let context = bundle.meta.config.max_seq_len;
     let verification = crate::verify::verification_for(&deployment, args.verify)?;
-    let make = || -> Result<RemotePipeline> {
+    let masked = match args.privacy {
+        Privacy::Masked => Some(MaskedDeployment::load(
+            client.runtime.handle().clone(),
+            client.network.clone(),
+            &bundle,
+            &deployment,
+            context,
+            veil_model::Precision::Fast,
+        )?),
+        Privacy::Rotated => None,
+    };
+    let make = || -> Result<Pipeline> {
+        if let Some(m) = &masked {
+            return Ok(Pipeline::Masked(Box::new(m.session(&args.mask_provider)?)));
+        }
         let mut p = RemotePipeline::new(
             client.runtime.handle().clone(),
             client.network.clone(),
@@ -65,14 +117,27 @@ pub fn run(args: ChatArgs) -> Result<()> {
             veil_model::Precision::Fast,
         )?;
         crate::verify::prepare(&mut p, verification.clone())?;
-        Ok(p)
+        Ok(Pipeline::Rotated(Box::new(p)))
     };
     // what each pipeline learned of its nodes, recorded when it closes
-    let finish = |mut p: RemotePipeline| {
-        p.close();
-        crate::generate::report_detections(&p.stats.audit);
-        if let Err(e) = crate::verify::record(&p, &deployment.id) {
-            tracing::warn!("{e:#}");
+    let finish = |p: Pipeline| match p {
+        Pipeline::Rotated(mut p) => {
+            p.close();
+            crate::generate::report_detections(&p.stats.audit);
+            if let Err(e) = crate::verify::record(&p, &deployment.id) {
+                tracing::warn!("{e:#}");
+            }
+        }
+        Pipeline::Masked(p) => {
+            p.close();
+            for d in p.detections() {
+                tracing::warn!(
+                    "caught {} ({}) answering masked op {} wrongly; it was not asked again",
+                    d.party,
+                    d.role,
+                    d.op
+                );
+            }
         }
     };
     let mut pipeline = make()?;

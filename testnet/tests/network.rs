@@ -838,6 +838,18 @@ fn smollm2_on_three_nodes_generates_what_the_local_model_does() {
 /// is complete (the chat prompts for the next line on stderr), then sleep `pause`.
 /// Returns stdout and stderr.
 fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (String, String) {
+    chat_with(veil, id, boot, turns, pause, &[])
+}
+
+/// [`chat`] with `extra` arguments for `veil chat`.
+fn chat_with(
+    veil: &Veil,
+    id: &str,
+    boot: &str,
+    turns: &[&str],
+    pause: Duration,
+    extra: &[&str],
+) -> (String, String) {
     use std::io::{Read, Write};
     use std::sync::{Arc, Mutex};
     let bin = find_bin("veil").expect("veil");
@@ -851,6 +863,7 @@ fn chat(veil: &Veil, id: &str, boot: &str, turns: &[&str], pause: Duration) -> (
             "--bootstrap",
             boot,
         ])
+        .args(extra)
         .env("VEIL_HOME", veil.home.path())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -1694,6 +1707,18 @@ fn masked_mode_through_nodes_catches_liars_and_keeps_the_tokens() {
     let out = masked("local");
     assert_eq!(out["tokens"], reference, "{out}");
     assert!(caught(&out).iter().all(|(p, _)| *p == liar), "{out}");
+    // a masked chat's first answer is that generation's (the same template, greedy)
+    let text = out["text"].as_str().expect("text").to_string();
+    let (said, _) = chat_with(
+        &veil,
+        &id,
+        &boot,
+        &[prompt, "And lakes?"],
+        Duration::ZERO,
+        &["--privacy", "masked", "--mask-provider", &honest],
+    );
+    assert!(said.starts_with(&text), "{said:?} / {text:?}");
+    assert!(said.lines().count() >= 2, "{said:?}");
     // both replicas named as providers: nobody may compute
     let both = format!("{honest},{liar}");
     let out = veil.run(&[
