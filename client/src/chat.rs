@@ -39,10 +39,11 @@ pub struct ChatArgs {
     #[arg(long, value_name = "RATE", value_parser = crate::verify::parse_rate,
           help = crate::verify::VERIFY_HELP)]
     pub verify: Option<f64>,
-    /// rotated (default) or masked: the nodes compute only the linear ops, on uniformly
-    /// random words (see `veil generate --help` and SECURITY.md, "Masked mode").
-    #[arg(long, default_value = "rotated", value_name = "MODE")]
-    pub privacy: Privacy,
+    /// rotated or masked: the nodes compute only the linear ops, on uniformly random words
+    /// (see `veil generate --help` and SECURITY.md, "Masked mode"). [default: the
+    /// deployment's (`veil deploy --privacy`), else rotated]
+    #[arg(long, value_name = "MODE")]
+    pub privacy: Option<Privacy>,
     /// With --privacy masked: `local` (default) or the peer ids of mask providers.
     #[arg(long, default_value = "local", value_name = "local|PEER,...")]
     pub mask_provider: MaskProviders,
@@ -93,7 +94,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let text = TextCodec::new(bundle.meta.text.clone())?;
     let context = bundle.meta.config.max_seq_len;
     let verification = crate::verify::verification_for(&deployment, args.verify)?;
-    let masked = match args.privacy {
+    let masked = match args.privacy.or(deployment.privacy).unwrap_or_default() {
         Privacy::Masked => Some(MaskedDeployment::load(
             client.runtime.handle().clone(),
             client.network.clone(),

@@ -64,6 +64,11 @@ pub struct DeployArgs {
     #[arg(long, value_name = "RATE", value_parser = crate::verify::parse_rate,
           help = crate::verify::VERIFY_HELP)]
     pub verify: Option<f64>,
+    /// The deployment's default `--privacy` for `generate` and `chat`: rotated (the key
+    /// folded into the shards) or masked (the nodes compute only the linear ops, on
+    /// uniformly random words; see SECURITY.md). The shards are the same for both.
+    #[arg(long, value_name = "MODE")]
+    pub privacy: Option<veil_model::masked::Privacy>,
 }
 
 /// One node as the planner sees it.
@@ -520,6 +525,7 @@ fn place_and_upload(
         created_ms: previous.as_ref().map_or_else(now_ms, |p| p.created_ms),
         bootstrap: args.net.bootstrap.clone(),
         verify: args.verify.or(previous.as_ref().and_then(|p| p.verify)),
+        privacy: args.privacy.or(previous.as_ref().and_then(|p| p.privacy)),
         stages,
     };
     d.save()?;

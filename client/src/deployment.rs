@@ -39,6 +39,9 @@ pub struct Deployment {
     /// `veil deploy --verify`: the default verification rate of later commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<f64>,
+    /// `veil deploy --privacy`: the default mode of later commands (rotated when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<veil_model::masked::Privacy>,
     pub stages: Vec<StagePlacement>,
 }
 

@@ -106,8 +106,9 @@ pub struct GenerateArgs {
     /// product. With --deployment the client runs norms, attention and the rest itself on
     /// the deployment's shards and the nodes compute the linear ops; with --local or
     /// --encrypted this process plays every party (the same arithmetic, to measure it).
-    #[arg(long, default_value = "rotated", value_name = "MODE")]
-    pub privacy: Privacy,
+    /// [default: the deployment's (`veil deploy --privacy`), else rotated]
+    #[arg(long, value_name = "MODE")]
+    pub privacy: Option<Privacy>,
     /// With --privacy masked --deployment: who computes the masks' products. `local`
     /// (default): this process, so the mask seed never leaves it. Or peer ids
     /// (comma-separated) of nodes that hold the stages' shards: each is then never the
@@ -183,7 +184,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
             None,
             precision(args.exact),
         )?;
-        if args.privacy == Privacy::Masked {
+        if args.privacy == Some(Privacy::Masked) {
             // the rotated shards' weights, masked: every party in this process
             let stats = std::sync::Arc::new(MaskedStats::default());
             let model = model.masked(&model.ring_ops()?, &stats, |_, _, _| Ok(Parties::Local))?;
@@ -220,7 +221,7 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
         )?;
         return Ok((bundle.text, encrypted(&e)?));
     }
-    if args.privacy == Privacy::Masked {
+    if args.privacy == Some(Privacy::Masked) {
         if compute.kind != BackendKind::Cpu {
             bail!("masked mode runs on the CPU backend only (--backend cpu)");
         }
@@ -331,8 +332,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_logits: args.top_logits,
     };
     params.sampling.validate()?;
-    if let (Some(id), Privacy::Masked) = (&args.deployment, args.privacy) {
-        return run_masked(&args, &params, id);
+    if let Some(id) = &args.deployment {
+        let recorded = Deployment::load(id)?.privacy;
+        if args.privacy.or(recorded) == Some(Privacy::Masked) {
+            return run_masked(&args, &params, id);
+        }
     }
     if let Some(id) = &args.deployment {
         let (client, bundle, deployment) = connect_deployment(id, &args.net)?;
@@ -376,7 +380,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return finish(&args, &out, extra);
     }
     // masked mode's products are integer kernels on the CPU: that is its default backend
-    let backend = match (&args.backend, args.privacy) {
+    let backend = match (&args.backend, args.privacy.unwrap_or_default()) {
         (None, Privacy::Masked) => Some("cpu"),
         (b, _) => b.as_deref(),
     };

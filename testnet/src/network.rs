@@ -227,6 +227,7 @@ impl LocalNetwork {
                 // every node's ad is already known
                 wait: 1,
                 verify: opts.verify,
+                privacy: Some(opts.privacy),
                 nodes: if wan.is_some() {
                     serving.clone()
                 } else {

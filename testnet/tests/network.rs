@@ -1739,5 +1739,21 @@ fn masked_mode_through_nodes_catches_liars_and_keeps_the_tokens() {
         !out.status.success() && err.contains("may not compute"),
         "{err}"
     );
+    // `veil deploy --privacy masked` makes masked the deployment's default; --privacy
+    // still chooses
+    let id = deploy_with(&veil, &boot, "tiny", 1, 2, &["--privacy", "masked"]);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--deployment", &id, "--bootstrap", &boot];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(extra);
+        veil.json(&args)
+    };
+    let out = run(&[]);
+    assert!(out["masked"]["ops"].as_u64() > Some(0), "{out}");
+    assert!(
+        out["tokens"].as_array().is_some_and(|t| t.len() == 8),
+        "{out}"
+    );
+    assert!(run(&["--privacy", "rotated"])["masked"].is_null());
     drop(nodes);
 }
