@@ -1755,5 +1755,54 @@ fn masked_mode_through_nodes_catches_liars_and_keeps_the_tokens() {
         "{out}"
     );
     assert!(run(&["--privacy", "rotated"])["masked"].is_null());
+    // the gateway serves the deployment in its recorded mode: the same text as generate
+    let reference = veil.json(&[
+        "generate",
+        "--deployment",
+        &id,
+        "--bootstrap",
+        &boot,
+        "--raw",
+        "--prompt",
+        "The river",
+        "--max-tokens",
+        "8",
+        "--json",
+    ])["text"]
+        .clone();
+    let bin = find_bin("veil").expect("veil binary");
+    let mut gateway = Reaped(
+        std::process::Command::new(bin)
+            .args(["serve", "--deployment", &id, "--bootstrap", &boot])
+            .args(["--listen", "127.0.0.1:0", "--parallel", "2"])
+            .env("VEIL_HOME", veil.home.path())
+            .env("VEIL_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start the gateway"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(gateway.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("address");
+    let base = line.trim().to_string();
+    wait_until("the gateway to be ready", || {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{base}/health"))
+            .output()
+            .ok()?;
+        (out.stdout == b"200").then_some(())
+    });
+    let v = curl_json(
+        &base,
+        "/v1/completions",
+        &serde_json::json!({"prompt": "The river", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(v["choices"][0]["text"], reference, "{v}");
+    drop(gateway);
     drop(nodes);
 }

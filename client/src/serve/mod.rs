@@ -30,12 +30,15 @@ use crate::encrypt::encrypt_with_progress;
 use crate::generate::{connect_deployment, precision};
 use crate::model_spec::ModelSpec;
 use crate::net::{Client, NetArgs};
+use crate::remote::masked::{MaskProviders, MaskedDeployment};
 use crate::remote::RemotePipeline;
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use network::{ReplicaView, Source, StageView, View};
 pub use routes::{router, AppState, Ready, MAX_BODY_BYTES};
+use std::sync::atomic::Ordering;
 pub use stop::StopMatcher;
+use veil_model::masked::Privacy;
 pub use worker::{Pool, PoolOptions, Served, Sessions, SLOW_CLIENT_TIMEOUT};
 
 #[derive(Args, Debug)]
@@ -104,6 +107,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "RATE", requires = "deployment",
           value_parser = crate::verify::parse_rate, help = crate::verify::VERIFY_HELP)]
     pub verify: Option<f64>,
+    /// With --deployment: rotated or masked (the nodes compute only the linear ops, on
+    /// uniformly random words; see `veil generate --help` and SECURITY.md). [default: the
+    /// deployment's (`veil deploy --privacy`), else rotated]
+    #[arg(long, value_name = "MODE", requires = "deployment")]
+    pub privacy: Option<Privacy>,
+    /// With --privacy masked: `local` (default: this gateway) or the peer ids of mask
+    /// providers.
+    #[arg(long, default_value = "local", value_name = "local|PEER,...")]
+    pub mask_provider: MaskProviders,
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -224,6 +236,19 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
         let device = veil_model::Compute::cpu().device;
         let tables = ClientModel::with_precision(&bundle, &device, precision)?;
         let verification = crate::verify::verification_for(&deployment, args.verify)?;
+        let privacy = args.privacy.or(deployment.privacy).unwrap_or_default();
+        let masked = match privacy {
+            Privacy::Masked => Some(Arc::new(MaskedDeployment::load(
+                client.runtime.handle().clone(),
+                client.network.clone(),
+                &bundle,
+                &deployment,
+                context,
+                precision,
+            )?)),
+            Privacy::Rotated => None,
+        };
+        tracing::info!("privacy: {privacy}");
         let shared = Arc::new(Remote {
             client,
             deployment,
@@ -233,7 +258,14 @@ fn load(args: &ServeArgs, metrics: Arc<Metrics>) -> Result<Ready> {
             verification,
         });
         let workers = (0..args.parallel)
-            .map(|_| Box::new(RemoteSessions(shared.clone())) as Box<dyn Sessions>)
+            .map(|_| match &masked {
+                Some(m) => Box::new(MaskedSessions {
+                    _remote: shared.clone(),
+                    masked: m.clone(),
+                    providers: args.mask_provider.clone(),
+                }) as Box<dyn Sessions>,
+                None => Box::new(RemoteSessions(shared.clone())) as Box<dyn Sessions>,
+            })
             .collect();
         let pool = Pool::start(workers, codec.clone(), options, metrics.clone());
         return Ok(Ready {
@@ -368,6 +400,41 @@ struct Remote {
     context: usize,
     precision: veil_model::Precision,
     verification: crate::remote::Verification,
+}
+
+/// New masked sessions per request (a fresh mask seed each), closed after it.
+struct MaskedSessions {
+    /// Keeps the client's network running.
+    _remote: Arc<Remote>,
+    masked: Arc<MaskedDeployment>,
+    providers: MaskProviders,
+}
+
+impl Sessions for MaskedSessions {
+    fn with_session(&mut self, f: &mut dyn FnMut(&mut dyn TokenModel)) -> Result<Served> {
+        let mut pipeline = self.masked.session(&self.providers)?;
+        f(&mut pipeline);
+        let route = pipeline.route();
+        pipeline.close();
+        let detections = pipeline.detections();
+        for d in &detections {
+            tracing::warn!(
+                "caught {} ({}) answering masked op {} wrongly; it was not asked again",
+                d.party,
+                d.role,
+                d.op
+            );
+        }
+        let t = pipeline.stats.totals();
+        Ok(Served {
+            route,
+            failovers: 0,
+            bytes_sent: pipeline.traffic.sent.load(Ordering::Relaxed),
+            bytes_received: pipeline.traffic.received.load(Ordering::Relaxed),
+            checks: u32::try_from(t.ops).unwrap_or(u32::MAX),
+            caught: detections.into_iter().map(|d| d.party).collect(),
+        })
+    }
 }
 
 /// New node sessions per request, closed after it.
