@@ -185,6 +185,9 @@ fn load_runner(args: &GenerateArgs, compute: &Compute) -> Result<(TextCodec, Box
             precision(args.exact),
         )?;
         if args.privacy == Some(Privacy::Masked) {
+            if compute.kind != BackendKind::Cpu {
+                bail!("masked mode runs on the CPU backend only (--backend cpu)");
+            }
             // the rotated shards' weights, masked: every party in this process
             let stats = std::sync::Arc::new(MaskedStats::default());
             let model = model.masked(&model.ring_ops()?, &stats, |_, _, _| Ok(Parties::Local))?;
