@@ -7,7 +7,7 @@ use crate::cache::{KvCache, RopeTables};
 use veil_kernels::Precision;
 
 use crate::crypto::{Shard, ShardLayers, ShardMeta};
-use crate::masked::{MaskSeed, MaskedStats, Parties};
+use crate::masked::{MaskSeed, MaskedStats, Parties, StageOps};
 use crate::nn::{tensor_to_vec, Probe, Stage};
 use crate::ModelError;
 use std::sync::Arc;
@@ -63,7 +63,7 @@ impl StageRunner {
 
     /// The shard's linear ops as integers (see [`Stage::ring_ops`]): what a node serving
     /// masked sessions multiplies.
-    pub fn ring_ops(&self) -> Result<Vec<(u64, Arc<RingMatrix>)>, ModelError> {
+    pub fn ring_ops(&self) -> Result<StageOps, ModelError> {
         self.stage.ring_ops()
     }
 

@@ -202,6 +202,20 @@ fn error(code: ErrorCode, message: impl Into<String>) -> InferResponse {
     }
 }
 
+/// Why a request is refused, before it becomes the answer (small, unlike the answer).
+#[derive(Debug)]
+struct Refusal(ErrorCode, String);
+
+impl Refusal {
+    fn response(self) -> InferResponse {
+        error(self.0, self.1)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal(code, message.into())
+}
+
 /// Start the engine thread; returns the job queue and the engine's status board.
 pub fn spawn(
     device: Device,
@@ -458,12 +472,12 @@ impl Engine {
     }
 
     /// A refusal if `peer` may not open `session` now (id in use, session limits).
-    fn admit(&self, peer: PeerId, session: &SessionId) -> Result<(), InferResponse> {
+    fn admit(&self, peer: PeerId, session: &SessionId) -> Result<(), Refusal> {
         if self.sessions.contains_key(session) || self.masked.contains_key(session) {
-            return Err(error(ErrorCode::BadRequest, "session id already in use"));
+            return Err(refuse(ErrorCode::BadRequest, "session id already in use"));
         }
         if self.sessions.len() + self.masked.len() >= self.limits.max_sessions as usize {
-            return Err(error(
+            return Err(refuse(
                 ErrorCode::Busy,
                 format!(
                     "this node serves its maximum of {} sessions",
@@ -474,7 +488,7 @@ impl Engine {
         let mine = self.sessions.values().filter(|s| s.peer == peer).count()
             + self.masked.values().filter(|s| s.peer == peer).count();
         if mine >= self.limits.max_sessions_per_peer as usize {
-            return Err(error(
+            return Err(refuse(
                 ErrorCode::Busy,
                 format!(
                     "you hold {mine} sessions here, this node's limit per peer \
@@ -486,17 +500,17 @@ impl Engine {
     }
 
     /// Load `shard` unless it is loaded (making room for it).
-    fn load(&mut self, shard: ShardId) -> Result<(), InferResponse> {
+    fn load(&mut self, shard: ShardId) -> Result<(), Refusal> {
         if !self.runners.contains_key(&shard) {
             if !self.store.has(&shard) {
-                return Err(error(
+                return Err(refuse(
                     ErrorCode::UnknownShard,
                     format!("no shard {}", hex::encode(shard)),
                 ));
             }
             let bytes = self.store.size(&shard);
             if !self.make_room(bytes, None) {
-                return Err(error(
+                return Err(refuse(
                     ErrorCode::Busy,
                     "not enough memory to load the shard",
                 ));
@@ -511,7 +525,7 @@ impl Engine {
                     );
                     let runner = match StageRunner::new(&s, &self.device) {
                         Ok(r) => r,
-                        Err(e) => return Err(error(ErrorCode::Internal, e.to_string())),
+                        Err(e) => return Err(refuse(ErrorCode::Internal, e.to_string())),
                     };
                     self.runners.insert(
                         shard,
@@ -523,7 +537,7 @@ impl Engine {
                         },
                     );
                 }
-                Err(e) => return Err(error(ErrorCode::Internal, e.to_string())),
+                Err(e) => return Err(refuse(ErrorCode::Internal, e.to_string())),
             }
         }
         Ok(())
@@ -538,13 +552,13 @@ impl Engine {
         exact: bool,
     ) -> InferResponse {
         if let Err(refusal) = self.admit(peer, &session) {
-            return refusal;
+            return refusal.response();
         }
         if max_len == 0 {
             return error(ErrorCode::BadRequest, "max_len must be positive");
         }
         if let Err(refusal) = self.load(shard) {
-            return refusal;
+            return refusal.response();
         }
         let Some(loaded) = self.runners.get(&shard) else {
             return error(ErrorCode::Internal, "shard vanished");

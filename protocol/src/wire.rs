@@ -197,7 +197,7 @@ pub fn words_to_bytes(words: &[u32]) -> Vec<u8> {
 
 /// The words of a `Linear` or `Words` payload; its length must be a whole number of words.
 pub fn bytes_to_words(bytes: &[u8]) -> Result<Vec<u32>, ProtocolError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(ProtocolError::Malformed(format!(
             "{} bytes are not whole 32-bit words",
             bytes.len()

@@ -141,7 +141,7 @@ impl NodeProcess {
             String::new()
         };
         if let Some(dir) = &settings.record_payloads {
-            let dir = std::path::absolute(dir.join(&name))?;
+            let dir = std::path::absolute(dir.join(name))?;
             record += &format!("record_payloads = {:?}\n", dir.display().to_string());
         }
         let metrics = if settings.metrics {

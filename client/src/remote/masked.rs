@@ -253,7 +253,7 @@ impl ComputeParty for NetParty {
     }
 
     fn products(&self, op: u64, words: &[u32], n: usize) -> Result<Vec<u32>, PartyError> {
-        if n == 0 || words.len() % n != 0 {
+        if n == 0 || !words.len().is_multiple_of(n) {
             return Err(self.err(format!("{} words are not {n} positions", words.len())));
         }
         let cols = words.len() / n;
@@ -309,7 +309,7 @@ pub struct MaskedPipeline {
 #[derive(Clone)]
 pub struct MaskedDeployment {
     local: EncryptedLocal,
-    ops: Vec<Vec<(u64, Arc<veil_kernels::ring::RingMatrix>)>>,
+    ops: Vec<veil_model::masked::StageOps>,
     /// Per stage: its layers, its shard and its replicas.
     stages: Vec<((usize, usize), ShardId, Vec<PeerId>)>,
     handle: Handle,
@@ -563,11 +563,11 @@ mod tests {
         assert!(provide.is_none());
         assert_eq!(compute.len(), 3);
         // every replica a provider: refused, with the reason
-        let e = place(1, &r[..1], &MaskProviders::Peers(vec![r[0]])).unwrap_err();
+        let e = place(1, &r[..1], &MaskProviders::Peers(vec![r[0]])).expect_err("refused");
         assert!(e.to_string().contains("may not compute"), "{e}");
         // a provider without the shard
         let other = peers(1);
-        let e = place(2, &r, &MaskProviders::Peers(other)).unwrap_err();
+        let e = place(2, &r, &MaskProviders::Peers(other)).expect_err("refused");
         assert!(e.to_string().contains("holds its shard"), "{e}");
         assert!("local".parse::<MaskProviders>() == Ok(MaskProviders::Local));
         assert!("nonsense".parse::<MaskProviders>().is_err());

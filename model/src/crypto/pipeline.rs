@@ -14,7 +14,7 @@ use super::shard::Shard;
 use super::transform::check_coverage;
 use crate::cache::KvCache;
 use crate::generate::TokenModel;
-use crate::masked::{MaskSeed, MaskedStats, Parties};
+use crate::masked::{MaskSeed, MaskedStats, Parties, StageOps};
 use crate::nn::tensor_to_vec;
 use crate::stage_runner::StageRunner;
 use crate::ModelError;
@@ -87,7 +87,7 @@ impl EncryptedLocal {
     /// the seed); the client checks every product. The sequence starts over.
     pub fn masked(
         &self,
-        ops: &[Vec<(u64, Arc<RingMatrix>)>],
+        ops: &[StageOps],
         stats: &Arc<MaskedStats>,
         mut parties: impl FnMut(
             &StageRunner,
@@ -123,7 +123,7 @@ impl EncryptedLocal {
 
     /// Every stage's linear ops as integers ([`StageRunner::ring_ops`]), in order: what
     /// [`Self::masked`] takes, the same for every session.
-    pub fn ring_ops(&self) -> Result<Vec<Vec<(u64, Arc<RingMatrix>)>>, ModelError> {
+    pub fn ring_ops(&self) -> Result<Vec<StageOps>, ModelError> {
         self.stages.iter().map(StageRunner::ring_ops).collect()
     }
 

@@ -68,6 +68,9 @@ impl Traffic {
     }
 }
 
+/// A stage's linear ops as integers: (op number, weights), in order.
+pub type StageOps = Vec<(u64, std::sync::Arc<veil_kernels::ring::RingMatrix>)>;
+
 /// How a generation hides its activations from the nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

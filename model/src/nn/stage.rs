@@ -8,7 +8,7 @@ use super::linear::Linear;
 use super::probe::{NoProbe, Probe};
 use super::Block;
 use crate::cache::{KvCache, LayerKv, RopeTables};
-use crate::masked::{MaskSeed, MaskedLinear, MaskedStats, Parties, ACTIVATION_BITS};
+use crate::masked::{MaskSeed, MaskedLinear, MaskedStats, Parties, StageOps, ACTIVATION_BITS};
 use crate::qweights::QuantLayer;
 use crate::{LayerWeights, LlamaConfig, ModelError};
 use veil_kernels::ring::RingMatrix;
@@ -75,7 +75,7 @@ impl Stage {
     /// ops multiplies. Op `k` of layer `l` is op `4 l + k` (query, key and value; output;
     /// gate and up; down). Deterministic: the client and every node holding the same
     /// weights get the same integers.
-    pub fn ring_ops(&self) -> Result<Vec<(u64, Arc<RingMatrix>)>, ModelError> {
+    pub fn ring_ops(&self) -> Result<StageOps, ModelError> {
         let mut ops = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
             let layer = (self.first_layer + i) as u64;

@@ -17,7 +17,7 @@ use veil_protocol::wire::{
 };
 use veil_protocol::PeerId;
 
-use super::{error, short, Engine};
+use super::{error, refuse, short, Engine, Refusal};
 
 /// A shard's ops as integers: op number → weights.
 pub(super) type RingOps = Arc<HashMap<u64, Arc<RingMatrix>>>;
@@ -44,10 +44,10 @@ impl Engine {
         seed: Option<[u8; 32]>,
     ) -> InferResponse {
         if let Err(refusal) = self.admit(peer, &session) {
-            return refusal;
+            return refusal.response();
         }
         if let Err(refusal) = self.load(shard) {
-            return refusal;
+            return refusal.response();
         }
         let Some(loaded) = self.runners.get_mut(&shard) else {
             return error(ErrorCode::Internal, "shard vanished");
@@ -118,21 +118,21 @@ impl Engine {
         session: &SessionId,
         op: u64,
         provider: bool,
-    ) -> Result<(Arc<RingMatrix>, Option<MaskSeed>), InferResponse> {
+    ) -> Result<(Arc<RingMatrix>, Option<MaskSeed>), Refusal> {
         let s = match self.masked.get_mut(session) {
             Some(s) if s.peer == peer => s,
-            _ => return Err(error(ErrorCode::UnknownSession, "no such masked session")),
+            _ => return Err(refuse(ErrorCode::UnknownSession, "no such masked session")),
         };
         s.last_used = Instant::now();
         match (provider, s.seed.is_some()) {
             (true, false) => {
-                return Err(error(
+                return Err(refuse(
                     ErrorCode::BadRequest,
                     "this session computes masked words (Linear); it holds no mask seed",
                 ))
             }
             (false, true) => {
-                return Err(error(
+                return Err(refuse(
                     ErrorCode::BadRequest,
                     "this session is a mask provider's (MaskProducts); it computes no \
                      masked words",
@@ -141,7 +141,7 @@ impl Engine {
             _ => {}
         }
         let w = s.ops.get(&op).cloned().ok_or_else(|| {
-            error(
+            refuse(
                 ErrorCode::BadRequest,
                 format!("op {op} is not one of this shard's"),
             )
@@ -159,7 +159,7 @@ impl Engine {
         let started = Instant::now();
         let w = match self.masked_op(peer, &session, op, false) {
             Ok((w, _)) => w,
-            Err(refusal) => return refusal,
+            Err(refusal) => return refusal.response(),
         };
         let u = match bytes_to_words(words) {
             Ok(u) => u,
@@ -199,7 +199,7 @@ impl Engine {
         let (w, seed) = match self.masked_op(peer, &session, op, true) {
             Ok((w, Some(seed))) => (w, seed),
             Ok(_) => return error(ErrorCode::Internal, "a provider's session without seed"),
-            Err(refusal) => return refusal,
+            Err(refusal) => return refusal.response(),
         };
         let n = n as usize;
         if n == 0 || n * w.rows().max(w.cols()) > MAX_WORDS {
