@@ -5,7 +5,8 @@
 use rand::{Rng, SeedableRng};
 use veil_protocol::codec::{decode, encode};
 use veil_protocol::wire::{
-    ErrorCode, InferRequest, InferResponse, TensorFrame, UploadRequest, UploadResponse,
+    bytes_to_words, words_to_bytes, ErrorCode, InferRequest, InferResponse, TensorFrame,
+    UploadRequest, UploadResponse,
 };
 use veil_protocol::{Identity, SignedAd};
 
@@ -55,11 +56,37 @@ fn samples() -> Vec<Vec<u8>> {
             complete: false,
         })
         .expect("encode"),
+        encode(&InferRequest::OpenMasked {
+            session: [6; 16],
+            shard: [9; 32],
+            seed: Some([4; 32]),
+        })
+        .expect("encode"),
+        encode(&InferRequest::Linear {
+            session: [6; 16],
+            op: 5,
+            words: words_to_bytes(&[1, u32::MAX, 0x8000_0000]),
+        })
+        .expect("encode"),
+        encode(&InferRequest::MaskProducts {
+            session: [6; 16],
+            op: 5,
+            first: 3,
+            n: 2,
+        })
+        .expect("encode"),
+        encode(&InferResponse::Words {
+            words: words_to_bytes(&[7, 8]),
+        })
+        .expect("encode"),
     ]
 }
 
 fn try_all(bytes: &[u8]) {
     let limit = 1 << 20;
+    if let Ok(InferRequest::Linear { words, .. }) = decode::<InferRequest>(bytes, limit) {
+        let _ = bytes_to_words(&words);
+    }
     if let Ok(InferRequest::Step { hidden, .. }) = decode::<InferRequest>(bytes, limit) {
         let _ = hidden.to_f32();
     }
@@ -92,6 +119,27 @@ fn valid_messages_round_trip() {
         decode::<InferRequest>(&extra, 1 << 20).is_err(),
         "trailing bytes are refused"
     );
+}
+
+/// Masked mode's words travel as little-endian bytes and come back the same; a payload
+/// that is not whole words is an error.
+#[test]
+fn masked_words_round_trip_and_partial_words_are_refused() {
+    let words = [0, 1, 0x7fff_ffff, 0x8000_0000, u32::MAX];
+    let linear = InferRequest::Linear {
+        session: [1; 16],
+        op: 9,
+        words: words_to_bytes(&words),
+    };
+    let bytes = encode(&linear).expect("encode");
+    let back = decode::<InferRequest>(&bytes, bytes.len()).expect("decode");
+    assert_eq!(back, linear);
+    let InferRequest::Linear { words: payload, .. } = back else {
+        panic!("not a Linear request");
+    };
+    assert_eq!(bytes_to_words(&payload).expect("words"), words);
+    assert!(bytes_to_words(&payload[..payload.len() - 1]).is_err());
+    assert_eq!(payload.len(), 4 * words.len(), "raw words, no varints");
 }
 
 #[test]
