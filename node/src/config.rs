@@ -75,7 +75,8 @@ evict_unused_shards_after_h = 168
 # Sessions one peer may hold open at once (a gateway serving many users is one peer).
 max_sessions_per_peer = 16
 # Requests per second one peer may send (inference and uploads; bursts of up to one
-# second's worth). A gateway serving many users is one peer: give it room.
+# second's worth; a masked-mode op counts a quarter, since a token takes four per layer).
+# A gateway serving many users is one peer: give it room.
 max_requests_per_s_per_peer = 500
 # Inference requests of one peer waiting for the engine at once.
 max_queued_per_peer = 64

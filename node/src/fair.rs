@@ -27,7 +27,14 @@ impl RateLimiter {
     }
 
     /// Whether `peer` may make a request at `now` (taking a token if so).
+    #[cfg(test)]
     pub fn allow(&mut self, peer: PeerId, now: Instant) -> bool {
+        self.allow_cost(peer, now, 1.0)
+    }
+
+    /// Whether `peer` may make a request that counts `cost` tokens (at most one) at `now`,
+    /// taking them if so.
+    pub fn allow_cost(&mut self, peer: PeerId, now: Instant, cost: f64) -> bool {
         if self
             .last_prune
             .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(10))
@@ -43,8 +50,8 @@ impl RateLimiter {
         *tokens =
             (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        if *tokens >= cost {
+            *tokens -= cost;
             true
         } else {
             false
@@ -57,6 +64,10 @@ impl RateLimiter {
         self.buckets.len()
     }
 }
+
+/// What a masked-mode op (`Linear`, `MaskProducts`) costs in the rate limit: a token takes
+/// four per layer, so each counts a quarter of a request.
+pub const MASKED_OP_COST: f64 = 0.25;
 
 /// Each peer's requests that wait for the engine, within a limit per peer.
 #[derive(Debug, Clone)]
@@ -147,6 +158,12 @@ mod tests {
         assert!(r.tracked() >= 3);
         r.allow(peer(4), t0 + Duration::from_secs(60));
         assert_eq!(r.tracked(), 1);
+        // requests that cost a quarter: four times as many pass
+        let t1 = t0 + Duration::from_secs(60);
+        let cheap = (0..100)
+            .filter(|_| r.allow_cost(peer(5), t1, MASKED_OP_COST))
+            .count();
+        assert_eq!(cheap, 40, "a burst of one second's worth, in quarters");
     }
 
     #[test]

@@ -348,6 +348,7 @@ impl Node {
         peer: veil_protocol::PeerId,
         allow: &[veil_protocol::PeerId],
         what: &str,
+        cost: f64,
     ) -> Option<(ErrorCode, String)> {
         if !allow.is_empty() && !allow.contains(&peer) {
             return Some((
@@ -355,7 +356,7 @@ impl Node {
                 format!("this node lets only the peers of its {what} list do that"),
             ));
         }
-        if !self.rates.allow(peer, Instant::now()) {
+        if !self.rates.allow_cost(peer, Instant::now(), cost) {
             return Some((
                 ErrorCode::RateLimited,
                 format!(
@@ -444,6 +445,12 @@ impl Node {
                     InferRequest::Linear { .. } => "linear",
                     InferRequest::MaskProducts { .. } => "mask_products",
                 };
+                let cost = match &request {
+                    InferRequest::Linear { .. } | InferRequest::MaskProducts { .. } => {
+                        crate::fair::MASKED_OP_COST
+                    }
+                    _ => 1.0,
+                };
                 let sessions = !matches!(request, InferRequest::Stats);
                 let allow = if sessions {
                     self.config.serve_allow.clone()
@@ -451,7 +458,7 @@ impl Node {
                     Vec::new()
                 };
                 let refusal = self
-                    .gate(peer, &allow, "serve_allow")
+                    .gate(peer, &allow, "serve_allow", cost)
                     .map(|(code, message)| InferResponse::Error { code, message });
                 let place = match refusal {
                     None if sessions => match self.queues.enter(peer) {
@@ -592,7 +599,7 @@ impl Node {
                 self.record(2, &request);
                 let network = self.network.clone();
                 let allow = self.config.deploy_allow.clone();
-                if let Some((code, message)) = self.gate(peer, &allow, "deploy_allow") {
+                if let Some((code, message)) = self.gate(peer, &allow, "deploy_allow", 1.0) {
                     tracing::debug!("refused an upload request from {peer}: {message}");
                     tokio::spawn(async move {
                         let response = UploadResponse::Error { code, message };

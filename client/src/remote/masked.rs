@@ -190,7 +190,12 @@ impl NetParty {
                 Ok(session)
             }
             other => {
-                self.failed.store(true, Ordering::Relaxed);
+                // a refusal is final for this session; a node that did not answer is
+                // only skipped for a while (`down_until`, set by `call`)
+                let down = *self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+                if !down.is_some_and(|t| Instant::now() < t) {
+                    self.failed.store(true, Ordering::Relaxed);
+                }
                 Err(match other {
                     Err(e) => e,
                     Ok(r) => self.err(format!("unexpected answer to OpenMasked: {r:?}")),
