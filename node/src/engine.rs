@@ -319,6 +319,7 @@ impl Engine {
                 batch.push(more);
             }
             let mut steps = Vec::new();
+            let mut linears = Vec::new();
             for job in batch {
                 match job {
                     Job::Step {
@@ -379,9 +380,7 @@ impl Engine {
                         op,
                         words,
                         reply,
-                    } => {
-                        let _ = reply.send(self.linear(peer, session, op, &words));
-                    }
+                    } => linears.push((peer, session, op, words, reply)),
                     Job::MaskProducts {
                         peer,
                         session,
@@ -393,6 +392,9 @@ impl Engine {
                         let _ = reply.send(self.mask_products(peer, session, op, first, n));
                     }
                 }
+            }
+            if !linears.is_empty() {
+                self.linears(linears);
             }
             if !steps.is_empty() {
                 if !self.limits.step_delay.is_zero() {
@@ -1404,5 +1406,51 @@ mod tests {
             ErrorCode::UnknownSession,
             "no such",
         );
+    }
+
+    /// Two sessions' `Linear` requests for the same op that wait together are one pass over
+    /// the weights, and each gets exactly its own product.
+    #[test]
+    fn concurrent_masked_requests_for_an_op_share_one_pass() {
+        use veil_protocol::wire::words_to_bytes;
+        let mut f = paused_fixture(limits());
+        let runner = StageRunner::new(&f.shard, &Compute::cpu().device).expect("runner");
+        let (op, w) = runner.ring_ops().expect("ops").swap_remove(2);
+        let send = |job: Job| f.jobs.blocking_send(job).expect("send");
+        let mut answers = Vec::new();
+        let mut expected = Vec::new();
+        for (k, session) in [[41u8; 16], [42u8; 16]].into_iter().enumerate() {
+            let (tx, _rx) = oneshot::channel();
+            send(Job::OpenMasked {
+                peer: peer(),
+                session,
+                shard: f.shard_id,
+                seed: None,
+                reply: tx,
+            });
+            let n = k + 1;
+            let u: Vec<u32> = (0..n * w.cols())
+                .map(|i| (i as u32 + 7 * k as u32).wrapping_mul(0x9e37_79b9))
+                .collect();
+            let mut y = vec![0u32; n * w.rows()];
+            w.mul(&u, n, &mut y);
+            expected.push(y);
+            let (tx, rx) = oneshot::channel();
+            send(Job::Linear {
+                peer: peer(),
+                session,
+                op,
+                words: words_to_bytes(&u),
+                reply: tx,
+            });
+            answers.push(rx);
+        }
+        f.start();
+        for (rx, y) in answers.into_iter().zip(expected) {
+            assert_eq!(words(rx.blocking_recv().expect("reply")), y);
+        }
+        let status = wait_for(&f, |s| s.steps >= 2);
+        assert_eq!(status.largest_batch, 2, "both requests in one pass");
+        assert_eq!(status.batches, 1, "{status:?}");
     }
 }

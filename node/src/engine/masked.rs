@@ -19,6 +19,12 @@ use veil_protocol::PeerId;
 
 use super::{error, refuse, short, Engine, Refusal};
 
+/// Where an answer goes.
+type Reply = tokio::sync::oneshot::Sender<InferResponse>;
+
+/// A `Linear` request as the engine receives it: peer, session, op, words, reply.
+pub(super) type LinearJob = (PeerId, SessionId, u64, Vec<u8>, Reply);
+
 /// A shard's ops as integers: op number → weights.
 pub(super) type RingOps = Arc<HashMap<u64, Arc<RingMatrix>>>;
 
@@ -149,42 +155,86 @@ impl Engine {
         Ok((w, s.seed.clone()))
     }
 
-    pub(super) fn linear(
+    /// A `Linear` request checked: the op's weights and the words, `n` whole inputs.
+    fn linear_input(
         &mut self,
         peer: PeerId,
         session: SessionId,
         op: u64,
         words: &[u8],
-    ) -> InferResponse {
-        let started = Instant::now();
-        let w = match self.masked_op(peer, &session, op, false) {
-            Ok((w, _)) => w,
-            Err(refusal) => return refusal.response(),
-        };
-        let u = match bytes_to_words(words) {
-            Ok(u) => u,
-            Err(e) => return error(ErrorCode::BadRequest, e.to_string()),
-        };
+    ) -> Result<(Arc<RingMatrix>, Vec<u32>, usize), Refusal> {
+        let (w, _) = self.masked_op(peer, &session, op, false)?;
+        let u = bytes_to_words(words).map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
         if u.is_empty() || u.len() % w.cols() != 0 {
-            return error(
+            return Err(refuse(
                 ErrorCode::BadRequest,
                 format!(
                     "{} words are not whole inputs of op {op}, which takes {}",
                     u.len(),
                     w.cols()
                 ),
-            );
+            ));
         }
         let n = u.len() / w.cols();
         if n * w.rows() > MAX_WORDS {
-            return error(
+            return Err(refuse(
                 ErrorCode::BadRequest,
                 format!("{n} positions of op {op} at once: the answer would be too large"),
-            );
+            ));
         }
-        let mut out = vec![0u32; n * w.rows()];
-        veil_kernels::on_workers(|| w.mul(&u, n, &mut out));
-        self.answered(out, started)
+        Ok((w, u, n))
+    }
+
+    /// Answer the `Linear` requests that arrived together. Requests of different sessions
+    /// for the same op of the same shard are multiplied in one pass over its weights
+    /// (decode reads the weights from memory once for all of them); each answer is its own
+    /// rows of the product.
+    pub(super) fn linears(&mut self, jobs: Vec<LinearJob>) {
+        let started = Instant::now();
+        // valid requests grouped by their weights (one Arc per shard's op)
+        let mut groups: Vec<(Arc<RingMatrix>, Vec<(Vec<u32>, usize, Reply)>)> = Vec::new();
+        for (peer, session, op, words, reply) in jobs {
+            match self.linear_input(peer, session, op, &words) {
+                Ok((w, u, n)) => match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &w)) {
+                    Some(g) => g.1.push((u, n, reply)),
+                    None => groups.push((w, vec![(u, n, reply)])),
+                },
+                Err(refusal) => {
+                    let _ = reply.send(refusal.response());
+                }
+            }
+        }
+        for (w, requests) in groups {
+            let total: usize = requests.iter().map(|r| r.1).sum();
+            let answers: Vec<Vec<u32>> = if requests.len() == 1 || total * w.rows() > MAX_WORDS {
+                requests
+                    .iter()
+                    .map(|(u, n, _)| {
+                        let mut out = vec![0u32; n * w.rows()];
+                        veil_kernels::on_workers(|| w.mul(u, *n, &mut out));
+                        out
+                    })
+                    .collect()
+            } else {
+                let u: Vec<u32> = requests.iter().flat_map(|r| r.0.iter().copied()).collect();
+                let mut out = vec![0u32; total * w.rows()];
+                veil_kernels::on_workers(|| w.mul(&u, total, &mut out));
+                let mut rest = out.as_slice();
+                requests
+                    .iter()
+                    .map(|(_, n, _)| {
+                        let (mine, after) = rest.split_at(n * w.rows());
+                        rest = after;
+                        mine.to_vec()
+                    })
+                    .collect()
+            };
+            self.largest_batch = self.largest_batch.max(requests.len() as u32);
+            self.batches += 1;
+            for ((_, _, reply), out) in requests.into_iter().zip(answers) {
+                let _ = reply.send(self.answered(out, started));
+            }
+        }
     }
 
     pub(super) fn mask_products(
@@ -215,10 +265,12 @@ impl Engine {
         seed.fill(op, first, n, w.cols(), &mut r);
         let mut out = vec![0u32; n * w.rows()];
         veil_kernels::on_workers(|| w.mul(&r, n, &mut out));
+        self.batches += 1;
         self.answered(out, started)
     }
 
-    /// The answer's words (corrupted if this testnet node lies), counted as a step.
+    /// The answer's words (corrupted if this testnet node lies), counted as a step (the
+    /// caller counts the passes over the weights).
     fn answered(&mut self, mut out: Vec<u32>, started: Instant) -> InferResponse {
         if let Some(liar) = self.liar.as_mut() {
             if liar.apply_words(&mut out) {
@@ -226,7 +278,6 @@ impl Engine {
             }
         }
         self.steps += 1;
-        self.batches += 1;
         tracing::trace!("masked answer in {:?}", started.elapsed());
         InferResponse::Words {
             words: words_to_bytes(&out),
