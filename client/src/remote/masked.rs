@@ -193,7 +193,7 @@ impl NetParty {
                 // a refusal is final for this session; a node that did not answer is
                 // only skipped for a while (`down_until`, set by `call`)
                 let down = *self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-                if !down.is_some_and(|t| Instant::now() < t) {
+                if down.is_none_or(|t| Instant::now() >= t) {
                     self.failed.store(true, Ordering::Relaxed);
                 }
                 Err(match other {

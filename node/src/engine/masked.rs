@@ -22,6 +22,9 @@ use super::{error, refuse, short, Engine, Refusal};
 /// Where an answer goes.
 type Reply = tokio::sync::oneshot::Sender<InferResponse>;
 
+/// A checked `Linear` request waiting for its op's pass: words, positions, reply.
+type Waiting = (Vec<u32>, usize, Reply);
+
 /// A `Linear` request as the engine receives it: peer, session, op, words, reply.
 pub(super) type LinearJob = (PeerId, SessionId, u64, Vec<u8>, Reply);
 
@@ -192,7 +195,7 @@ impl Engine {
     pub(super) fn linears(&mut self, jobs: Vec<LinearJob>) {
         let started = Instant::now();
         // valid requests grouped by their weights (one Arc per shard's op)
-        let mut groups: Vec<(Arc<RingMatrix>, Vec<(Vec<u32>, usize, Reply)>)> = Vec::new();
+        let mut groups: Vec<(Arc<RingMatrix>, Vec<Waiting>)> = Vec::new();
         for (peer, session, op, words, reply) in jobs {
             match self.linear_input(peer, session, op, &words) {
                 Ok((w, u, n)) => match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &w)) {
