@@ -222,19 +222,7 @@ impl LoadClient {
     ) -> Result<(Generation, Vec<String>, RemoteStats)> {
         if let Some(base) = &self.masked {
             let mut pipeline = base.session(&MaskProviders::Local)?;
-            let g = {
-                let mut metered = Metered {
-                    inner: &mut pipeline,
-                    bar: bar.clone(),
-                };
-                generate(
-                    &mut metered,
-                    &self.net.text.tokenizer,
-                    prompt,
-                    params,
-                    &mut |_| {},
-                )?
-            };
+            let g = self.metered(&mut pipeline, prompt, params, bar)?;
             let route = pipeline.route();
             pipeline.close();
             let stats = RemoteStats {
@@ -253,22 +241,31 @@ impl LoadClient {
             veil_model::Precision::Fast,
         )?;
         pipeline.set_verification(self.verification.clone());
-        let g = {
-            let mut metered = Metered {
-                inner: &mut pipeline,
-                bar: bar.clone(),
-            };
-            generate(
-                &mut metered,
-                &self.net.text.tokenizer,
-                prompt,
-                params,
-                &mut |_| {},
-            )?
-        };
+        let g = self.metered(&mut pipeline, prompt, params, bar)?;
         let route = pipeline.route();
         pipeline.close();
         Ok((g, route, pipeline.stats.clone()))
+    }
+
+    /// Generate from `prompt` with `model`, each token counted on `bar`.
+    fn metered(
+        &self,
+        model: &mut dyn TokenModel,
+        prompt: &[u32],
+        params: &GenerateParams,
+        bar: &ProgressBar,
+    ) -> Result<Generation> {
+        let mut metered = Metered {
+            inner: model,
+            bar: bar.clone(),
+        };
+        Ok(generate(
+            &mut metered,
+            &self.net.text.tokenizer,
+            prompt,
+            params,
+            &mut |_| {},
+        )?)
     }
 
     /// Work counters of every node (`None` where a node did not answer).

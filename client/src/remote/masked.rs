@@ -23,7 +23,7 @@ use veil_model::{ModelError, Precision, TokenModel};
 use veil_protocol::wire::{
     bytes_to_words, words_to_bytes, ErrorCode, InferRequest, InferResponse, SessionId, ShardId,
 };
-use veil_protocol::{Multiaddr, Network, PeerId};
+use veil_protocol::{Network, PeerId};
 
 use crate::deployment::Deployment;
 
@@ -344,30 +344,7 @@ impl MaskedDeployment {
                     path.display()
                 )
             })?;
-            let id: ShardId = hex::decode(&s.shard)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .with_context(|| format!("bad shard id in stage {}", s.stage))?;
-            let mut replicas = Vec::new();
-            for r in &s.replicas {
-                let peer: PeerId = r
-                    .peer
-                    .parse()
-                    .with_context(|| format!("bad peer id `{}`", r.peer))?;
-                for a in &r.addrs {
-                    if let Ok(addr) = a.parse::<Multiaddr>() {
-                        let _ = handle.block_on(network.add_address(peer, addr));
-                    }
-                }
-                replicas.push(peer);
-            }
-            if replicas.is_empty() {
-                bail!(
-                    "stage {} has no replica; run `veil deploy --repair {}`",
-                    s.stage,
-                    deployment.id
-                );
-            }
+            let (replicas, id) = super::resolve_stage(&handle, &network, deployment, s)?;
             stages.push((shard.meta.layers, id, replicas));
             shards.push(shard);
         }

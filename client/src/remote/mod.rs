@@ -83,6 +83,41 @@ pub struct RemotePipeline {
     referees: HashMap<usize, veil_model::StageRunner>,
 }
 
+/// A stage's replicas (their addresses told to `network`) and its shard id, or why the
+/// stage cannot be served.
+pub(crate) fn resolve_stage(
+    handle: &Handle,
+    network: &Network,
+    deployment: &Deployment,
+    s: &crate::deployment::StagePlacement,
+) -> Result<(Vec<PeerId>, [u8; 32])> {
+    let mut replicas = Vec::new();
+    for r in &s.replicas {
+        let peer: PeerId = r
+            .peer
+            .parse()
+            .with_context(|| format!("bad peer id `{}`", r.peer))?;
+        for a in &r.addrs {
+            if let Ok(addr) = a.parse::<Multiaddr>() {
+                let _ = handle.block_on(network.add_address(peer, addr));
+            }
+        }
+        replicas.push(peer);
+    }
+    if replicas.is_empty() {
+        bail!(
+            "stage {} has no replica; run `veil deploy --repair {}`",
+            s.stage,
+            deployment.id
+        );
+    }
+    let shard = hex::decode(&s.shard)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("bad shard id in stage {}", s.stage))?;
+    Ok((replicas, shard))
+}
+
 fn to_model_error(e: anyhow::Error) -> ModelError {
     ModelError::Backend(format!("{e:#}"))
 }
@@ -115,31 +150,8 @@ impl RemotePipeline {
     ) -> Result<Self> {
         let mut stages = Vec::new();
         for s in &deployment.stages {
-            let mut replicas = Vec::new();
-            for r in &s.replicas {
-                let peer: PeerId = r
-                    .peer
-                    .parse()
-                    .with_context(|| format!("bad peer id `{}`", r.peer))?;
-                for a in &r.addrs {
-                    if let Ok(addr) = a.parse::<Multiaddr>() {
-                        let _ = handle.block_on(network.add_address(peer, addr));
-                    }
-                }
-                replicas.push(peer);
-            }
-            if replicas.is_empty() {
-                bail!(
-                    "stage {} has no replica; run `veil deploy --repair {}`",
-                    s.stage,
-                    deployment.id
-                );
-            }
+            let (replicas, shard) = resolve_stage(&handle, &network, deployment, s)?;
             let n_replicas = replicas.len();
-            let shard = hex::decode(&s.shard)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .with_context(|| format!("bad shard id in stage {}", s.stage))?;
             stages.push(RemoteStage {
                 stage: s.stage,
                 layers: s.layers,
