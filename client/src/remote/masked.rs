@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use tokio::runtime::Handle;
 use veil_model::crypto::{shard_path, ClientBundle, EncryptedLocal, Shard};
 use veil_model::masked::{
-    ComputeParty, Detection, LocalParty, MaskParty, MaskedStats, Parties, PartyError, SplitParties,
+    ComputeParty, Detection, LocalParty, MaskParty, MaskedStats, MasksAhead, Parties, PartyError,
+    SplitParties, MASK_POSITIONS_AHEAD,
 };
 use veil_model::{ModelError, Precision, TokenModel};
 use veil_protocol::wire::{
@@ -398,15 +399,19 @@ impl MaskedDeployment {
                 .into_iter()
                 .map(|p| party(p, None) as Arc<dyn ComputeParty>)
                 .collect();
+            // decode's masks' products fetched several positions at a time
+            let ahead = |p: Arc<dyn MaskParty>| {
+                Arc::new(MasksAhead::new(p, MASK_POSITIONS_AHEAD)) as Arc<dyn MaskParty>
+            };
             let providers: Vec<Arc<dyn MaskParty>> = match provide {
-                None => vec![Arc::new(LocalParty::new(
+                None => vec![ahead(Arc::new(LocalParty::new(
                     "client",
                     Arc::new(ops.iter().cloned().collect()),
                     Some(seed.clone()),
-                ))],
+                )))],
                 Some(peers) => peers
                     .into_iter()
-                    .map(|p| party(p, Some(seed.bytes())) as Arc<dyn MaskParty>)
+                    .map(|p| ahead(party(p, Some(seed.bytes()))))
                     .collect(),
             };
             let split = Arc::new(SplitParties::new(compute, providers));

@@ -13,12 +13,14 @@
 //! and the local path share; [`MaskedLinear`] runs both parties in this process (the
 //! local path, `--privacy masked` with the mask provider `local`).
 
+pub mod ahead;
 pub mod freivalds;
 pub mod linear;
 pub mod mask;
 pub mod party;
 pub mod quant;
 
+pub use ahead::{MasksAhead, MASK_POSITIONS_AHEAD};
 pub use freivalds::Freivalds;
 pub use linear::{MaskedLinear, MaskedStats, MaskedTotals};
 pub use mask::MaskSeed;
