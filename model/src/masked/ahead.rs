@@ -73,13 +73,11 @@ impl MasksAhead {
     /// answer as it is, when it is not whole positions: the caller's check catches it).
     fn fetched(&self, first: u64, answer: Answer) -> Result<Held, Answer> {
         match answer {
-            Ok(words) if !words.is_empty() && words.len().is_multiple_of(self.ahead) => {
-                Ok(Held {
-                    first,
-                    n: self.ahead,
-                    words,
-                })
-            }
+            Ok(words) if !words.is_empty() && words.len().is_multiple_of(self.ahead) => Ok(Held {
+                first,
+                n: self.ahead,
+                words,
+            }),
             other => Err(other),
         }
     }
@@ -134,8 +132,7 @@ impl MaskParty for MasksAhead {
             if let Some(h) = &state.held {
                 if let Some(words) = h.get(first, n) {
                     let end = h.end();
-                    if state.next.is_none() && end - (first + n as u64) <= self.ahead as u64 / 2
-                    {
+                    if state.next.is_none() && end - (first + n as u64) <= self.ahead as u64 / 2 {
                         self.request_next(op, end, &mut state);
                     }
                     return Ok(words);
@@ -181,13 +178,8 @@ mod tests {
 
     #[test]
     fn decode_positions_are_answered_from_one_request_and_equal_the_providers() {
-        let w = RingMatrix::from_parts(
-            3,
-            2,
-            Ints::I8(vec![1, -2, 3, 4, -5, 6]),
-            vec![1.0; 3],
-        )
-        .expect("sizes");
+        let w = RingMatrix::from_parts(3, 2, Ints::I8(vec![1, -2, 3, 4, -5, 6]), vec![1.0; 3])
+            .expect("sizes");
         let ops = Arc::new(HashMap::from([(4, Arc::new(w.clone())), (9, Arc::new(w))]));
         let local = LocalParty::new("p", ops, Some(Arc::new(MaskSeed::new([5; 32]))));
         let counting = Arc::new(Counting(local.clone(), 0.into(), 0.into()));
