@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor};
+use rayon::prelude::*;
 use veil_kernels::Precision;
 
 use super::attention::Segment;
@@ -74,18 +75,28 @@ impl Stage {
     /// [`ACTIVATION_BITS`]-bit activations allow modulo 2^32: what a node serving masked
     /// ops multiplies. Op `k` of layer `l` is op `4 l + k` (query, key and value; output;
     /// gate and up; down). Deterministic: the client and every node holding the same
-    /// weights get the same integers.
+    /// weights get the same integers. The ops are rounded on every core at once, each on
+    /// its own (so the integers do not depend on the threads).
     pub fn ring_ops(&self) -> Result<StageOps, ModelError> {
-        let mut ops = Vec::new();
-        for (i, b) in self.blocks.iter().enumerate() {
-            let layer = (self.first_layer + i) as u64;
-            for (k, l) in b.linears().into_iter().enumerate() {
-                let op = 4 * layer + k as u64;
+        let linears: Vec<(u64, &Linear)> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                let layer = (self.first_layer + i) as u64;
+                b.linears()
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(k, l)| (4 * layer + k as u64, l))
+            })
+            .collect();
+        linears
+            .into_par_iter()
+            .map(|(op, l)| {
                 let w = l.rows_f32()?;
-                ops.push((op, Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op)?)));
-            }
-        }
-        Ok(ops)
+                Ok((op, Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op)?)))
+            })
+            .collect()
     }
 
     /// This stage in masked mode (`crate::masked`): each block's four linear ops as
