@@ -23,6 +23,11 @@ pub struct Stage {
     pub blocks: Vec<Block>,
 }
 
+/// Linear ops [`Stage::ring_ops`] rounds at once: each holds an f32 copy of its weights
+/// while it is rounded (an 8B shape's gate and up: 470 MB), so a many-core node does not
+/// hold one per core.
+const ROUNDED_AT_ONCE: usize = 4;
+
 impl Stage {
     /// Build from the host weights of layers `first_layer..first_layer + layers.len()`.
     pub fn from_layers(
@@ -75,8 +80,9 @@ impl Stage {
     /// [`ACTIVATION_BITS`]-bit activations allow modulo 2^32: what a node serving masked
     /// ops multiplies. Op `k` of layer `l` is op `4 l + k` (query, key and value; output;
     /// gate and up; down). Deterministic: the client and every node holding the same
-    /// weights get the same integers. The ops are rounded on every core at once, each on
-    /// its own (so the integers do not depend on the threads).
+    /// weights get the same integers. Up to [`ROUNDED_AT_ONCE`] ops are rounded at once,
+    /// each on its own (so the integers do not depend on the threads), each holding an f32
+    /// copy of its weights meanwhile.
     pub fn ring_ops(&self) -> Result<StageOps, ModelError> {
         let linears: Vec<(u64, &Linear)> = self
             .blocks
@@ -90,13 +96,16 @@ impl Stage {
                     .map(move |(k, l)| (4 * layer + k as u64, l))
             })
             .collect();
-        linears
-            .into_par_iter()
-            .map(|(op, l)| {
-                let w = l.rows_f32()?;
-                Ok((op, Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op)?)))
-            })
-            .collect()
+        let round = |&(op, l): &(u64, &Linear)| {
+            let w = l.rows_f32()?;
+            Ok((op, Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op)?)))
+        };
+        let threads = rayon::current_num_threads().min(ROUNDED_AT_ONCE);
+        match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            Ok(pool) => pool.install(|| linears.par_iter().map(round).collect()),
+            // no threads to spare: one op at a time
+            Err(_) => linears.iter().map(round).collect(),
+        }
     }
 
     /// This stage in masked mode (`crate::masked`): each block's four linear ops as
