@@ -61,10 +61,21 @@ impl StageRunner {
         &self.meta
     }
 
-    /// The shard's linear ops as integers (see [`Stage::ring_ops`]): what a node serving
-    /// masked sessions multiplies.
+    /// The shard's linear ops as integers (see [`Stage::ring_ops`]) at the runner's
+    /// precision: what the client of a masked session holds.
     pub fn ring_ops(&self) -> Result<StageOps, ModelError> {
-        self.stage.ring_ops()
+        self.ring_ops_with(false)
+    }
+
+    /// [`Self::ring_ops`]; with `exact`, those of a session that asked for f32
+    /// activations (a quantized shard's wide integers) whatever precision the runner was
+    /// built with, as [`Self::forward_with`]: what a node serving masked sessions
+    /// multiplies.
+    pub fn ring_ops_with(&self, exact: bool) -> Result<StageOps, ModelError> {
+        match &self.exact {
+            Some(e) if exact => e.ring_ops(),
+            _ => self.stage.ring_ops(),
+        }
     }
 
     /// This runner in masked mode (see [`Stage::masked`]) with its [`Self::ring_ops`]

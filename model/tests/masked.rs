@@ -141,7 +141,39 @@ fn smollm2_masked_scores_like_the_exact_model() {
     };
     plain.reset();
     m.reset();
-    assert_eq!(run(&mut m), run(&mut plain));
+    let answer = run(&mut plain);
+    assert_eq!(run(&mut m), answer);
+
+    // the default precision: blocked integer weights (a byte each) and the head's
+    // activations at 8 bits, scored against the same exact model
+    let stats = Arc::new(MaskedStats::default());
+    let mut fast = LocalModel::quantized(&q.weights, &device, Some(256), Precision::Fast)
+        .expect("quantized")
+        .masked(&stats)
+        .expect("masked");
+    plain.reset();
+    let r = perplexity(
+        &mut fast,
+        Some(&mut plain as &mut dyn SequenceModel),
+        &tokens,
+        256,
+        bos,
+        &mut |_, _| {},
+    )
+    .expect("perplexity");
+    let ratio = r.ratio().expect("ratio");
+    let top1 = r.agreement.as_ref().expect("agreement").top1;
+    eprintln!(
+        "masked (default precision)/exact perplexity {ratio:.4}, top-1 agreement {:.2}%",
+        100.0 * top1
+    );
+    assert!((ratio - 1.0).abs() < 0.01, "perplexity ratio {ratio}");
+    assert!(top1 >= 0.96, "top-1 agreement {top1}");
+    assert_eq!(stats.totals().check_failures, 0);
+    fast.reset();
+    plain.reset();
+    // the README's answer is the same
+    assert_eq!(run(&mut fast), answer);
 }
 
 /// A party that answers honestly until its `lie_from`-th call, then adds one to a word of

@@ -50,6 +50,7 @@ pub enum Job {
         session: SessionId,
         shard: ShardId,
         seed: Option<[u8; 32]>,
+        exact: bool,
         reply: oneshot::Sender<InferResponse>,
     },
     Linear {
@@ -156,8 +157,9 @@ pub struct Limits {
 
 struct Loaded {
     runner: StageRunner,
-    /// The shard's linear ops as integers, built when a masked session first needs them.
-    ring: Option<masked::RingOps>,
+    /// The shard's linear ops as integers, built when a masked session first needs them:
+    /// `[blocked, wide]` (sessions at the default precision, exact ones).
+    ring: [Option<masked::RingOps>; 2],
     bytes: u64,
     last_used: Instant,
 }
@@ -368,9 +370,10 @@ impl Engine {
                         session,
                         shard,
                         seed,
+                        exact,
                         reply,
                     } => {
-                        let r = self.open_masked(peer, session, shard, seed);
+                        let r = self.open_masked(peer, session, shard, seed, exact);
                         self.publish();
                         let _ = reply.send(r);
                     }
@@ -533,7 +536,7 @@ impl Engine {
                         shard,
                         Loaded {
                             runner,
-                            ring: None,
+                            ring: [None, None],
                             bytes,
                             last_used: Instant::now(),
                         },
@@ -1262,13 +1265,68 @@ mod tests {
     }
 
     fn open_masked(f: &Fixture, session: SessionId, seed: Option<[u8; 32]>) -> InferResponse {
+        open_masked_with(f, session, seed, false)
+    }
+
+    fn open_masked_with(
+        f: &Fixture,
+        session: SessionId,
+        seed: Option<[u8; 32]>,
+        exact: bool,
+    ) -> InferResponse {
         call(f, |reply| Job::OpenMasked {
             peer: peer(),
             session,
             shard: f.shard_id,
             seed,
+            exact,
             reply,
         })
+    }
+
+    /// On a quantized shard, a masked session at the default precision gets the blocked
+    /// integers (a byte a weight) and an exact one the wide ones, each exactly the
+    /// client's for that precision: a node that mixed them up would fail every check.
+    #[test]
+    fn masked_sessions_get_the_integers_of_their_precision() {
+        use veil_kernels::ring::Ints;
+        use veil_protocol::wire::words_to_bytes;
+        let mut f = paused_fixture_quant(limits(), ShardQuant::Q8_0);
+        f.start();
+        let runner = StageRunner::new(&f.shard, &Compute::cpu().device).expect("runner");
+        let mut blocked_ops = 0;
+        for (session, exact) in [([41u8; 16], false), ([42u8; 16], true)] {
+            let ops = match open_masked_with(&f, session, None, exact) {
+                InferResponse::OpenedMasked { ops, .. } => ops,
+                other => panic!("{other:?}"),
+            };
+            let mine: HashMap<u64, _> = runner
+                .ring_ops_with(exact)
+                .expect("ops")
+                .into_iter()
+                .collect();
+            for (op, rows, cols) in ops {
+                let w = &mine[&op];
+                let blocked = matches!(w.ints(), Ints::Blocked { .. });
+                assert!(!(exact && blocked), "op {op}: an exact session's are wide");
+                blocked_ops += usize::from(blocked);
+                let u: Vec<u32> = (0..cols).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+                let mut want = vec![0u32; rows as usize];
+                w.mul(&u, 1, &mut want);
+                let got = call(&f, |reply| Job::Linear {
+                    peer: peer(),
+                    session,
+                    op,
+                    words: words_to_bytes(&u),
+                    reply,
+                });
+                assert_eq!(words(got), want, "op {op}, exact {exact}");
+            }
+        }
+        assert!(
+            blocked_ops > 0,
+            "no op of the default precision was blocked"
+        );
     }
 
     fn words(r: InferResponse) -> Vec<u32> {
@@ -1426,6 +1484,7 @@ mod tests {
                 session,
                 shard: f.shard_id,
                 seed: None,
+                exact: false,
                 reply: tx,
             });
             let n = k + 1;

@@ -545,11 +545,13 @@ impl Node {
                             session,
                             shard,
                             seed,
+                            exact,
                         } => Job::OpenMasked {
                             peer,
                             session,
                             shard,
                             seed,
+                            exact,
                             reply: tx,
                         },
                         InferRequest::Linear { session, op, words } => Job::Linear {

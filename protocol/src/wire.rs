@@ -95,11 +95,14 @@ pub enum InferRequest {
     /// node serves the shard's linear ops as integers. Without `seed` it is the session's
     /// compute node (it answers [`InferRequest::Linear`]); with the session's mask seed it
     /// is its mask provider (it answers [`InferRequest::MaskProducts`]). Never both: a
-    /// session has one role.
+    /// session has one role. `exact` sessions round a quantized shard's weights to wide
+    /// integers (two bytes each), the others to blocked ones (`RingFormat`): the node's
+    /// integers must be the client's.
     OpenMasked {
         session: SessionId,
         shard: ShardId,
         seed: Option<[u8; 32]>,
+        exact: bool,
     },
     /// `W_op u (mod 2^32)` for masked words `u` (`[n, d_in]` u32, little-endian).
     Linear {

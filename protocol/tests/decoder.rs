@@ -60,6 +60,7 @@ fn samples() -> Vec<Vec<u8>> {
             session: [6; 16],
             shard: [9; 32],
             seed: Some([4; 32]),
+            exact: true,
         })
         .expect("encode"),
         encode(&InferRequest::Linear {

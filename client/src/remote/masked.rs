@@ -79,6 +79,8 @@ pub struct NetParty {
     peer: PeerId,
     shard: ShardId,
     seed: Option<[u8; 32]>,
+    /// The session's precision, which sets the node's integers (`RingFormat`).
+    exact: bool,
     handle: Handle,
     network: Network,
     session: Mutex<Option<SessionId>>,
@@ -94,6 +96,7 @@ impl NetParty {
         peer: PeerId,
         shard: ShardId,
         seed: Option<[u8; 32]>,
+        exact: bool,
         handle: Handle,
         network: Network,
         traffic: Arc<Traffic>,
@@ -102,6 +105,7 @@ impl NetParty {
             peer,
             shard,
             seed,
+            exact,
             handle,
             network,
             session: Mutex::new(None),
@@ -175,6 +179,7 @@ impl NetParty {
             session,
             shard: self.shard,
             seed: self.seed,
+            exact: self.exact,
         });
         match opened {
             Ok(InferResponse::OpenedMasked { .. }) => {
@@ -316,6 +321,8 @@ pub struct MaskedPipeline {
 pub struct MaskedDeployment {
     local: EncryptedLocal,
     ops: Vec<veil_model::masked::StageOps>,
+    /// Sessions keep f32 activations (wide integers on the nodes).
+    exact: bool,
     /// Per stage: its layers, its shard and its replicas.
     stages: Vec<((usize, usize), ShardId, Vec<PeerId>)>,
     handle: Handle,
@@ -357,6 +364,7 @@ impl MaskedDeployment {
         Ok(MaskedDeployment {
             local,
             ops,
+            exact: precision == Precision::Exact,
             stages,
             handle,
             network,
@@ -388,6 +396,7 @@ impl MaskedDeployment {
                     peer,
                     shard,
                     seed,
+                    self.exact,
                     self.handle.clone(),
                     self.network.clone(),
                     traffic.clone(),

@@ -1,7 +1,8 @@
 //! Masked mode's products modulo 2^32 per instruction set, beside the Q8_0 kernels on the
 //! same shapes, in one run: `cargo run --release -p veil-kernels --example ring_bench`.
 //!
-//! Weights of 8 bits (one byte each) and of 12 (two bytes). Decode (one word per input)
+//! Weights of 8 bits (one byte each), of 12 (two bytes), and of 12 blocked (`b12`: a byte
+//! per weight and one per 32). Decode (one word per input)
 //! reads every weight once: its figure is weight bytes per second, to set beside the machine's memory bandwidth. Prefill (64 words) is compute:
 //! multiply-adds per second.
 
@@ -41,10 +42,20 @@ fn main() {
         let data: Vec<f32> = (0..rows * cols)
             .map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
             .collect();
-        let ring: Vec<RingMatrix> = [8, 12]
-            .iter()
-            .map(|&bits| RingMatrix::quantize(rows, cols, &data, bits).expect("finite"))
-            .collect();
+        let ring: Vec<(&str, RingMatrix)> = vec![
+            (
+                "i8",
+                RingMatrix::quantize(rows, cols, &data, 8).expect("finite"),
+            ),
+            (
+                "i12",
+                RingMatrix::quantize(rows, cols, &data, 12).expect("finite"),
+            ),
+            (
+                "b12",
+                RingMatrix::quantize_blocked(rows, cols, &data, 12).expect("whole blocks"),
+            ),
+        ];
         let q8 = QMatrix::quantize(GgmlType::Q8_0, rows, cols, &data)
             .expect("whole blocks")
             .pack();
@@ -56,10 +67,9 @@ fn main() {
             let mut out = vec![0u32; n * rows];
             let mut outf = vec![0f32; n * rows];
             let mut line = format!("{name:26} n={n:<3}");
-            for m in &ring {
+            for (w, m) in &ring {
                 for isa in Isa::available() {
                     let t = time(|| m.mul_with(isa, &u, n, &mut out), 0.3);
-                    let w = format!("i{}", m.stored_bits());
                     line += &if n <= 2 {
                         format!(" {w} {isa} {:5.1} GB/s", m.byte_len() as f64 / t / 1e9)
                     } else {

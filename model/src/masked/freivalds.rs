@@ -44,6 +44,7 @@ impl Freivalds {
                     match w.row(i) {
                         Row::I8(r) => add(&mut acc, s[i], r),
                         Row::I16(r) => add(&mut acc, s[i], r),
+                        row @ Row::Blocked { .. } => add(&mut acc, s[i], &row.to_i32()),
                     }
                     acc
                 },

@@ -13,7 +13,7 @@ use std::time::Instant;
 use veil_kernels::ring::RingMatrix;
 
 use super::party::{ComputeParty, Parties, SplitParties};
-use super::{dequantize_product, quantize_positions, Freivalds, MaskSeed};
+use super::{dequantize_product, quantize_positions, Freivalds, MaskSeed, RingFormat};
 use crate::{Matrix, ModelError};
 
 /// Where a masked model's time went and what its checks found, summed over its ops.
@@ -87,27 +87,17 @@ pub struct MaskedLinear {
 }
 
 impl MaskedLinear {
-    /// Op number `op` of a session with mask seed `seed`, for the f32 rows `w` (`[out,
-    /// in]`): rounded per row to the widest integers that leave the activations
-    /// `act_bits` bits ([`RingMatrix::quantize_within`]), with the client's Freivalds
-    /// secret drawn from `rng`.
-    pub fn prepare(
+    /// The integer weights of op `op` for the f32 rows `w`: rounded per row to the widest
+    /// integers that leave the activations `act_bits` bits
+    /// ([`RingMatrix::quantize_within`]), stored as `format` says.
+    pub fn ring(
         w: &Matrix,
         act_bits: u32,
         op: u64,
-        seed: Arc<MaskSeed>,
-        stats: Arc<MaskedStats>,
-        rng: &mut impl rand::Rng,
-    ) -> Result<Self, ModelError> {
-        let ring = Self::ring(w, act_bits, op)?;
-        let check = Arc::new(Freivalds::new(&ring, rng));
-        Ok(Self::new(Arc::new(ring), op, seed, check, stats))
-    }
-
-    /// The integer weights of op `op` for the f32 rows `w`: rounded per row to the widest
-    /// integers that leave the activations `act_bits` bits.
-    pub fn ring(w: &Matrix, act_bits: u32, op: u64) -> Result<RingMatrix, ModelError> {
-        RingMatrix::quantize_within(w.rows, w.cols, &w.data, act_bits)
+        format: RingFormat,
+    ) -> Result<RingMatrix, ModelError> {
+        let blocked = format == RingFormat::Blocked;
+        RingMatrix::quantize_within(w.rows, w.cols, &w.data, act_bits, blocked)
             .map_err(|e| ModelError::Shape(format!("masked op {op}: {e}")))?
             .ok_or_else(|| {
                 ModelError::Shape(format!(

@@ -38,6 +38,45 @@ pub use quant::{dequantize_product, quantize_positions};
 /// activations reach 95.8% and 0.0028 on the same text.
 pub const ACTIVATION_BITS: u32 = 12;
 
+/// How an op's integer weights are stored, which sets both their precision and the bytes a
+/// product reads. The client and every party of a session must use the same (the node is
+/// told when the session opens): the integers differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RingFormat {
+    /// Each row's integers (10-13 bits on SmolLM2) in two bytes: the precision
+    /// `--exact` asks for.
+    Wide,
+    /// The same widths, each block of 32 a byte per weight times a multiplier
+    /// (`veil_kernels::ring::Ints::Blocked`): half the bytes, so about half the time of a
+    /// decode product (memory-bound), at each block's grid being int8's. The default, with
+    /// 8-bit activations in the head, as llama.cpp trades precision for speed.
+    Blocked,
+}
+
+impl RingFormat {
+    /// The format for a session at `precision`.
+    pub fn for_precision(precision: veil_kernels::Precision) -> RingFormat {
+        match precision {
+            veil_kernels::Precision::Exact => RingFormat::Wide,
+            veil_kernels::Precision::Fast => RingFormat::Blocked,
+        }
+    }
+
+    /// Whether this is the format of exact sessions (what a node is told at opening).
+    pub fn is_exact(self) -> bool {
+        self == RingFormat::Wide
+    }
+
+    /// The format a session opened with `exact` uses.
+    pub fn for_exact(exact: bool) -> RingFormat {
+        if exact {
+            RingFormat::Wide
+        } else {
+            RingFormat::Blocked
+        }
+    }
+}
+
 /// What one position costs in masked mode's traffic, for a model of shape `c`: four round
 /// trips per layer, the masked words sent to the compute nodes, and the words that come
 /// back from them and from the mask providers (4 bytes each).

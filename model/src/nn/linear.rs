@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use veil_kernels::{matmul_fused, Precision, QMatrix};
 
 use super::tensor_io::{matrix_to_tensor, tensor_to_vec};
-use crate::masked::MaskedLinear;
+use crate::masked::{MaskedLinear, RingFormat};
 use crate::{Matrix, ModelError};
 
 /// `x -> x W`.
@@ -87,6 +87,15 @@ impl Linear {
     }
 
     /// Output width.
+    /// How masked mode stores this op's integer weights: blocked for a quantized op with
+    /// 8-bit activations (the default precision), two bytes a weight otherwise.
+    pub fn ring_format(&self) -> RingFormat {
+        match self {
+            Linear::Quant(q) => RingFormat::for_precision(q.precision),
+            Linear::Dense(_) | Linear::Masked(_) => RingFormat::Wide,
+        }
+    }
+
     pub fn d_out(&self) -> usize {
         match self {
             Linear::Dense(w) => w.dims()[1],

@@ -80,7 +80,8 @@ impl Stage {
     /// [`ACTIVATION_BITS`]-bit activations allow modulo 2^32: what a node serving masked
     /// ops multiplies. Op `k` of layer `l` is op `4 l + k` (query, key and value; output;
     /// gate and up; down). Deterministic: the client and every node holding the same
-    /// weights get the same integers. Up to [`ROUNDED_AT_ONCE`] ops are rounded at once,
+    /// weights get the same integers; stored as each op's precision asks
+    /// ([`Linear::ring_format`]). Up to [`ROUNDED_AT_ONCE`] ops are rounded at once,
     /// each on its own (so the integers do not depend on the threads), each holding an f32
     /// copy of its weights meanwhile.
     pub fn ring_ops(&self) -> Result<StageOps, ModelError> {
@@ -98,7 +99,11 @@ impl Stage {
             .collect();
         let round = |&(op, l): &(u64, &Linear)| {
             let w = l.rows_f32()?;
-            Ok((op, Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op)?)))
+            let format = l.ring_format();
+            Ok((
+                op,
+                Arc::new(MaskedLinear::ring(&w, ACTIVATION_BITS, op, format)?),
+            ))
         };
         let threads = rayon::current_num_threads().min(ROUNDED_AT_ONCE);
         match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {

@@ -51,6 +51,7 @@ impl Engine {
         session: SessionId,
         shard: ShardId,
         seed: Option<[u8; 32]>,
+        exact: bool,
     ) -> InferResponse {
         if let Err(refusal) = self.admit(peer, &session) {
             return refusal.response();
@@ -61,21 +62,22 @@ impl Engine {
         let Some(loaded) = self.runners.get_mut(&shard) else {
             return error(ErrorCode::Internal, "shard vanished");
         };
-        let ops = match &loaded.ring {
+        let ops = match &loaded.ring[usize::from(exact)] {
             Some(ops) => ops.clone(),
             None => {
                 let started = Instant::now();
-                let ops: RingOps = match loaded.runner.ring_ops() {
+                let ops: RingOps = match loaded.runner.ring_ops_with(exact) {
                     Ok(ops) => Arc::new(ops.into_iter().collect()),
                     Err(e) => return error(ErrorCode::Internal, e.to_string()),
                 };
                 let bytes: usize = ops.values().map(|w| w.weight_bytes()).sum();
                 loaded.bytes += bytes as u64;
-                loaded.ring = Some(ops.clone());
+                loaded.ring[usize::from(exact)] = Some(ops.clone());
                 tracing::info!(
-                    "shard {}: {} ops as integers for masked sessions ({} MiB, {:.1} s)",
+                    "shard {}: {} ops as {} integers for masked sessions ({} MiB, {:.1} s)",
                     &hex::encode(shard)[..12],
                     ops.len(),
+                    if exact { "wide (exact)" } else { "blocked" },
                     bytes >> 20,
                     started.elapsed().as_secs_f64()
                 );

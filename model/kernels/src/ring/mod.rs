@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use crate::cpu::Isa;
 
+mod blocked;
 pub mod portable;
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,9 @@ pub enum RingError {
     Bits { bits: u32 },
 }
 
+/// Columns that share one multiplier in [`Ints::Blocked`].
+pub const RING_BLOCK: usize = 32;
+
 /// A matrix's integers, row-major.
 #[derive(Debug, Clone)]
 pub enum Ints {
@@ -52,6 +56,12 @@ pub enum Ints {
     I8(Vec<i8>),
     /// 9 to 16 bits.
     I16(Vec<i16>),
+    /// 9 to 15 bits as `m · q`: a signed byte `q` per weight and a multiplier `m` per
+    /// [`RING_BLOCK`] columns of a row (`[rows, cols / RING_BLOCK]`), so that each weight
+    /// is read as about one byte and widened to `m · q` (below 2^15) in registers. The
+    /// width of a row's integers, and so the activations' bound, is that of `I16`; each
+    /// block's grid is `m` apart (see [`RingMatrix::quantize_blocked`]).
+    Blocked { q: Vec<i8>, m: Vec<u8> },
 }
 
 impl Ints {
@@ -59,6 +69,7 @@ impl Ints {
         match self {
             Ints::I8(v) => v.len(),
             Ints::I16(v) => v.len(),
+            Ints::Blocked { q, .. } => q.len(),
         }
     }
 }
@@ -68,6 +79,11 @@ impl Ints {
 pub enum Row<'a> {
     I8(&'a [i8]),
     I16(&'a [i16]),
+    /// `q[j] · m[j / RING_BLOCK]`.
+    Blocked {
+        q: &'a [i8],
+        m: &'a [u8],
+    },
 }
 
 impl Row<'_> {
@@ -76,6 +92,20 @@ impl Row<'_> {
         match self {
             Row::I8(r) => r.iter().map(|&v| i32::from(v)).collect(),
             Row::I16(r) => r.iter().map(|&v| i32::from(v)).collect(),
+            Row::Blocked { q, m } => q
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| i32::from(v) * i32::from(m[j / RING_BLOCK]))
+                .collect(),
+        }
+    }
+
+    /// The integers as i16 (every variant fits).
+    pub fn to_i16(&self) -> Vec<i16> {
+        match self {
+            Row::I8(r) => r.iter().map(|&v| i16::from(v)).collect(),
+            Row::I16(r) => r.to_vec(),
+            Row::Blocked { .. } => self.to_i32().into_iter().map(|v| v as i16).collect(),
         }
     }
 }
@@ -87,6 +117,28 @@ impl Row<'_> {
 fn round_even(v: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     (v + MAGIC) - MAGIC
+}
+
+/// Whether `data` can be rounded to a `[rows, cols]` matrix of `bits`-bit integers.
+fn check_input(rows: usize, cols: usize, data: &[f32], bits: u32) -> Result<(), RingError> {
+    if data.len() != rows * cols {
+        return Err(RingError::Size {
+            rows,
+            cols,
+            want: rows * cols,
+            got: data.len(),
+        });
+    }
+    if !(2..=16).contains(&bits) {
+        return Err(RingError::Bits { bits });
+    }
+    match data
+        .par_chunks(cols.max(1))
+        .position_first(|row| row.iter().any(|v| !v.is_finite()))
+    {
+        Some(row) => Err(RingError::NotFinite { row }),
+        None => Ok(()),
+    }
 }
 
 /// A weight matrix of `rows` outputs by `cols` inputs as integers: row `i` is
@@ -105,24 +157,8 @@ pub struct RingMatrix {
 impl RingMatrix {
     /// Round `data` (`[rows, cols]`, row-major) to `bits`-bit integers per row.
     pub fn quantize(rows: usize, cols: usize, data: &[f32], bits: u32) -> Result<Self, RingError> {
-        if data.len() != rows * cols {
-            return Err(RingError::Size {
-                rows,
-                cols,
-                want: rows * cols,
-                got: data.len(),
-            });
-        }
-        if !(2..=16).contains(&bits) {
-            return Err(RingError::Bits { bits });
-        }
+        check_input(rows, cols, data, bits)?;
         let qmax = ((1i32 << (bits - 1)) - 1) as f32;
-        if let Some(i) = data
-            .par_chunks(cols.max(1))
-            .position_first(|row| row.iter().any(|v| !v.is_finite()))
-        {
-            return Err(RingError::NotFinite { row: i });
-        }
         let mut w = vec![0i16; rows * cols];
         let mut scales = vec![0f32; rows];
         data.par_chunks(cols.max(1))
@@ -148,12 +184,15 @@ impl RingMatrix {
 
     /// Round `data` to the widest integers (up to 16 bits) that leave the activations at
     /// least `act_bits` bits, sign included (`activation_bound() >= 2^(act_bits - 1) -
-    /// 1`); `None` if even 2-bit weights would not.
+    /// 1`); `None` if even 2-bit weights would not. Integers of 9 to 15 bits are stored
+    /// blocked ([`Self::quantize_blocked`]: about one byte per weight instead of two)
+    /// where the rows are whole blocks.
     pub fn quantize_within(
         rows: usize,
         cols: usize,
         data: &[f32],
         act_bits: u32,
+        blocked: bool,
     ) -> Result<Option<Self>, RingError> {
         let need = (1i32 << (act_bits.clamp(2, 31) - 1)) - 1;
         // each row's Σ|w| / max|w|: the L1 of its integers is about this times the
@@ -182,7 +221,11 @@ impl RingMatrix {
         // rounding may lower the sums too: one bit wider is tried first
         let mut bits = (bits + 1).min(16);
         loop {
-            let m = RingMatrix::quantize(rows, cols, data, bits)?;
+            let m = if blocked && blocked::fits(cols, bits) {
+                RingMatrix::quantize_blocked(rows, cols, data, bits)?
+            } else {
+                RingMatrix::quantize(rows, cols, data, bits)?
+            };
             if m.activation_bound() >= need {
                 return Ok(Some(m));
             }
@@ -200,7 +243,13 @@ impl RingMatrix {
         w: Ints,
         scales: Vec<f32>,
     ) -> Result<Self, RingError> {
-        if w.len() != rows * cols || scales.len() != rows {
+        let blocks_ok = match &w {
+            Ints::Blocked { m, .. } => {
+                cols.is_multiple_of(RING_BLOCK) && m.len() == rows * cols / RING_BLOCK
+            }
+            _ => true,
+        };
+        if w.len() != rows * cols || scales.len() != rows || !blocks_ok {
             return Err(RingError::Size {
                 rows,
                 cols,
@@ -220,6 +269,19 @@ impl RingMatrix {
             Ints::I16(w) => w
                 .chunks_exact(cols.max(1))
                 .map(|r| r.iter().map(|&q| u64::from(q.unsigned_abs())).sum::<u64>())
+                .max(),
+            Ints::Blocked { q, m } => q
+                .chunks_exact(cols.max(1))
+                .zip(m.chunks_exact((cols / RING_BLOCK).max(1)))
+                .map(|(r, m)| {
+                    r.chunks_exact(RING_BLOCK)
+                        .zip(m)
+                        .map(|(b, &m)| {
+                            u64::from(m)
+                                * b.iter().map(|&q| u64::from(q.unsigned_abs())).sum::<u64>()
+                        })
+                        .sum::<u64>()
+                })
                 .max(),
         }
         .unwrap_or(0);
@@ -249,18 +311,24 @@ impl RingMatrix {
                     .iter()
                     .flat_map(|p| match &p.w {
                         Ints::I8(v) => v.clone(),
-                        Ints::I16(_) => Vec::new(),
+                        _ => Vec::new(),
                     })
                     .collect(),
             )
+        } else if parts.iter().all(|p| matches!(p.w, Ints::Blocked { .. })) {
+            let (mut qs, mut ms) = (Vec::new(), Vec::new());
+            for p in parts {
+                if let Ints::Blocked { q, m } = &p.w {
+                    qs.extend_from_slice(q);
+                    ms.extend_from_slice(m);
+                }
+            }
+            Ints::Blocked { q: qs, m: ms }
         } else {
             Ints::I16(
                 parts
                     .iter()
-                    .flat_map(|p| match &p.w {
-                        Ints::I8(v) => v.iter().map(|&q| i16::from(q)).collect(),
-                        Ints::I16(v) => v.clone(),
-                    })
+                    .flat_map(|p| (0..p.rows).flat_map(|i| p.row(i).to_i16()))
                     .collect(),
             )
         };
@@ -285,7 +353,7 @@ impl RingMatrix {
 
     /// Bytes of the integers and scales in memory.
     pub fn weight_bytes(&self) -> usize {
-        self.rows * self.cols * self.stored_bits() as usize / 8 + 4 * self.rows
+        self.byte_len()
     }
 
     /// The integers, row-major.
@@ -293,11 +361,11 @@ impl RingMatrix {
         &self.w
     }
 
-    /// Bits per weight the integers may use (8 or 16 as stored).
+    /// Bits per weight the integers may use (8, or 16 as stored or widened).
     pub fn stored_bits(&self) -> u32 {
         match self.w {
             Ints::I8(_) => 8,
-            Ints::I16(_) => 16,
+            Ints::I16(_) | Ints::Blocked { .. } => 16,
         }
     }
 
@@ -306,6 +374,10 @@ impl RingMatrix {
         match &self.w {
             Ints::I8(w) => w.iter().map(|q| u32::from(q.unsigned_abs())).max(),
             Ints::I16(w) => w.iter().map(|q| u32::from(q.unsigned_abs())).max(),
+            Ints::Blocked { .. } => (0..self.rows)
+                .flat_map(|i| self.row(i).to_i32())
+                .map(i32::unsigned_abs)
+                .max(),
         }
         .unwrap_or(0)
     }
@@ -316,6 +388,13 @@ impl RingMatrix {
         match &self.w {
             Ints::I8(w) => Row::I8(&w[range]),
             Ints::I16(w) => Row::I16(&w[range]),
+            Ints::Blocked { q, m } => {
+                let per = self.cols / RING_BLOCK;
+                Row::Blocked {
+                    q: &q[range],
+                    m: &m[i * per..(i + 1) * per],
+                }
+            }
         }
     }
 
@@ -333,7 +412,12 @@ impl RingMatrix {
 
     /// Bytes the weights take.
     pub fn byte_len(&self) -> usize {
-        self.w.len() * self.stored_bits() as usize / 8 + 4 * self.scales.len()
+        let ints = match &self.w {
+            Ints::I8(w) => w.len(),
+            Ints::I16(w) => 2 * w.len(),
+            Ints::Blocked { q, m } => q.len() + m.len(),
+        };
+        ints + 4 * self.scales.len()
     }
 
     /// `out[t, i] = Σ_j w[i, j] u[t, j] (mod 2^32)` for `n` words of `cols` (`u`: `[n,

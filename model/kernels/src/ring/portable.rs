@@ -13,6 +13,7 @@ pub fn dot(w: Row<'_>, u: &[u32]) -> u32 {
     match w {
         Row::I8(w) => sum(w, u),
         Row::I16(w) => sum(w, u),
+        Row::Blocked { .. } => sum(&w.to_i32(), u),
     }
 }
 
@@ -49,14 +50,20 @@ pub(super) fn dot_planes<T: Copy + Into<i32>>(
 pub(super) fn rows_planes(m: &RingMatrix, r0: usize, r1: usize, p: &Planes, out: &mut [u32]) {
     let cols = m.cols();
     for i in r0..r1 {
+        let row = m.row(i);
+        let blocked = match row {
+            Row::Blocked { .. } => row.to_i32(),
+            _ => Vec::new(),
+        };
         for t in 0..p.n {
             let (lo, hi) = (
                 &p.lo[t * cols..(t + 1) * cols],
                 &p.hi[t * cols..(t + 1) * cols],
             );
-            let (lo, hi) = match m.row(i) {
+            let (lo, hi) = match row {
                 Row::I8(w) => dot_planes(w, lo, hi, 0),
                 Row::I16(w) => dot_planes(w, lo, hi, 0),
+                Row::Blocked { .. } => dot_planes(&blocked, lo, hi, 0),
             };
             out[(i - r0) * p.n + t] = lo.wrapping_add(hi << 16);
         }

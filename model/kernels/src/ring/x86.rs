@@ -5,8 +5,9 @@
 //! sign-extended) and multiplied with the low and the high halves of up to two (AVX2) or
 //! four (AVX-512) masked words, so that each load serves several products; pairs of
 //! products add into 32-bit lanes (below 2^31 in magnitude: no saturation) and lanes add
-//! with wrapping, which is addition modulo 2^32. Each kernel gives the bits of
-//! `portable::rows_planes`.
+//! with wrapping, which is addition modulo 2^32. Blocked weights (`Ints::Blocked`) are
+//! sign-extended and multiplied by their block's multiplier on load (`vpmullw`; every
+//! product fits 16 bits). Each kernel gives the bits of `portable::rows_planes`.
 //!
 //! Safety: every function here is `unsafe` only because of `#[target_feature]`; the safe
 //! entry points check the CPU with [`crate::cpu::has`] and every load lies inside a slice
@@ -16,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::portable::{dot_planes, rows_planes};
-use super::{Ints, Planes, RingMatrix};
+use super::{Ints, Planes, RingMatrix, RING_BLOCK};
 use crate::cpu::{self, Isa};
 
 #[inline]
@@ -34,37 +35,76 @@ unsafe fn hsum256(v: __m256i) -> u32 {
 /// pairs); above it pairs save activation loads (prefill 1.3-1.7x).
 const PAIR_ROWS_FROM: usize = 3;
 
-/// Integers a kernel reads: int8 sign-extended on load, or int16 as they are.
-trait Weight: Copy + Into<i32> {
-    /// 16 weights from `p` as 16-bit lanes.
-    unsafe fn load16(p: *const Self) -> __m256i;
-    /// 32 weights from `p` as 16-bit lanes.
-    unsafe fn load32(p: *const Self) -> __m512i;
+/// One row's integers as a kernel reads them: int8 sign-extended on load, int16 as they
+/// are, or blocked int8 sign-extended and multiplied by their block's multiplier.
+trait Source: Copy {
+    /// 16 weights from column `j` as 16-bit lanes (`j + 16 <= len`).
+    unsafe fn load16(self, j: usize) -> __m256i;
+    /// 32 weights from column `j` as 16-bit lanes (`j + 32 <= len`).
+    unsafe fn load32(self, j: usize) -> __m512i;
+    /// `Σ w lo` and `Σ w hi` over the columns from `from` on: what the SIMD loop leaves.
+    fn tail(self, lo: &[i16], hi: &[i16], from: usize) -> (u32, u32);
 }
 
-impl Weight for i8 {
+impl Source for &[i8] {
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn load16(p: *const i8) -> __m256i {
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(p.cast()))
+    unsafe fn load16(self, j: usize) -> __m256i {
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(self.as_ptr().add(j).cast()))
     }
     #[inline]
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    unsafe fn load32(p: *const i8) -> __m512i {
-        _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.cast()))
+    unsafe fn load32(self, j: usize) -> __m512i {
+        _mm512_cvtepi8_epi16(_mm256_loadu_si256(self.as_ptr().add(j).cast()))
+    }
+    fn tail(self, lo: &[i16], hi: &[i16], from: usize) -> (u32, u32) {
+        dot_planes(self, lo, hi, from)
     }
 }
 
-impl Weight for i16 {
+impl Source for &[i16] {
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn load16(p: *const i16) -> __m256i {
-        _mm256_loadu_si256(p.cast())
+    unsafe fn load16(self, j: usize) -> __m256i {
+        _mm256_loadu_si256(self.as_ptr().add(j).cast())
     }
     #[inline]
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    unsafe fn load32(p: *const i16) -> __m512i {
-        _mm512_loadu_si512(p.cast())
+    unsafe fn load32(self, j: usize) -> __m512i {
+        _mm512_loadu_si512(self.as_ptr().add(j).cast())
+    }
+    fn tail(self, lo: &[i16], hi: &[i16], from: usize) -> (u32, u32) {
+        dot_planes(self, lo, hi, from)
+    }
+}
+
+/// A row of [`super::Ints::Blocked`]: `q[j] · m[j / RING_BLOCK]`, `m.len() = q.len() /
+/// RING_BLOCK` (checked where the row is cut out). A load of 16 or 32 columns from a
+/// multiple of 16 lies inside one block.
+#[derive(Clone, Copy)]
+struct Blocked<'a> {
+    q: &'a [i8],
+    m: &'a [u8],
+}
+
+impl Source for Blocked<'_> {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load16(self, j: usize) -> __m256i {
+        let m = i16::from(*self.m.get_unchecked(j / RING_BLOCK));
+        _mm256_mullo_epi16(self.q.load16(j), _mm256_set1_epi16(m))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    unsafe fn load32(self, j: usize) -> __m512i {
+        let m = i16::from(*self.m.get_unchecked(j / RING_BLOCK));
+        _mm512_mullo_epi16(self.q.load32(j), _mm512_set1_epi16(m))
+    }
+    fn tail(self, lo: &[i16], hi: &[i16], from: usize) -> (u32, u32) {
+        let w: Vec<i32> = (from..self.q.len())
+            .map(|j| i32::from(self.q[j]) * i32::from(self.m[j / RING_BLOCK]))
+            .collect();
+        dot_planes(&w, &lo[from..], &hi[from..], 0)
     }
 }
 
@@ -72,8 +112,8 @@ impl Weight for i16 {
 /// Each weight load serves `K` words and each activation load `R` rows.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_avx2<W: Weight, const R: usize, const K: usize>(
-    ws: [&[W]; R],
+unsafe fn tile_avx2<S: Source, const R: usize, const K: usize>(
+    ws: [S; R],
     p: &Planes,
     t0: usize,
 ) -> [[u32; K]; R] {
@@ -86,7 +126,7 @@ unsafe fn tile_avx2<W: Weight, const R: usize, const K: usize>(
     let mut j = 0;
     while j < main {
         // safety: j + 16 <= cols = ws[a].len() = lo[s].len() = hi[s].len()
-        let wv: [__m256i; R] = std::array::from_fn(|a| W::load16(ws[a].as_ptr().add(j)));
+        let wv: [__m256i; R] = std::array::from_fn(|a| ws[a].load16(j));
         for s in 0..K {
             let l = _mm256_loadu_si256(lo[s].as_ptr().add(j).cast());
             let h = _mm256_loadu_si256(hi[s].as_ptr().add(j).cast());
@@ -100,7 +140,7 @@ unsafe fn tile_avx2<W: Weight, const R: usize, const K: usize>(
     let mut out = [[0u32; K]; R];
     for a in 0..R {
         for s in 0..K {
-            let (tl, th) = dot_planes(ws[a], lo[s], hi[s], main);
+            let (tl, th) = ws[a].tail(lo[s], hi[s], main);
             let l = hsum256(acc_lo[a][s]).wrapping_add(tl);
             let h = hsum256(acc_hi[a][s]).wrapping_add(th);
             out[a][s] = l.wrapping_add(h << 16);
@@ -111,8 +151,8 @@ unsafe fn tile_avx2<W: Weight, const R: usize, const K: usize>(
 
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_avx512<W: Weight, const R: usize, const K: usize>(
-    ws: [&[W]; R],
+unsafe fn tile_avx512<S: Source, const R: usize, const K: usize>(
+    ws: [S; R],
     p: &Planes,
     t0: usize,
 ) -> [[u32; K]; R] {
@@ -125,7 +165,7 @@ unsafe fn tile_avx512<W: Weight, const R: usize, const K: usize>(
     let mut j = 0;
     while j < main {
         // safety: j + 32 <= cols = ws[a].len() = lo[s].len() = hi[s].len()
-        let wv: [__m512i; R] = std::array::from_fn(|a| W::load32(ws[a].as_ptr().add(j)));
+        let wv: [__m512i; R] = std::array::from_fn(|a| ws[a].load32(j));
         for s in 0..K {
             let l = _mm512_loadu_si512(lo[s].as_ptr().add(j).cast());
             let h = _mm512_loadu_si512(hi[s].as_ptr().add(j).cast());
@@ -139,7 +179,7 @@ unsafe fn tile_avx512<W: Weight, const R: usize, const K: usize>(
     let mut out = [[0u32; K]; R];
     for a in 0..R {
         for s in 0..K {
-            let (tl, th) = dot_planes(ws[a], lo[s], hi[s], main);
+            let (tl, th) = ws[a].tail(lo[s], hi[s], main);
             let l = (_mm512_reduce_add_epi32(acc_lo[a][s]) as u32).wrapping_add(tl);
             let h = (_mm512_reduce_add_epi32(acc_hi[a][s]) as u32).wrapping_add(th);
             out[a][s] = l.wrapping_add(h << 16);
@@ -153,9 +193,14 @@ macro_rules! rows_kernel {
         /// Rows `r0..r1` of `w` (rows of `p.cols`) against every word of `p`, into
         /// `out[(i - r0) n + t]`: pairs of rows by up to `$kmax` words at a time.
         #[target_feature(enable = $features)]
-        unsafe fn $inner<W: Weight>(w: &[W], r0: usize, r1: usize, p: &Planes, out: &mut [u32]) {
-            let (n, cols) = (p.n, p.cols);
-            let row = |i: usize| &w[i * cols..(i + 1) * cols];
+        unsafe fn $inner<S: Source>(
+            row: impl Fn(usize) -> S,
+            r0: usize,
+            r1: usize,
+            p: &Planes,
+            out: &mut [u32],
+        ) {
+            let n = p.n;
             let mut i = r0;
             while i < r1 {
                 let pair = PAIR_ROWS_FROM <= n && i + 1 < r1;
@@ -164,8 +209,8 @@ macro_rules! rows_kernel {
                     let k = (n - t).min($kmax);
                     macro_rules! put {
                         ($r:literal, $k:literal) => {{
-                            let rows: [&[W]; $r] = std::array::from_fn(|a| row(i + a));
-                            let o = $tile::<W, $r, $k>(rows, p, t);
+                            let rows: [S; $r] = std::array::from_fn(|a| row(i + a));
+                            let o = $tile::<S, $r, $k>(rows, p, t);
                             for (a, o) in o.iter().enumerate() {
                                 let at = (i - r0 + a) * n + t;
                                 out[at..at + $k].copy_from_slice(o);
@@ -199,9 +244,19 @@ macro_rules! rows_kernel {
                 return rows_planes(m, r0, r1, p, out);
             }
             // safety: the CPU has the features (checked above) and the lengths are checked
+            let cols = p.cols;
+            let per = cols / RING_BLOCK;
             match m.ints() {
-                Ints::I8(w) => unsafe { $inner(w, r0, r1, p, out) },
-                Ints::I16(w) => unsafe { $inner(w, r0, r1, p, out) },
+                Ints::I8(w) => unsafe { $inner(|i| &w[i * cols..(i + 1) * cols], r0, r1, p, out) },
+                Ints::I16(w) => unsafe { $inner(|i| &w[i * cols..(i + 1) * cols], r0, r1, p, out) },
+                // from_parts checked m.len() = rows · cols / RING_BLOCK
+                Ints::Blocked { q, m } => unsafe {
+                    let row = |i: usize| Blocked {
+                        q: &q[i * cols..(i + 1) * cols],
+                        m: &m[i * per..(i + 1) * per],
+                    };
+                    $inner(row, r0, r1, p, out)
+                },
             }
         }
     };
