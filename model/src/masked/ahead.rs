@@ -49,10 +49,11 @@ struct OpAhead {
 }
 
 /// A mask provider asked for `ahead` positions whenever the client needs fewer (decode),
-/// and answered from what it sent while the client's positions fall inside it; once half
-/// of those are used, the next `ahead` are asked for in the background, so that decode
-/// rarely waits for the provider. Requests of at least `ahead` positions (a prefill) go
-/// straight through.
+/// and answered from what it sent while the client's positions fall inside it; before they
+/// are all used (when depends on the op: [`refill_at`]), the next `ahead` are asked for in
+/// the background, so that decode rarely waits for the provider. Requests of at least
+/// `ahead` positions (a prefill) go straight through, and the `ahead` positions after them
+/// are asked for in the background.
 #[derive(Debug)]
 pub struct MasksAhead {
     inner: Arc<dyn MaskParty>,
@@ -95,6 +96,16 @@ impl MasksAhead {
     }
 }
 
+/// Positions left of an op's held products when its next ones are asked for: from 1 to
+/// `ahead - 1` by op, so that the ops of a model ask on different tokens (all at once,
+/// the provider's work for every op lands on one decode step).
+fn refill_at(op: u64, ahead: usize) -> u64 {
+    match ahead {
+        0..=2 => 1,
+        _ => 1 + op % (ahead as u64 - 1),
+    }
+}
+
 /// The threads that make background requests: a pool of their own, so that a local
 /// provider's product (which runs on the pool it is called from) never waits for the
 /// workers of the client's pool, which may all be waiting for it.
@@ -117,9 +128,6 @@ impl MaskParty for MasksAhead {
     }
 
     fn mask_products(&self, op: u64, first: u64, n: usize) -> Answer {
-        if n >= self.ahead {
-            return self.inner.mask_products(op, first, n);
-        }
         let slot = self
             .ops
             .lock()
@@ -127,12 +135,24 @@ impl MaskParty for MasksAhead {
             .entry(op)
             .or_default()
             .clone();
+        if n >= self.ahead {
+            let answer = self.inner.mask_products(op, first, n);
+            // the decode that follows a prefill starts at its end: ask for that now (what
+            // was asked for before, for another position, is dropped)
+            let mut state = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if answer.is_ok() {
+                state.held = None;
+                self.request_next(op, first + n as u64, &mut state);
+            }
+            return answer;
+        }
         let mut state = slot.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(h) = &state.held {
                 if let Some(words) = h.get(first, n) {
                     let end = h.end();
-                    if state.next.is_none() && end - (first + n as u64) <= self.ahead as u64 / 2 {
+                    let left = end - (first + n as u64);
+                    if state.next.is_none() && left <= refill_at(op, self.ahead) {
                         self.request_next(op, end, &mut state);
                     }
                     return Ok(words);
@@ -195,8 +215,9 @@ mod tests {
                 );
             }
         }
-        // 1 prefill request, then per op positions 6..10, and 10..14 and 14..18 asked for
-        // in the background (at positions 8 and 12)
+        // 1 prefill request, then per op positions 6..10, 10..14 and 14..18: op 4's first
+        // ones asked for in the background after its prefill, the others when 2 (op 4) or 1
+        // (op 9) of the positions held were left
         assert_eq!(counting.1.load(Ordering::Relaxed), 1 + 2 * 3);
         assert_eq!(counting.2.load(Ordering::Relaxed), 6 + 2 * 3 * 4);
         // a position before what is held (a replay) is fetched again, correctly
@@ -237,6 +258,23 @@ mod tests {
         finished
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("decode finished: no background request was left waiting");
+    }
+
+    #[test]
+    fn ops_ask_for_their_next_positions_on_different_tokens() {
+        // any `ahead - 1` consecutive ops (a model's are numbered in order) ask when
+        // 1, 2, … `ahead - 1` of their positions are left: one each
+        for ahead in [3, 4, 8, 16] {
+            for start in 0..20u64 {
+                let mut at: Vec<u64> = (start..start + ahead as u64 - 1)
+                    .map(|op| refill_at(op, ahead))
+                    .collect();
+                at.sort_unstable();
+                assert_eq!(at, (1..ahead as u64).collect::<Vec<_>>(), "{ahead} ahead");
+            }
+        }
+        assert_eq!(refill_at(5, 1), 1);
+        assert_eq!(refill_at(5, 2), 1);
     }
 
     #[test]
