@@ -61,20 +61,6 @@ impl RingFormat {
             veil_kernels::Precision::Fast => RingFormat::Blocked,
         }
     }
-
-    /// Whether this is the format of exact sessions (what a node is told at opening).
-    pub fn is_exact(self) -> bool {
-        self == RingFormat::Wide
-    }
-
-    /// The format a session opened with `exact` uses.
-    pub fn for_exact(exact: bool) -> RingFormat {
-        if exact {
-            RingFormat::Wide
-        } else {
-            RingFormat::Blocked
-        }
-    }
 }
 
 /// What one position costs in masked mode's traffic, for a model of shape `c`: four round
