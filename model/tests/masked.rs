@@ -100,29 +100,39 @@ fn smollm2_masked_scores_like_the_exact_model() {
     let device = Compute::cpu().device;
     let mut plain =
         LocalModel::quantized(&q.weights, &device, Some(256), Precision::Exact).expect("plain");
-    let stats = Arc::new(MaskedStats::default());
-    let mut m = LocalModel::quantized(&q.weights, &device, Some(256), Precision::Exact)
-        .expect("quantized")
-        .masked(&stats)
-        .expect("masked");
-    let r = perplexity(
-        &mut m,
-        Some(&mut plain as &mut dyn SequenceModel),
-        &tokens,
-        256,
-        bos,
-        &mut |_, _| {},
-    )
-    .expect("perplexity");
-    let ratio = r.ratio().expect("ratio");
-    let top1 = r.agreement.as_ref().expect("agreement").top1;
-    eprintln!(
-        "masked/exact perplexity {ratio:.4}, top-1 agreement {:.2}%",
-        100.0 * top1
-    );
-    assert!((ratio - 1.0).abs() < 0.01, "perplexity ratio {ratio}");
-    assert!(top1 >= 0.99, "top-1 agreement {top1}");
-    assert_eq!(stats.totals().check_failures, 0);
+    // the masked model at `precision`, scored against the exact one: perplexity within 1%,
+    // top-1 agreement at least `min_top1`, every check passed
+    let scored = |precision: Precision, min_top1: f64, plain: &mut LocalModel| {
+        let stats = Arc::new(MaskedStats::default());
+        let mut m = LocalModel::quantized(&q.weights, &device, Some(256), precision)
+            .expect("quantized")
+            .masked(&stats)
+            .expect("masked");
+        plain.reset();
+        let r = perplexity(
+            &mut m,
+            Some(plain as &mut dyn SequenceModel),
+            &tokens,
+            256,
+            bos,
+            &mut |_, _| {},
+        )
+        .expect("perplexity");
+        let ratio = r.ratio().expect("ratio");
+        let top1 = r.agreement.as_ref().expect("agreement").top1;
+        eprintln!(
+            "masked ({precision:?})/exact perplexity {ratio:.4}, top-1 agreement {:.2}%",
+            100.0 * top1
+        );
+        assert!(
+            (ratio - 1.0).abs() < 0.01,
+            "{precision:?}: perplexity ratio {ratio}"
+        );
+        assert!(top1 >= min_top1, "{precision:?}: top-1 agreement {top1}");
+        assert_eq!(stats.totals().check_failures, 0);
+        m
+    };
+    let mut m = scored(Precision::Exact, 0.99, &mut plain);
 
     // greedy decoding on a chat prompt: the same answer as the exact model
     let ids = q
@@ -146,30 +156,7 @@ fn smollm2_masked_scores_like_the_exact_model() {
 
     // the default precision: blocked integer weights (a byte each) and the head's
     // activations at 8 bits, scored against the same exact model
-    let stats = Arc::new(MaskedStats::default());
-    let mut fast = LocalModel::quantized(&q.weights, &device, Some(256), Precision::Fast)
-        .expect("quantized")
-        .masked(&stats)
-        .expect("masked");
-    plain.reset();
-    let r = perplexity(
-        &mut fast,
-        Some(&mut plain as &mut dyn SequenceModel),
-        &tokens,
-        256,
-        bos,
-        &mut |_, _| {},
-    )
-    .expect("perplexity");
-    let ratio = r.ratio().expect("ratio");
-    let top1 = r.agreement.as_ref().expect("agreement").top1;
-    eprintln!(
-        "masked (default precision)/exact perplexity {ratio:.4}, top-1 agreement {:.2}%",
-        100.0 * top1
-    );
-    assert!((ratio - 1.0).abs() < 0.01, "perplexity ratio {ratio}");
-    assert!(top1 >= 0.96, "top-1 agreement {top1}");
-    assert_eq!(stats.totals().check_failures, 0);
+    let mut fast = scored(Precision::Fast, 0.96, &mut plain);
     fast.reset();
     plain.reset();
     // the README's answer is the same
